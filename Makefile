@@ -1,0 +1,41 @@
+# Each target builds its own virtualenv in .venv on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint format typecheck check clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+## demo: install, then run `cdc demo` (a throwaway PostgreSQL, a workload, DuckDB answers)
+demo: $(STAMP)
+	$(BIN)/cdc demo
+
+## test: install, then run the whole test suite (starts its own PostgreSQL and Kafka broker)
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+## lint: ruff lint and format check
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+## format: apply ruff's formatting and safe fixes
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+## typecheck: mypy on the packages
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+## check: everything CI runs
+check: lint typecheck test
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

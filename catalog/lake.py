@@ -1,0 +1,267 @@
+"""The Python API for notebooks: one object to list, query and read the lake's tables.
+
+Example:
+    >>> from catalog import Lake
+    >>> with Lake("/data/lake") as lake:  # doctest: +SKIP
+    ...     lake.sql("SELECT status, count(*) FROM public.orders GROUP BY ALL").show()
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from types import TracebackType
+
+import duckdb
+import pyarrow as pa
+import pyarrow.compute as pc
+from deltalake import DeltaTable
+from deltalake.exceptions import DeltaError, TableNotFoundError
+
+from catalog import lake_layout
+from catalog.duckdb_views import (
+    ViewInfo,
+    discover_tables,
+    open_duckdb,
+    quote_ident,
+    register_views,
+)
+from catalog.errors import TerminalCatalogError, TransientCatalogError
+from catalog.schema_registry import SchemaRegistry, SchemaVersion
+
+__all__ = ["Lake", "TableInfo"]
+
+
+@dataclass(frozen=True, slots=True)
+class TableInfo:
+    """Facts about one changelog table, read from its Delta log.
+
+    ``num_rows`` is the sum of the ``numRecords`` statistics of the live data files, or
+    ``None`` if any file was written without statistics. ``last_commit_at`` is the UTC time
+    of the newest Delta commit (the sink's write, not the source commit).
+    """
+
+    qualified_name: str
+    key_columns: tuple[str, ...]
+    delta_version: int
+    num_files: int
+    num_rows: int | None
+    last_commit_at: datetime | None
+
+
+class Lake:
+    """A CDC lake: changelog Delta tables, their schema versions, and DuckDB views over them.
+
+    The DuckDB connection is opened on first use (:meth:`sql`, :meth:`current`,
+    :meth:`changes`) with the views of :func:`catalog.duckdb_views.connect`; every query sees
+    the latest Delta commits. Tables created after that appear after :meth:`refresh`
+    (:meth:`current` and :meth:`changes` refresh by themselves when a name is unknown).
+
+    Hazards:
+        * The current-state view recomputes from the whole changelog on every query until a
+          later job (``cdc jobs merge``) folds history into ``<table>/current``.
+        * A ``Lake`` holds one DuckDB connection: do not share it between threads.
+        * Tables without key columns in the schema registry are keyless: their current
+          state keeps every inserted/updated row image.
+
+    Args:
+        root: lake root, a local path or an object-store URI.
+        storage_options: deltalake-style options (credentials, endpoint) for the store.
+
+    Example:
+        >>> lake = Lake("/data/lake")  # doctest: +SKIP
+        >>> lake.current("public.orders").num_rows  # doctest: +SKIP
+        1042
+        >>> lake.close()  # doctest: +SKIP
+    """
+
+    def __init__(self, root: str, *, storage_options: dict[str, str] | None = None) -> None:
+        # Absolute local path: deltalake and DuckDB would otherwise each resolve a relative
+        # path against the working directory at the time they run.
+        self._root = root if "://" in root else os.path.abspath(os.path.expanduser(root))
+        self._storage_options = dict(storage_options) if storage_options else None
+        self._registry = SchemaRegistry(self._root, storage_options=self._storage_options)
+        self._con: duckdb.DuckDBPyConnection | None = None
+        self._views: dict[str, ViewInfo] = {}
+
+    @property
+    def root(self) -> str:
+        return self._root
+
+    @property
+    def registry(self) -> SchemaRegistry:
+        """The lake's embedded schema registry."""
+        return self._registry
+
+    @property
+    def connection(self) -> duckdb.DuckDBPyConnection:
+        """The DuckDB connection with the views, opened on first access.
+
+        Example:
+            >>> lake.connection.sql("SHOW ALL TABLES").fetchall()  # doctest: +SKIP
+        """
+        if self._con is None:
+            con = open_duckdb()
+            try:
+                self._views = {
+                    v.qualified_name: v
+                    for v in register_views(
+                        con,
+                        self._root,
+                        storage_options=self._storage_options,
+                        registry=self._registry,
+                    )
+                }
+            except BaseException:
+                con.close()
+                raise
+            self._con = con
+        return self._con
+
+    def refresh(self) -> None:
+        """Re-discover tables and rebuild the views (new tables, new columns).
+
+        Example:
+            >>> lake.refresh()  # doctest: +SKIP
+        """
+        if self._con is None:
+            self.connection  # noqa: B018 -- opening registers every table already
+            return
+        self._views = {
+            v.qualified_name: v
+            for v in register_views(
+                self._con,
+                self._root,
+                storage_options=self._storage_options,
+                registry=self._registry,
+            )
+        }
+
+    def sql(self, query: str) -> duckdb.DuckDBPyRelation:
+        """Run ``query`` on the lake's DuckDB connection; returns a lazy relation.
+
+        Source schemas are on the search path, so ``orders`` works for ``public.orders``
+        when no other schema has an ``orders``.
+
+        Example:
+            >>> deletes = lake.sql("SELECT * FROM orders_changes WHERE _cdc_op = 'd'")  # doctest: +SKIP
+            >>> deletes.to_arrow_table().num_rows  # doctest: +SKIP
+            3
+        """
+        return self.connection.sql(query)
+
+    def tables(self) -> list[TableInfo]:
+        """Every changelog table in the lake, with facts from its Delta log.
+
+        Reads each table's Delta log (not its data files), independent of DuckDB.
+
+        Example:
+            >>> [(t.qualified_name, t.num_rows) for t in lake.tables()]  # doctest: +SKIP
+            [('public.orders', 52311)]
+        """
+        infos: list[TableInfo] = []
+        for name in discover_tables(self._root, storage_options=self._storage_options):
+            registered = self._registry.latest(name)
+            infos.append(self._table_info(name, registered.key_columns if registered else ()))
+        return infos
+
+    def current(self, table: str) -> pa.Table:
+        """The current state of ``table`` (``schema.table``) as an Arrow table.
+
+        Example:
+            >>> lake.current("public.orders").to_pylist()[:1]  # doctest: +SKIP
+            [{'id': 1, 'status': 'shipped'}]
+        """
+        return self.sql(f"SELECT * FROM {self._view(table).current_view}").to_arrow_table()
+
+    def changes(self, table: str) -> pa.Table:
+        """Every change of ``table``, ordered by ``(_cdc_lsn, _cdc_seq)``.
+
+        Reads the whole changelog into memory; for large tables filter with :meth:`sql`
+        (e.g. on the ``_cdc_date`` partition column) instead.
+
+        Example:
+            >>> lake.changes("public.orders").column("_cdc_op").to_pylist()  # doctest: +SKIP
+            ['c', 'u', 'd']
+        """
+        view = self._view(table)
+        order = f"{quote_ident(lake_layout.LSN)}, {quote_ident(lake_layout.SEQ)}"
+        return self.sql(f"SELECT * FROM {view.changes_view} ORDER BY {order}").to_arrow_table()
+
+    def schema_versions(self, table: str) -> list[SchemaVersion]:
+        """The registered versions of ``table``'s shape, oldest first (empty if none).
+
+        Example:
+            >>> [v.version for v in lake.schema_versions("public.orders")]  # doctest: +SKIP
+            [1, 2]
+        """
+        return self._registry.versions(table)
+
+    def close(self) -> None:
+        """Close the DuckDB connection (a later query opens a new one).
+
+        Example:
+            >>> lake.close()  # doctest: +SKIP
+        """
+        if self._con is not None:
+            self._con.close()
+            self._con = None
+            self._views = {}
+
+    def __enter__(self) -> Lake:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Lake({self._root!r})"
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _view(self, table: str) -> ViewInfo:
+        self.connection  # noqa: B018 -- ensures the views exist
+        if table not in self._views:
+            self.refresh()  # the table may have been created since the views were built
+        view = self._views.get(table)
+        if view is None:
+            raise TerminalCatalogError(
+                f"no changelog table {table!r} in {self._root}; tables are named "
+                f"'schema.table' (found: {', '.join(sorted(self._views)) or 'none'})"
+            )
+        return view
+
+    def _table_info(self, name: str, key_columns: tuple[str, ...]) -> TableInfo:
+        uri = lake_layout.changes_uri(self._root, name)
+        try:
+            dt = DeltaTable(uri, storage_options=self._storage_options)
+            adds = pa.table(dt.get_add_actions(flatten=True))
+            history = dt.history(1)
+        except TableNotFoundError as exc:
+            raise TerminalCatalogError(f"{uri} is not a Delta table: {exc}") from exc
+        except (DeltaError, OSError) as exc:
+            raise TransientCatalogError(f"cannot read the Delta log of {uri}: {exc}") from exc
+        num_rows: int | None = None
+        if "num_records" in adds.column_names:
+            records = adds.column("num_records")
+            if records.null_count == 0:
+                num_rows = int(pc.sum(records).as_py() or 0)
+        elif adds.num_rows == 0:
+            num_rows = 0
+        last_commit_at = None
+        if history and history[0].get("timestamp") is not None:
+            last_commit_at = datetime.fromtimestamp(history[0]["timestamp"] / 1000, tz=UTC)
+        return TableInfo(
+            qualified_name=name,
+            key_columns=key_columns,
+            delta_version=dt.version(),
+            num_files=adds.num_rows,
+            num_rows=num_rows,
+            last_commit_at=last_commit_at,
+        )

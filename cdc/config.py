@@ -1,0 +1,132 @@
+"""Settings, read from command-line options, ``CDC_*`` environment variables and ``.env``.
+
+Nested settings use ``SECTION__KEY`` names: ``CDC_SOURCE__DSN``, ``CDC_LAKE__PATH``,
+``CDC_BATCH__MAX_ROWS``... Command-line options win over the environment.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from cdc.errors import ConfigError
+
+# PostgreSQL folds unquoted names to lower case and limits names to 63 bytes; slot names
+# allow only lower-case letters, digits and underscores.
+_SLOT_NAME = re.compile(r"^[a-z0-9_]{1,63}$")
+
+
+class SourceSettings(BaseModel):
+    """The PostgreSQL database to capture."""
+
+    dsn: SecretStr | None = Field(
+        default=None,
+        description="libpq connection string or URI; the user needs the REPLICATION attribute.",
+    )
+    tables: list[str] | None = Field(
+        default=None,
+        description="Tables to capture as schema.table (schema defaults to public); all when unset.",
+    )
+    slot: str | None = Field(default=None, description="Replication slot; defaults to the pipeline name.")
+    publication: str | None = Field(
+        default=None, description="Publication; defaults to the pipeline name."
+    )
+
+
+class LakeSettings(BaseModel):
+    """Where the Delta tables live."""
+
+    path: str = Field(default="./lake", description="Local path or s3://, gs://, az:// URI.")
+    storage_options: dict[str, str] = Field(
+        default_factory=dict, description="Passed to deltalake for object stores."
+    )
+
+
+class BatchSettings(BaseModel):
+    """When the sink commits: whichever limit is reached first.
+
+    Each flush writes one Delta commit per table, so ``max_seconds`` bounds how stale the
+    lake can be, and also how many small files streaming creates (``cdc jobs compact``
+    merges them later).
+    """
+
+    max_rows: int = Field(default=100_000, gt=0)
+    max_bytes: int = Field(default=64 * 1024 * 1024, gt=0)
+    max_seconds: float = Field(default=1.0, gt=0)
+
+
+class Settings(BaseSettings):
+    """Everything a pipeline needs. See the module docstring for the environment names."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CDC_",
+        env_nested_delimiter="__",
+        env_file=".env",
+        extra="ignore",
+    )
+
+    name: str = Field(default="cdc", description="Pipeline name: slot, publication, state.")
+    source: SourceSettings = Field(default_factory=SourceSettings)
+    lake: LakeSettings = Field(default_factory=LakeSettings)
+    batch: BatchSettings = Field(default_factory=BatchSettings)
+    snapshot: Literal["initial", "never"] = Field(
+        default="initial",
+        description="initial: copy existing rows before streaming; never: stream only.",
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, value: str) -> str:
+        if not _SLOT_NAME.match(value):
+            raise ValueError(
+                "must be 1-63 lower-case letters, digits or underscores "
+                "(it names the replication slot)"
+            )
+        return value
+
+    @property
+    def slot_name(self) -> str:
+        return self.source.slot or self.name
+
+    @property
+    def publication_name(self) -> str:
+        return self.source.publication or self.name
+
+    def source_dsn(self) -> str:
+        """The source DSN, or a :class:`ConfigError` that says where it was looked for."""
+        if self.source.dsn is None or not self.source.dsn.get_secret_value():
+            raise ConfigError(
+                "no source database: pass --source DSN, or set CDC_SOURCE__DSN in the "
+                "environment or in ./.env"
+            )
+        return self.source.dsn.get_secret_value()
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Settings from the environment, with non-None ``overrides`` (from CLI options) on top.
+
+    Overrides use dotted paths for nested values: ``{"source.dsn": "postgresql://..."}``.
+
+    Example:
+        >>> load_settings(**{"lake.path": "/tmp/lake"}).lake.path
+        '/tmp/lake'
+    """
+    try:
+        settings = Settings()
+        data = settings.model_dump()
+        for dotted, value in overrides.items():
+            if value is None:
+                continue
+            node = data
+            *parents, leaf = dotted.split(".")
+            for part in parents:
+                node = node[part]
+            node[leaf] = value
+        if "source" in data and isinstance(data["source"].get("dsn"), SecretStr):
+            data["source"]["dsn"] = data["source"]["dsn"].get_secret_value()
+        return Settings.model_validate(data)
+    except ValueError as e:  # pydantic's ValidationError is a ValueError
+        raise ConfigError(f"invalid settings: {e}") from e

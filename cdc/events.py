@@ -1,0 +1,119 @@
+"""The change-event model and its Debezium envelope.
+
+A :class:`ChangeEvent` is what capture hands to a sink: one row change, with its values
+already converted to Python values (see :mod:`cdc.pgtypes`) and ordered like the table's
+columns. It is a plain slotted dataclass, not a validating model, because one is built per
+changed row on the hot path; validation happens where events come from outside (Kafka).
+
+:func:`debezium_envelope` turns an event into the Debezium change-event value, so any tool
+that reads Debezium topics reads ours::
+
+    {"before", "after", "source": {...}, "op", "ts_ms", "transaction"}
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+from cdc import pgtypes
+from cdc.lsn import format_lsn
+from cdc.table_schema import TableSchema
+
+#: c insert, u update, d delete, r snapshot read, t truncate.
+Op = Literal["c", "u", "d", "r", "t"]
+
+CONNECTOR_VERSION = "0.1.0"
+
+
+@dataclass(slots=True)
+class ChangeEvent:
+    """One row change of one table.
+
+    Attributes:
+        op: What happened to the row.
+        table: The table's shape when the change was written; ``before`` and ``after`` hold
+            one value per ``table.columns``.
+        before: Old values for ``u`` (only when PostgreSQL sent them: the key columns, or
+            every column under REPLICA IDENTITY FULL; others are ``None``) and ``d``.
+        after: New values for ``c``, ``u`` and ``r``.
+        commit_lsn: LSN of the commit record of the source transaction. Together with
+            ``seq`` it orders every change of a table and identifies it for deduplication.
+        seq: Position of the change within its transaction (0-based).
+        txid: Source transaction id (``None`` for snapshot reads).
+        commit_ts: Commit time of the source transaction (UTC).
+        lsn: WAL position of this change itself (Debezium's ``source.lsn``).
+        unchanged_toast: Names of columns whose TOASTed value PostgreSQL did not resend
+            because it did not change. Their slot in ``after`` is ``None``: it means
+            "unchanged", not NULL.
+        size_bytes: Approximate wire size, used by sinks to bound buffer memory.
+    """
+
+    op: Op
+    table: TableSchema
+    before: tuple[Any, ...] | None
+    after: tuple[Any, ...] | None
+    commit_lsn: int
+    seq: int
+    txid: int | None
+    commit_ts: datetime
+    lsn: int
+    unchanged_toast: tuple[str, ...] = ()
+    size_bytes: int = 0
+    ts_ms: int = field(default_factory=lambda: time.time_ns() // 1_000_000)
+
+
+def _row_dict(table: TableSchema, values: tuple[Any, ...] | None) -> dict[str, Any] | None:
+    if values is None:
+        return None
+    return {
+        col.name: pgtypes.debezium_value(value, col.type_oid, col.type_modifier)
+        for col, value in zip(table.columns, values, strict=True)
+    }
+
+
+def debezium_envelope(event: ChangeEvent, *, server_name: str, database: str) -> dict[str, Any]:
+    """The Debezium change-event value of ``event`` (the ``payload`` part).
+
+    Values use Debezium's default encodings (see docs/type-mapping.md). Columns listed in
+    ``unchanged_toast`` are left out of ``after`` instead of being sent as a placeholder.
+
+    Example:
+        >>> env = debezium_envelope(event, server_name="shop", database="shop")  # doctest: +SKIP
+        >>> env["op"], env["source"]["table"]  # doctest: +SKIP
+        ('c', 'orders')
+    """
+    after = _row_dict(event.table, event.after)
+    if after is not None and event.unchanged_toast:
+        for name in event.unchanged_toast:
+            after.pop(name, None)
+    snapshot = "true" if event.op == "r" else "false"
+    return {
+        "before": _row_dict(event.table, event.before),
+        "after": after,
+        "source": {
+            "version": CONNECTOR_VERSION,
+            "connector": "postgresql",
+            "name": server_name,
+            "ts_ms": int(event.commit_ts.timestamp() * 1000),
+            "snapshot": snapshot,
+            "db": database,
+            "sequence": f'[null,"{event.lsn}"]',
+            "schema": event.table.schema,
+            "table": event.table.table,
+            "txId": event.txid,
+            "lsn": event.lsn,
+            "xmin": None,
+        },
+        "op": event.op,
+        "ts_ms": event.ts_ms,
+        "transaction": None
+        if event.txid is None
+        else {
+            "id": f"{event.txid}:{format_lsn(event.commit_lsn)}",
+            "total_order": event.seq + 1,
+            "data_collection_order": None,
+        },
+    }

@@ -1,0 +1,96 @@
+"""Where capture stands: one object shared by the snapshot and the streaming pieces.
+
+The snapshot sets ``consistent_point`` and ``snapshot_done``; streaming advances
+``received_lsn``, ``committed_lsn`` and ``flushed_lsn``. The slot-and-snapshot part is saved
+in the lake (``_cdc/pipelines/<name>.json``) so a restart knows whether an interrupted
+snapshot must be redone; the LSNs are re-read from PostgreSQL (the slot) and Delta (the
+per-table watermarks) instead, which are the sources of truth for them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import pyarrow.fs as pafs
+
+from catalog import lake_layout as layout
+
+
+@dataclass(slots=True)
+class CapturePosition:
+    """Progress of one pipeline.
+
+    Attributes:
+        slot: The replication slot this position belongs to.
+        consistent_point: LSN where the slot's exported snapshot ends and streaming starts;
+            ``None`` until the slot exists.
+        snapshot_done: The initial snapshot is fully written (or was not wanted).
+        received_lsn: Newest WAL position received from the server.
+        committed_lsn: End LSN of the newest transaction whose changes are all in the sink.
+        flushed_lsn: Newest LSN durable downstream and confirmed to PostgreSQL; the server
+            may recycle WAL before it.
+        server_wal_end: WAL end the server reported in its latest keepalive.
+    """
+
+    slot: str
+    consistent_point: int | None = None
+    snapshot_done: bool = False
+    received_lsn: int = 0
+    committed_lsn: int = 0
+    flushed_lsn: int = 0
+    server_wal_end: int = 0
+
+    @property
+    def snapshot_lsn(self) -> int:
+        """The ``_cdc_lsn`` of snapshot rows: just below the consistent point.
+
+        A transaction streamed by the slot may commit exactly at the consistent point, so
+        snapshot rows take the LSN before it: they sort before every streamed change and
+        never share an (lsn, seq) with one.
+        """
+        if self.consistent_point is None:
+            raise ValueError("the slot has no consistent point yet")
+        return self.consistent_point - 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "slot": self.slot,
+            "consistent_point": self.consistent_point,
+            "snapshot_done": self.snapshot_done,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CapturePosition:
+        return cls(
+            slot=data["slot"],
+            consistent_point=data.get("consistent_point"),
+            snapshot_done=bool(data.get("snapshot_done")),
+        )
+
+
+class PositionStore:
+    """Saves the durable part of a :class:`CapturePosition` in the lake."""
+
+    def __init__(
+        self, root: str, pipeline: str, *, storage_options: dict[str, str] | None = None
+    ) -> None:
+        self.path = layout.join(layout.normalize_root(root), layout.INTERNAL_DIR, "pipelines", f"{pipeline}.json")
+        self._fs, self._fs_path = layout.filesystem(self.path, storage_options)
+
+    def load(self) -> CapturePosition | None:
+        try:
+            with self._fs.open_input_stream(self._fs_path) as f:
+                return CapturePosition.from_dict(orjson.loads(f.read()))
+        except FileNotFoundError:
+            return None
+
+    def save(self, position: CapturePosition) -> None:
+        layout.write_atomically(self._fs, self._fs_path, orjson.dumps(position.to_dict()))
+
+    def delete(self) -> None:
+        try:
+            self._fs.delete_file(self._fs_path)
+        except FileNotFoundError:
+            pass

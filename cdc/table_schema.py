@@ -1,0 +1,113 @@
+"""The shape of a captured source table, shared by capture, sinks and the catalog.
+
+A :class:`TableSchema` is built from a pgoutput Relation message (streaming) or from the
+system catalogs (snapshot). Its :meth:`~TableSchema.fingerprint` identifies one version of
+the table's shape; the schema registry keys versions by it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import orjson
+
+ReplicaIdentity = Literal["default", "nothing", "full", "index"]
+
+#: pgoutput's one-letter replica identity codes.
+REPLICA_IDENTITY_CODES: dict[str, ReplicaIdentity] = {
+    "d": "default",
+    "n": "nothing",
+    "f": "full",
+    "i": "index",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ColumnSchema:
+    """One column of a source table.
+
+    ``type_modifier`` is PostgreSQL's ``atttypmod`` (-1 when the type has none); it carries
+    e.g. the precision and scale of ``numeric(p, s)``. ``is_key`` marks the columns that
+    identify a row: the primary key, or the replica-identity columns when there is no key.
+    """
+
+    name: str
+    type_oid: int
+    type_modifier: int = -1
+    is_key: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class TableSchema:
+    """A version of a source table's shape.
+
+    Example:
+        >>> s = TableSchema("public", "orders", (ColumnSchema("id", 20, is_key=True),))
+        >>> s.qualified_name, s.key_columns
+        ('public.orders', ('id',))
+    """
+
+    schema: str
+    table: str
+    columns: tuple[ColumnSchema, ...]
+    replica_identity: ReplicaIdentity = "default"
+
+    @property
+    def qualified_name(self) -> str:
+        return f"{self.schema}.{self.table}"
+
+    @property
+    def column_names(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.columns)
+
+    @property
+    def key_columns(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.columns if c.is_key)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": self.schema,
+            "table": self.table,
+            "replica_identity": self.replica_identity,
+            "columns": [
+                {
+                    "name": c.name,
+                    "type_oid": c.type_oid,
+                    "type_modifier": c.type_modifier,
+                    "is_key": c.is_key,
+                }
+                for c in self.columns
+            ],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TableSchema:
+        return cls(
+            schema=data["schema"],
+            table=data["table"],
+            replica_identity=data.get("replica_identity", "default"),
+            columns=tuple(
+                ColumnSchema(
+                    name=c["name"],
+                    type_oid=int(c["type_oid"]),
+                    type_modifier=int(c.get("type_modifier", -1)),
+                    is_key=bool(c.get("is_key", False)),
+                )
+                for c in data["columns"]
+            ),
+        )
+
+    def fingerprint(self) -> str:
+        """A stable hex digest of the shape: equal shapes, equal fingerprints."""
+        canonical = orjson.dumps(self.to_dict(), option=orjson.OPT_SORT_KEYS)
+        return hashlib.sha256(canonical).hexdigest()
+
+    def schema_id(self) -> int:
+        """A positive 63-bit id derived from the fingerprint.
+
+        Derived rather than allocated, so that any process computes the same id for the same
+        shape without coordinating through a counter.
+        """
+        return int(self.fingerprint()[:15], 16)

@@ -1,0 +1,151 @@
+"""The Delta changelog sink against real Delta tables (no PostgreSQL needed)."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, date, datetime
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+from deltalake import DeltaTable
+
+from catalog import lake_layout as layout
+from cdc.config import BatchSettings
+from cdc.events import ChangeEvent
+from cdc.pgtypes import Oid
+from cdc.table_schema import ColumnSchema, TableSchema
+from sinks.delta_changelog import DeltaChangelogSink
+from sinks.errors import SinkBackpressure
+
+ITEMS = TableSchema(
+    "shop", "items", (ColumnSchema("id", Oid.INT8, -1, True), ColumnSchema("name", Oid.TEXT))
+)
+STORES = TableSchema("shop", "stores", (ColumnSchema("id", Oid.INT4, -1, True),))
+TS = datetime(2026, 3, 4, 23, 59, 59, tzinfo=UTC)
+
+
+def event(table: TableSchema, op: str, values: tuple, lsn: int, seq: int) -> ChangeEvent:
+    return ChangeEvent(
+        op=op,  # type: ignore[arg-type]
+        table=table,
+        before=values if op == "d" else None,
+        after=None if op in ("d", "t") else values,
+        commit_lsn=lsn,
+        seq=seq,
+        txid=42,
+        commit_ts=TS,
+        lsn=lsn,
+        size_bytes=20,
+    )
+
+
+def changes(root: Path, table: TableSchema) -> pa.Table:
+    uri = layout.changes_uri(str(root), table.qualified_name)
+    return DeltaTable(uri).to_pyarrow_table().sort_by([("_cdc_lsn", "ascending"), ("_cdc_seq", "ascending")])
+
+
+def test_one_commit_per_table_per_flush_with_watermark_and_metadata(tmp_path: Path) -> None:
+    sink = DeltaChangelogSink(str(tmp_path), app_id="t")
+    for seq in range(3):
+        sink.add(event(ITEMS, "c", (seq, f"n{seq}"), 100, seq))
+    sink.add(event(STORES, "c", (1,), 100, 3))
+    metrics = sink.flush()
+    assert metrics["rows"] == 4 and metrics["commits"] == 2
+    assert metrics["tables"] == {"shop.items": 3, "shop.stores": 1}
+
+    uri = layout.changes_uri(str(tmp_path), "shop.items")
+    dt = DeltaTable(uri)
+    assert dt.version() == 0
+    assert dt.transaction_version("t:lsn") == 100
+    assert dt.transaction_version("t:seq") == 2
+    assert dt.metadata().partition_columns == ["_cdc_date"]
+    rows = changes(tmp_path, ITEMS).to_pylist()
+    assert [r["id"] for r in rows] == [0, 1, 2]
+    first = rows[0]
+    assert first["_cdc_op"] == "c" and first["_cdc_txid"] == 42
+    assert first["_cdc_commit_ts"] == TS
+    assert first["_cdc_date"] == date(2026, 3, 4)  # UTC date of the commit
+    assert first["_cdc_ingested_at"] is not None and first["_cdc_unchanged_toast"] is None
+
+    # Nothing pending: a flush writes nothing.
+    assert sink.flush()["commits"] == 0
+    assert DeltaTable(uri).version() == 0
+
+
+def test_replayed_changes_are_skipped_even_mid_transaction(tmp_path: Path) -> None:
+    sink = DeltaChangelogSink(str(tmp_path), app_id="t")
+    txn = [event(ITEMS, "c", (i, "x"), 200, i) for i in range(5)]
+    for e in txn[:3]:
+        sink.add(e)
+    sink.flush()  # a flush in the middle of the transaction, then a crash
+
+    restarted = DeltaChangelogSink(str(tmp_path), app_id="t")
+    assert restarted.watermark(ITEMS) == (200, 2)
+    for e in [event(ITEMS, "c", (9, "old"), 150, 0), *txn]:  # the slot replays it all
+        restarted.add(e)
+    assert restarted.pending_rows == 2
+    restarted.flush()
+    assert changes(tmp_path, ITEMS)["id"].to_pylist() == [0, 1, 2, 3, 4]
+
+    # Another app id has its own watermark.
+    other = DeltaChangelogSink(str(tmp_path), app_id="other")
+    assert other.watermark(ITEMS) == (-1, -1)
+
+
+def test_backpressure_and_flush_limits(tmp_path: Path) -> None:
+    sink = DeltaChangelogSink(
+        str(tmp_path), app_id="t", batch=BatchSettings(max_rows=2, max_seconds=0.05)
+    )
+    assert not sink.flush_due()
+    sink.add(event(ITEMS, "c", (1, "a"), 1, 0))
+    assert not sink.flush_due()
+    time.sleep(0.06)
+    assert sink.flush_due()  # age
+    sink.add(event(ITEMS, "c", (2, "b"), 1, 1))
+    with pytest.raises(SinkBackpressure):
+        sink.add(event(ITEMS, "c", (3, "c"), 1, 2))
+    sink.flush()
+    sink.add(event(ITEMS, "c", (3, "c"), 1, 2))
+    assert sink.pending_rows == 1
+
+
+def test_deletes_keep_the_before_image_and_truncates_are_rows(tmp_path: Path) -> None:
+    sink = DeltaChangelogSink(str(tmp_path), app_id="t")
+    sink.add(event(ITEMS, "c", (1, "a"), 10, 0))
+    sink.add(event(ITEMS, "d", (1, "a"), 11, 0))
+    sink.add(event(ITEMS, "t", (), 12, 0))
+    sink.flush()
+    rows = changes(tmp_path, ITEMS).to_pylist()
+    assert [(r["_cdc_op"], r["id"], r["name"]) for r in rows] == [
+        ("c", 1, "a"),
+        ("d", 1, "a"),
+        ("t", None, None),
+    ]
+
+
+def test_added_column_evolves_the_table_and_registers_the_schema(tmp_path: Path) -> None:
+    sink = DeltaChangelogSink(str(tmp_path), app_id="t")
+    sink.add(event(ITEMS, "c", (1, "a"), 10, 0))
+    wider = TableSchema("shop", "items", (*ITEMS.columns, ColumnSchema("qty", Oid.INT4)))
+    sink.add(event(wider, "c", (2, "b", 5), 11, 0))
+    sink.flush()
+    rows = changes(tmp_path, ITEMS).to_pylist()
+    assert [(r["id"], r["qty"]) for r in rows] == [(1, None), (2, 5)]
+    versions = sink.registry.versions("shop.items")
+    assert [v.schema for v in versions] == [ITEMS, wider]
+
+
+def test_snapshot_batches_get_metadata_and_consecutive_seq(tmp_path: Path) -> None:
+    sink = DeltaChangelogSink(str(tmp_path), app_id="t")
+    batch = pa.table({"id": pa.array([5, 6], pa.int64()), "name": ["x", None]})
+    sink.add_snapshot(ITEMS, batch, lsn=99, first_seq=0, read_at=TS)
+    sink.add_snapshot(ITEMS, batch.slice(0, 1), lsn=99, first_seq=2, read_at=TS)
+    sink.flush()
+    rows = changes(tmp_path, ITEMS).to_pylist()
+    assert [(r["_cdc_op"], r["_cdc_lsn"], r["_cdc_seq"], r["id"]) for r in rows] == [
+        ("r", 99, 0, 5),
+        ("r", 99, 1, 6),
+        ("r", 99, 2, 5),
+    ]
+    assert sink.watermark(ITEMS) == (99, 2)
