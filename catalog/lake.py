@@ -33,6 +33,10 @@ from catalog.schema_registry import SchemaRegistry, SchemaVersion
 __all__ = ["Lake", "TableInfo"]
 
 
+class QueryError(TerminalCatalogError):
+    """DuckDB rejected or failed a query."""
+
+
 @dataclass(frozen=True, slots=True)
 class TableInfo:
     """Facts about one changelog table, read from its Delta log.
@@ -149,7 +153,30 @@ class Lake:
             >>> deletes.to_arrow_table().num_rows  # doctest: +SKIP
             3
         """
-        return self.connection.sql(query)
+        try:
+            return self.connection.sql(query)
+        except duckdb.Error as e:
+            raise QueryError(f"query failed: {e}") from e
+
+    def query(self, query: str, *, limit: int | None = None) -> pa.Table:
+        """Run ``query`` and return at most ``limit`` rows of its result as Arrow.
+
+        Unlike :meth:`sql`, runs the query now, so errors at execution time also surface
+        here, as :class:`QueryError`.
+
+        Example:
+            >>> lake.query("SELECT count(*) AS n FROM orders").to_pylist()  # doctest: +SKIP
+            [{'n': 944}]
+        """
+        relation = self.sql(query)
+        if relation is None:  # a statement with no result, e.g. SET
+            return pa.table({})
+        try:
+            if limit is not None:
+                relation = relation.limit(limit)
+            return relation.to_arrow_table()
+        except duckdb.Error as e:
+            raise QueryError(f"query failed: {e}") from e
 
     def tables(self) -> list[TableInfo]:
         """Every changelog table in the lake, with facts from its Delta log.

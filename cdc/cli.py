@@ -157,19 +157,12 @@ def query(
 
     settings = load_settings(**{"lake.path": lake})
     with Lake(settings.lake.path, storage_options=settings.lake.storage_options or None) as lk:
-        relation = lk.sql(sql)
-        _print_relation(relation, limit=limit)
-
-
-def _print_relation(relation: Any, *, limit: int) -> None:
-    if relation is None:  # a statement without a result
-        return
-    table = Table(*relation.columns, header_style="bold")
-    rows = relation.fetchmany(limit + 1)
-    for row in rows[:limit]:
-        table.add_row(*("NULL" if v is None else str(v) for v in row))
+        result = lk.query(sql, limit=limit + 1)
+    table = Table(*result.column_names, header_style="bold")
+    for row in result.slice(0, limit).to_pylist():
+        table.add_row(*("NULL" if v is None else str(v) for v in row.values()))
     console.print(table)
-    if len(rows) > limit:
+    if result.num_rows > limit:
         console.print(f"[dim](first {limit} rows shown)[/]")
 
 

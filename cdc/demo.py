@@ -87,7 +87,7 @@ def _seed(conn: psycopg.Connection, rng: random.Random) -> None:
         cur.executemany(f"INSERT INTO {DEMO_SCHEMA}.products VALUES (%s, %s, %s, %s)", products)
         cur.execute(
             f"INSERT INTO {DEMO_SCHEMA}.inventory (store_id, product_id, quantity) "
-            "SELECT s, p, 20 + (s * p) % 30 FROM generate_series(1, %s) s, "
+            "SELECT s, p, 20 + (s * p) %% 30 FROM generate_series(1, %s) s, "
             "generate_series(1, %s) p",
             [len(CITIES), len(products)],
         )

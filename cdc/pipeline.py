@@ -190,6 +190,7 @@ class EmbeddedPipeline:
                 if schema is None:
                     continue  # dropped since the publication was read
                 name = schema.qualified_name
+                self.sink.ensure_table(schema)
                 if self.progress:
                     self.progress.table_started(name, reader.estimate_rows(schema))
                 copied = 0

@@ -180,6 +180,18 @@ class DeltaChangelogSink(Sink):
             return _NOTHING_WRITTEN
         return (lsn, seq if seq is not None else -1)
 
+    def ensure_table(self, table: TableSchema) -> None:
+        """Create ``table``'s changelog if missing, so an empty source table is queryable."""
+        buf = self._buffer(table)
+        if buf.written == _NOTHING_WRITTEN:
+            DeltaTable.create(
+                buf.uri,
+                schema=changelog_arrow_schema(table),
+                partition_by=list(layout.PARTITION_COLUMNS),
+                mode="ignore",
+                storage_options=self.storage_options,
+            )
+
     def watermark(self, table: TableSchema) -> Position:
         """The newest ``(commit_lsn, seq)`` of ``table`` that is written or buffered."""
         return self._buffer(table).accepted
