@@ -32,7 +32,7 @@ import pyarrow.fs as pafs
 
 from catalog import lake_layout
 from catalog.errors import DeltaExtensionNotFound, TerminalCatalogError, TransientCatalogError
-from catalog.schema_registry import SchemaRegistry, resolve_filesystem
+from catalog.schema_registry import SchemaRegistry
 
 __all__ = [
     "ViewInfo",
@@ -175,7 +175,7 @@ def discover_tables(lake: str, *, storage_options: dict[str, str] | None = None)
         >>> discover_tables("/data/lake")  # doctest: +SKIP
         ['public.orders', 'sales.orders']
     """
-    fs, root = resolve_filesystem(lake, storage_options)
+    fs, root = lake_layout.filesystem(lake, storage_options)
     try:
         entries = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
     except OSError as exc:

@@ -13,8 +13,12 @@ from __future__ import annotations
 
 import os
 import uuid
+from typing import Any
+from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
+
+from catalog.errors import TerminalCatalogError
 
 #: Metadata columns of every changelog table, in the order they are written.
 OP = "_cdc_op"  # c, u, d, r (snapshot read), t (truncate)
@@ -69,22 +73,59 @@ def normalize_root(root: str) -> str:
     return os.path.abspath(os.path.expanduser(root))
 
 
-def filesystem(
-    uri: str, storage_options: dict[str, str] | None = None
-) -> tuple[pafs.FileSystem, str]:
-    """A pyarrow filesystem and the path inside it, for small metadata files in the lake.
+# deltalake-style storage_options keys (case-insensitive) -> pyarrow S3FileSystem arguments.
+_S3_OPTION_KEYS: dict[str, str] = {
+    "aws_access_key_id": "access_key",
+    "access_key_id": "access_key",
+    "aws_secret_access_key": "secret_key",
+    "secret_access_key": "secret_key",
+    "aws_session_token": "session_token",
+    "session_token": "session_token",
+    "aws_region": "region",
+    "region": "region",
+    "aws_endpoint_url": "endpoint_override",
+    "aws_endpoint": "endpoint_override",
+    "endpoint_url": "endpoint_override",
+    "endpoint": "endpoint_override",
+}
 
-    Object stores take their credentials from the environment, as pyarrow does; the
-    ``storage_options`` given to deltalake are not translated (only the region is).
+
+def filesystem(
+    root: str, storage_options: dict[str, str] | None = None
+) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem and the in-filesystem path of a lake root.
+
+    Plain paths use :class:`pyarrow.fs.LocalFileSystem` (``~`` expanded and made absolute,
+    so a later ``chdir`` cannot move the lake). URIs go through :meth:`pyarrow.fs.FileSystem.from_uri`.
+    For ``s3://`` the usual deltalake ``storage_options`` keys (``AWS_ACCESS_KEY_ID``,
+    ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_REGION``, ``AWS_ENDPOINT_URL``,
+    ``AWS_ALLOW_HTTP``) are translated; other keys, and options for other schemes, have no
+    pyarrow equivalent and are ignored, so those stores take credentials from the
+    environment (e.g. ``GOOGLE_APPLICATION_CREDENTIALS``).
     """
-    if "://" not in uri:
-        return pafs.LocalFileSystem(), os.path.abspath(uri)
-    fs, path = pafs.FileSystem.from_uri(uri)
-    if storage_options and isinstance(fs, pafs.S3FileSystem):
-        region = storage_options.get("AWS_REGION") or storage_options.get("region")
-        if region:
-            fs = pafs.S3FileSystem(region=region)
-    return fs, path
+    if "://" not in root:
+        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(root))
+    parsed = urlparse(root)
+    if parsed.scheme == "s3" and storage_options:
+        kwargs: dict[str, Any] = {}
+        for key, value in storage_options.items():
+            name = _S3_OPTION_KEYS.get(key.lower())
+            if name is not None:
+                kwargs[name] = value
+            elif key.lower() in ("aws_allow_http", "allow_http") and value.lower() == "true":
+                kwargs["scheme"] = "http"
+        endpoint = kwargs.get("endpoint_override")
+        if isinstance(endpoint, str) and "://" in endpoint:
+            # pyarrow wants host[:port] plus a separate scheme.
+            ep = urlparse(endpoint)
+            kwargs["endpoint_override"] = ep.netloc
+            kwargs.setdefault("scheme", ep.scheme)
+        return pafs.S3FileSystem(**kwargs), f"{parsed.netloc}{parsed.path}".rstrip("/")
+    try:
+        fs, path = pafs.FileSystem.from_uri(root)
+    except (OSError, ValueError) as exc:
+        raise TerminalCatalogError(f"cannot open lake root {root!r}: {exc}") from exc
+    return fs, path.rstrip("/")
 
 
 def write_atomically(fs: pafs.FileSystem, path: str, data: bytes) -> None:

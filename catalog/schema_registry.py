@@ -24,8 +24,6 @@ import threading
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
-from urllib.parse import urlparse
 
 import orjson
 import pyarrow.fs as pafs
@@ -38,7 +36,6 @@ __all__ = [
     "SchemaRegistry",
     "SchemaVersion",
     "UnknownSchemaError",
-    "resolve_filesystem",
 ]
 
 SCHEMAS_DIR = "schemas"
@@ -65,61 +62,6 @@ class SchemaVersion:
     version: int
     registered_at: datetime
     schema: TableSchema
-
-
-# deltalake-style storage_options keys (case-insensitive) -> pyarrow S3FileSystem arguments.
-_S3_OPTION_KEYS: dict[str, str] = {
-    "aws_access_key_id": "access_key",
-    "access_key_id": "access_key",
-    "aws_secret_access_key": "secret_key",
-    "secret_access_key": "secret_key",
-    "aws_session_token": "session_token",
-    "session_token": "session_token",
-    "aws_region": "region",
-    "region": "region",
-    "aws_endpoint_url": "endpoint_override",
-    "aws_endpoint": "endpoint_override",
-    "endpoint_url": "endpoint_override",
-    "endpoint": "endpoint_override",
-}
-
-
-def resolve_filesystem(
-    root: str, storage_options: dict[str, str] | None = None
-) -> tuple[pafs.FileSystem, str]:
-    """The pyarrow filesystem and the in-filesystem path of a lake root.
-
-    Plain paths use :class:`pyarrow.fs.LocalFileSystem` (``~`` expanded and made absolute,
-    so a later ``chdir`` cannot move the lake). URIs go through :meth:`pyarrow.fs.FileSystem.from_uri`.
-    For ``s3://`` the usual deltalake ``storage_options`` keys (``AWS_ACCESS_KEY_ID``,
-    ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_REGION``, ``AWS_ENDPOINT_URL``,
-    ``AWS_ALLOW_HTTP``) are translated; other keys, and options for other schemes, have no
-    pyarrow equivalent and are ignored, so those stores take credentials from the
-    environment (e.g. ``GOOGLE_APPLICATION_CREDENTIALS``).
-    """
-    if "://" not in root:
-        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(root))
-    parsed = urlparse(root)
-    if parsed.scheme == "s3" and storage_options:
-        kwargs: dict[str, Any] = {}
-        for key, value in storage_options.items():
-            name = _S3_OPTION_KEYS.get(key.lower())
-            if name is not None:
-                kwargs[name] = value
-            elif key.lower() in ("aws_allow_http", "allow_http") and value.lower() == "true":
-                kwargs["scheme"] = "http"
-        endpoint = kwargs.get("endpoint_override")
-        if isinstance(endpoint, str) and "://" in endpoint:
-            # pyarrow wants host[:port] plus a separate scheme.
-            ep = urlparse(endpoint)
-            kwargs["endpoint_override"] = ep.netloc
-            kwargs.setdefault("scheme", ep.scheme)
-        return pafs.S3FileSystem(**kwargs), f"{parsed.netloc}{parsed.path}".rstrip("/")
-    try:
-        fs, path = pafs.FileSystem.from_uri(root)
-    except (OSError, ValueError) as exc:
-        raise TerminalCatalogError(f"cannot open lake root {root!r}: {exc}") from exc
-    return fs, path.rstrip("/")
 
 
 def _check_qualified_name(qualified_name: str) -> None:
@@ -157,7 +99,7 @@ class SchemaRegistry:
 
     Args:
         root: lake root, a local path or an object-store URI (``s3://``, ``gs://``).
-        storage_options: deltalake-style options; see :func:`resolve_filesystem`.
+        storage_options: deltalake-style options; see :func:`catalog.lake_layout.filesystem`.
 
     Example:
         >>> from cdc.table_schema import ColumnSchema, TableSchema
@@ -171,7 +113,7 @@ class SchemaRegistry:
 
     def __init__(self, root: str, *, storage_options: dict[str, str] | None = None) -> None:
         self._root = root
-        self._fs, root_path = resolve_filesystem(root, storage_options)
+        self._fs, root_path = lake_layout.filesystem(root, storage_options)
         self._local = isinstance(self._fs, pafs.LocalFileSystem)
         self._base = f"{root_path}/{lake_layout.INTERNAL_DIR}/{SCHEMAS_DIR}"
         self._lock = threading.RLock()

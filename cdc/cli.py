@@ -47,7 +47,9 @@ SourceOption = Annotated[
 ]
 LakeOption = Annotated[
     str | None,
-    typer.Option("--lake", help="Lake root: a directory or an object-store URI (or CDC_LAKE__PATH)."),
+    typer.Option(
+        "--lake", help="Lake root: a directory or an object-store URI (or CDC_LAKE__PATH)."
+    ),
 ]
 
 
@@ -142,7 +144,9 @@ def run(
 
 @app.command()
 def query(
-    sql: Annotated[str, typer.Argument(help="SQL over the views, e.g. SELECT * FROM public.orders")],
+    sql: Annotated[
+        str, typer.Argument(help="SQL over the views, e.g. SELECT * FROM public.orders")
+    ],
     lake: LakeOption = None,
     limit: Annotated[int, typer.Option(help="Print at most this many rows.")] = 1000,
 ) -> None:

@@ -30,7 +30,9 @@ class SourceSettings(BaseModel):
         default=None,
         description="Tables to capture as schema.table (schema defaults to public); all when unset.",
     )
-    slot: str | None = Field(default=None, description="Replication slot; defaults to the pipeline name.")
+    slot: str | None = Field(
+        default=None, description="Replication slot; defaults to the pipeline name."
+    )
     publication: str | None = Field(
         default=None, description="Publication; defaults to the pipeline name."
     )

@@ -80,8 +80,12 @@ def _seed(conn: psycopg.Connection, rng: random.Random) -> None:
             [(i + 1, f"{city} store", city) for i, city in enumerate(CITIES)],
         )
         products = [
-            (i + 1, f"SKU-{i + 1:04d}", f"{ITEMS[i % len(ITEMS)]} #{i + 1}",
-             Decimal(rng.randint(300, 9000)) / 100)
+            (
+                i + 1,
+                f"SKU-{i + 1:04d}",
+                f"{ITEMS[i % len(ITEMS)]} #{i + 1}",
+                Decimal(rng.randint(300, 9000)) / 100,
+            )
             for i in range(40)
         ]
         cur.executemany(f"INSERT INTO {DEMO_SCHEMA}.products VALUES (%s, %s, %s, %s)", products)
@@ -99,7 +103,9 @@ def _seed(conn: psycopg.Connection, rng: random.Random) -> None:
         )
 
 
-def _workload(dsn: str, seconds: float, rng: random.Random, stop: threading.Event) -> dict[str, int]:
+def _workload(
+    dsn: str, seconds: float, rng: random.Random, stop: threading.Event
+) -> dict[str, int]:
     """Place orders (stock goes down), restock, cancel and purge orders, change prices."""
     counts = {"orders": 0, "restocks": 0, "cancellations": 0, "purged": 0, "price_changes": 0}
     deadline = time.monotonic() + seconds

@@ -26,7 +26,13 @@ from cdc.introspect import describe_relations, describe_tables
 from cdc.lsn import format_lsn, parse_lsn
 from cdc.position import CapturePosition, PositionStore
 from cdc.replication import ReplicationConnection, session_conninfo
-from cdc.slots import check_prerequisites, check_slot_usable, drop_slot, ensure_publication, get_slot
+from cdc.slots import (
+    check_prerequisites,
+    check_slot_usable,
+    drop_slot,
+    ensure_publication,
+    get_slot,
+)
 from cdc.snapshot import SnapshotReader
 from cdc.streaming import StreamingSource
 from cdc.table_schema import TableSchema
@@ -116,9 +122,7 @@ class EmbeddedPipeline:
         settings = self.settings
         conn = self.catalog.connection()
         check_prerequisites(conn)
-        tables = ensure_publication(
-            conn, settings.publication_name, tables=settings.source.tables
-        )
+        tables = ensure_publication(conn, settings.publication_name, tables=settings.source.tables)
         slot = get_slot(conn, settings.slot_name)
         if slot is not None:
             check_slot_usable(slot, conn)
@@ -162,7 +166,9 @@ class EmbeddedPipeline:
         # Saved before the slot exists, so a crash right after creating it is recognised.
         self.store.save(position)
         repl = ReplicationConnection(self.dsn)
-        created = repl.create_slot(settings.slot_name, export_snapshot=settings.snapshot == "initial")
+        created = repl.create_slot(
+            settings.slot_name, export_snapshot=settings.snapshot == "initial"
+        )
         if created is None:
             repl.close()
             raise SourceConnectionError(

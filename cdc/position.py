@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-import pyarrow.fs as pafs
 
 from catalog import lake_layout as layout
 
@@ -76,7 +75,9 @@ class PositionStore:
     def __init__(
         self, root: str, pipeline: str, *, storage_options: dict[str, str] | None = None
     ) -> None:
-        self.path = layout.join(layout.normalize_root(root), layout.INTERNAL_DIR, "pipelines", f"{pipeline}.json")
+        self.path = layout.join(
+            layout.normalize_root(root), layout.INTERNAL_DIR, "pipelines", f"{pipeline}.json"
+        )
         self._fs, self._fs_path = layout.filesystem(self.path, storage_options)
 
     def load(self) -> CapturePosition | None:
@@ -88,9 +89,3 @@ class PositionStore:
 
     def save(self, position: CapturePosition) -> None:
         layout.write_atomically(self._fs, self._fs_path, orjson.dumps(position.to_dict()))
-
-    def delete(self) -> None:
-        try:
-            self._fs.delete_file(self._fs_path)
-        except FileNotFoundError:
-            pass

@@ -70,9 +70,7 @@ class ReplicationConnection:
 
     def __init__(self, dsn: str) -> None:
         try:
-            self._pgconn = pq.PGconn.connect(
-                session_conninfo(dsn, replication="database").encode()
-            )
+            self._pgconn = pq.PGconn.connect(session_conninfo(dsn, replication="database").encode())
         except Exception as e:  # invalid conninfo syntax
             raise ConfigError(f"invalid source DSN: {e}") from e
         if self._pgconn.status != pq.ConnStatus.OK:
@@ -88,9 +86,7 @@ class ReplicationConnection:
         with _lost_connection_is_transient(f"{command.split()[0]} failed"):
             result = self._pgconn.exec_(command.encode())
         if result.status not in (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK):
-            message = (result.error_message or self._pgconn.error_message).decode(
-                errors="replace"
-            )
+            message = (result.error_message or self._pgconn.error_message).decode(errors="replace")
             sqlstate = result.error_field(pq.DiagnosticField.SQLSTATE)
             if self._pgconn.status != pq.ConnStatus.OK:
                 raise SourceConnectionError(f"{command.split()[0]} failed: {message.strip()}")
@@ -101,7 +97,9 @@ class ReplicationConnection:
         """Create logical slot ``name`` for pgoutput; ``None`` if it already exists."""
         export = "EXPORT_SNAPSHOT" if export_snapshot else "NOEXPORT_SNAPSHOT"
         try:
-            result = self._exec(f"CREATE_REPLICATION_SLOT {_quote_ident(name)} LOGICAL pgoutput {export}")
+            result = self._exec(
+                f"CREATE_REPLICATION_SLOT {_quote_ident(name)} LOGICAL pgoutput {export}"
+            )
         except _ReplicationCommandError as e:
             if e.sqlstate == "42710":  # duplicate_object
                 return None
@@ -149,9 +147,7 @@ class ReplicationConnection:
             self.streaming = False
             result = self._pgconn.get_result()
             detail = result.error_message.decode(errors="replace").strip() if result else ""
-            raise SourceConnectionError(
-                f"replication stream ended: {detail or self._error_text()}"
-            )
+            raise SourceConnectionError(f"replication stream ended: {detail or self._error_text()}")
         return data
 
     def send_status(self, *, write_lsn: int, flush_lsn: int, reply_requested: bool = False) -> None:

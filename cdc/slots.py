@@ -78,6 +78,7 @@ def ensure_publication(
     exists = conn.execute("SELECT puballtables FROM pg_publication WHERE pubname = %s", [name])
     row = exists.fetchone()
     if row is None:
+        target: sql.Composable
         if wanted is None:
             target = sql.SQL("FOR ALL TABLES")
         else:
@@ -86,9 +87,9 @@ def ensure_publication(
             )
         try:
             conn.execute(
-                sql.SQL(
-                    "CREATE PUBLICATION {} {} WITH (publish_via_partition_root = true)"
-                ).format(sql.Identifier(name), target)
+                sql.SQL("CREATE PUBLICATION {} {} WITH (publish_via_partition_root = true)").format(
+                    sql.Identifier(name), target
+                )
             )
         except psycopg.errors.UndefinedTable as e:
             raise ConfigError(f"cannot publish {tables}: {e}".strip()) from e
@@ -109,8 +110,7 @@ def ensure_publication(
 
 def published_tables(conn: psycopg.Connection, publication: str) -> list[tuple[str, str]]:
     rows = conn.execute(
-        "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = %s "
-        "ORDER BY 1, 2",
+        "SELECT schemaname, tablename FROM pg_publication_tables WHERE pubname = %s ORDER BY 1, 2",
         [publication],
     ).fetchall()
     return [(s, t) for s, t in rows]

@@ -31,7 +31,7 @@ DEFAULT_BLOCK_BYTES = 8 * 1024 * 1024
 class _CopyStream(io.RawIOBase):
     """A readable file over the blocks psycopg's COPY yields."""
 
-    def __init__(self, blocks: Iterable[memoryview | bytes]) -> None:
+    def __init__(self, blocks: Iterable[bytes | bytearray | memoryview]) -> None:
         self._blocks = iter(blocks)
         self._block: memoryview = memoryview(b"")
         self._pos = 0

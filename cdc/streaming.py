@@ -92,9 +92,7 @@ class StreamingSource:
                 continue
             received = max(received, parsed.data_start)
             message = pgoutput.decode_message(parsed.payload)
-            produced = self.assembler.feed(
-                message, lsn=parsed.data_start, size=len(parsed.payload)
-            )
+            produced = self.assembler.feed(message, lsn=parsed.data_start, size=len(parsed.payload))
             for item in produced:
                 if isinstance(item, TransactionCommitted):
                     committed = item.end_lsn

@@ -287,7 +287,9 @@ class DeltaChangelogSink(Sink):
             return False
         if self._pending_rows >= self.batch.max_rows or self._pending_bytes >= self.batch.max_bytes:
             return True
-        oldest = min((b.oldest for b in self._tables.values() if b.oldest is not None), default=None)
+        oldest = min(
+            (b.oldest for b in self._tables.values() if b.oldest is not None), default=None
+        )
         return oldest is not None and time.monotonic() - oldest >= self.batch.max_seconds
 
     def flush(self) -> dict[str, Any]:

@@ -50,8 +50,12 @@ class Workload:
                 a, b = self.rng.sample(range(1, 501), 2)
                 amount = self.rng.randint(1, 50)
                 with conn.transaction():
-                    conn.execute("UPDATE accounts SET balance = balance - %s WHERE id = %s", [amount, a])
-                    conn.execute("UPDATE accounts SET balance = balance + %s WHERE id = %s", [amount, b])
+                    conn.execute(
+                        "UPDATE accounts SET balance = balance - %s WHERE id = %s", [amount, a]
+                    )
+                    conn.execute(
+                        "UPDATE accounts SET balance = balance + %s WHERE id = %s", [amount, b]
+                    )
                     conn.execute(
                         "INSERT INTO ledger (account, amount) VALUES (%s, %s), (%s, %s)",
                         [a, -amount, b, amount],
@@ -63,7 +67,9 @@ class Workload:
                         "FROM generate_series(1, 2000) g"
                     )
                 elif roll < 0.15:
-                    conn.execute("DELETE FROM ledger WHERE id IN (SELECT id FROM ledger ORDER BY random() LIMIT 5)")
+                    conn.execute(
+                        "DELETE FROM ledger WHERE id IN (SELECT id FROM ledger ORDER BY random() LIMIT 5)"
+                    )
                 self.transactions += 1
 
     def __enter__(self) -> Workload:
@@ -90,8 +96,17 @@ def test_kill_9_mid_stream_again_and_again_loses_and_duplicates_nothing(
     with Workload(pg_dsn, seed=1) as workload:
         for _ in range(5):
             proc = subprocess.Popen(
-                cdc("run", "--source", pg_dsn, "--lake", lake_dir, "--name", "test",
-                    "--flush-seconds", "0.3"),
+                cdc(
+                    "run",
+                    "--source",
+                    pg_dsn,
+                    "--lake",
+                    lake_dir,
+                    "--name",
+                    "test",
+                    "--flush-seconds",
+                    "0.3",
+                ),
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
             )
@@ -103,8 +118,13 @@ def test_kill_9_mid_stream_again_and_again_loses_and_duplicates_nothing(
     # A last, clean run catches up with everything the killed ones left behind.
     with running_pipeline(pg_dsn, lake_dir) as pipeline:
         wait_caught_up(pipeline, pg_dsn)
-    assert assert_lake_matches_postgres(pg_dsn, lake_dir, "public.accounts", ["id", "balance"], ["id"]) == 500
-    assert_lake_matches_postgres(pg_dsn, lake_dir, "public.ledger", ["id", "account", "amount"], ["id"])
+    assert (
+        assert_lake_matches_postgres(pg_dsn, lake_dir, "public.accounts", ["id", "balance"], ["id"])
+        == 500
+    )
+    assert_lake_matches_postgres(
+        pg_dsn, lake_dir, "public.ledger", ["id", "account", "amount"], ["id"]
+    )
     for table in ("public.accounts", "public.ledger"):
         assert duplicate_positions(lake_dir, table) == []
     with Lake(lake_dir) as lk:
@@ -112,11 +132,22 @@ def test_kill_9_mid_stream_again_and_again_loses_and_duplicates_nothing(
         assert lk.sql("SELECT sum(balance) FROM public.accounts").fetchone() == (500 * 1000,)
 
 
-def test_sigterm_flushes_and_exits_cleanly(pg_dsn: str, pg_conn: psycopg.Connection, lake_dir: str) -> None:
+def test_sigterm_flushes_and_exits_cleanly(
+    pg_dsn: str, pg_conn: psycopg.Connection, lake_dir: str
+) -> None:
     create_bank(pg_conn)
     proc = subprocess.Popen(
-        cdc("run", "--source", pg_dsn, "--lake", lake_dir, "--name", "test",
-            "--flush-seconds", "3600"),  # only the shutdown flush can write the changes
+        cdc(
+            "run",
+            "--source",
+            pg_dsn,
+            "--lake",
+            lake_dir,
+            "--name",
+            "test",
+            "--flush-seconds",
+            "3600",
+        ),  # only the shutdown flush can write the changes
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -126,7 +157,9 @@ def test_sigterm_flushes_and_exits_cleanly(pg_dsn: str, pg_conn: psycopg.Connect
         while not pg_conn.execute(
             "SELECT 1 FROM pg_replication_slots WHERE slot_name = 'test' AND active"
         ).fetchone():
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
+            assert proc.poll() is None and time.monotonic() < deadline, (
+                proc.stderr.read() if proc.stderr else ""
+            )
             time.sleep(0.1)
         pg_conn.execute("UPDATE accounts SET balance = 7 WHERE id <= 10")
         time.sleep(1.0)
@@ -147,7 +180,12 @@ def test_query_and_tables_print_results_and_errors_are_messages(
     create_bank(pg_conn)
     with running_pipeline(pg_dsn, lake_dir) as pipeline:
         wait_caught_up(pipeline, pg_dsn)
-    result = run_cdc("query", "--lake", lake_dir, "SELECT count(*) AS n, sum(balance) AS total FROM public.accounts")
+    result = run_cdc(
+        "query",
+        "--lake",
+        lake_dir,
+        "SELECT count(*) AS n, sum(balance) AS total FROM public.accounts",
+    )
     assert result.returncode == 0, result.stderr
     assert "500" in result.stdout and "500000" in result.stdout
     result = run_cdc("tables", "--lake", lake_dir)

@@ -26,8 +26,23 @@ from tests.plugins.lake import (
 
 pytestmark = pytest.mark.postgres
 
-TYPES_COLUMNS = ["id", "small", "big", "price", "ratio", "flag", "label", "code", "born", "seen",
-                 "local_ts", "blob", "ident", "doc", "meta"]
+TYPES_COLUMNS = [
+    "id",
+    "small",
+    "big",
+    "price",
+    "ratio",
+    "flag",
+    "label",
+    "code",
+    "born",
+    "seen",
+    "local_ts",
+    "blob",
+    "ident",
+    "doc",
+    "meta",
+]
 
 SCHEMA = """
 CREATE TABLE accounts (id int PRIMARY KEY, owner text NOT NULL, balance numeric(12, 2));
@@ -59,7 +74,9 @@ def test_changes_of_every_kind_land_and_current_state_equals_postgres(
     pg_dsn: str, pg_conn: psycopg.Connection, lake_dir: str
 ) -> None:
     pg_conn.execute(SCHEMA)
-    pg_conn.execute("INSERT INTO accounts SELECT g, 'owner ' || g, g * 10 FROM generate_series(1, 50) g")
+    pg_conn.execute(
+        "INSERT INTO accounts SELECT g, 'owner ' || g, g * 10 FROM generate_series(1, 50) g"
+    )
     insert_types(pg_conn, 1, 20)
 
     with running_pipeline(pg_dsn, lake_dir) as pipeline:
@@ -68,7 +85,9 @@ def test_changes_of_every_kind_land_and_current_state_equals_postgres(
         pg_conn.execute("UPDATE types SET id = id + 1000 WHERE id = 5")  # key change
         pg_conn.execute("DELETE FROM types WHERE id % 9 = 0")
         with pg_conn.transaction():
-            pg_conn.execute("INSERT INTO line_items SELECT g / 3, g % 3, 'sku' || g, g FROM generate_series(0, 89) g")
+            pg_conn.execute(
+                "INSERT INTO line_items SELECT g / 3, g % 3, 'sku' || g, g FROM generate_series(0, 89) g"
+            )
             pg_conn.execute("UPDATE accounts SET balance = balance - 1 WHERE id <= 10")
             pg_conn.execute("DELETE FROM line_items WHERE line = 2")
         pg_conn.execute("TRUNCATE accounts")
@@ -76,16 +95,29 @@ def test_changes_of_every_kind_land_and_current_state_equals_postgres(
         pg_conn.execute("UPDATE line_items SET qty = qty * 2 WHERE order_id = 3")
         wait_caught_up(pipeline, pg_dsn)
 
-    assert_lake_matches_postgres(pg_dsn, lake_dir, "public.types", TYPES_COLUMNS, ["id"]) == 45
-    assert assert_lake_matches_postgres(
-        pg_dsn, lake_dir, "public.accounts", ["id", "owner", "balance"], ["id"]
-    ) == 2
-    assert assert_lake_matches_postgres(
-        pg_dsn, lake_dir, "public.line_items", ["order_id", "line", "sku", "qty"],
-        ["order_id", "line"],
-    ) == 60
+    assert (
+        assert_lake_matches_postgres(pg_dsn, lake_dir, "public.types", TYPES_COLUMNS, ["id"]) == 45
+    )
+    assert (
+        assert_lake_matches_postgres(
+            pg_dsn, lake_dir, "public.accounts", ["id", "owner", "balance"], ["id"]
+        )
+        == 2
+    )
+    assert (
+        assert_lake_matches_postgres(
+            pg_dsn,
+            lake_dir,
+            "public.line_items",
+            ["order_id", "line", "sku", "qty"],
+            ["order_id", "line"],
+        )
+        == 60
+    )
     with Lake(lake_dir) as lk:
-        ops = dict(lk.sql("SELECT _cdc_op, count(*) FROM public.accounts_changes GROUP BY 1").fetchall())
+        ops = dict(
+            lk.sql("SELECT _cdc_op, count(*) FROM public.accounts_changes GROUP BY 1").fetchall()
+        )
         assert ops == {"r": 50, "u": 10, "t": 1, "c": 2}
         # The key change is a delete of the old key and an insert of the new one.
         moved = lk.sql(
@@ -100,7 +132,9 @@ def test_rows_written_during_the_snapshot_arrive_exactly_once(
     pg_dsn: str, pg_conn: psycopg.Connection, lake_dir: str
 ) -> None:
     pg_conn.execute("CREATE TABLE events (id bigint PRIMARY KEY, payload text)")
-    pg_conn.execute("INSERT INTO events SELECT g, repeat('x', 200) FROM generate_series(1, 200000) g")
+    pg_conn.execute(
+        "INSERT INTO events SELECT g, repeat('x', 200) FROM generate_series(1, 200000) g"
+    )
     writing = threading.Event()
     stop = threading.Event()
 
@@ -112,7 +146,9 @@ def test_rows_written_during_the_snapshot_arrive_exactly_once(
                     "INSERT INTO events SELECT g, 'live' FROM generate_series(%s, %s) g",
                     [next_id, next_id + 49],
                 )
-                conn.execute("UPDATE events SET payload = 'touched' WHERE id = %s", [next_id // 1000])
+                conn.execute(
+                    "UPDATE events SET payload = 'touched' WHERE id = %s", [next_id // 1000]
+                )
                 next_id += 50
                 writing.set()
 
@@ -129,7 +165,9 @@ def test_rows_written_during_the_snapshot_arrive_exactly_once(
         stop.set()
         thread.join()
 
-    total = assert_lake_matches_postgres(pg_dsn, lake_dir, "public.events", ["id", "payload"], ["id"])
+    total = assert_lake_matches_postgres(
+        pg_dsn, lake_dir, "public.events", ["id", "payload"], ["id"]
+    )
     assert total > 200000
     with Lake(lake_dir) as lk:
         # Every row was either copied by the snapshot or streamed as an insert, never both.
@@ -138,7 +176,9 @@ def test_rows_written_during_the_snapshot_arrive_exactly_once(
             "GROUP BY id HAVING count(*) <> 1 LIMIT 5"
         ).fetchall()
         assert twice == []
-        streamed = lk.sql("SELECT count(*) FROM public.events_changes WHERE _cdc_op = 'c'").fetchone()
+        streamed = lk.sql(
+            "SELECT count(*) FROM public.events_changes WHERE _cdc_op = 'c'"
+        ).fetchone()
         assert streamed and streamed[0] > 0
     assert duplicate_positions(lake_dir, "public.events") == []
 
@@ -171,15 +211,20 @@ def test_connection_loss_reconnects_with_backoff(
         wait_caught_up(pipeline, pg_dsn)
         for _ in range(2):
             deadline = time.monotonic() + 20
-            while not (killed := pg_conn.execute(
-                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
-                "WHERE slot_name = 'test' AND active_pid IS NOT NULL"
-            ).fetchall()):
+            while not (
+                killed := pg_conn.execute(
+                    "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
+                    "WHERE slot_name = 'test' AND active_pid IS NOT NULL"
+                ).fetchall()
+            ):
                 assert time.monotonic() < deadline, "the pipeline never reconnected"
                 time.sleep(0.05)
             assert killed == [(True,)]
             pg_conn.execute("UPDATE t SET v = 'b' WHERE id % 2 = 0")
-            pg_conn.execute("INSERT INTO t SELECT g, 'c' FROM generate_series(101 + %s, 110 + %s) g", [_ * 10, _ * 10])
+            pg_conn.execute(
+                "INSERT INTO t SELECT g, 'c' FROM generate_series(101 + %s, 110 + %s) g",
+                [_ * 10, _ * 10],
+            )
             wait_caught_up(pipeline, pg_dsn, timeout=60)
         assert pipeline.metrics["reconnects"] >= 2
     assert_lake_matches_postgres(pg_dsn, lake_dir, "public.t", ["id", "v"], ["id"])
@@ -189,11 +234,16 @@ def test_connection_loss_reconnects_with_backoff(
 def test_setup_is_idempotent_and_refuses_a_different_table_set(
     pg_dsn: str, pg_conn: psycopg.Connection, lake_dir: str
 ) -> None:
-    pg_conn.execute('CREATE TABLE a (id int PRIMARY KEY); CREATE TABLE "Odd ""Name""" (id int PRIMARY KEY)')
+    pg_conn.execute(
+        'CREATE TABLE a (id int PRIMARY KEY); CREATE TABLE "Odd ""Name""" (id int PRIMARY KEY)'
+    )
     tables = ["a", '"Odd ""Name"""']
-    assert ensure_publication(pg_conn, "p1", tables=tables) == [("public", "Odd \"Name\""), ("public", "a")]
+    assert ensure_publication(pg_conn, "p1", tables=tables) == [
+        ("public", 'Odd "Name"'),
+        ("public", "a"),
+    ]
     assert ensure_publication(pg_conn, "p1", tables=list(reversed(tables))) == [
-        ("public", "Odd \"Name\""),
+        ("public", 'Odd "Name"'),
         ("public", "a"),
     ]
     with pytest.raises(ConfigError, match="differs"):
@@ -214,7 +264,9 @@ def test_existing_slot_without_lake_state_is_refused(
     with running_pipeline(pg_dsn, lake_dir) as pipeline:
         wait_caught_up(pipeline, pg_dsn)
     other_lake = lake_dir + "-other"
-    pipeline = EmbeddedPipeline(load_settings(**{"source.dsn": pg_dsn, "lake.path": other_lake, "name": "test"}))
+    pipeline = EmbeddedPipeline(
+        load_settings(**{"source.dsn": pg_dsn, "lake.path": other_lake, "name": "test"})
+    )
     with pytest.raises(ConfigError, match="no record"):
         pipeline.prepare()
 
@@ -222,7 +274,9 @@ def test_existing_slot_without_lake_state_is_refused(
 def test_interrupted_snapshot_is_redone_from_scratch(
     pg_dsn: str, pg_conn: psycopg.Connection, lake_dir: str
 ) -> None:
-    pg_conn.execute("CREATE TABLE a (id int PRIMARY KEY, v text); CREATE TABLE b (id int PRIMARY KEY)")
+    pg_conn.execute(
+        "CREATE TABLE a (id int PRIMARY KEY, v text); CREATE TABLE b (id int PRIMARY KEY)"
+    )
     pg_conn.execute("INSERT INTO a SELECT g, md5(g::text) FROM generate_series(1, 30000) g")
     pg_conn.execute("INSERT INTO b SELECT g FROM generate_series(1, 100) g")
     settings = load_settings(
@@ -261,7 +315,9 @@ def test_interrupted_snapshot_is_redone_from_scratch(
         assert lk.sql("SELECT count(*) FROM public.a_changes").fetchone() == (30000,)
 
 
-def test_snapshot_never_streams_only(pg_dsn: str, pg_conn: psycopg.Connection, lake_dir: str) -> None:
+def test_snapshot_never_streams_only(
+    pg_dsn: str, pg_conn: psycopg.Connection, lake_dir: str
+) -> None:
     pg_conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
     pg_conn.execute("INSERT INTO t VALUES (1), (2)")
     with running_pipeline(pg_dsn, lake_dir, snapshot="never") as pipeline:
@@ -271,7 +327,9 @@ def test_snapshot_never_streams_only(pg_dsn: str, pg_conn: psycopg.Connection, l
         assert lk.sql("SELECT id FROM public.t").fetchall() == [(3,)]
 
 
-def test_values_survive_the_trip_unchanged(pg_dsn: str, pg_conn: psycopg.Connection, lake_dir: str) -> None:
+def test_values_survive_the_trip_unchanged(
+    pg_dsn: str, pg_conn: psycopg.Connection, lake_dir: str
+) -> None:
     pg_conn.execute(SCHEMA)
     pg_conn.execute(
         "INSERT INTO types (id, small, big, price, ratio, flag, label, code, born, seen, local_ts, blob, ident, doc, meta) VALUES "
@@ -283,8 +341,12 @@ def test_values_survive_the_trip_unchanged(pg_dsn: str, pg_conn: psycopg.Connect
         [str(uuid.uuid4())],
     )
     with running_pipeline(pg_dsn, lake_dir) as pipeline:
-        pg_conn.execute("INSERT INTO types SELECT id + 10, small, big, price, ratio, flag, label, code, born, seen, "
-                        "local_ts, blob, ident, doc, meta FROM types WHERE id <= 3")
+        pg_conn.execute(
+            "INSERT INTO types SELECT id + 10, small, big, price, ratio, flag, label, code, born, seen, "
+            "local_ts, blob, ident, doc, meta FROM types WHERE id <= 3"
+        )
         wait_caught_up(pipeline, pg_dsn)
     # Snapshot (ids 1-3) and streaming (ids 11-13) carry the same values.
-    assert assert_lake_matches_postgres(pg_dsn, lake_dir, "public.types", TYPES_COLUMNS, ["id"]) == 6
+    assert (
+        assert_lake_matches_postgres(pg_dsn, lake_dir, "public.types", TYPES_COLUMNS, ["id"]) == 6
+    )

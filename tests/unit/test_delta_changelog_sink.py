@@ -42,7 +42,11 @@ def event(table: TableSchema, op: str, values: tuple, lsn: int, seq: int) -> Cha
 
 def changes(root: Path, table: TableSchema) -> pa.Table:
     uri = layout.changes_uri(str(root), table.qualified_name)
-    return DeltaTable(uri).to_pyarrow_table().sort_by([("_cdc_lsn", "ascending"), ("_cdc_seq", "ascending")])
+    return (
+        DeltaTable(uri)
+        .to_pyarrow_table()
+        .sort_by([("_cdc_lsn", "ascending"), ("_cdc_seq", "ascending")])
+    )
 
 
 def test_one_commit_per_table_per_flush_with_watermark_and_metadata(tmp_path: Path) -> None:
