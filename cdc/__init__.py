@@ -1,0 +1,1 @@
+"""Capture: PostgreSQL logical replication into change events (see README.md)."""

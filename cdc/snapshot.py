@@ -20,7 +20,7 @@ import pyarrow.csv as pacsv
 from psycopg import sql
 
 from cdc import pgtypes
-from cdc.errors import SourceConnectionError
+from cdc.errors import SourceConnectionError, ValueConversionError
 from cdc.replication import session_conninfo
 from cdc.table_schema import TableSchema
 
@@ -121,10 +121,16 @@ class SnapshotReader:
                     convert_options=convert_options,
                 )
                 for batch in reader:
-                    columns = [
-                        pgtypes.text_to_arrow(batch.column(i), c.type_oid, c.type_modifier)
-                        for i, c in enumerate(table.columns)
-                    ]
+                    columns = []
+                    for i, c in enumerate(table.columns):
+                        try:
+                            columns.append(
+                                pgtypes.text_to_arrow(batch.column(i), c.type_oid, c.type_modifier)
+                            )
+                        except ValueConversionError as e:
+                            raise ValueConversionError(
+                                f"{table.qualified_name}.{c.name}: {e}"
+                            ) from e
                     yield pa.Table.from_arrays(columns, names=names)
         except psycopg.OperationalError as e:
             raise SourceConnectionError(f"snapshot of {table.qualified_name} failed: {e}") from e

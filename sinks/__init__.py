@@ -1,0 +1,1 @@
+"""Sinks: where change events are made durable (the Delta changelog writer)."""
