@@ -9,7 +9,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -215,6 +215,7 @@ def demo(
     """
     from cdc.demo import run_demo
 
+    logging.getLogger("cdc").setLevel(logging.WARNING)  # the demo prints its own story
     run_demo(source=source, lake=str(lake) if lake else None, seconds=seconds, console=console)
 
 
@@ -235,6 +236,3 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         errors.print("interrupted")
         sys.exit(130)
-
-
-_ = Literal  # re-exported names for type checkers

@@ -21,7 +21,12 @@ from catalog import lake_layout as layout
 from cdc import pgoutput
 from cdc.assembler import TransactionCommitted
 from cdc.config import Settings
-from cdc.errors import ConfigError, SourceConnectionError, TerminalCdcError
+from cdc.errors import (
+    ConfigError,
+    PrerequisiteError,
+    SourceConnectionError,
+    TerminalCdcError,
+)
 from cdc.introspect import describe_relations, describe_tables
 from cdc.lsn import format_lsn, parse_lsn
 from cdc.position import CapturePosition, PositionStore
@@ -40,6 +45,13 @@ from sinks.delta_changelog import DeltaChangelogSink
 from sinks.errors import SinkBackpressure, TransientSinkError
 
 log = logging.getLogger(__name__)
+
+#: How long a failing Delta commit is retried before the pipeline stops with the error.
+FLUSH_RETRY_SECONDS = 120.0
+
+
+class _Stopped(Exception):
+    """The stop event was set while the initial snapshot was copying."""
 
 
 class SnapshotProgress(Protocol):
@@ -119,6 +131,19 @@ class EmbeddedPipeline:
         Returns the replication connection that created the slot, when it did, so streaming
         starts on it.
         """
+        try:
+            return self._prepare()
+        except psycopg.OperationalError as e:
+            raise SourceConnectionError(f"lost the source during set-up: {e}") from e
+        except psycopg.errors.InsufficientPrivilege as e:
+            raise PrerequisiteError(
+                f"the connecting role lacks a privilege: {e}. Publications FOR ALL TABLES need "
+                "a superuser; per-table publications need table ownership (or --tables)"
+            ) from e
+        except psycopg.Error as e:
+            raise TerminalCdcError(f"set-up failed: {e}") from e
+
+    def _prepare(self) -> tuple[CapturePosition, ReplicationConnection | None]:
         settings = self.settings
         conn = self.catalog.connection()
         check_prerequisites(conn)
@@ -179,7 +204,11 @@ class EmbeddedPipeline:
         self.store.save(position)
         log.info("created slot %s at %s", settings.slot_name, format_lsn(created.consistent_point))
         if settings.snapshot == "initial":
-            self._snapshot(tables, created.snapshot_name, position)
+            try:
+                self._snapshot(tables, created.snapshot_name, position)
+            except BaseException:
+                repl.close()
+                raise
         position.snapshot_done = True
         self.store.save(position)
         return position, repl
@@ -201,6 +230,8 @@ class EmbeddedPipeline:
                     self.progress.table_started(name, reader.estimate_rows(schema))
                 copied = 0
                 for batch in reader.read_table(schema):
+                    if self.stop.is_set():
+                        raise _Stopped
                     self._add_snapshot(schema, batch, lsn=lsn, first_seq=copied, read_at=read_at)
                     copied += batch.num_rows
                     if self.progress:
@@ -227,13 +258,18 @@ class EmbeddedPipeline:
     # -- streaming --------------------------------------------------------------------------
 
     def _flush(self) -> None:
-        """Flush the sink, retrying transient failures until stopped."""
+        """Flush the sink, retrying transient failures for up to ``FLUSH_RETRY_SECONDS``.
+
+        Giving up is safe: nothing unflushed was confirmed to PostgreSQL, so a restarted
+        pipeline receives it again.
+        """
         delay = 0.2
+        give_up_at = time.monotonic() + FLUSH_RETRY_SECONDS
         while True:
             try:
                 result = self.sink.flush()
             except TransientSinkError as e:
-                if self.stop.is_set() and delay > 5:
+                if time.monotonic() + delay > give_up_at:
                     raise
                 log.warning("flush failed, retrying in %.1fs: %s", delay, e)
                 time.sleep(delay)
@@ -313,7 +349,12 @@ class EmbeddedPipeline:
         return False
 
     def run(self) -> dict[str, Any]:
-        position, conn = self.prepare()
+        try:
+            position, conn = self.prepare()
+        except _Stopped:
+            log.warning("stopped during the initial snapshot; the next run starts it again")
+            self.catalog.close()
+            return dict(self.metrics, snapshot_interrupted=True)
         self.position = position
         try:
             self.stream(position, conn)

@@ -20,7 +20,7 @@ import pyarrow.csv as pacsv
 from psycopg import sql
 
 from cdc import pgtypes
-from cdc.errors import SourceConnectionError, ValueConversionError
+from cdc.errors import PrerequisiteError, SourceConnectionError, ValueConversionError
 from cdc.replication import session_conninfo
 from cdc.table_schema import TableSchema
 
@@ -134,6 +134,11 @@ class SnapshotReader:
                     yield pa.Table.from_arrays(columns, names=names)
         except psycopg.OperationalError as e:
             raise SourceConnectionError(f"snapshot of {table.qualified_name} failed: {e}") from e
+        except psycopg.errors.InsufficientPrivilege as e:
+            raise PrerequisiteError(
+                f"cannot read {table.qualified_name}: {e}. Grant it: GRANT SELECT ON "
+                f"{table.qualified_name} TO <replication user>"
+            ) from e
 
     def close(self) -> None:
         try:

@@ -13,7 +13,7 @@ from deltalake import DeltaTable
 from catalog import lake_layout as layout
 from catalog.lake import Lake
 from cdc.config import load_settings
-from cdc.errors import ConfigError
+from cdc.errors import ConfigError, PrerequisiteError
 from cdc.pipeline import EmbeddedPipeline
 from cdc.position import PositionStore
 from cdc.slots import ensure_publication, get_slot
@@ -350,3 +350,66 @@ def test_values_survive_the_trip_unchanged(
     assert (
         assert_lake_matches_postgres(pg_dsn, lake_dir, "public.types", TYPES_COLUMNS, ["id"]) == 6
     )
+
+
+def test_stop_during_the_snapshot_exits_cleanly_and_the_next_run_redoes_it(
+    pg_dsn: str, pg_conn: psycopg.Connection, lake_dir: str
+) -> None:
+    pg_conn.execute("CREATE TABLE a (id int PRIMARY KEY); CREATE TABLE b (id int PRIMARY KEY)")
+    pg_conn.execute("INSERT INTO a SELECT generate_series(1, 100); INSERT INTO b VALUES (1)")
+    pipeline = EmbeddedPipeline(
+        load_settings(**{"source.dsn": pg_dsn, "lake.path": lake_dir, "name": "test"})
+    )
+
+    class StopAfterFirstTable:
+        def table_started(self, name: str, estimated_rows: int | None) -> None: ...
+        def rows_copied(self, name: str, rows: int) -> None: ...
+
+        def table_done(self, name: str, rows: int) -> None:
+            pipeline.stop.set()  # what SIGTERM does
+
+    pipeline.progress = StopAfterFirstTable()
+    assert pipeline.run()["snapshot_interrupted"] is True
+    with running_pipeline(pg_dsn, lake_dir) as pipeline:
+        wait_caught_up(pipeline, pg_dsn)
+        assert pipeline.metrics["snapshot_rows"] == 101
+    assert_lake_matches_postgres(pg_dsn, lake_dir, "public.a", ["id"], ["id"])
+    assert_lake_matches_postgres(pg_dsn, lake_dir, "public.b", ["id"], ["id"])
+
+
+def test_missing_privileges_are_explained(
+    pg_dsn: str, pg_conn: psycopg.Connection, lake_dir: str
+) -> None:
+    role = f"r_{uuid.uuid4().hex[:8]}"
+    pg_conn.execute(f"CREATE ROLE {role} LOGIN REPLICATION")
+    try:
+        pg_conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+        dsn = psycopg.conninfo.make_conninfo(pg_dsn, user=role)
+        pipeline = EmbeddedPipeline(
+            load_settings(**{"source.dsn": dsn, "lake.path": lake_dir, "name": "test"})
+        )
+        with pytest.raises(PrerequisiteError, match="superuser"):
+            pipeline.prepare()  # FOR ALL TABLES needs a superuser
+
+        pg_conn.execute(f"ALTER TABLE t OWNER TO {role}")
+        pg_conn.execute("CREATE TABLE secret (id int PRIMARY KEY)")
+        pg_conn.execute("CREATE PUBLICATION test FOR TABLE t, secret")
+        pipeline = EmbeddedPipeline(
+            load_settings(
+                **{
+                    "source.dsn": dsn,
+                    "lake.path": lake_dir,
+                    "name": "test",
+                    "source.tables": ["t", "secret"],
+                }
+            )
+        )
+        with pytest.raises(PrerequisiteError, match=r"GRANT SELECT ON public\.secret"):
+            pipeline.prepare()
+    finally:
+        pg_conn.execute(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+            "WHERE slot_name = 'test' AND NOT active"
+        )
+        pg_conn.execute("DROP PUBLICATION IF EXISTS test")
+        pg_conn.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
