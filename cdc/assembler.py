@@ -57,6 +57,9 @@ class ChangeAssembler:
 
     def __init__(self, describe: Describe | None = None) -> None:
         self._describe = describe
+        self._relations = pgoutput.RelationCache()
+        # Derived from the cached Relation on its first row change (schema with keys, value
+        # parsers), and dropped when a new Relation for the id arrives.
         self._tables: dict[int, _Table] = {}
         self._xid: int | None = None
         self._commit_lsn = 0
@@ -73,18 +76,14 @@ class ChangeAssembler:
         self._commit_ts = None
         self._seq = 0
 
-    def table(self, relation_id: int) -> TableSchema:
-        return self._table(relation_id).schema
-
     def _table(self, relation_id: int) -> _Table:
-        try:
-            return self._tables[relation_id]
-        except KeyError:
-            raise DecodeError(
-                f"change for unknown relation id {relation_id}: a Relation message must come first"
-            ) from None
+        table = self._tables.get(relation_id)
+        if table is None:
+            table = self._derive(self._relations.get(relation_id))
+            self._tables[relation_id] = table
+        return table
 
-    def _add_relation(self, rel: pgoutput.Relation) -> None:
+    def _derive(self, rel: pgoutput.Relation) -> _Table:
         schema = self._describe(rel) if self._describe else None
         from_message = schema_from_relation(rel)
         # The Relation message is authoritative for the tuple layout; the catalog only adds
@@ -104,7 +103,7 @@ class ChangeAssembler:
             )
         parsers = tuple(pgtypes.text_parser(c.type_oid, c.type_modifier) for c in schema.columns)
         keys = tuple(i for i, c in enumerate(schema.columns) if c.is_key)
-        self._tables[rel.relation_id] = _Table(schema, parsers, keys)
+        return _Table(schema, parsers, keys)
 
     def _convert(
         self, table: _Table, data: pgoutput.TupleData
@@ -184,7 +183,8 @@ class ChangeAssembler:
             self.reset_transaction()
             return [TransactionCommitted(message.commit_lsn, message.end_lsn)]
         if isinstance(message, pgoutput.Relation):
-            self._add_relation(message)
+            self._relations.add(message)
+            self._tables.pop(message.relation_id, None)
             return []
         if isinstance(message, pgoutput.Truncate):
             events: list[ChangeEvent | TransactionCommitted] = []

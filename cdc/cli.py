@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -221,8 +222,11 @@ def demo(
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``cdc`` script: runs a command, turns errors into exit codes."""
+    # Through rich, so log lines and the live snapshot progress bar do not garble each other.
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=logging.INFO,
+        format="%(name)s: %(message)s",
+        handlers=[RichHandler(console=errors, show_path=False)],
     )
     logging.getLogger("deltalake").setLevel(logging.WARNING)
     try:

@@ -7,7 +7,10 @@ updates and deletes streamed while it runs, and DuckDB answers over the lake.
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -252,12 +255,23 @@ def run_demo(
             "Rows per table, PostgreSQL vs lake current state: "
             + ", ".join(f"{t} {pg}/{lake_rows}" for t, (pg, lake_rows) in matches.items())
         )
+        cdc = _cdc_command()
         console.print(f"\nThe lake is at [bold]{lake_path}[/]. Try:")
         console.print(
-            f'  cdc query --lake {lake_path} "SELECT * FROM {DEMO_SCHEMA}.orders_changes LIMIT 5"'
+            f'  {cdc} query --lake {lake_path} "SELECT * FROM {DEMO_SCHEMA}.orders_changes LIMIT 5"'
         )
-        console.print(f"  cdc tables --lake {lake_path}")
+        console.print(f"  {cdc} tables --lake {lake_path}")
         return {"lake": lake_path, "metrics": dict(pipeline.metrics), "row_counts": matches}
+
+
+def _cdc_command() -> str:
+    """How to call ``cdc`` again from here: ``make demo`` runs ``.venv/bin/cdc``, which a
+    newcomer's shell does not have on its PATH."""
+    argv0 = sys.argv[0]
+    if os.path.basename(argv0) != "cdc" or shutil.which("cdc") == argv0:
+        return "cdc"
+    relative = os.path.relpath(argv0)
+    return relative if not relative.startswith("..") else argv0
 
 
 def _compare_counts(lk: Any, dsn: str) -> dict[str, tuple[int, int]]:

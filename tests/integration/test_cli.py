@@ -29,6 +29,21 @@ def cdc(*args: str) -> list[str]:
     return [sys.executable, "-m", "cdc", *args]
 
 
+def cdc_run(dsn: str, lake: str, *, flush_seconds: float) -> list[str]:
+    """``cdc run`` of the pipeline named ``test`` (the name the in-process helpers use)."""
+    return cdc(
+        "run",
+        "--source",
+        dsn,
+        "--lake",
+        lake,
+        "--name",
+        "test",
+        "--flush-seconds",
+        str(flush_seconds),
+    )
+
+
 def run_cdc(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "COLUMNS": "200"}
     return subprocess.run(cdc(*args), capture_output=True, text=True, timeout=timeout, env=env)
@@ -96,17 +111,7 @@ def test_kill_9_mid_stream_again_and_again_loses_and_duplicates_nothing(
     with Workload(pg_dsn, seed=1) as workload:
         for _ in range(5):
             proc = subprocess.Popen(
-                cdc(
-                    "run",
-                    "--source",
-                    pg_dsn,
-                    "--lake",
-                    lake_dir,
-                    "--name",
-                    "test",
-                    "--flush-seconds",
-                    "0.3",
-                ),
+                cdc_run(pg_dsn, lake_dir, flush_seconds=0.3),
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
             )
@@ -137,17 +142,8 @@ def test_sigterm_flushes_and_exits_cleanly(
 ) -> None:
     create_bank(pg_conn)
     proc = subprocess.Popen(
-        cdc(
-            "run",
-            "--source",
-            pg_dsn,
-            "--lake",
-            lake_dir,
-            "--name",
-            "test",
-            "--flush-seconds",
-            "3600",
-        ),  # only the shutdown flush can write the changes
+        # Only the shutdown flush can write the changes.
+        cdc_run(pg_dsn, lake_dir, flush_seconds=3600),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
