@@ -63,8 +63,11 @@ class Lake:
     (:meth:`current` and :meth:`changes` refresh by themselves when a name is unknown).
 
     Hazards:
-        * The current-state view recomputes from the whole changelog on every query until a
-          later job (``cdc jobs merge``) folds history into ``<table>/current``.
+        * The current-state view recomputes from the whole changelog on every query until
+          ``cdc jobs merge`` folds history into ``<table>/current``; then it reads the merged
+          table plus the changes after the merge watermark as of when the views were built.
+          Call :meth:`refresh` now and then on a long-lived ``Lake`` (after merges, and
+          always after a table's first merge, before retention drops merged changes).
         * A ``Lake`` holds one DuckDB connection: do not share it between threads.
         * Tables without key columns in the schema registry are keyless: their current
           state keeps every inserted/updated row image.

@@ -28,6 +28,7 @@ TXID = "_cdc_txid"
 COMMIT_TS = "_cdc_commit_ts"  # UTC
 INGESTED_AT = "_cdc_ingested_at"  # UTC, when the sink wrote the row
 UNCHANGED_TOAST = "_cdc_unchanged_toast"  # names of TOASTed columns PostgreSQL did not resend
+FALLBACK = "_cdc_fallback"  # column -> exact text of a value its Delta type cannot hold
 DATE = "_cdc_date"  # partition column: UTC date of the commit
 
 METADATA_COLUMNS: tuple[str, ...] = (
@@ -38,6 +39,7 @@ METADATA_COLUMNS: tuple[str, ...] = (
     COMMIT_TS,
     INGESTED_AT,
     UNCHANGED_TOAST,
+    FALLBACK,
     DATE,
 )
 PARTITION_COLUMNS: tuple[str, ...] = (DATE,)

@@ -20,8 +20,9 @@ from cdc.errors import DecodeError, ValueConversionError
 from cdc.events import ChangeEvent
 from cdc.table_schema import REPLICA_IDENTITY_CODES, ColumnSchema, TableSchema
 
-#: Given a Relation message, the table's schema as the catalog sees it (keys included), or
-#: ``None`` when the table is gone from the catalog.
+#: Given a Relation message, the table's schema with keys from the catalog and domains
+#: resolved (see :func:`cdc.introspect.describe_relation_message`), or ``None`` when the
+#: table is gone, in which case the message's own identity flags are used.
 Describe = Callable[[pgoutput.Relation], TableSchema | None]
 
 
@@ -84,30 +85,16 @@ class ChangeAssembler:
         return table
 
     def _derive(self, rel: pgoutput.Relation) -> _Table:
-        schema = self._describe(rel) if self._describe else None
-        from_message = schema_from_relation(rel)
-        # The Relation message is authoritative for the tuple layout; the catalog only adds
-        # the key. If they disagree on columns (the table changed again since), trust the
-        # message and its identity flags.
-        if schema is None or schema.column_names != from_message.column_names:
-            schema = from_message
-        else:
-            schema = TableSchema(
-                schema=from_message.schema,
-                table=from_message.table,
-                replica_identity=from_message.replica_identity,
-                columns=tuple(
-                    ColumnSchema(m.name, m.type_oid, m.type_modifier, c.is_key)
-                    for m, c in zip(from_message.columns, schema.columns, strict=True)
-                ),
-            )
+        schema = (self._describe(rel) if self._describe else None) or schema_from_relation(rel)
         parsers = tuple(pgtypes.text_parser(c.type_oid, c.type_modifier) for c in schema.columns)
         keys = tuple(i for i, c in enumerate(schema.columns) if c.is_key)
         return _Table(schema, parsers, keys)
 
     def _convert(
         self, table: _Table, data: pgoutput.TupleData
-    ) -> tuple[tuple[Any, ...], tuple[str, ...]]:
+    ) -> tuple[tuple[Any, ...], tuple[str, ...], dict[str, str] | None]:
+        """Typed values, the unchanged-TOAST columns, and the exact text of values that
+        have no typed form (kept instead of rounded or dropped)."""
         if len(data) != len(table.parsers):
             raise DecodeError(
                 f"{table.schema.qualified_name}: tuple has {len(data)} columns, "
@@ -115,21 +102,26 @@ class ChangeAssembler:
             )
         values: list[Any] = []
         unchanged: list[str] = []
+        fallback: dict[str, str] | None = None
         for i, (parse, raw) in enumerate(zip(table.parsers, data, strict=True)):
             if raw is None:
                 values.append(None)
             elif raw is pgoutput.UNCHANGED_TOAST:
                 values.append(None)
                 unchanged.append(table.schema.columns[i].name)
+            elif type(raw) is not str:
+                raise DecodeError(
+                    f"{table.schema.qualified_name}: binary tuple data is not requested"
+                )
             else:
                 try:
-                    values.append(parse(raw))  # type: ignore[arg-type]
-                except ValueConversionError as e:
-                    column = table.schema.columns[i].name
-                    raise ValueConversionError(
-                        f"{table.schema.qualified_name}.{column}: {e}"
-                    ) from e
-        return tuple(values), tuple(unchanged)
+                    values.append(parse(raw))
+                except ValueConversionError:
+                    values.append(None)
+                    if fallback is None:
+                        fallback = {}
+                    fallback[table.schema.columns[i].name] = raw
+        return tuple(values), tuple(unchanged), fallback
 
     def _event(
         self,
@@ -140,6 +132,7 @@ class ChangeAssembler:
         lsn: int,
         size: int,
         unchanged: tuple[str, ...] = (),
+        fallback: dict[str, str] | None = None,
     ) -> ChangeEvent:
         if self._commit_ts is None:
             raise DecodeError(f"{op} change outside a transaction (no Begin message)")
@@ -154,6 +147,7 @@ class ChangeAssembler:
             commit_ts=self._commit_ts,
             lsn=lsn,
             unchanged_toast=unchanged,
+            fallback=fallback,
             size_bytes=size,
         )
         self._seq += 1
@@ -165,14 +159,14 @@ class ChangeAssembler:
         """Events produced by ``message``; ``lsn`` is the WAL position of its XLogData."""
         if isinstance(message, pgoutput.Insert):
             table = self._table(message.relation_id)
-            after, unchanged = self._convert(table, message.new)
-            return [self._event("c", table, None, after, lsn, size, unchanged)]
+            after, unchanged, fallback = self._convert(table, message.new)
+            return [self._event("c", table, None, after, lsn, size, unchanged, fallback)]
         if isinstance(message, pgoutput.Update):
             return self._update(message, lsn, size)
         if isinstance(message, pgoutput.Delete):
             table = self._table(message.relation_id)
-            before, _ = self._convert(table, message.old)
-            return [self._event("d", table, before, None, lsn, size)]
+            before, _, fallback = self._convert(table, message.old)
+            return [self._event("d", table, before, None, lsn, size, (), fallback)]
         if isinstance(message, pgoutput.Begin):
             self._xid = message.xid
             self._commit_lsn = message.final_lsn
@@ -200,15 +194,24 @@ class ChangeAssembler:
         self, message: pgoutput.Update, lsn: int, size: int
     ) -> list[ChangeEvent | TransactionCommitted]:
         table = self._table(message.relation_id)
-        after, unchanged = self._convert(table, message.new)
+        new = message.new
+        if message.old_kind == "O" and pgoutput.UNCHANGED_TOAST in new:
+            # REPLICA IDENTITY FULL: the old row carries the TOASTed values the new one
+            # omits, so the change leaves nothing to fill in later.
+            old = message.old or ()
+            new = tuple(
+                o if n is pgoutput.UNCHANGED_TOAST and o is not pgoutput.UNCHANGED_TOAST else n
+                for n, o in zip(new, old, strict=True)
+            )
+        after, unchanged, fallback = self._convert(table, new)
         before = None
         if message.old is not None:
-            before, _ = self._convert(table, message.old)
+            before, _, old_fallback = self._convert(table, message.old)
             keys = table.key_positions
             if keys and any(before[i] != after[i] for i in keys):
                 # The key changed: the old row is gone, a new one exists.
                 return [
-                    self._event("d", table, before, None, lsn, size),
-                    self._event("c", table, None, after, lsn, size, unchanged),
+                    self._event("d", table, before, None, lsn, size, (), old_fallback),
+                    self._event("c", table, None, after, lsn, size, unchanged, fallback),
                 ]
-        return [self._event("u", table, before, after, lsn, size, unchanged)]
+        return [self._event("u", table, before, after, lsn, size, unchanged, fallback)]

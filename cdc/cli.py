@@ -19,6 +19,8 @@ from rich.table import Table
 
 from catalog.errors import CatalogError, TransientCatalogError
 from cdc.errors import CdcError, TransientCdcError
+from jobs.cli import jobs_app
+from jobs.errors import JobError, TransientJobError
 from sinks.errors import SinkError, TransientSinkError
 
 app = typer.Typer(
@@ -33,6 +35,7 @@ app = typer.Typer(
 )
 console = Console()
 errors = Console(stderr=True)
+app.add_typer(jobs_app, name="jobs")
 
 #: Exit codes: a retry may help (EX_TEMPFAIL), or it will not.
 EXIT_TERMINAL = 1
@@ -143,6 +146,146 @@ def run(
     console.print_json(data=metrics)
 
 
+KafkaOption = Annotated[
+    str | None,
+    typer.Option(
+        "--kafka",
+        help="Kafka bootstrap servers, host:port[,host:port] (or CDC_KAFKA__BOOTSTRAP).",
+        show_default=False,
+    ),
+]
+TopicPrefixOption = Annotated[
+    str | None,
+    typer.Option(help="Topics are <prefix>.<schema>.<table>; default the pipeline name."),
+]
+
+
+def _split(values: str | None) -> list[str] | None:
+    return [v.strip() for v in values.split(",") if v.strip()] if values else None
+
+
+@app.command()
+def capture(
+    source: SourceOption = None,
+    kafka: KafkaOption = None,
+    tables: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated tables (schema.table) to capture; default all."),
+    ] = None,
+    topic_prefix: TopicPrefixOption = None,
+    name: Annotated[
+        str | None,
+        typer.Option(help="Pipeline name: names the slot and publication (default 'cdc')."),
+    ] = None,
+    format: Annotated[
+        str | None,
+        typer.Option("--format", help="'json' (the Debezium envelope) or 'json-with-schema'."),
+    ] = None,
+    snapshot: Annotated[
+        str | None,
+        typer.Option(help="'initial' copies existing rows first; 'never' streams only."),
+    ] = None,
+    partitions: Annotated[
+        int | None, typer.Option(help="Partitions of the topics capture creates (default 3).")
+    ] = None,
+    flush_seconds: Annotated[
+        float | None,
+        typer.Option(help="Wait for Kafka's acknowledgements at least this often (default 1)."),
+    ] = None,
+) -> None:
+    """Stream PostgreSQL changes into Kafka topics, one per table, for `cdc sink` workers.
+
+    Set-up and snapshot are those of `cdc run`. Events are Debezium change-event envelopes
+    keyed by the primary key; every delete is followed by a tombstone; table schemas are
+    registered in the compacted topic <prefix>.__schemas. PostgreSQL is told a change is
+    flushed only after Kafka acknowledged it. Producer properties (SASL, SSL...) come from
+    CDC_KAFKA__CLIENT and CDC_KAFKA__PRODUCER (JSON objects).
+
+    The slot keeps WAL on the server until capture confirms it: drop the slot of a
+    pipeline you retire, or the server's disk fills up.
+    """
+    from cdc.config import load_settings
+    from cdc.kafka_producer import run_capture
+
+    settings = load_settings(
+        **{
+            "source.dsn": source,
+            "kafka.bootstrap": kafka,
+            "source.tables": _split(tables),
+            "kafka.topic_prefix": topic_prefix,
+            "name": name,
+            "kafka.format": format,
+            "snapshot": snapshot,
+            "kafka.partitions": partitions,
+            "batch.max_seconds": flush_seconds,
+        }
+    )
+    settings.kafka_bootstrap()  # a missing --kafka is reported before PostgreSQL is touched
+    stop = _stop_on_signals()
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=errors,
+        transient=False,
+    ) as progress:
+        metrics = run_capture(settings, stop=stop, progress=_RichSnapshotProgress(progress))
+    console.print_json(data=metrics)
+
+
+@app.command()
+def sink(
+    kafka: KafkaOption = None,
+    lake: LakeOption = None,
+    group: Annotated[
+        str | None,
+        typer.Option(help="Consumer group; workers in one group share the partitions."),
+    ] = None,
+    topic_prefix: TopicPrefixOption = None,
+    topics: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated topics to read (^regex allowed); default every table "
+            "topic of the prefix."
+        ),
+    ] = None,
+    name: Annotated[
+        str | None,
+        typer.Option(help="Pipeline name: the id of the offsets kept in Delta (default 'cdc')."),
+    ] = None,
+    flush_seconds: Annotated[
+        float | None, typer.Option(help="Commit to Delta at least this often (default 1).")
+    ] = None,
+) -> None:
+    """Write change events from Kafka to the lake, as one worker of a consumer group.
+
+    Start several with the same --group to share the partitions. Writes are exactly-once:
+    each Delta commit records the Kafka offsets it covers, and a worker starts each
+    partition after the offset recorded in Delta. Messages that cannot be decoded, or do
+    not fit their schema, go to the dead-letter topic <prefix>.__dlq and to the _dlq Delta
+    table. Reads topics written by Debezium too. Ctrl-C or SIGTERM flushes and leaves the
+    group.
+    """
+    from cdc.config import load_settings
+    from sinks.kafka_worker import run_sink
+
+    settings = load_settings(
+        **{
+            "kafka.bootstrap": kafka,
+            "lake.path": lake,
+            "kafka.group": group,
+            "kafka.topic_prefix": topic_prefix,
+            "kafka.topics": _split(topics),
+            "name": name,
+            "batch.max_seconds": flush_seconds,
+        }
+    )
+    settings.kafka_bootstrap()
+    metrics = run_sink(settings, stop=_stop_on_signals())
+    console.print_json(data=metrics)
+
+
 @app.command()
 def query(
     sql: Annotated[
@@ -194,6 +337,80 @@ def tables(lake: LakeOption = None) -> None:
 
 
 @app.command()
+def schemas(
+    table: Annotated[str | None, typer.Argument(help="schema.table; default every table.")] = None,
+    lake: LakeOption = None,
+) -> None:
+    """List every recorded version of each table's schema (columns, types, key).
+
+    A new version is recorded whenever PostgreSQL's table shape changes mid-stream (a column
+    added, dropped, renamed or retyped); docs/schema-changes.md describes how the lake
+    follows each kind of change.
+    """
+    from catalog.schema_registry import SchemaRegistry
+    from cdc import pgtypes
+    from cdc.config import load_settings
+
+    settings = load_settings(**{"lake.path": lake})
+    registry = SchemaRegistry(
+        settings.lake.path, storage_options=settings.lake.storage_options or None
+    )
+    out = Table("table", "version", "schema id", "registered", "columns", header_style="bold")
+    for name in [table] if table else registry.tables():
+        for v in registry.versions(name):
+            columns = ", ".join(
+                f"{c.name} {pgtypes.type_name(c.type_oid)}{' (key)' if c.is_key else ''}"
+                for c in v.schema.columns
+            )
+            out.add_row(
+                name,
+                str(v.version),
+                str(v.schema_id),
+                f"{v.registered_at:%Y-%m-%d %H:%M:%S}",
+                columns,
+            )
+    console.print(out)
+
+
+@app.command()
+def check(
+    source: SourceOption = None,
+    tables: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated tables (schema.table) to check; default all."),
+    ] = None,
+) -> None:
+    """Check a source database for what would stop or degrade capture, and say how to fix it.
+
+    Reports the server's wal_level and free replication slots, the role's REPLICATION
+    attribute, and per table: tables whose UPDATE and DELETE would fail once published (no
+    primary key and no usable replica identity), tables keyed by every column, unlogged
+    tables and generated columns. Exits 1 when there is an error.
+    """
+    import psycopg
+
+    from cdc.check import check_source
+    from cdc.config import load_settings
+    from cdc.errors import SourceConnectionError
+
+    settings = load_settings(**{"source.dsn": source})
+    try:
+        with psycopg.connect(settings.source_dsn()) as conn:
+            findings = check_source(
+                conn, tables=[t.strip() for t in tables.split(",")] if tables else None
+            )
+    except psycopg.OperationalError as e:
+        raise SourceConnectionError(f"cannot connect to the source: {e}") from e
+    colors = {"error": "red", "warning": "yellow", "info": "blue"}
+    table = Table("level", "subject", "problem", "fix", header_style="bold")
+    for f in findings:
+        table.add_row(f"[{colors[f.level]}]{f.level}[/]", f.subject, f.problem, f.fix)
+    console.print(table if findings else "[green]no problems found[/]")
+    if any(f.level == "error" for f in findings):
+        raise typer.Exit(EXIT_TERMINAL)
+
+
+@app.command()
 def demo(
     source: Annotated[
         str | None,
@@ -231,10 +448,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("deltalake").setLevel(logging.WARNING)
     try:
         app(args=argv, standalone_mode=True)
-    except (TransientCdcError, TransientSinkError, TransientCatalogError) as e:
+    except (TransientCdcError, TransientSinkError, TransientCatalogError, TransientJobError) as e:
         errors.print(f"[red]error (temporary, retry may help):[/] {e}")
         sys.exit(EXIT_TRANSIENT)
-    except (CdcError, SinkError, CatalogError) as e:
+    except (CdcError, SinkError, CatalogError, JobError) as e:
         errors.print(f"[red]error:[/] {e}")
         sys.exit(EXIT_TERMINAL)
     except KeyboardInterrupt:

@@ -36,6 +36,12 @@ class SourceSettings(BaseModel):
     publication: str | None = Field(
         default=None, description="Publication; defaults to the pipeline name."
     )
+    spill_dir: str | None = Field(
+        default=None,
+        description="Where transactions streamed before their commit (PostgreSQL 14+) wait "
+        "on disk until it; default the system temporary directory ($TMPDIR). Needs room for "
+        "the largest transaction; a tmpfs would hold it in memory.",
+    )
 
 
 class LakeSettings(BaseModel):
@@ -60,6 +66,72 @@ class BatchSettings(BaseModel):
     max_seconds: float = Field(default=1.0, gt=0)
 
 
+#: A librdkafka property value, passed through to the client unchanged.
+KafkaProperty = str | int | float | bool
+
+# Kafka topic names: letters, digits, '.', '_' and '-', at most 249 characters.
+_TOPIC_PREFIX = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
+
+
+class KafkaSettings(BaseModel):
+    """Kafka mode: ``cdc capture`` produces change events, ``cdc sink`` workers consume them.
+
+    The property dictionaries are librdkafka configuration passed through unchanged, so any
+    client option works, SASL and SSL included, e.g.
+    ``CDC_KAFKA__CLIENT='{"security.protocol": "SASL_SSL", "sasl.mechanism": "PLAIN", ...}'``.
+    """
+
+    bootstrap: str | None = Field(
+        default=None, description="bootstrap.servers: host:port[,host:port...]."
+    )
+    topic_prefix: str | None = Field(
+        default=None,
+        description="Topics are <prefix>.<schema>.<table>; defaults to the pipeline name.",
+    )
+    format: Literal["json", "json-with-schema"] = Field(
+        default="json",
+        description="json: the Debezium envelope; json-with-schema: wrapped with its Kafka "
+        "Connect schema, as JsonConverter writes with schemas.enable=true.",
+    )
+    partitions: int = Field(default=3, gt=0, description="Partitions of topics capture creates.")
+    replication_factor: int = Field(
+        default=-1, description="Replication factor of created topics; -1: the broker default."
+    )
+    tombstones: bool = Field(
+        default=True, description="Follow every delete with a tombstone (null value, same key)."
+    )
+    group: str | None = Field(
+        default=None, description="Consumer group of the sink workers; default <name>-sink."
+    )
+    topics: list[str] | None = Field(
+        default=None,
+        description="Topics the sink reads (a name starting with ^ is a regex); default every "
+        "table topic of the prefix.",
+    )
+    dlq_topic: str | None = Field(
+        default=None, description="Dead-letter topic of the sink; default <prefix>.__dlq."
+    )
+    client: dict[str, KafkaProperty] = Field(
+        default_factory=dict,
+        description="librdkafka properties for every client (security settings go here).",
+    )
+    producer: dict[str, KafkaProperty] = Field(
+        default_factory=dict, description="librdkafka properties for producers only."
+    )
+    consumer: dict[str, KafkaProperty] = Field(
+        default_factory=dict, description="librdkafka properties for consumers only."
+    )
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _valid_prefix(cls, value: str | None) -> str | None:
+        if value is not None and not _TOPIC_PREFIX.match(value):
+            raise ValueError(
+                "must be 1-200 letters, digits, '.', '_' or '-' (it starts topic names)"
+            )
+        return value
+
+
 class Settings(BaseSettings):
     """Everything a pipeline needs. See the module docstring for the environment names."""
 
@@ -74,6 +146,7 @@ class Settings(BaseSettings):
     source: SourceSettings = Field(default_factory=SourceSettings)
     lake: LakeSettings = Field(default_factory=LakeSettings)
     batch: BatchSettings = Field(default_factory=BatchSettings)
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     snapshot: Literal["initial", "never"] = Field(
         default="initial",
         description="initial: copy existing rows before streaming; never: stream only.",
@@ -96,6 +169,25 @@ class Settings(BaseSettings):
     @property
     def publication_name(self) -> str:
         return self.source.publication or self.name
+
+    @property
+    def topic_prefix(self) -> str:
+        """Kafka topic prefix: ``kafka.topic_prefix``, else the pipeline name."""
+        return self.kafka.topic_prefix or self.name
+
+    @property
+    def kafka_group(self) -> str:
+        """Consumer group of the sink workers: ``kafka.group``, else ``<name>-sink``."""
+        return self.kafka.group or f"{self.name}-sink"
+
+    def kafka_bootstrap(self) -> str:
+        """The bootstrap servers, or a :class:`ConfigError` that says where they were looked for."""
+        if not self.kafka.bootstrap:
+            raise ConfigError(
+                "no Kafka cluster: pass --kafka HOST:PORT, or set CDC_KAFKA__BOOTSTRAP in the "
+                "environment or in ./.env"
+            )
+        return self.kafka.bootstrap
 
     def source_dsn(self) -> str:
         """The source DSN, or a :class:`ConfigError` that says where it was looked for."""

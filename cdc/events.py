@@ -19,6 +19,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from cdc import pgtypes
+from cdc.errors import ValueConversionError
 from cdc.lsn import format_lsn
 from cdc.table_schema import TableSchema
 
@@ -48,6 +49,9 @@ class ChangeEvent:
         unchanged_toast: Names of columns whose TOASTed value PostgreSQL did not resend
             because it did not change. Their slot in ``after`` is ``None``: it means
             "unchanged", not NULL.
+        fallback: Exact text of values their typed form cannot hold (``numeric`` NaN,
+            ``infinity`` dates, multi-dimensional arrays...), by column name. Their slot in
+            ``before``/``after`` is ``None``; the text is the value.
         size_bytes: Approximate wire size, used by sinks to bound buffer memory.
     """
 
@@ -61,17 +65,33 @@ class ChangeEvent:
     commit_ts: datetime
     lsn: int
     unchanged_toast: tuple[str, ...] = ()
+    fallback: dict[str, str] | None = None
     size_bytes: int = 0
     ts_ms: int = field(default_factory=lambda: time.time_ns() // 1_000_000)
 
 
-def _row_dict(table: TableSchema, values: tuple[Any, ...] | None) -> dict[str, Any] | None:
+def _row_dict(
+    table: TableSchema,
+    values: tuple[Any, ...] | None,
+    fallback: dict[str, str] | None,
+    texts: dict[str, str],
+) -> dict[str, Any] | None:
+    """Encode one row image; values Debezium's encoding cannot hold (numeric NaN in a
+    Connect Decimal) become null, and their text joins ``texts``."""
     if values is None:
         return None
-    return {
-        col.name: pgtypes.debezium_value(value, col.type_oid, col.type_modifier)
-        for col, value in zip(table.columns, values, strict=True)
-    }
+    row: dict[str, Any] = {}
+    for col, value in zip(table.columns, values, strict=True):
+        if fallback and col.name in fallback:
+            texts[col.name] = fallback[col.name]
+            row[col.name] = None
+            continue
+        try:
+            row[col.name] = pgtypes.debezium_value(value, col.type_oid, col.type_modifier)
+        except ValueConversionError:
+            texts[col.name] = str(value)
+            row[col.name] = None
+    return row
 
 
 def debezium_envelope(event: ChangeEvent, *, server_name: str, database: str) -> dict[str, Any]:
@@ -79,19 +99,26 @@ def debezium_envelope(event: ChangeEvent, *, server_name: str, database: str) ->
 
     Values use Debezium's default encodings (see docs/type-mapping.md). Columns listed in
     ``unchanged_toast`` are left out of ``after`` instead of being sent as a placeholder.
+    Values without a typed form are null in ``before``/``after`` and keep their exact text
+    in an extra top-level ``cdc_fallback`` object (``{column: text}``), which Debezium
+    consumers ignore rather than misread as a wrongly encoded number.
 
     Example:
         >>> env = debezium_envelope(event, server_name="shop", database="shop")  # doctest: +SKIP
         >>> env["op"], env["source"]["table"]  # doctest: +SKIP
         ('c', 'orders')
     """
-    after = _row_dict(event.table, event.after)
+    texts: dict[str, str] = {}
+    # event.fallback belongs to the stored image: after, or before for a delete.
+    after = _row_dict(event.table, event.after, event.fallback, texts)
     if after is not None and event.unchanged_toast:
         for name in event.unchanged_toast:
             after.pop(name, None)
     snapshot = "true" if event.op == "r" else "false"
-    return {
-        "before": _row_dict(event.table, event.before),
+    envelope: dict[str, Any] = {
+        "before": _row_dict(
+            event.table, event.before, event.fallback if event.op == "d" else None, texts
+        ),
         "after": after,
         "source": {
             "version": CONNECTOR_VERSION,
@@ -117,3 +144,6 @@ def debezium_envelope(event: ChangeEvent, *, server_name: str, database: str) ->
             "data_collection_order": None,
         },
     }
+    if texts:
+        envelope["cdc_fallback"] = texts
+    return envelope

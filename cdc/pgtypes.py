@@ -15,7 +15,8 @@ means something else:
 * ``TimeZone=UTC``: ``timestamptz`` is printed as ``...+00``, the fastest form to parse.
   Other offsets are still converted to UTC correctly; the historical second-level ones
   (``+05:53:28``) make the snapshot path fall back to the per-value parser.
-* ``IntervalStyle=iso_8601``: intervals (not mapped yet) land as their ISO text.
+* ``IntervalStyle=iso_8601``: intervals land as their ISO 8601 text.
+* ``lc_monetary=C``: ``money`` looks like ``-$1,234.56``.
 * ``extra_float_digits=3``: on PostgreSQL 12+ any positive value selects the shortest text
   that reads back to the exact same float, so ``float4``/``float8`` round-trip exactly.
   With ``extra_float_digits <= 0`` PostgreSQL rounds floats on output and data is lost
@@ -25,23 +26,23 @@ means something else:
 Lossless contract
 -----------------
 A value is never rounded, clamped, truncated or turned into null to fit its Arrow type. When
-the text cannot be represented exactly, :class:`~cdc.errors.ValueConversionError` is raised
-naming the type, the value and the reason. Today that happens for:
+the text cannot be represented exactly, the parser raises
+:class:`~cdc.errors.ValueConversionError` naming the type, the value and the reason, and the
+callers (the assembler while streaming, :func:`text_to_arrow_lossless` for snapshots) keep
+the exact text in the row's ``_cdc_fallback`` map instead, with NULL in the typed column.
+That happens for:
 
-* ``numeric(p, s)`` stored as ``decimal128(p, s)``: ``NaN``, ``Infinity``/``-Infinity``, more
-  than ``s`` fractional digits, or more than ``p - s`` integer digits;
+* ``numeric(p, s)`` stored as ``decimal128(p, s)``: ``NaN`` (PostgreSQL allows it there);
 * ``date``/``timestamp``/``timestamptz``: ``infinity``/``-infinity``, BC dates and years above
   9999 (outside both Python's ``datetime`` and PostgreSQL's 4-digit ISO form);
-* ``time``: ``24:00:00`` (PostgreSQL allows it; Arrow ``time64`` and Python ``time`` do not);
-* integers outside the column type's range, ``float4`` text beyond float32's range;
-* more than 6 fractional-second digits (``fromisoformat`` would silently truncate them);
+* arrays that are multi-dimensional or have explicit bounds (a flat list cannot hold them);
 * text that is not the PostgreSQL output for the type at all (wrong GUCs, corrupt data).
 
-A later change adds lossless fallbacks (e.g. a string side column) for these; until then the
-error stops the pipeline instead of silently corrupting the lake. Types whose Arrow form is
-``string`` (unconstrained ``numeric``, ``numeric`` wider than 38 digits, ``uuid``, ``json``,
-``jsonb`` and every type not listed in :class:`Oid`) keep PostgreSQL's exact text and never
-fail.
+Types stored as ``string`` keep PostgreSQL's exact text and never need the fallback:
+unconstrained ``numeric``, ``numeric`` wider than 38 digits, ``time`` (Delta has no time
+type), ``timetz``, ``interval``, ``uuid``, ``json``, ``jsonb``, and every type not listed in
+:class:`Oid` (enums, ranges, network, geometric and composite types, ``tsvector``...).
+Domains are resolved to their base type by :mod:`cdc.introspect` before they reach here.
 
 ``float4`` is the one deliberate approximation: Arrow stores IEEE float32, which is what
 PostgreSQL stores too. The parser returns the nearest Python float (a double) to the text, so
@@ -64,7 +65,7 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from enum import IntEnum
 from functools import lru_cache
@@ -76,6 +77,7 @@ import pyarrow.compute as pc
 from cdc.errors import ValueConversionError
 
 __all__ = [
+    "ARRAY_ELEMENT_OIDS",
     "OID",
     "Oid",
     "arrow_type",
@@ -83,9 +85,11 @@ __all__ = [
     "debezium_encoder",
     "debezium_value",
     "numeric_precision_scale",
+    "parse_array_text",
     "temporal_precision",
     "text_parser",
     "text_to_arrow",
+    "text_to_arrow_lossless",
     "type_name",
 ]
 
@@ -113,6 +117,9 @@ class Oid(IntEnum):
     NUMERIC = 1700
     UUID = 2950
     JSONB = 3802
+    MONEY = 790
+    INTERVAL = 1186
+    TIMETZ = 1266
 
 
 #: Alias, so callers can write ``OID.INT4``.
@@ -136,7 +143,6 @@ _FLOAT32_OVERFLOW: Final = float(2**128 - 2**103)
 # prints them, but text that has them must fail rather than lose digits. Only text longer
 # than PostgreSQL's longest UTC output can have them, so the hot path pays one len().
 _SUBMICROSECOND: Final = re.compile(r"\.\d{7}")
-_MAX_TIME_LEN: Final = len("23:59:59.999999")
 _MAX_TIMESTAMP_LEN: Final = len("9999-12-31 23:59:59.999999")
 _MAX_TIMESTAMPTZ_UTC_LEN: Final = len("9999-12-31 23:59:59.999999+00")
 
@@ -277,16 +283,26 @@ def _submicrosecond_error(type_label: str, text: str) -> ValueConversionError:
     return _error(type_label, text, "more than 6 fractional digits would be truncated")
 
 
-def _parse_time(text: str) -> time:
-    if len(text) > _MAX_TIME_LEN and _SUBMICROSECOND.search(text):
-        raise _submicrosecond_error("time", text)
-    try:
-        t = time.fromisoformat(text)
-    except ValueError:
-        raise _temporal_error("time", text, "Arrow time64") from None
-    if t.tzinfo is not None:
-        raise _error("time", text, "has a UTC offset but the column is time without time zone")
-    return t
+# Delta Lake has no time-of-day type, so `time` is stored as its exact text, which DuckDB
+# casts with ::TIME. Validated here so the events' MicroTime encoding cannot fail later.
+_TIME_TEXT: Final = re.compile(r"(\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,6}))?")
+
+
+def _time_text_micros(text: str) -> int:
+    m = _TIME_TEXT.fullmatch(text)
+    if m is None:
+        raise _error("time", text, "not PostgreSQL time output (HH:MM:SS[.ffffff])")
+    hours, minutes, seconds = int(m[1]), int(m[2]), int(m[3])
+    micros = int((m[4] or "").ljust(6, "0"))
+    total = ((hours * 60 + minutes) * 60 + seconds) * 1_000_000 + micros
+    if minutes > 59 or seconds > 59 or total > 86_400_000_000:  # 24:00:00 is valid
+        raise _error("time", text, "outside 00:00:00..24:00:00")
+    return total
+
+
+def _parse_time(text: str) -> str:
+    _time_text_micros(text)
+    return text
 
 
 def _parse_timestamp(text: str) -> datetime:
@@ -439,15 +455,6 @@ def _vec_timestamptz(arr: pa.Array, target: pa.DataType) -> pa.Array:
     return _check_min(pc.cast(arr, target), pa.int64(), _MIN_MICROS)
 
 
-def _vec_time(arr: pa.Array, target: pa.DataType) -> pa.Array:
-    # Arrow has no string->time64 cast; parse as a timestamp on 1970-01-01 and keep the time
-    # of day. '24:00:00' fails to parse (hour 24) and goes to the scalar path's error.
-    # Scalars typed like the input: the kernel does not mix string and large_string.
-    prefix = pa.scalar("1970-01-01 ", type=arr.type)
-    stamped = pc.binary_join_element_wise(prefix, arr, pa.scalar("", type=arr.type))
-    return pc.cast(pc.cast(stamped, pa.timestamp("us")), target)
-
-
 def _vec_string(arr: pa.Array, target: pa.DataType) -> pa.Array:
     return arr if arr.type == target else pc.cast(arr, target)
 
@@ -526,18 +533,14 @@ def _encode_date(value: date) -> int:
     return value.toordinal() - _EPOCH_ORDINAL
 
 
-def _time_micros(value: time) -> int:
-    return ((value.hour * 60 + value.minute) * 60 + value.second) * 1_000_000 + value.microsecond
+def _encode_micro_time(value: str) -> int:
+    return _time_text_micros(value)
 
 
-def _encode_micro_time(value: time) -> int:
-    return _time_micros(value)
-
-
-def _encode_milli_time(value: time) -> int:
-    micros = _time_micros(value)
+def _encode_milli_time(value: str) -> int:
+    micros = _time_text_micros(value)
     if micros % 1000:
-        raise _error("time", str(value), "has sub-millisecond digits in a time(p<=3) column")
+        raise _error("time", value, "has sub-millisecond digits in a time(p<=3) column")
     return micros // 1000
 
 
@@ -654,7 +657,7 @@ def _time_spec(type_modifier: int) -> _Spec:
         enc, schema = _encode_milli_time, _named("int32", "io.debezium.time.Time")
     else:
         enc, schema = _encode_micro_time, _named("int64", "io.debezium.time.MicroTime")
-    return _Spec(pa.time64("us"), _parse_time, _vec_time, enc, schema)
+    return _Spec(pa.string(), _parse_time, None, enc, schema)
 
 
 def _timestamp_spec(type_modifier: int) -> _Spec:
@@ -673,6 +676,149 @@ def _timestamptz_spec(type_modifier: int) -> _Spec:
         _zoned_timestamp_encoder(temporal_precision(type_modifier)),
         _named("string", "io.debezium.time.ZonedTimestamp"),
     )
+
+
+_MONEY_CHARS: Final = str.maketrans("", "", "$,")
+
+
+def _parse_money(text: str) -> Decimal:
+    # lc_monetary=C (set by our sessions) prints '-$1,234.56': two fraction digits, '$' and
+    # thousands separators, which carry no information.
+    try:
+        d = Decimal(text.translate(_MONEY_CHARS))
+    except InvalidOperation:
+        raise _error("money", text, "not PostgreSQL money output under lc_monetary=C") from None
+    if d.as_tuple().exponent != -2 or not d.is_finite():
+        raise _error("money", text, "expected exactly two fraction digits (lc_monetary=C)")
+    return d
+
+
+def _vec_money(arr: pa.Array, target: pa.DataType) -> pa.Array:
+    plain = pc.replace_substring(pc.replace_substring(arr, "$", ""), ",", "")
+    return pc.cast(plain, target)
+
+
+_MONEY_SCHEMA: Final = _named(
+    "bytes",
+    "org.apache.kafka.connect.data.Decimal",
+    parameters={"scale": "2", "connect.decimal.precision": "19"},
+)
+
+# ISO 8601 interval output (IntervalStyle=iso_8601): every field may carry its own sign.
+_ISO_INTERVAL: Final = re.compile(
+    r"P(?:(?P<years>-?\d+)Y)?(?:(?P<months>-?\d+)M)?(?:(?P<days>-?\d+)D)?"
+    r"(?:T(?:(?P<hours>-?\d+)H)?(?:(?P<minutes>-?\d+)M)?(?:(?P<seconds>-?\d+(?:\.\d+)?)S)?)?"
+)
+# Debezium's MicroDuration counts a month as the average 365.25 / 12 days.
+_MICROS_PER_DAY: Final = 86_400_000_000
+_MICROS_PER_MONTH: Final = Decimal("365.25") / 12 * _MICROS_PER_DAY
+
+
+def _encode_interval(value: str) -> int:
+    """io.debezium.time.MicroDuration: an approximation by design (months have no fixed
+    length); the lake keeps the exact ISO text."""
+    m = _ISO_INTERVAL.fullmatch(value)
+    if m is None:
+        raise _error("interval", value, "not ISO 8601 interval output (IntervalStyle=iso_8601)")
+    f = {k: Decimal(v) if v else Decimal(0) for k, v in m.groupdict().items()}
+    micros = (f["years"] * 12 + f["months"]) * _MICROS_PER_MONTH + f["days"] * _MICROS_PER_DAY
+    micros += (f["hours"] * 3600 + f["minutes"] * 60 + f["seconds"]) * 1_000_000
+    return int(micros.to_integral_value())
+
+
+def _parse_interval(text: str) -> str:
+    _encode_interval(text)  # validates the form; the value itself stays exact text
+    return text
+
+
+# Array types whose elements have a mapping of their own: array OID -> element OID
+# (pg_type.typelem; built-in OIDs never change).
+ARRAY_ELEMENT_OIDS: Final[dict[int, int]] = {
+    1000: Oid.BOOL,
+    1001: Oid.BYTEA,
+    1002: Oid.CHAR,
+    1005: Oid.INT2,
+    1007: Oid.INT4,
+    1016: Oid.INT8,
+    1009: Oid.TEXT,
+    1015: Oid.VARCHAR,
+    1014: Oid.BPCHAR,
+    1021: Oid.FLOAT4,
+    1022: Oid.FLOAT8,
+    1231: Oid.NUMERIC,
+    1182: Oid.DATE,
+    1183: Oid.TIME,
+    1115: Oid.TIMESTAMP,
+    1185: Oid.TIMESTAMPTZ,
+    2951: Oid.UUID,
+    199: Oid.JSON,
+    3807: Oid.JSONB,
+    1028: Oid.OID,
+    791: Oid.MONEY,
+    1187: Oid.INTERVAL,
+    1270: Oid.TIMETZ,
+}
+
+
+def parse_array_text(text: str) -> list[str | None]:
+    """Split a one-dimensional PostgreSQL array literal into element texts (None for NULL).
+
+    Handles quoting (``"a,b"``), backslash escapes and the difference between ``NULL`` and
+    ``"NULL"``. Multi-dimensional arrays and arrays with explicit bounds (``[0:1]={...}``)
+    raise :class:`ValueConversionError`: a flat Arrow list cannot hold their shape, so the
+    caller keeps their exact text instead.
+
+    >>> parse_array_text('{1,NULL,"a,b","NULL"}')
+    ['1', None, 'a,b', 'NULL']
+    """
+    if not (text.startswith("{") and text.endswith("}")):
+        raise _error("array", text, "arrays with explicit bounds have no list equivalent")
+    if text == "{}":
+        return []
+    out: list[str | None] = []
+    i, end = 1, len(text) - 1
+    while True:
+        if i >= end:
+            raise _error("array", text, "malformed array literal")
+        ch = text[i]
+        if ch == "{":
+            raise _error("array", text, "multi-dimensional arrays have no flat list equivalent")
+        if ch == '"':
+            buf: list[str] = []
+            i += 1
+            while i < end and text[i] != '"':
+                if text[i] == "\\":
+                    i += 1
+                buf.append(text[i])
+                i += 1
+            if i >= end:
+                raise _error("array", text, "unterminated quoted element")
+            out.append("".join(buf))
+            i += 1
+        else:
+            j = text.find(",", i, end)
+            j = end if j < 0 else j
+            item = text[i:j]
+            out.append(None if item == "NULL" else item)
+            i = j
+        if i == end:
+            return out
+        if text[i] != ",":
+            raise _error("array", text, "malformed array literal")
+        i += 1
+
+
+def _array_spec(element: _Spec) -> _Spec:
+    parse_element, encode_element = element.parser, element.encoder
+
+    def parse(text: str) -> list[Any]:
+        return [None if e is None else parse_element(e) for e in parse_array_text(text)]
+
+    def encode(value: list[Any]) -> list[Any]:
+        return [None if e is None else encode_element(e) for e in value]
+
+    schema = {"type": "array", "items": {**element.schema, "optional": True}}
+    return _Spec(pa.list_(element.arrow), parse, None, encode, schema)
 
 
 _FIXED_SPECS: Final[dict[int, _Spec]] = {
@@ -697,6 +843,19 @@ _FIXED_SPECS: Final[dict[int, _Spec]] = {
         pa.date32(), _parse_date, _vec_date, _encode_date, _named("int32", "io.debezium.time.Date")
     ),
     Oid.UUID: _string_spec(_named("string", "io.debezium.data.Uuid")),
+    # money's range (+-92233720368547758.07) fits decimal(19, 2) exactly.
+    Oid.MONEY: _Spec(
+        pa.decimal128(19, 2), _parse_money, _vec_money, _fixed_decimal_encoder(2), _MONEY_SCHEMA
+    ),
+    # Delta has no interval or time-with-zone type: the exact ISO / PostgreSQL text is kept.
+    Oid.INTERVAL: _Spec(
+        pa.string(),
+        _parse_interval,
+        None,
+        _encode_interval,
+        _named("int64", "io.debezium.time.MicroDuration"),
+    ),
+    Oid.TIMETZ: _string_spec(_named("string", "io.debezium.time.ZonedTime")),
 }
 
 #: Types whose mapping depends on the type modifier.
@@ -720,6 +879,10 @@ def _spec(type_oid: int, type_modifier: int) -> _Spec:
     build = _MODIFIED_SPECS.get(type_oid)
     if build is not None:
         return build(type_modifier)
+    element = ARRAY_ELEMENT_OIDS.get(type_oid)
+    if element is not None:
+        # An array column's typmod is its elements' (numeric(10,2)[] has numeric's).
+        return _array_spec(_spec(element, type_modifier))
     return _FALLBACK_SPEC
 
 
@@ -807,6 +970,44 @@ def text_to_arrow(
             offset += len(chunk)
         return pa.chunked_array(chunks, type=spec.arrow)
     return _convert_chunk(values, spec, label, 0)
+
+
+def text_to_arrow_lossless(
+    values: pa.Array | pa.ChunkedArray, type_oid: int, type_modifier: int
+) -> tuple[pa.Array, pa.Array | None]:
+    """Like :func:`text_to_arrow`, but a value the Arrow type cannot hold exactly becomes
+    null in the typed array and keeps its exact text in the second array.
+
+    Returns ``(typed, fallback)``; ``fallback`` is a string array that is null wherever the
+    value converted (so a real SQL NULL is null in both), or ``None`` when every value
+    converted. This is how ``numeric`` NaN, ``infinity`` dates or a multi-dimensional array
+    reach the lake without being rounded, clamped or dropped.
+
+    >>> typed, fallback = text_to_arrow_lossless(pa.array(["1", "NaN"]), Oid.NUMERIC, (5 << 16 | 0) + 4)
+    >>> typed.to_pylist(), fallback.to_pylist()
+    ([Decimal('1'), None], [None, 'NaN'])
+    """
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    try:
+        return text_to_arrow(values, type_oid, type_modifier), None
+    except ValueConversionError:
+        pass  # rare: redo the batch value by value, keeping what does not fit as text
+    spec = _spec(type_oid, type_modifier)
+    parse = spec.parser
+    typed: list[Any] = []
+    fallback: list[str | None] = []
+    for text in values.to_pylist():
+        value = None
+        kept = None
+        if text is not None:
+            try:
+                value = parse(text)
+            except ValueConversionError:
+                kept = text
+        typed.append(value)
+        fallback.append(kept)
+    return pa.array(typed, type=spec.arrow), pa.array(fallback, type=pa.string())
 
 
 def _column_label(type_oid: int, type_modifier: int) -> str:

@@ -15,10 +15,9 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import psycopg
-from deltalake import DeltaTable
 
 from catalog import lake_layout as layout
-from cdc import pgoutput
+from cdc import pgoutput, pgtypes
 from cdc.assembler import TransactionCommitted
 from cdc.config import Settings
 from cdc.errors import (
@@ -26,8 +25,11 @@ from cdc.errors import (
     PrerequisiteError,
     SourceConnectionError,
     TerminalCdcError,
+    ValueConversionError,
 )
-from cdc.introspect import describe_relations, describe_tables
+from cdc.events import ChangeEvent
+from cdc.incremental_snapshot import IncrementalSnapshots
+from cdc.introspect import current_column_texts, describe_relation_message, describe_tables
 from cdc.lsn import format_lsn, parse_lsn
 from cdc.position import CapturePosition, PositionStore
 from cdc.replication import ReplicationConnection, session_conninfo
@@ -37,9 +39,10 @@ from cdc.slots import (
     drop_slot,
     ensure_publication,
     get_slot,
+    publishes_all_tables,
 )
 from cdc.snapshot import SnapshotReader
-from cdc.streaming import StreamingSource
+from cdc.streaming import StreamingSource, StreamItem
 from cdc.table_schema import TableSchema
 from sinks.delta_changelog import DeltaChangelogSink
 from sinks.errors import SinkBackpressure, TransientSinkError
@@ -62,6 +65,42 @@ class SnapshotProgress(Protocol):
     def table_done(self, name: str, rows: int) -> None: ...
 
 
+class CaptureSink(Protocol):
+    """Where capture writes: the sink contract plus the snapshot hooks.
+
+    :class:`~sinks.delta_changelog.DeltaChangelogSink` (embedded mode) and
+    :class:`~cdc.kafka_producer.KafkaEventSink` (``cdc capture``) implement it.
+    """
+
+    def add(self, event: ChangeEvent) -> None: ...
+    def flush(self) -> dict[str, Any]: ...
+    def flush_due(self) -> bool: ...
+    @property
+    def pending_rows(self) -> int: ...
+    def ensure_table(self, table: TableSchema) -> None: ...
+    def add_snapshot(
+        self, table: TableSchema, batch: Any, *, lsn: int, first_seq: int, read_at: datetime
+    ) -> None: ...
+    def discard_snapshot(
+        self, tables: list[tuple[str, str]], lsn: int, *, slot_dropped: bool = False
+    ) -> None:
+        """Undo the rows an interrupted snapshot at ``lsn`` wrote, before it is redone.
+
+        ``slot_dropped``: the snapshot's slot is gone, so no change after ``lsn`` will ever
+        correct what the partial copy holds (the initial snapshot's case).
+        """
+        ...
+
+
+class PositionStoreLike(Protocol):
+    """Keeps the slot-and-snapshot part of a :class:`CapturePosition` (``path`` names it)."""
+
+    path: str
+
+    def load(self) -> CapturePosition | None: ...
+    def save(self, position: CapturePosition) -> None: ...
+
+
 class _SourceCatalog:
     """A regular connection for catalog lookups, reopened after it breaks."""
 
@@ -79,10 +118,40 @@ class _SourceCatalog:
 
     def describe(self, rel: pgoutput.Relation) -> TableSchema | None:
         try:
-            return describe_relations(self.connection(), [rel.relation_id]).get(rel.relation_id)
+            return describe_relation_message(self.connection(), rel)
         except psycopg.OperationalError as e:
             self.close()
             raise SourceConnectionError(f"catalog lookup failed: {e}") from e
+
+    def fill_unchanged_toast(self, event: ChangeEvent) -> None:
+        """Re-read the TOASTed values a key-changing UPDATE did not send (see
+        :func:`cdc.introspect.current_column_texts`), so no row lands with a hole."""
+        table = event.table
+        after = event.after or ()
+        position = {c.name: i for i, c in enumerate(table.columns)}
+        key = {k: after[position[k]] for k in table.key_columns}
+        try:
+            texts = current_column_texts(self.connection(), table, key, event.unchanged_toast)
+        except psycopg.OperationalError as e:
+            self.close()
+            raise SourceConnectionError(f"re-reading TOASTed values failed: {e}") from e
+        if texts is None:
+            return  # the row is gone again; its delete follows in the stream
+        values = list(after)
+        fallback = dict(event.fallback or {})
+        for name, text in texts.items():
+            column = table.columns[position[name]]
+            try:
+                values[position[name]] = (
+                    None
+                    if text is None
+                    else pgtypes.text_parser(column.type_oid, column.type_modifier)(text)
+                )
+            except ValueConversionError:
+                fallback[name] = text  # type: ignore[assignment]
+        event.after = tuple(values)
+        event.fallback = fallback or None
+        event.unchanged_toast = ()
 
     def close(self) -> None:
         if self._conn is not None:
@@ -99,22 +168,31 @@ class EmbeddedPipeline:
         *,
         stop: threading.Event | None = None,
         progress: SnapshotProgress | None = None,
+        sink: CaptureSink | None = None,
+        store: PositionStoreLike | None = None,
     ) -> None:
+        """``sink`` and ``store`` default to the lake's Delta changelog writer and the lake's
+        pipeline state; ``cdc capture`` passes Kafka ones instead."""
         self.settings = settings
         self.dsn = settings.source_dsn()
         self.stop = stop or threading.Event()
         self.progress = progress
         self.lake = layout.normalize_root(settings.lake.path)
         self.storage_options = settings.lake.storage_options or None
-        self.sink = DeltaChangelogSink(
+        self.sink: CaptureSink = sink or DeltaChangelogSink(
             self.lake,
             app_id=f"cdc-lakehouse:{settings.name}",
             batch=settings.batch,
             storage_options=self.storage_options,
         )
-        self.store = PositionStore(self.lake, settings.name, storage_options=self.storage_options)
+        self.store: PositionStoreLike = store or PositionStore(
+            self.lake, settings.name, storage_options=self.storage_options
+        )
         self.catalog = _SourceCatalog(self.dsn)
         self.position: CapturePosition | None = None
+        self._held: list[StreamItem] = []
+        self._snapshots: IncrementalSnapshots | None = None
+        self._all_tables = False
         self.metrics: dict[str, Any] = {
             "snapshot_rows": 0,
             "events": 0,
@@ -148,6 +226,7 @@ class EmbeddedPipeline:
         conn = self.catalog.connection()
         check_prerequisites(conn)
         tables = ensure_publication(conn, settings.publication_name, tables=settings.source.tables)
+        self._all_tables = publishes_all_tables(conn, settings.publication_name)
         slot = get_slot(conn, settings.slot_name)
         if slot is not None:
             check_slot_usable(slot, conn)
@@ -166,7 +245,7 @@ class EmbeddedPipeline:
         if slot is not None:
             if position is None and settings.snapshot == "initial":
                 raise ConfigError(
-                    f"slot {settings.slot_name!r} exists but the lake {self.lake} has no record "
+                    f"slot {settings.slot_name!r} exists but {self.store.path} has no record "
                     "of it, so the rows it does not replay would be missing. Drop the slot "
                     f"(SELECT pg_drop_replication_slot('{settings.slot_name}')) to start with "
                     "a fresh snapshot, or pass --snapshot never to stream from the slot only"
@@ -209,6 +288,7 @@ class EmbeddedPipeline:
             except BaseException:
                 repl.close()
                 raise
+            position.snapshotted = {f"{schema}.{table}" for schema, table in tables}
         position.snapshot_done = True
         self.store.save(position)
         return position, repl
@@ -249,11 +329,7 @@ class EmbeddedPipeline:
             self.sink.add_snapshot(schema, batch, **kwargs)
 
     def _discard_partial_snapshot(self, tables: list[tuple[str, str]], lsn: int) -> None:
-        for schema_name, table in tables:
-            uri = layout.changes_uri(self.lake, f"{schema_name}.{table}")
-            if DeltaTable.is_deltatable(uri, storage_options=self.storage_options):
-                dt = DeltaTable(uri, storage_options=self.storage_options)
-                dt.delete(f"{layout.OP} = 'r' AND {layout.LSN} = {lsn}")
+        self.sink.discard_snapshot(tables, lsn, slot_dropped=True)
 
     # -- streaming --------------------------------------------------------------------------
 
@@ -279,15 +355,54 @@ class EmbeddedPipeline:
             self.metrics["commits"] += result["commits"]
             return
 
+    def _handle(self, item: StreamItem) -> None:
+        """Hand one stream item to the sink."""
+        if isinstance(item, TransactionCommitted):
+            return
+        self.metrics["events"] += 1
+        if item.unchanged_toast and item.op == "c":
+            # Only a key change produces these: the new key has no earlier row to take the
+            # unchanged values from.
+            self.catalog.fill_unchanged_toast(item)
+        if self._snapshots is not None:
+            self._snapshots.observe(item)
+        try:
+            self.sink.add(item)
+        except SinkBackpressure:
+            self._flush()
+            self.sink.add(item)
+
+    def _registered_schema(self, name: str) -> TableSchema | None:
+        """The table's last recorded shape, to compare the first change after a restart with."""
+        registry = getattr(self.sink, "registry", None)
+        return registry.latest(name) if registry is not None else None
+
     def _durable_lsn(self, source: StreamingSource) -> int:
         """The newest LSN that PostgreSQL may forget: everything before it is in Delta."""
         position = source.position
-        if self.sink.pending_rows:
+        if self.sink.pending_rows or self._held:
+            # Held items (see IncrementalSnapshots) are received but not in the sink yet.
             return position.flushed_lsn
         durable = position.committed_lsn
         if not source.in_transaction:
             # Idle: the server has sent everything up to its WAL end and we hold nothing,
             # so confirming it keeps the slot from pinning WAL of unrelated activity.
+            #
+            # Streamed transactions that are still open (protocol 2: spilled, not yet
+            # committed) do not hold this back, and need not. Confirming an LSN past their
+            # first change does not make the server forget them: a slot skips only the
+            # transactions that *committed* before its confirmed_flush_lsn ("Data
+            # corresponding to the transactions committed before this LSN is not available
+            # anymore", pg_replication_slots), and its restart_lsn, from where decoding
+            # resumes, stays behind the oldest transaction still running. After a restart
+            # the server therefore decodes such a transaction again and sends it in full,
+            # from its first segment (or whole at its commit), which is why the spill is
+            # simply dropped with the connection. PostgreSQL's own apply worker relies on
+            # the same: it reports its latest received LSN as flushed whenever no committed
+            # transaction awaits its local flush, open streamed ones included (worker.c,
+            # send_feedback). A transaction whose StreamCommit arrived is another matter: it
+            # is being handed on, and source.in_transaction stays true until its commit
+            # item is returned.
             durable = max(durable, position.server_wal_end)
         return durable
 
@@ -298,7 +413,23 @@ class EmbeddedPipeline:
             publication=self.settings.publication_name,
             position=position,
             describe=self.catalog.describe,
+            spill_dir=self.settings.source.spill_dir,
         )
+        snapshots = IncrementalSnapshots(
+            dsn=self.dsn,
+            slot=self.settings.slot_name,
+            publication=self.settings.publication_name,
+            position=position,
+            save=self.store.save,
+            sink=self.sink,
+            flush=self._flush,
+            add_snapshot=self._add_snapshot,
+            connection=self.catalog.connection,
+            baseline=self._registered_schema,
+            all_tables=self._all_tables,
+        )
+        initial_rows = self.metrics["snapshot_rows"]
+        self._snapshots = snapshots
         delay = 0.5
         connected = False
         try:
@@ -310,17 +441,15 @@ class EmbeddedPipeline:
                         source.start(first)
                         connected = True
                         delay = 0.5
-                    for item in source.read(timeout=0.2):
-                        if isinstance(item, TransactionCommitted):
-                            continue
-                        self.metrics["events"] += 1
-                        try:
-                            self.sink.add(item)
-                        except SinkBackpressure:
-                            self._flush()
-                            self.sink.add(item)
+                    items, self._held = self._held or source.read(timeout=0.2), []
+                    for item in items:
+                        self._handle(item)
                     if self.sink.flush_due():
                         self._flush()
+                    snapshots.poll_publication()
+                    if snapshots.queued:
+                        self._held = snapshots.run(source, self._handle)
+                        self.metrics["snapshot_rows"] = snapshots.copied_rows + initial_rows
                     source.confirm(self._durable_lsn(source))
                 except SourceConnectionError as e:
                     connected = False

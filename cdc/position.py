@@ -9,7 +9,7 @@ per-table watermarks) instead, which are the sources of truth for them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -31,6 +31,10 @@ class CapturePosition:
         flushed_lsn: Newest LSN durable downstream and confirmed to PostgreSQL; the server
             may recycle WAL before it.
         server_wal_end: WAL end the server reported in its latest keepalive.
+        snapshotted: Tables whose existing rows have been copied (``None`` for state written
+            before this was recorded: then no table is re-copied on that account).
+        pending_snapshots: Tables whose copy started but did not finish, with the LSN its
+            rows are written at (``None`` until the temporary slot exists).
     """
 
     slot: str
@@ -40,6 +44,8 @@ class CapturePosition:
     committed_lsn: int = 0
     flushed_lsn: int = 0
     server_wal_end: int = 0
+    snapshotted: set[str] | None = None
+    pending_snapshots: dict[str, int | None] = field(default_factory=dict)
 
     @property
     def snapshot_lsn(self) -> int:
@@ -58,6 +64,8 @@ class CapturePosition:
             "slot": self.slot,
             "consistent_point": self.consistent_point,
             "snapshot_done": self.snapshot_done,
+            "snapshotted": None if self.snapshotted is None else sorted(self.snapshotted),
+            "pending_snapshots": self.pending_snapshots,
         }
 
     @classmethod
@@ -66,6 +74,8 @@ class CapturePosition:
             slot=data["slot"],
             consistent_point=data.get("consistent_point"),
             snapshot_done=bool(data.get("snapshot_done")),
+            snapshotted=None if data.get("snapshotted") is None else set(data["snapshotted"]),
+            pending_snapshots=dict(data.get("pending_snapshots") or {}),
         )
 
 

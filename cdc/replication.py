@@ -25,8 +25,12 @@ from cdc.walproto import standby_status_update
 #: every connection that reads row data (replication and snapshot alike).
 VALUE_FORMAT_OPTIONS = (
     "-c DateStyle=ISO -c TimeZone=UTC -c IntervalStyle=iso_8601 "
-    "-c extra_float_digits=3 -c bytea_output=hex"
+    "-c extra_float_digits=3 -c bytea_output=hex -c lc_monetary=C"
 )
+
+
+#: ``server_version_num`` from which pgoutput streams in-progress transactions (protocol 2).
+STREAMING_MIN_SERVER_VERSION = 140000
 
 
 def session_conninfo(dsn: str, **extra: str) -> str:
@@ -78,6 +82,8 @@ class ReplicationConnection:
             self._pgconn.finish()
             raise SourceConnectionError(f"cannot open a replication connection: {message}")
         self.streaming = False
+        #: Whether START_REPLICATION asked for in-progress transactions (protocol 2).
+        self.stream_in_progress = False
 
     def _error_text(self) -> str:
         return self._pgconn.get_error_message().strip() or "connection lost"
@@ -93,12 +99,19 @@ class ReplicationConnection:
             raise _ReplicationCommandError(message.strip(), sqlstate.decode() if sqlstate else None)
         return result
 
-    def create_slot(self, name: str, *, export_snapshot: bool) -> CreatedSlot | None:
-        """Create logical slot ``name`` for pgoutput; ``None`` if it already exists."""
+    def create_slot(
+        self, name: str, *, export_snapshot: bool, temporary: bool = False
+    ) -> CreatedSlot | None:
+        """Create logical slot ``name`` for pgoutput; ``None`` if it already exists.
+
+        A ``temporary`` slot disappears with this connection: it is only used for the
+        consistent snapshot it exports.
+        """
         export = "EXPORT_SNAPSHOT" if export_snapshot else "NOEXPORT_SNAPSHOT"
+        kind = "TEMPORARY LOGICAL" if temporary else "LOGICAL"
         try:
             result = self._exec(
-                f"CREATE_REPLICATION_SLOT {_quote_ident(name)} LOGICAL pgoutput {export}"
+                f"CREATE_REPLICATION_SLOT {_quote_ident(name)} {kind} pgoutput {export}"
             )
         except _ReplicationCommandError as e:
             if e.sqlstate == "42710":  # duplicate_object
@@ -111,11 +124,38 @@ class ReplicationConnection:
             snapshot_name=bytes(snapshot).decode() if snapshot else None,
         )
 
-    def start_replication(self, slot: str, publication: str, *, start_lsn: int = 0) -> None:
-        """Enter COPY BOTH mode. ``start_lsn=0`` resumes at the slot's confirmed position."""
-        options = (
-            f"proto_version '1', publication_names {_quote_literal(_quote_ident(publication))}"
+    @property
+    def server_version(self) -> int:
+        """The server's version as ``server_version_num`` spells it (150018 for 15.18)."""
+        return int(self._pgconn.server_version)
+
+    def start_replication(
+        self,
+        slot: str,
+        publication: str,
+        *,
+        start_lsn: int = 0,
+        stream_in_progress: bool | None = None,
+    ) -> None:
+        """Enter COPY BOTH mode. ``start_lsn=0`` resumes at the slot's confirmed position.
+
+        ``stream_in_progress`` asks for pgoutput protocol version 2 with ``streaming 'on'``:
+        transactions that outgrow the server's ``logical_decoding_work_mem`` arrive in
+        blocks before they commit, and may be aborted (see :mod:`cdc.stream_spill`). The
+        default (``None``) streams whenever the server supports it (PostgreSQL 14+);
+        :attr:`stream_in_progress` says what was chosen.
+        """
+        if stream_in_progress is None:
+            stream_in_progress = self.server_version >= STREAMING_MIN_SERVER_VERSION
+        elif stream_in_progress and self.server_version < STREAMING_MIN_SERVER_VERSION:
+            raise ConfigError(
+                f"streaming of in-progress transactions needs PostgreSQL 14 or later; the "
+                f"server is version {self.server_version}"
+            )
+        protocol = (
+            "proto_version '2', streaming 'on'" if stream_in_progress else "proto_version '1'"
         )
+        options = f"{protocol}, publication_names {_quote_literal(_quote_ident(publication))}"
         command = (
             f"START_REPLICATION SLOT {_quote_ident(slot)} LOGICAL {format_lsn(start_lsn)} "
             f"({options})"
@@ -129,6 +169,7 @@ class ReplicationConnection:
                 f"START_REPLICATION failed: {message.strip() or self._error_text()}"
             )
         self.streaming = True
+        self.stream_in_progress = stream_in_progress
 
     def read_frame(self, timeout: float) -> memoryview | None:
         """The next COPY frame, or ``None`` when nothing arrived within ``timeout`` seconds."""

@@ -7,6 +7,8 @@ never advanced (a pipeline stopped for good) fills the disk with WAL; drop it wi
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from dataclasses import dataclass
 
 import psycopg
@@ -14,6 +16,8 @@ from psycopg import sql
 
 from cdc.errors import ConfigError, PrerequisiteError, SourceConnectionError
 from cdc.lsn import parse_lsn
+
+log = logging.getLogger(__name__)
 
 
 def split_table_name(name: str) -> tuple[str, str]:
@@ -70,42 +74,71 @@ def ensure_publication(
 
     ``tables=None`` publishes every table (``FOR ALL TABLES``, which needs a superuser).
     Partitioned tables publish through their root (``publish_via_partition_root``), so all
-    partitions land in one table. Running it again with the same tables is a no-op; asking
-    for a different set of tables is an error rather than a silent change, because rows of a
-    table added later would need a snapshot of their own.
+    partitions land in one table. Running it again with the same tables is a no-op; tables
+    asked for that the publication lacks are added to it (the pipeline then copies their
+    existing rows, see :mod:`cdc.incremental_snapshot`). Tables are never dropped from it
+    (extra ones are logged), and switching between all tables and a list is refused.
     """
     wanted = sorted({split_table_name(t) for t in tables}) if tables is not None else None
     exists = conn.execute("SELECT puballtables FROM pg_publication WHERE pubname = %s", [name])
     row = exists.fetchone()
-    if row is None:
-        target: sql.Composable
-        if wanted is None:
-            target = sql.SQL("FOR ALL TABLES")
-        else:
-            target = sql.SQL("FOR TABLE {}").format(
-                sql.SQL(", ").join(sql.Identifier(s, t) for s, t in wanted)
-            )
-        try:
-            conn.execute(
-                sql.SQL("CREATE PUBLICATION {} {} WITH (publish_via_partition_root = true)").format(
-                    sql.Identifier(name), target
+    try:
+        if row is None:
+            target: sql.Composable
+            if wanted is None:
+                target = sql.SQL("FOR ALL TABLES")
+            else:
+                target = sql.SQL("FOR TABLE {}").format(_table_list(wanted))
+            # Created concurrently by another process: fine, same definition.
+            with contextlib.suppress(psycopg.errors.DuplicateObject):
+                conn.execute(
+                    sql.SQL(
+                        "CREATE PUBLICATION {} {} WITH (publish_via_partition_root = true)"
+                    ).format(sql.Identifier(name), target)
                 )
-            )
-        except psycopg.errors.UndefinedTable as e:
-            raise ConfigError(f"cannot publish {tables}: {e}".strip()) from e
-        except psycopg.errors.DuplicateObject:
-            pass  # created concurrently by another process: fine, same definition
-    else:
+            return published_tables(conn, name)
         all_tables = bool(row[0])
         have = published_tables(conn, name)
-        if (wanted is None) != all_tables or (wanted is not None and wanted != have):
-            described = "all tables" if all_tables else ", ".join(f"{s}.{t}" for s, t in have)
-            raise ConfigError(
-                f"publication {name!r} already exists for {described}, which differs from "
-                "the tables asked for; capturing a different set of tables needs a new "
-                "pipeline (--name) or DROP PUBLICATION first"
+        if all_tables or wanted is None:
+            if all_tables != (wanted is None):
+                raise ConfigError(
+                    f"publication {name!r} already exists for "
+                    f"{'all tables' if all_tables else 'a list of tables'}; switching to "
+                    f"{'a list' if all_tables else 'all tables'} needs a new pipeline (--name)"
+                )
+            return have
+        extra = sorted(set(have) - set(wanted))
+        if extra:
+            # Added by hand (ALTER PUBLICATION ... ADD TABLE): still captured, never dropped
+            # behind the user's back.
+            log.warning(
+                "publication %s also covers %s, which --tables does not list; they are "
+                "captured too (ALTER PUBLICATION %s DROP TABLE ... stops that)",
+                name,
+                ", ".join(f"{s}.{t}" for s, t in extra),
+                name,
             )
+        added = sorted(set(wanted) - set(have))
+        if added:
+            conn.execute(
+                sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(
+                    sql.Identifier(name), _table_list(added)
+                )
+            )
+    except psycopg.errors.UndefinedTable as e:
+        raise ConfigError(f"cannot publish {tables}: {e}".strip()) from e
     return published_tables(conn, name)
+
+
+def _table_list(tables: list[tuple[str, str]]) -> sql.Composable:
+    return sql.SQL(", ").join(sql.Identifier(s, t) for s, t in tables)
+
+
+def publishes_all_tables(conn: psycopg.Connection, publication: str) -> bool:
+    row = conn.execute(
+        "SELECT puballtables FROM pg_publication WHERE pubname = %s", [publication]
+    ).fetchone()
+    return bool(row and row[0])
 
 
 def published_tables(conn: psycopg.Connection, publication: str) -> list[tuple[str, str]]:

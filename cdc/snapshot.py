@@ -19,8 +19,9 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 from psycopg import sql
 
+from catalog import lake_layout as layout
 from cdc import pgtypes
-from cdc.errors import PrerequisiteError, SourceConnectionError, ValueConversionError
+from cdc.errors import PrerequisiteError, SourceConnectionError
 from cdc.replication import session_conninfo
 from cdc.table_schema import TableSchema
 
@@ -50,6 +51,31 @@ class _CopyStream(io.RawIOBase):
         buffer[:n] = self._block[self._pos : self._pos + n]
         self._pos += n
         return n
+
+
+def _typed_batch(table: TableSchema, batch: pa.RecordBatch) -> pa.Table:
+    """Convert one batch of text columns; values without a typed form keep their exact text
+    in a ``_cdc_fallback`` map column (added only when some value needed it)."""
+    columns: list[pa.Array] = []
+    fallbacks: dict[str, pa.Array] = {}
+    for i, c in enumerate(table.columns):
+        typed, fallback = pgtypes.text_to_arrow_lossless(
+            batch.column(i), c.type_oid, c.type_modifier
+        )
+        columns.append(typed)
+        if fallback is not None:
+            fallbacks[c.name] = fallback
+    result = pa.Table.from_arrays(columns, names=list(table.column_names))
+    if fallbacks:
+        texts = {name: arr.to_pylist() for name, arr in fallbacks.items()}
+        rows = [
+            {name: t[i] for name, t in texts.items() if t[i] is not None} or None
+            for i in range(batch.num_rows)
+        ]
+        result = result.append_column(
+            layout.FALLBACK, pa.array(rows, type=pa.map_(pa.string(), pa.string()))
+        )
+    return result
 
 
 class SnapshotReader:
@@ -85,7 +111,7 @@ class SnapshotReader:
 
     def read_table(self, table: TableSchema) -> Iterator[pa.Table]:
         """Yields the table's rows as Arrow tables typed like :func:`pgtypes.arrow_type`."""
-        names = [c.name for c in table.columns]
+        names = table.column_names
         # Partitioned tables: selecting from the root reads every partition, which matches
         # publishing through the root.
         query = sql.SQL("COPY (SELECT {} FROM {}) TO STDOUT (FORMAT csv)").format(
@@ -121,17 +147,7 @@ class SnapshotReader:
                     convert_options=convert_options,
                 )
                 for batch in reader:
-                    columns = []
-                    for i, c in enumerate(table.columns):
-                        try:
-                            columns.append(
-                                pgtypes.text_to_arrow(batch.column(i), c.type_oid, c.type_modifier)
-                            )
-                        except ValueConversionError as e:
-                            raise ValueConversionError(
-                                f"{table.qualified_name}.{c.name}: {e}"
-                            ) from e
-                    yield pa.Table.from_arrays(columns, names=names)
+                    yield _typed_batch(table, batch)
         except psycopg.OperationalError as e:
             raise SourceConnectionError(f"snapshot of {table.qualified_name} failed: {e}") from e
         except psycopg.errors.InsufficientPrivilege as e:

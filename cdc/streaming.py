@@ -6,17 +6,27 @@ The loop here is the IO half; frames are parsed by :mod:`cdc.walproto`, messages
 The server must hear from us: it asks for a reply in keepalives and drops connections that
 stay silent longer than ``wal_sender_timeout`` (60 s by default), so status updates go out
 on request and every ``status_interval`` seconds even while the sink is busy elsewhere.
+
+On PostgreSQL 14+ replication uses pgoutput protocol version 2 with ``streaming 'on'``, so
+the server does not have to decode a huge transaction whole before sending it. Its
+in-progress blocks are spilled to disk by :class:`cdc.stream_spill.StreamedTransactions`
+and replayed at ``StreamCommit`` as if the transaction had arrived whole, a bounded number
+of items per :meth:`StreamingSource.read`, so memory does not grow with the transaction.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Generator
+from os import PathLike
 
 from cdc import pgoutput
 from cdc.assembler import ChangeAssembler, Describe, TransactionCommitted
+from cdc.errors import DecodeError
 from cdc.events import ChangeEvent
 from cdc.position import CapturePosition
 from cdc.replication import ReplicationConnection
+from cdc.stream_spill import Replayed, StreamedTransactions
 from cdc.walproto import PrimaryKeepalive, parse_copy_frame
 
 StreamItem = ChangeEvent | TransactionCommitted
@@ -24,6 +34,9 @@ StreamItem = ChangeEvent | TransactionCommitted
 
 class StreamingSource:
     """Change events from one slot, resuming at the slot's confirmed position.
+
+    Hazard: streamed transactions occupy disk under ``spill_dir`` (default: the system
+    temporary directory) until they end; see :mod:`cdc.stream_spill`.
 
     Example:
         >>> source = StreamingSource(dsn, slot="shop", publication="shop",
@@ -42,6 +55,8 @@ class StreamingSource:
         describe: Describe | None = None,
         status_interval: float = 10.0,
         max_items: int = 5000,
+        spill_dir: str | PathLike[str] | None = None,
+        stream_in_progress: bool | None = None,
     ) -> None:
         self.dsn = dsn
         self.slot = slot
@@ -50,20 +65,35 @@ class StreamingSource:
         self.assembler = ChangeAssembler(describe)
         self.status_interval = status_interval
         self.max_items = max_items
+        self.streams = StreamedTransactions(spill_dir)
+        # None: whenever the server can (see ReplicationConnection.start_replication).
+        self.stream_in_progress = stream_in_progress
         self._conn: ReplicationConnection | None = None
         self._last_status = 0.0
+        # The streamed transaction being handed on after its StreamCommit; no frame is read
+        # until it is exhausted, because everything after the commit must follow it.
+        self._replay: Generator[Replayed, None, None] | None = None
 
     @property
     def in_transaction(self) -> bool:
-        return self.assembler.in_transaction
+        """A transaction's changes are partly handed on: its commit is not yet returned.
+
+        Streamed transactions that are still open do not count: none of their changes has
+        been handed on (they wait in the spill), and the server sends them again in full
+        after a restart.
+        """
+        return self.assembler.in_transaction or self._replay is not None
 
     def start(self, conn: ReplicationConnection | None = None) -> None:
         """Start streaming, on ``conn`` if given (the one that created the slot)."""
         self.close()
         self._conn = conn or ReplicationConnection(self.dsn)
-        # A transaction cut off by a lost connection is sent again from its beginning.
+        # A transaction cut off by a lost connection is sent again from its beginning, and
+        # so is every streamed one that had not ended (close() dropped their spills).
         self.assembler.reset_transaction()
-        self._conn.start_replication(self.slot, self.publication)
+        self._conn.start_replication(
+            self.slot, self.publication, stream_in_progress=self.stream_in_progress
+        )
         self._last_status = time.monotonic()
 
     def read(self, timeout: float) -> list[StreamItem]:
@@ -73,6 +103,10 @@ class StreamingSource:
         position advances only when the items are returned: if the connection drops
         mid-read, the decoded items are lost with it, and so must be their LSNs, or they
         would be confirmed without ever reaching the sink.
+
+        A streamed transaction is handed on after its StreamCommit, read back from its
+        spill file over as many calls as it takes; no frame is read meanwhile, since
+        whatever the server sent after the commit must come after it.
         """
         if self._conn is None:
             raise RuntimeError("start() first")
@@ -80,6 +114,9 @@ class StreamingSource:
         received = committed = wal_end = 0
         deadline = time.monotonic() + timeout
         while len(items) < self.max_items:
+            if self._replay is not None:
+                committed = max(committed, self._drain_replay(items))
+                continue
             wait = 0.0 if items else max(0.0, deadline - time.monotonic())
             frame = self._conn.read_frame(wait)
             if frame is None:
@@ -91,8 +128,7 @@ class StreamingSource:
                     self.send_status()
                 continue
             received = max(received, parsed.data_start)
-            message = pgoutput.decode_message(parsed.payload)
-            produced = self.assembler.feed(message, lsn=parsed.data_start, size=len(parsed.payload))
+            produced = self._receive(parsed.payload, parsed.data_start)
             for item in produced:
                 if isinstance(item, TransactionCommitted):
                     committed = item.end_lsn
@@ -105,23 +141,83 @@ class StreamingSource:
             self.send_status()
         return items
 
+    def _receive(self, payload: bytes | memoryview, lsn: int) -> list[StreamItem]:
+        """Items produced by one pgoutput message (none while a transaction is streamed)."""
+        streams = self.streams
+        message = pgoutput.decode_message(payload, in_stream=streams.in_stream)
+        if streams.in_stream:
+            if isinstance(message, pgoutput.StreamStop):
+                streams.stop()
+                return []
+            streams.append(message, payload, lsn)
+            if isinstance(message, pgoutput.Relation | pgoutput.Type):
+                # Into the cache at once as well: the server assumes the client knows a
+                # shape from the moment it sent it. Its replay at commit is harmless, and
+                # needed in case another transaction's Relation replaced it meanwhile.
+                self.assembler.feed(message, lsn=lsn)
+            return []
+        if isinstance(message, pgoutput.StreamStart):
+            if self.assembler.in_transaction:
+                raise DecodeError(
+                    f"Stream Start for xid {message.xid} inside a transaction (no Commit)"
+                )
+            streams.start(message)
+            return []
+        if isinstance(message, pgoutput.StreamStop):
+            streams.stop()  # outside a block: raises the DecodeError
+        if isinstance(message, pgoutput.StreamAbort):
+            streams.abort(message)
+            return []
+        if isinstance(message, pgoutput.StreamCommit):
+            self._replay = streams.commit(message)
+            return []
+        return self.assembler.feed(message, lsn=lsn, size=len(payload))
+
+    def _drain_replay(self, items: list[StreamItem]) -> int:
+        """Move replayed items into ``items`` up to ``max_items``; the end LSN of a commit
+        among them, else 0. Reading from disk one record at a time keeps memory bounded
+        whatever the size of the transaction."""
+        replay = self._replay
+        assert replay is not None
+        feed = self.assembler.feed
+        committed = 0
+        for message, lsn, size in replay:
+            items.extend(feed(message, lsn=lsn, size=size))
+            if isinstance(message, pgoutput.Commit):
+                committed = message.end_lsn
+                break
+            if len(items) >= self.max_items:
+                return 0
+        replay.close()  # the Commit was its last item; this deletes the spill file
+        self._replay = None
+        return committed
+
     def confirm(self, flushed_lsn: int) -> None:
         """Everything up to ``flushed_lsn`` is durable downstream: tell the server."""
         if flushed_lsn > self.position.flushed_lsn:
             self.position.flushed_lsn = flushed_lsn
             self.send_status()
 
-    def send_status(self) -> None:
+    def send_status(self, *, reply_requested: bool = False) -> None:
+        """Report progress; ``reply_requested`` makes the server answer with a keepalive,
+        whose WAL end says how far it has sent."""
         if self._conn is None:
             return
         position = self.position
         self._conn.send_status(
             write_lsn=max(position.received_lsn, position.flushed_lsn),
             flush_lsn=position.flushed_lsn,
+            reply_requested=reply_requested,
         )
         self._last_status = time.monotonic()
 
     def close(self) -> None:
+        """Close the connection and drop every streamed transaction and its spill file."""
+        if self._replay is not None:
+            # Closing the generator deletes its file.
+            replay, self._replay = self._replay, None
+            replay.close()
+        self.streams.close()
         if self._conn is not None:
             self._conn.close()
             self._conn = None

@@ -31,12 +31,15 @@ class ColumnSchema:
     ``type_modifier`` is PostgreSQL's ``atttypmod`` (-1 when the type has none); it carries
     e.g. the precision and scale of ``numeric(p, s)``. ``is_key`` marks the columns that
     identify a row: the primary key, or the replica-identity columns when there is no key.
+    ``attnum`` is the column's number in the table, which survives a rename (so a renamed
+    column can be followed across schema versions); ``None`` when unknown.
     """
 
     name: str
     type_oid: int
     type_modifier: int = -1
     is_key: bool = False
+    attnum: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +80,7 @@ class TableSchema:
                     "type_oid": c.type_oid,
                     "type_modifier": c.type_modifier,
                     "is_key": c.is_key,
+                    "attnum": c.attnum,
                 }
                 for c in self.columns
             ],
@@ -94,6 +98,7 @@ class TableSchema:
                     type_oid=int(c["type_oid"]),
                     type_modifier=int(c.get("type_modifier", -1)),
                     is_key=bool(c.get("is_key", False)),
+                    attnum=c.get("attnum"),
                 )
                 for c in data["columns"]
             ),

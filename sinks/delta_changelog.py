@@ -7,6 +7,17 @@ changes that capture re-sends after a restart (PostgreSQL replays from the last 
 are dropped instead of written twice. Because the watermark is per change and not per
 transaction, a flush may split a large transaction across commits and a crash in between
 still neither loses nor duplicates a row.
+
+Kafka mode (``cdc sink``) adds *streams*: a stream is one topic-partition (``"<topic>:<p>"``),
+and :meth:`DeltaChangelogSink.add` takes it with the message's offset. Each commit then
+records, per stream it covers, the offset of the last message handled
+(``<app_id>:<stream>:offset``) and the stream's own ``(commit_lsn, seq)`` watermark
+(``<app_id>:<stream>:lsn`` and ``:seq``). The watermark is per stream and not per table
+because the partitions of one table advance independently: a position is only comparable
+with earlier positions of the same partition, where capture wrote the changes in commit
+order. A worker that took over a partition from another (a zombie, say) is detected before
+it commits: the offset recorded in Delta must still be the one it started from, and a
+concurrent commit of the same stream makes Delta's conflict check fail the later commit.
 """
 
 from __future__ import annotations
@@ -30,10 +41,12 @@ from cdc.events import ChangeEvent
 from cdc.table_schema import TableSchema
 from sinks.base import Sink
 from sinks.errors import SinkBackpressure, TerminalSinkError, TransientSinkError
+from sinks.schema_evolution import cast_columns, plan_evolution, widen_in_place
 
 log = logging.getLogger(__name__)
 
 Position = tuple[int, int]  # (commit_lsn, seq)
+_FALLBACK_TYPE = pa.map_(pa.string(), pa.string())
 _NOTHING_WRITTEN: Position = (-1, -1)
 
 _METADATA_FIELDS = [
@@ -44,6 +57,7 @@ _METADATA_FIELDS = [
     pa.field(layout.COMMIT_TS, pa.timestamp("us", tz="UTC"), nullable=False),
     pa.field(layout.INGESTED_AT, pa.timestamp("us", tz="UTC")),
     pa.field(layout.UNCHANGED_TOAST, pa.list_(pa.string())),
+    pa.field(layout.FALLBACK, _FALLBACK_TYPE),
     pa.field(layout.DATE, pa.date32(), nullable=False),
 ]
 
@@ -68,6 +82,7 @@ class _Rows:
     txids: list[int | None] = field(default_factory=list)
     commit_ts: list[datetime] = field(default_factory=list)
     unchanged: list[list[str] | None] = field(default_factory=list)
+    fallback: list[dict[str, str] | None] = field(default_factory=list)
 
     def to_arrow(self, ingested_at: datetime) -> pa.Table:
         arrow_schema = changelog_arrow_schema(self.schema)
@@ -93,9 +108,34 @@ class _Rows:
             commit_ts,
             pa.array([ingested_at] * n, type=pa.timestamp("us", tz="UTC")),
             pa.array(self.unchanged, type=pa.list_(pa.string())),
+            pa.array(self.fallback, type=_FALLBACK_TYPE),
             pc.cast(commit_ts, pa.date32()),
         ]
         return pa.Table.from_arrays(columns_out, schema=arrow_schema)
+
+
+class StreamFencedError(TransientSinkError):
+    """Another writer committed a stream (topic-partition) this sink was writing: the
+    caller lost the partition, must drop what it buffered and re-read from Delta."""
+
+
+def stream_app_id(app_id: str, stream: str, kind: str) -> str:
+    """The app-transaction id of a stream's ``kind`` (``offset``, ``lsn`` or ``seq``).
+
+    >>> stream_app_id("cdc-lakehouse:shop", "shop.public.orders:2", "offset")
+    'cdc-lakehouse:shop:shop.public.orders:2:offset'
+    """
+    return f"{app_id}:{stream}:{kind}"
+
+
+@dataclass(slots=True)
+class _StreamMark:
+    """What one stream (topic-partition) has brought to one table."""
+
+    written: Position  # the stream's watermark recorded in Delta
+    accepted: Position  # the newest position of the stream buffered or written
+    offset_written: int | None  # the offset recorded in Delta when we last looked or wrote
+    offset_accepted: int | None  # the newest offset handled (buffered, or dropped as replay)
 
 
 @dataclass(slots=True)
@@ -109,6 +149,11 @@ class _TableBuffer:
     rows: int = 0
     bytes: int = 0
     oldest: float | None = None
+    streams: dict[str, _StreamMark] = field(default_factory=dict)  # Kafka mode only
+    # The incoming Arrow schema last checked against the Delta table, and the conversions
+    # that check decided on (see sinks.schema_evolution); re-checked when it changes.
+    checked_schema: pa.Schema | None = None
+    incoming_casts: dict[str, pa.DataType] = field(default_factory=dict)
 
 
 class DeltaChangelogSink(Sink):
@@ -154,14 +199,17 @@ class DeltaChangelogSink(Sink):
 
     # -- watermarks -------------------------------------------------------------------------
 
-    def _buffer(self, table: TableSchema) -> _TableBuffer:
-        name = table.qualified_name
+    def _buffer_named(self, name: str) -> _TableBuffer:
         buf = self._tables.get(name)
         if buf is None:
             uri = layout.changes_uri(self.root, name)
             written = self._read_watermark(uri)
             buf = _TableBuffer(name, uri, written, written)
             self._tables[name] = buf
+        return buf
+
+    def _buffer(self, table: TableSchema) -> _TableBuffer:
+        buf = self._buffer_named(table.qualified_name)
         # Identity first: the assembler reuses one schema object per table version, so the
         # registry (which hashes the schema) is consulted only when the shape may change.
         if table is not buf.schema:
@@ -196,6 +244,43 @@ class DeltaChangelogSink(Sink):
         """The newest ``(commit_lsn, seq)`` of ``table`` that is written or buffered."""
         return self._buffer(table).accepted
 
+    def _stream(self, buf: _TableBuffer, stream: str) -> _StreamMark:
+        mark = buf.streams.get(stream)
+        if mark is None:
+            written: Position = _NOTHING_WRITTEN
+            offset = None
+            if DeltaTable.is_deltatable(buf.uri, storage_options=self.storage_options):
+                dt = DeltaTable(buf.uri, storage_options=self.storage_options)
+                lsn = dt.transaction_version(stream_app_id(self.app_id, stream, "lsn"))
+                seq = dt.transaction_version(stream_app_id(self.app_id, stream, "seq"))
+                offset = dt.transaction_version(stream_app_id(self.app_id, stream, "offset"))
+                if lsn is not None:
+                    written = (lsn, seq if seq is not None else -1)
+            mark = _StreamMark(written, written, offset, offset)
+            buf.streams[stream] = mark
+        return mark
+
+    def committed_offset(self, qualified_name: str, stream: str) -> int | None:
+        """The offset of the last message of ``stream`` that ``qualified_name``'s changelog
+        covers, as recorded in Delta when this sink first looked (None: nothing yet).
+
+        The first look is also what the sink expects to find at its next commit: a worker
+        asks this when it is assigned a partition, so another writer that commits the
+        partition afterwards makes that commit fail with :class:`StreamFencedError`.
+        """
+        return self._stream(self._buffer_named(qualified_name), stream).offset_written
+
+    def discard_snapshot(
+        self, tables: list[tuple[str, str]], lsn: int, *, slot_dropped: bool = False
+    ) -> None:
+        """Delete the snapshot rows (op ``r`` at ``lsn``) an interrupted snapshot wrote
+        (whether or not its slot was dropped: see :class:`cdc.pipeline.CaptureSink`)."""
+        for schema_name, table in tables:
+            uri = layout.changes_uri(self.root, f"{schema_name}.{table}")
+            if DeltaTable.is_deltatable(uri, storage_options=self.storage_options):
+                dt = DeltaTable(uri, storage_options=self.storage_options)
+                dt.delete(f"{layout.OP} = 'r' AND {layout.LSN} = {lsn}")
+
     # -- adding -----------------------------------------------------------------------------
 
     def _check_capacity(self) -> None:
@@ -204,12 +289,37 @@ class DeltaChangelogSink(Sink):
                 f"{self._pending_rows} rows / {self._pending_bytes} bytes buffered: flush first"
             )
 
-    def add(self, event: ChangeEvent) -> None:
-        """Buffer ``event`` unless it is at or below the table's watermark (a replay)."""
+    def add(
+        self,
+        event: ChangeEvent,
+        *,
+        stream: str | None = None,
+        offset: int | None = None,
+        dedupe: bool = True,
+    ) -> None:
+        """Buffer ``event`` unless it is at or below the table's watermark (a replay).
+
+        Kafka mode passes the message's ``stream`` (``"<topic>:<partition>"``) and
+        ``offset``: the event is then compared with that stream's watermark, and a message
+        at or below the stream's newest offset is dropped too. ``dedupe=False`` skips the
+        position check, for events whose positions are not capture's exact ones (topics
+        written by Debezium itself); the offsets still make writes exactly-once.
+        """
         buf = self._buffer(event.table)
         position = (event.commit_lsn, event.seq)
-        if position <= buf.accepted:
-            return
+        mark = None
+        if stream is None:
+            if position <= buf.accepted:
+                return
+        else:
+            mark = self._stream(buf, stream)
+            done = mark.offset_accepted
+            if offset is not None and done is not None and offset <= done:
+                return  # a message this sink has already handled (a re-read after a seek)
+            if dedupe and position <= mark.accepted:
+                # Re-sent by a restarted capture: handled, so its offset counts as done.
+                mark.offset_accepted = offset if offset is not None else mark.offset_accepted
+                return
         self._check_capacity()
         rows = buf.parts[-1] if buf.parts else None
         if not (isinstance(rows, _Rows) and rows.schema is event.table):
@@ -228,7 +338,14 @@ class DeltaChangelogSink(Sink):
         rows.txids.append(event.txid)
         rows.commit_ts.append(event.commit_ts)
         rows.unchanged.append(list(event.unchanged_toast) if event.unchanged_toast else None)
-        buf.accepted = position
+        rows.fallback.append(event.fallback)
+        if mark is None:
+            buf.accepted = position
+        else:
+            if dedupe:
+                mark.accepted = position
+            if offset is not None:
+                mark.offset_accepted = offset
         self._account(buf, 1, event.size_bytes)
 
     def add_snapshot(
@@ -241,6 +358,8 @@ class DeltaChangelogSink(Sink):
         read_at: datetime,
     ) -> None:
         """Buffer snapshot rows (op ``r``) already in Arrow form, typed like the table.
+
+        ``batch`` may carry a ``_cdc_fallback`` map column (see :mod:`cdc.snapshot`).
 
         Snapshot rows of one table share ``lsn`` and take consecutive ``seq`` values from
         ``first_seq``, so they are ordered and deduplicated like streamed changes.
@@ -262,6 +381,9 @@ class DeltaChangelogSink(Sink):
             commit_ts,
             pa.nulls(n, type=pa.timestamp("us", tz="UTC")),
             pa.nulls(n, type=pa.list_(pa.string())),
+            batch.column(layout.FALLBACK)
+            if layout.FALLBACK in batch.column_names
+            else pa.nulls(n, type=_FALLBACK_TYPE),
             pc.cast(commit_ts, pa.date32()),
         ]
         buf.parts.append(pa.Table.from_arrays(columns, schema=arrow_schema))
@@ -314,6 +436,9 @@ class DeltaChangelogSink(Sink):
             self._pending_rows -= buf.rows
             self._pending_bytes -= buf.bytes
             buf.written = buf.accepted
+            for mark in buf.streams.values():
+                mark.written = mark.accepted
+                mark.offset_written = mark.offset_accepted
             buf.parts.clear()
             buf.rows = buf.bytes = 0
             buf.oldest = None
@@ -324,14 +449,75 @@ class DeltaChangelogSink(Sink):
             "duration_s": round(time.monotonic() - started, 4),
         }
 
+    def _transactions(self, buf: _TableBuffer) -> list[Transaction]:
+        """The app transactions of ``buf``'s next commit: what it covers."""
+        txns = []
+        if buf.accepted != buf.written:
+            lsn, seq = buf.accepted
+            txns += [Transaction(self._lsn_app, lsn), Transaction(self._seq_app, seq)]
+        for stream, mark in buf.streams.items():
+            if mark.accepted != mark.written:
+                lsn, seq = mark.accepted
+                txns.append(Transaction(stream_app_id(self.app_id, stream, "lsn"), lsn))
+                txns.append(Transaction(stream_app_id(self.app_id, stream, "seq"), seq))
+            if mark.offset_accepted is not None and mark.offset_accepted != mark.offset_written:
+                offset_app = stream_app_id(self.app_id, stream, "offset")
+                txns.append(Transaction(offset_app, mark.offset_accepted))
+        return txns
+
+    def _fenced_target(self, buf: _TableBuffer) -> str | DeltaTable:
+        """Where to commit ``buf``: its URI, or, when it holds streams, the table as read
+        now, after checking that no other writer has committed those streams since this
+        sink looked. Committing through that snapshot makes Delta reject the commit if one
+        does so in between (two commits setting one app id conflict)."""
+        if not buf.streams or not DeltaTable.is_deltatable(
+            buf.uri, storage_options=self.storage_options
+        ):
+            return buf.uri
+        try:
+            dt = DeltaTable(buf.uri, storage_options=self.storage_options)
+        except (DeltaError, OSError) as e:
+            raise TransientSinkError(f"reading {buf.uri} failed: {e}") from e
+        for stream, mark in buf.streams.items():
+            if mark.offset_accepted == mark.offset_written:
+                continue  # not in this commit
+            recorded = dt.transaction_version(stream_app_id(self.app_id, stream, "offset"))
+            if recorded != mark.offset_written:
+                raise StreamFencedError(
+                    f"{buf.qualified_name}: another writer committed {stream} up to offset "
+                    f"{recorded} (this sink expected {mark.offset_written}); the partition "
+                    "belongs to someone else now"
+                )
+        return dt
+
+    def _evolve(self, buf: _TableBuffer, data: pa.Table) -> pa.Table:
+        """Apply the schema-evolution policy before writing rows of a changed shape."""
+        if data.schema != buf.checked_schema:
+            buf.incoming_casts = {}
+            if DeltaTable.is_deltatable(buf.uri, storage_options=self.storage_options):
+                lake = pa.schema(
+                    DeltaTable(buf.uri, storage_options=self.storage_options).schema().to_arrow()
+                )
+                plan = plan_evolution(lake, data.schema, table=buf.qualified_name)
+                if plan.widen:
+                    rows = widen_in_place(buf.uri, plan.widen, storage_options=self.storage_options)
+                    log.warning(
+                        "%s: widened %s in place (%d rows rewritten)",
+                        buf.qualified_name,
+                        ", ".join(f"{c} to {t}" for c, t in plan.widen.items()),
+                        rows,
+                    )
+                buf.incoming_casts = plan.cast_incoming
+            buf.checked_schema = data.schema
+        return cast_columns(data, buf.incoming_casts) if buf.incoming_casts else data
+
     def _commit(self, buf: _TableBuffer, data: pa.Table) -> None:
-        lsn, seq = buf.accepted
-        props = CommitProperties(
-            app_transactions=[Transaction(self._lsn_app, lsn), Transaction(self._seq_app, seq)]
-        )
+        data = self._evolve(buf, data)
+        props = CommitProperties(app_transactions=self._transactions(buf))
+        target = self._fenced_target(buf)
         try:
             write_deltalake(
-                buf.uri,
+                target,
                 data,
                 mode="append",
                 partition_by=list(layout.PARTITION_COLUMNS),

@@ -5,18 +5,24 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import psycopg
+import pyarrow as pa
 import pytest
+from deltalake import write_deltalake
 
+from catalog import lake_layout as layout
 from catalog.lake import Lake
+from catalog.schema_registry import SchemaRegistry
 from cdc.config import load_settings
 from cdc.pipeline import EmbeddedPipeline, current_wal_lsn
+from cdc.table_schema import ColumnSchema, TableSchema
 
 
 @pytest.fixture
@@ -132,3 +138,73 @@ def duplicate_positions(lake: str, table: str) -> list[tuple]:
             f"SELECT _cdc_lsn, _cdc_seq, count(*) FROM {table}_changes "
             "GROUP BY ALL HAVING count(*) > 1"
         ).fetchall()
+
+
+# -- hand-built changelogs (no PostgreSQL) ------------------------------------------------------
+
+#: Commit time of LSN 0 in hand-built changelogs; one hour per LSN unit (see :func:`changelog`).
+CHANGELOG_EPOCH = datetime(2024, 1, 1, tzinfo=UTC)
+
+
+def change(op: str, lsn: int, seq: int = 0, unchanged: Sequence[str] = (), **values: Any) -> dict:
+    """One changelog row for :func:`write_changes`; unspecified source columns are NULL."""
+    return {"_op": op, "_lsn": lsn, "_seq": seq, "_unchanged": list(unchanged), **values}
+
+
+def changelog(source: pa.Schema, rows: Sequence[dict], *, hours_per_lsn: float = 1.0) -> pa.Table:
+    """The Arrow table the sink would write for ``rows``: source columns + metadata.
+
+    Commit times are ``CHANGELOG_EPOCH + lsn * hours_per_lsn`` hours, so histories span
+    several ``_cdc_date`` partitions.
+    """
+    commit_ts = [CHANGELOG_EPOCH + timedelta(hours=r["_lsn"] * hours_per_lsn) for r in rows]
+    columns: dict[str, pa.Array] = {
+        f.name: pa.array([r.get(f.name) for r in rows], f.type) for f in source
+    }
+    columns.update(
+        {
+            layout.OP: pa.array([r["_op"] for r in rows], pa.string()),
+            layout.LSN: pa.array([r["_lsn"] for r in rows], pa.int64()),
+            layout.SEQ: pa.array([r["_seq"] for r in rows], pa.int64()),
+            layout.TXID: pa.array([r["_lsn"] + 1000 for r in rows], pa.int64()),
+            layout.COMMIT_TS: pa.array(commit_ts, pa.timestamp("us", "UTC")),
+            layout.INGESTED_AT: pa.array(commit_ts, pa.timestamp("us", "UTC")),
+            layout.UNCHANGED_TOAST: pa.array(
+                [r["_unchanged"] or None for r in rows], pa.list_(pa.string())
+            ),
+            layout.DATE: pa.array([ts.date() for ts in commit_ts], pa.date32()),
+        }
+    )
+    return pa.table(columns)
+
+
+def write_changes(
+    lake: str, qualified_name: str, rows: Sequence[dict], source: pa.Schema, **kwargs: Any
+) -> None:
+    """Append ``rows`` to the changelog of ``qualified_name`` as one Delta commit, as the
+    sink does (partitioned by ``_cdc_date``)."""
+    write_deltalake(
+        layout.changes_uri(lake, qualified_name),
+        changelog(source, rows, **kwargs),
+        mode="append",
+        partition_by=list(layout.PARTITION_COLUMNS),
+        schema_mode="merge",
+    )
+
+
+def register_table(lake: str, qualified_name: str, columns: Sequence[ColumnSchema]) -> None:
+    """Record ``columns`` (``is_key`` marks the key) as the table's shape in the registry."""
+    schema, _, table = qualified_name.partition(".")
+    SchemaRegistry(lake).register(TableSchema(schema, table, tuple(columns)))
+
+
+def table_checksum(lake: str, relation: str, columns: Sequence[str]) -> tuple[int, int]:
+    """``(row count, order-independent hash of all the given columns)`` of a DuckDB relation
+    over the lake's views, e.g. ``public.orders_changes`` or ``public.orders``."""
+    select = ", ".join(f'"{c}"' for c in columns)
+    with Lake(lake) as lk:
+        row = lk.sql(
+            f"SELECT count(*), coalesce(sum(hash(({select}))), 0) FROM {relation}"
+        ).fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])

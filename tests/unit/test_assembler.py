@@ -8,7 +8,7 @@ import pytest
 
 from cdc import pgoutput
 from cdc.assembler import ChangeAssembler, TransactionCommitted
-from cdc.errors import DecodeError, ValueConversionError
+from cdc.errors import DecodeError
 from cdc.pgtypes import Oid
 from cdc.table_schema import ColumnSchema, TableSchema
 
@@ -150,8 +150,48 @@ def test_errors_name_the_problem() -> None:
     with pytest.raises(DecodeError, match="outside a transaction"):
         feed_all(asm, ORDERS, pgoutput.Insert(16400, ("1", "a", "1.00")))
     asm = ChangeAssembler()
-    with pytest.raises(ValueConversionError, match=r"public\.orders\.amount"):
-        feed_all(asm, ORDERS, begin(), pgoutput.Insert(16400, ("1", "a", "NaN")))
-    asm = ChangeAssembler()
     with pytest.raises(DecodeError, match="2 columns"):
         feed_all(asm, ORDERS, begin(), pgoutput.Insert(16400, ("1", "a")))
+
+
+def test_values_without_a_typed_form_keep_their_exact_text() -> None:
+    # numeric(10,2) accepts NaN; decimal128 cannot hold it.
+    asm = ChangeAssembler()
+    items = feed_all(
+        asm,
+        ORDERS,
+        begin(),
+        pgoutput.Insert(16400, ("1", "a", "NaN")),
+        pgoutput.Delete(16400, ("1", "a", "NaN"), "O"),
+        commit(),
+    )
+    insert, delete = items[0], items[1]
+    assert insert.after == (1, "a", None) and insert.fallback == {"amount": "NaN"}
+    assert delete.before == (1, "a", None) and delete.fallback == {"amount": "NaN"}
+
+
+def test_full_identity_fills_unchanged_toast_from_the_old_row() -> None:
+    rel = pgoutput.Relation(
+        16403,
+        "public",
+        "docs",
+        "f",
+        (
+            pgoutput.RelationColumn("id", Oid.INT4, -1, True),
+            pgoutput.RelationColumn("body", Oid.TEXT, -1, True),
+            pgoutput.RelationColumn("n", Oid.INT4, -1, True),
+        ),
+    )
+    asm = ChangeAssembler()
+    big = "x" * 100_000
+    items = feed_all(
+        asm,
+        rel,
+        begin(),
+        pgoutput.Update(16403, ("1", pgoutput.UNCHANGED_TOAST, "2"), ("1", big, "1"), "O"),
+        commit(),
+    )
+    # Every column is identity under FULL, so this is a "key change": delete + insert,
+    # and the insert has the real TOASTed value rather than a marker.
+    assert [e.op for e in items[:-1]] == ["d", "c"]
+    assert items[1].after == (1, big, 2) and items[1].unchanged_toast == ()

@@ -78,6 +78,9 @@ def changelog(source: pa.Schema, rows: Sequence[dict]) -> pa.Table:
             lake_layout.UNCHANGED_TOAST: pa.array(
                 [r["_unchanged"] for r in rows], pa.list_(pa.string())
             ),
+            lake_layout.FALLBACK: pa.array(
+                [r.get("_fallback") for r in rows], pa.map_(pa.string(), pa.string())
+            ),
             lake_layout.DATE: pa.array([ts.date() for ts in commit_ts], pa.date32()),
         }
     )
@@ -154,8 +157,10 @@ def test_inserts_updates_deletes(lake: Path) -> None:
         (1, 1, "snap"),
         (2, 20, "two!"),
     ]
-    # The current view exposes the source columns only; the changelog view has everything.
-    assert [d[0] for d in con.execute("SELECT * FROM public.orders").description] == ORDERS.names
+    # The current view exposes the source columns and the fallback texts; the changelog view
+    # has everything.
+    current_cols = [d[0] for d in con.execute("SELECT * FROM public.orders").description]
+    assert current_cols == [*ORDERS.names, lake_layout.FALLBACK]
     changes_cols = [d[0] for d in con.execute("SELECT * FROM public.orders_changes").description]
     assert changes_cols == [*ORDERS.names, *lake_layout.METADATA_COLUMNS]
     assert con.execute("SELECT count(*) FROM public.orders_changes").fetchone() == (5,)
@@ -353,9 +358,13 @@ def test_quoted_identifiers(tmp_path: Path) -> None:
         source,
     )
     con = connect(str(tmp_path))
-    assert con.execute('SELECT * FROM "My Schema"."Or""ders"').fetchall() == [(1, "bye", "big")]
+    # The last value is _cdc_fallback.
+    assert con.execute('SELECT * FROM "My Schema"."Or""ders"').fetchall() == [
+        (1, "bye", "big", None)
+    ]
     assert con.execute('SELECT count(*) FROM "My Schema"."Or""ders_changes"').fetchone() == (2,)
-    assert [d[0] for d in con.execute('SELECT * FROM "Or""ders"').description] == source.names
+    described = [d[0] for d in con.execute('SELECT * FROM "Or""ders"').description]
+    assert described == [*source.names, lake_layout.FALLBACK]
 
 
 def test_two_schemas_with_the_same_table_name(lake: Path) -> None:
@@ -476,7 +485,7 @@ def test_lake_api(lake: Path) -> None:
         assert info.last_commit_at is not None and info.last_commit_at.tzinfo is UTC
 
         current = lk.current("public.orders")
-        assert current.schema.names == ORDERS.names
+        assert current.schema.names == [*ORDERS.names, lake_layout.FALLBACK]
         assert sorted(current.select(["id", "qty", "note"]).to_pylist(), key=str) == [
             {"id": 1, "qty": 7, "note": "a"},
             {"id": 2, "qty": None, "note": None},

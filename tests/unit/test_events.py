@@ -86,3 +86,25 @@ def test_delete_snapshot_and_truncate_envelopes() -> None:
     assert read["source"]["snapshot"] == "true"
     truncate = debezium_envelope(make("t", None, None), server_name="s", database="d")
     assert truncate["before"] is None and truncate["after"] is None and truncate["op"] == "t"
+
+
+def test_values_without_an_encoding_are_null_with_their_text_beside() -> None:
+    free = TableSchema(
+        "public", "m", (ColumnSchema("id", Oid.INT8, -1, True), ColumnSchema("x", Oid.NUMERIC))
+    )
+    event = ChangeEvent(
+        op="c", table=free, before=None, after=(1, "NaN"), commit_lsn=1, seq=0, txid=1,
+        commit_ts=COMMIT_TS, lsn=1,
+    )  # fmt: skip
+    # Unconstrained numeric NaN is exact text in the lake, but a Connect decimal cannot hold it.
+    env = debezium_envelope(event, server_name="s", database="d")
+    assert env["after"] == {"id": 1, "x": None} and env["cdc_fallback"] == {"x": "NaN"}
+
+    row = (1, None, None, "hi")
+    env = debezium_envelope(
+        make("c", None, row, fallback={"placed": "infinity"}), server_name="s", database="d"
+    )
+    assert env["after"]["placed"] is None and env["cdc_fallback"] == {"placed": "infinity"}
+    assert "cdc_fallback" not in debezium_envelope(
+        make("c", None, row), server_name="s", database="d"
+    )

@@ -30,8 +30,10 @@ from cdc.pgtypes import (
     debezium_encoder,
     debezium_value,
     numeric_precision_scale,
+    parse_array_text,
     text_parser,
     text_to_arrow,
+    text_to_arrow_lossless,
     type_name,
 )
 
@@ -238,8 +240,9 @@ def cases(draw: st.DrawFn) -> tuple[Any, str, int, int]:
         value = draw(st.dates(min_value=date(1, 1, 1), max_value=date(9999, 12, 31)))
         text, oid = value.isoformat(), Oid.DATE
     elif kind == "time":
-        value = draw(times())
-        text, oid = pg_time(value), Oid.TIME
+        # Delta has no time type: the lake keeps PostgreSQL's exact text.
+        value = text = pg_time(draw(times()))
+        oid = Oid.TIME
     elif kind == "timestamp":
         value = draw(timestamps())
         text, oid = pg_timestamp(value), Oid.TIMESTAMP
@@ -261,9 +264,9 @@ def cases(draw: st.DrawFn) -> tuple[Any, str, int, int]:
         value = text = draw(json_texts)
         oid = draw(st.sampled_from([Oid.JSON, Oid.JSONB]))
     else:
-        # Any other type keeps its exact text, e.g. an interval or an array.
-        value = text = draw(texts | st.sampled_from(["P1Y2M3DT4H5M6S", "{1,2,3}", '{"a,b",NULL}']))
-        oid = 1186
+        # Any other type keeps its exact text, e.g. inet or an enum's array.
+        value = text = draw(texts | st.sampled_from(["10.0.0.1/8", "{1,2,3}", '{"a,b",NULL}']))
+        oid = 869
     return value, text, oid, typmod
 
 
@@ -333,7 +336,8 @@ def test_text_parser_round_trip(case: tuple[Any, str, int, int]) -> None:
         (Oid.TIMESTAMP, "0001-01-01 00:00:00", datetime(1, 1, 1)),
         (Oid.TIMESTAMP, "9999-12-31 23:59:59.999999", datetime(9999, 12, 31, 23, 59, 59, 999999)),
         (Oid.DATE, "0099-03-01", date(99, 3, 1)),
-        (Oid.TIME, "23:59:59.999999", time(23, 59, 59, 999999)),
+        (Oid.TIME, "23:59:59.999999", "23:59:59.999999"),
+        (Oid.TIME, "24:00:00", "24:00:00"),  # valid in PostgreSQL, kept as text
         (Oid.FLOAT8, "NaN", math.nan),
         (Oid.FLOAT8, "-Infinity", -math.inf),
         (Oid.FLOAT8, "-0", -0.0),
@@ -454,8 +458,8 @@ BAD_VALUES = [
     (Oid.TIMESTAMPTZ, -1, "10000-01-01 00:00:00+00", "9999"),
     (Oid.TIMESTAMPTZ, -1, "0044-03-15 12:00:00+00 BC", "BC"),
     (Oid.TIMESTAMPTZ, -1, "2026-01-01 10:00:00", "offset"),
-    (Oid.TIME, -1, "24:00:00", "24:00:00"),
-    (Oid.TIME, -1, "10:00:00.1234567", "truncated"),
+    (Oid.TIME, -1, "24:00:01", "outside"),
+    (Oid.TIME, -1, "10:00:00.1234567", "not PostgreSQL time output"),
     (Oid.TIMESTAMP, -1, "2026-01-01 10:00:00.1234567", "truncated"),
     (Oid.TIMESTAMPTZ, -1, "2026-01-01 10:00:00.1234567+00", "truncated"),
     (Oid.TIMESTAMPTZ, -1, "2026-01-01 10:00:00.1234567+05:30", "truncated"),
@@ -541,7 +545,7 @@ def test_lossless_text_fallbacks_never_fail() -> None:
         (Oid.CHAR, -1, pa.string()),
         (Oid.BYTEA, -1, pa.binary()),
         (Oid.DATE, -1, pa.date32()),
-        (Oid.TIME, 3, pa.time64("us")),
+        (Oid.TIME, 3, pa.string()),  # Delta has no time type
         (Oid.TIMESTAMP, -1, pa.timestamp("us")),
         (Oid.TIMESTAMPTZ, 0, pa.timestamp("us", tz="UTC")),
         (Oid.UUID, -1, pa.string()),
@@ -552,7 +556,11 @@ def test_lossless_text_fallbacks_never_fail() -> None:
         (Oid.NUMERIC, numeric_typmod(39, 2), pa.string()),
         (Oid.NUMERIC, numeric_typmod(5, -2), pa.string()),  # PostgreSQL 15+ negative scale
         (Oid.NUMERIC, -1, pa.string()),
-        (1186, -1, pa.string()),  # interval: not mapped yet, exact text
+        (Oid.INTERVAL, -1, pa.string()),  # no Delta interval type: exact ISO text
+        (Oid.MONEY, -1, pa.decimal128(19, 2)),
+        (1007, -1, pa.list_(pa.int32())),  # int4[]
+        (1231, NUM_10_2, pa.list_(pa.decimal128(10, 2))),  # numeric(10,2)[]
+        (869, -1, pa.string()),  # inet: exact text
         (99999, -1, pa.string()),
     ],
 )
@@ -604,8 +612,9 @@ TS_MICROS = 1767261600123456
         ("-7", Oid.NUMERIC, -1, {"scale": 0, "value": "+Q=="}),
         (date(2026, 1, 1), Oid.DATE, -1, 20454),
         (date(1969, 12, 31), Oid.DATE, -1, -1),
-        (time(10, 0, 0, 500000), Oid.TIME, -1, 36_000_500_000),
-        (time(10, 0, 0, 500000), Oid.TIME, 3, 36_000_500),
+        ("10:00:00.5", Oid.TIME, -1, 36_000_500_000),
+        ("10:00:00.5", Oid.TIME, 3, 36_000_500),
+        ("24:00:00", Oid.TIME, -1, 86_400_000_000),
         (TS, Oid.TIMESTAMP, -1, TS_MICROS),
         (TS, Oid.TIMESTAMP, 6, TS_MICROS),
         (TS.replace(microsecond=123000), Oid.TIMESTAMP, 3, 1767261600123),
@@ -624,7 +633,13 @@ TS_MICROS = 1767261600123456
         ("6ba7b810-9dad-11d1-80b4-00c04fd430c8", Oid.UUID, -1, "6ba7b810-9dad-11d1-80b4-00c04fd430c8"),
         (uuid.UUID(int=1), Oid.UUID, -1, "00000000-0000-0000-0000-000000000001"),
         ('{"a": 1}', Oid.JSONB, -1, '{"a": 1}'),
-        ("P1D", 1186, -1, "P1D"),
+        ("P1D", Oid.INTERVAL, -1, 86_400_000_000),  # MicroDuration
+        ("P1M", Oid.INTERVAL, -1, 2_629_800_000_000),  # a month is 365.25/12 days
+        ("P-1DT2H", Oid.INTERVAL, -1, -79_200_000_000),
+        (Decimal("1.50"), Oid.MONEY, -1, "AJY="),
+        ([1, None, 3], 1007, -1, [1, None, 3]),
+        ([date(2026, 1, 1)], 1182, -1, [20454]),
+        ("10.0.0.1/8", 869, -1, "10.0.0.1/8"),
     ],
 )  # fmt: skip
 def test_debezium_value_golden(value: Any, oid: int, typmod: int, expected: Any) -> None:
@@ -638,7 +653,7 @@ def test_debezium_value_golden(value: Any, oid: int, typmod: int, expected: Any)
         ("NaN", Oid.NUMERIC, -1),
         ("Infinity", Oid.NUMERIC, numeric_typmod(60, 2)),
         (Decimal("1.505"), Oid.NUMERIC, NUM_10_2),
-        (time(10, 0, 0, 1), Oid.TIME, 3),
+        ("10:00:00.000001", Oid.TIME, 3),
         (datetime(2026, 1, 1, 0, 0, 0, 1), Oid.TIMESTAMP, 3),
         (datetime(2026, 1, 1), Oid.TIMESTAMPTZ, -1),
     ],
@@ -748,7 +763,9 @@ def test_debezium_encoder_is_per_column_function() -> None:
                 "doc": "Variable scaled decimal",
             },
         ),
-        (1186, -1, {"type": "string"}),
+        (869, -1, {"type": "string"}),
+        (Oid.INTERVAL, -1, {"type": "int64", "name": "io.debezium.time.MicroDuration", "version": 1}),
+        (1007, -1, {"type": "array", "items": {"type": "int32", "optional": True}}),
     ],
 )  # fmt: skip
 def test_connect_schema(oid: int, typmod: int, expected: dict[str, Any]) -> None:
@@ -778,3 +795,65 @@ def test_debezium_zoned_timestamp_round_trip(dt: datetime, typmod: int) -> None:
         assert len(fraction) == precision  # Debezium's fixed width for the column
     else:
         assert len(fraction) == 6
+
+
+@pytest.mark.parametrize(
+    ("text", "elements"),
+    [
+        ("{}", []),
+        ("{1,NULL,3}", ["1", None, "3"]),
+        ('{"a,b","q\\"x","NULL",NULL,""," sp","back\\\\slash"}', ["a,b", 'q"x', "NULL", None, "", " sp", "back\\slash"]),
+        ('{"{\\"a\\": 1}"}', ['{"a": 1}']),
+    ],
+)  # fmt: skip
+def test_parse_array_text(text: str, elements: list[str | None]) -> None:
+    assert parse_array_text(text) == elements
+
+
+@pytest.mark.parametrize("text", ["{{1,2},{3,4}}", "[0:1]={1,2}", "{1,2", '{"open}', "{1,,2}"])
+def test_arrays_that_a_flat_list_cannot_hold_exactly_raise(text: str) -> None:
+    with pytest.raises(ValueConversionError):
+        text_parser(1007, -1)(text)
+
+
+@given(
+    st.lists(
+        st.one_of(
+            st.none(), st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=12)
+        ),
+        max_size=8,
+    )
+)
+def test_array_literal_round_trip(elements: list[str | None]) -> None:
+    """Render a text[] the way PostgreSQL does and parse it back."""
+
+    def render(e: str | None) -> str:
+        if e is None:
+            return "NULL"
+        if e == "" or e.upper() == "NULL" or any(c in e for c in '{},"\\ \t\n'):
+            return '"' + e.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return e
+
+    assert parse_array_text("{" + ",".join(render(e) for e in elements) + "}") == elements
+
+
+def test_money_parses_lc_monetary_c_output() -> None:
+    parse = text_parser(Oid.MONEY, -1)
+    assert parse("-$1,234.56") == Decimal("-1234.56")
+    assert parse("$92,233,720,368,547,758.07") == Decimal("92233720368547758.07")
+    arr = text_to_arrow(pa.array(["$1,000.00", None, "-$0.01"]), Oid.MONEY, -1)
+    assert arr.to_pylist() == [Decimal("1000.00"), None, Decimal("-0.01")]
+    with pytest.raises(ValueConversionError):
+        parse("1.234,56 EUR")
+
+
+def test_lossless_conversion_keeps_the_text_of_what_does_not_fit() -> None:
+    values = pa.array(["1.50", "NaN", None, "Infinity"])
+    typed, fallback = text_to_arrow_lossless(values, Oid.NUMERIC, NUM_10_2)
+    assert typed.to_pylist() == [Decimal("1.50"), None, None, None]
+    assert fallback is not None
+    assert fallback.to_pylist() == [None, "NaN", None, "Infinity"]
+    typed, fallback = text_to_arrow_lossless(pa.array(["2026-01-01"]), Oid.DATE, -1)
+    assert fallback is None and typed.to_pylist() == [date(2026, 1, 1)]
+    typed, fallback = text_to_arrow_lossless(pa.array(["{1}", "{{1},{2}}"]), 1007, -1)
+    assert typed.to_pylist() == [[1], None] and fallback.to_pylist() == [None, "{{1},{2}}"]

@@ -1,0 +1,199 @@
+"""Streaming capture: ``cdc run`` against ``pg_recvlogical`` on the same committed WAL.
+
+Run it alone with ``python -m benchmarks.capture`` (``python -m benchmarks`` runs it with
+the rest). Two loads on one table (``bigint`` key, ``timestamptz``, ``int``, 65-char
+``text``), each measured the same way:
+
+* ``insert``: one committed transaction inserting ``--rows`` rows (1,000,000 by default);
+* ``update_mix``: ``--rows`` changes in transactions of 10,000: 80% updates, 10% inserts,
+  10% deletes.
+
+Both slots (one for ``pg_recvlogical``, one for ``cdc run``) are created before the load,
+so both readers decode exactly the same WAL from the same start. Then, one after the
+other, each reader starts as a child process and is timed from its start until it has
+reached the load's end LSN: ``pg_recvlogical --endpos`` (pgoutput, proto_version 1, output
+to /dev/null) until it exits; ``cdc run --snapshot never`` into a fresh lake until the
+slot's ``confirmed_flush_lsn`` (which it advances only after the Delta commits) reaches
+the end. The ratio is ``cdc run`` rows/s over ``pg_recvlogical`` rows/s; target >= 0.70.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from deltalake import DeltaTable
+
+from benchmarks import _common as c
+from catalog import lake_layout as layout
+from cdc.local_postgres import LocalPostgres
+from cdc.lsn import format_lsn
+from cdc.slots import ensure_publication
+
+TARGET = 0.70
+TABLE = "public.cap"
+PUBLICATION = "bench_cap"
+
+
+def _create_table(conn: psycopg.Connection) -> None:
+    conn.execute("DROP TABLE IF EXISTS cap")
+    conn.execute("CREATE TABLE cap (id bigint PRIMARY KEY, at timestamptz, kind int, note text)")
+    ensure_publication(conn, PUBLICATION)
+
+
+def _insert(conn: psycopg.Connection, rows: int) -> None:
+    with conn.transaction():
+        conn.execute(
+            "INSERT INTO cap SELECT g, now(), g %% 1000, md5(g::text) || '-' || md5((g * 7)::text) "
+            "FROM generate_series(1::bigint, %s::bigint) g",
+            [rows],
+        )
+
+
+def _update_mix(conn: psycopg.Connection, changes: int) -> None:
+    """``changes`` changes over the rows the insert load left, in 10,000-change transactions."""
+    per_txn = 10_000
+    upd, ins = per_txn * 8 // 10, per_txn // 10
+    row = conn.execute("SELECT coalesce(max(id), 0) FROM cap").fetchone()
+    assert row is not None
+    next_id = int(row[0]) + 1
+    low = 1
+    for _ in range(max(1, changes // per_txn)):
+        with conn.transaction():
+            conn.execute(
+                "UPDATE cap SET kind = kind + 1, at = now(), note = md5(note) || '-u' "
+                "WHERE id >= %s AND id < %s",
+                [low + ins, low + ins + upd],
+            )
+            conn.execute("DELETE FROM cap WHERE id >= %s AND id < %s", [low, low + ins])
+            conn.execute(
+                "INSERT INTO cap SELECT g, now(), g %% 1000, md5(g::text) FROM "
+                "generate_series(%s::bigint, %s::bigint) g",
+                [next_id, next_id + ins - 1],
+            )
+        low += ins + upd
+        next_id += ins
+
+
+def _pg_recvlogical(dsn: str, slot: str, end: int) -> float:
+    started = time.perf_counter()
+    subprocess.run(
+        [
+            "pg_recvlogical",
+            "-d",
+            dsn,
+            "--slot",
+            slot,
+            "--start",
+            "-o",
+            "proto_version=1",
+            "-o",
+            f"publication_names={PUBLICATION}",
+            "-f",
+            "/dev/null",
+            "--no-loop",
+            "--endpos",
+            format_lsn(end),
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    return time.perf_counter() - started
+
+
+def _cdc_run(
+    dsn: str, slot: str, end: int, lake: Path, extra: tuple[str, ...] = ()
+) -> tuple[float, Any]:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        started = time.perf_counter()
+        proc = c.spawn(
+            c.cdc_command(
+                "run",
+                "--source",
+                dsn,
+                "--lake",
+                str(lake),
+                "--name",
+                slot,
+                "--snapshot",
+                "never",
+                *extra,
+            ),
+            env={"CDC_SOURCE__PUBLICATION": PUBLICATION, "CDC_SOURCE__SLOT": slot},
+        )
+        try:
+            c.wait_confirmed(conn, slot, end, proc)
+            seconds = time.perf_counter() - started
+        except BaseException:
+            proc.kill()
+            raise
+        finally:
+            usage = c.stop(proc)
+        if proc.returncode != 0:
+            err = proc.stderr.read().decode(errors="replace")[-2000:] if proc.stderr else ""
+            raise RuntimeError(f"cdc run exited with status {proc.returncode}: {err}")
+    return seconds, usage
+
+
+def measure_load(
+    dsn: str, workdir: Path, load: str, rows: int, extra: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """Create both slots, run ``load``, then time each reader over the same WAL."""
+    recv_slot, cdc_slot = f"bench_{load}_recv", f"bench_{load}_cdc"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        if load == "insert":
+            _create_table(conn)
+        for slot in (recv_slot, cdc_slot):
+            c.drop_slot(conn, slot)
+            c.create_slot(conn, slot)
+        started = time.perf_counter()
+        _insert(conn, rows) if load == "insert" else _update_mix(conn, rows)
+        load_s = time.perf_counter() - started
+        end = c.current_lsn(conn)
+        conn.execute("CHECKPOINT")
+    recv_s = _pg_recvlogical(dsn, recv_slot, end)
+    lake = workdir / f"lake-{load}"
+    cdc_s, _ = _cdc_run(dsn, cdc_slot, end, lake, extra)
+    in_lake = DeltaTable(layout.changes_uri(str(lake), TABLE)).to_pyarrow_dataset().count_rows()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for slot in (recv_slot, cdc_slot):
+            c.drop_slot(conn, slot)
+    result = {
+        "load": load,
+        "changes": rows,
+        "rows_in_lake": in_lake,
+        "load_s": round(load_s, 2),
+        "pg_recvlogical_s": round(recv_s, 2),
+        "cdc_run_s": round(cdc_s, 2),
+        "pg_recvlogical_rows_per_s": round(rows / recv_s),
+        "cdc_run_rows_per_s": round(rows / cdc_s),
+        "ratio": c.ratio(recv_s, cdc_s),
+        "target": TARGET,
+    }
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def run(dsn: str, workdir: Path, rows: int) -> list[dict[str, Any]]:
+    return [measure_load(dsn, workdir, load, rows) for load in ("insert", "update_mix")]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.capture")
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    args = parser.parse_args(argv)
+    with LocalPostgres() as pg, tempfile.TemporaryDirectory(prefix="cdc-bench-") as tmp:
+        results = run(pg.dsn, Path(tmp), args.rows)
+    return 0 if all(r["ratio"] >= TARGET for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

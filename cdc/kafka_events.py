@@ -1,0 +1,481 @@
+"""The Kafka event contract: topic names, message keys, values and headers. No IO.
+
+One topic per table, ``<prefix>.<schema>.<table>``. Every change is one message:
+
+* **key**: the JSON object of the table's key columns (``{"id": 42}``), encoded like the
+  values, so that every change of a row goes to one partition, in commit order. A table
+  without a key (no primary key, no replica-identity index) has a null key: its changes are
+  spread over the partitions and have no per-row order.
+* **value**: the Debezium change-event envelope of :func:`cdc.events.debezium_envelope`
+  (``{"before", "after", "source", "op", "ts_ms", "transaction"}``), plus Debezium 2.6's
+  microsecond commit time ``source.ts_us``. With the ``json-with-schema`` format, key and
+  value are wrapped as Kafka Connect's ``JsonConverter`` writes them with
+  ``schemas.enable=true``: ``{"schema": <Connect schema>, "payload": <envelope>}``.
+* **headers**: ``cdc.schema_id`` (the id of the table schema in the schema registry),
+  ``cdc.lsn`` and ``cdc.seq`` (the change's commit LSN and its order within the transaction:
+  the position the sink deduplicates by) and ``cdc.commit_ts_us``. All are ASCII decimals.
+* A delete is followed by a **tombstone** (same key, null value), so that compacted topics
+  forget deleted rows.
+
+Truncates have a null key (a truncate concerns every row), as Debezium's do. Messages
+without a key do not go to a random partition: their partition is derived from the
+change's position (:func:`keyless_partition`), so that a change capture sends again after a
+restart lands where its first copy did, and the sink recognises it.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final, Literal
+
+import orjson
+from confluent_kafka import KafkaError
+
+from cdc import pgtypes
+from cdc.events import ChangeEvent, debezium_envelope
+from cdc.table_schema import TableSchema
+
+__all__ = [
+    "HEADER_COMMIT_TS_US",
+    "HEADER_LSN",
+    "HEADER_SCHEMA_ID",
+    "HEADER_SEQ",
+    "EncodedMessage",
+    "EventEncoder",
+    "Format",
+    "client_config",
+    "close_client",
+    "dlq_topic",
+    "envelope_connect_schema",
+    "is_retriable",
+    "key_connect_schema",
+    "keyless_partition",
+    "schemas_topic",
+    "state_topic",
+    "table_topics_pattern",
+    "topic_name",
+]
+
+Format = Literal["json", "json-with-schema"]
+
+HEADER_SCHEMA_ID: Final = "cdc.schema_id"
+HEADER_LSN: Final = "cdc.lsn"
+HEADER_SEQ: Final = "cdc.seq"
+HEADER_COMMIT_TS_US: Final = "cdc.commit_ts_us"
+
+#: Kafka's limit on topic names.
+_MAX_TOPIC = 249
+_ILLEGAL_TOPIC_CHARS = re.compile(r"[^A-Za-z0-9._-]")
+
+
+# -- topic names ----------------------------------------------------------------------------
+
+
+def topic_name(prefix: str, table: TableSchema | str) -> str:
+    """The topic of a table: ``<prefix>.<schema>.<table>``.
+
+    Characters Kafka does not allow in topic names are replaced by ``_``, as Debezium does;
+    so ``public."Odd Name"`` and ``public.odd_name``-like pairs can collide (capture refuses
+    to send two tables to one topic).
+
+    >>> topic_name("shop", "public.orders")
+    'shop.public.orders'
+    >>> topic_name("shop", 'public.Odd "Name"')
+    'shop.public.Odd__Name_'
+    """
+    name = table if isinstance(table, str) else table.qualified_name
+    topic = _ILLEGAL_TOPIC_CHARS.sub("_", f"{prefix}.{name}")
+    if len(topic) > _MAX_TOPIC:
+        raise ValueError(f"topic name for {name!r} is longer than {_MAX_TOPIC} characters")
+    return topic
+
+
+def schemas_topic(prefix: str) -> str:
+    """The compacted topic of the schema registry: ``<prefix>.__schemas``."""
+    return f"{prefix}.__schemas"
+
+
+def state_topic(prefix: str) -> str:
+    """The compacted topic where capture keeps its slot and snapshot state."""
+    return f"{prefix}.__capture"
+
+
+def dlq_topic(prefix: str) -> str:
+    """The default dead-letter topic of the sink workers: ``<prefix>.__dlq``."""
+    return f"{prefix}.__dlq"
+
+
+def table_topics_pattern(prefix: str) -> str:
+    """A librdkafka subscription regex for every table topic of ``prefix``.
+
+    Internal topics (``<prefix>.__schemas``, ``__dlq``, ``__capture``) start with two
+    underscores after the prefix and are left out.
+
+    >>> table_topics_pattern("shop")
+    '^shop\\\\.([^_]|_[^_])'
+    """
+    return "^" + re.escape(prefix).replace("\\-", "-") + r"\.([^_]|_[^_])"
+
+
+# -- client configuration ---------------------------------------------------------------------
+
+
+def client_config(
+    bootstrap: str,
+    *,
+    common: dict[str, Any] | None = None,
+    specific: dict[str, Any] | None = None,
+    defaults: dict[str, Any] | None = None,
+    required: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """librdkafka configuration: ``defaults``, then the user's ``common`` and ``specific``
+    properties, then ``required`` (properties the delivery guarantees depend on).
+
+    A user property that contradicts a required one raises ``ValueError`` rather than being
+    silently overridden, since it would silently weaken a guarantee either way.
+
+    >>> client_config("k:9092", specific={"linger.ms": 20}, defaults={"linger.ms": 5})
+    {'bootstrap.servers': 'k:9092', 'linger.ms': 20}
+    """
+    config: dict[str, Any] = {"bootstrap.servers": bootstrap}
+    config.update(defaults or {})
+    user = {**(common or {}), **(specific or {})}
+    for key, value in (required or {}).items():
+        if key in user and str(user[key]).lower() != str(value).lower():
+            raise ValueError(
+                f"librdkafka property {key}={user[key]!r} is not allowed: the delivery "
+                f"guarantees need {key}={value!r}"
+            )
+    config.update(user)
+    config.update(required or {})
+    return config
+
+
+def close_client(client: Any) -> None:
+    """Release a producer's connections now rather than when the garbage collector gets to
+    it (``close()`` exists in recent confluent-kafka versions only)."""
+    close = getattr(client, "close", None)
+    if close is not None:
+        close()
+
+
+# -- errors -------------------------------------------------------------------------------------
+
+# Errors librdkafka does not flag retriable but that are about reaching the cluster, so a
+# later attempt (or a restart) can succeed.
+_TRANSIENT_CODES: Final = frozenset(
+    {
+        KafkaError._TRANSPORT,
+        KafkaError._ALL_BROKERS_DOWN,
+        KafkaError._TIMED_OUT,
+        KafkaError._MSG_TIMED_OUT,
+        KafkaError._RESOLVE,
+        KafkaError._DESTROY,
+        KafkaError.REQUEST_TIMED_OUT,
+        KafkaError.NETWORK_EXCEPTION,
+        KafkaError.NOT_CONTROLLER,
+        KafkaError.LEADER_NOT_AVAILABLE,
+        KafkaError.NOT_LEADER_FOR_PARTITION,
+        KafkaError.COORDINATOR_NOT_AVAILABLE,
+        KafkaError.NOT_COORDINATOR,
+        KafkaError.UNKNOWN_TOPIC_OR_PART,
+    }
+)
+
+
+def is_retriable(error: KafkaError) -> bool:
+    """Whether an operation that failed with ``error`` may succeed when tried again.
+
+    Fatal errors (a fenced idempotent producer, say) never are; errors librdkafka marks
+    retriable are; so are connection-level errors (transport, timeouts, brokers down, a
+    missing leader). Everything else (authentication, authorization, invalid configuration,
+    a record too large) is not.
+    """
+    if error.fatal():
+        return False
+    return bool(error.retriable()) or error.code() in _TRANSIENT_CODES
+
+
+# -- Kafka Connect schemas ------------------------------------------------------------------------
+
+_SOURCE_SCHEMA: Final[dict[str, Any]] = {
+    "type": "struct",
+    "fields": [
+        {"type": "string", "optional": False, "field": "version"},
+        {"type": "string", "optional": False, "field": "connector"},
+        {"type": "string", "optional": False, "field": "name"},
+        {"type": "int64", "optional": False, "field": "ts_ms"},
+        {
+            "type": "string",
+            "optional": True,
+            "name": "io.debezium.data.Enum",
+            "version": 1,
+            "parameters": {"allowed": "true,last,false,incremental"},
+            "default": "false",
+            "field": "snapshot",
+        },
+        {"type": "string", "optional": False, "field": "db"},
+        {"type": "string", "optional": True, "field": "sequence"},
+        {"type": "int64", "optional": True, "field": "ts_us"},
+        {"type": "int64", "optional": True, "field": "ts_ns"},
+        {"type": "string", "optional": False, "field": "schema"},
+        {"type": "string", "optional": False, "field": "table"},
+        {"type": "int64", "optional": True, "field": "txId"},
+        {"type": "int64", "optional": True, "field": "lsn"},
+        {"type": "int64", "optional": True, "field": "xmin"},
+    ],
+    "optional": False,
+    "name": "io.debezium.connector.postgresql.Source",
+    "field": "source",
+}
+
+_TRANSACTION_SCHEMA: Final[dict[str, Any]] = {
+    "type": "struct",
+    "fields": [
+        {"type": "string", "optional": False, "field": "id"},
+        {"type": "int64", "optional": False, "field": "total_order"},
+        {"type": "int64", "optional": False, "field": "data_collection_order"},
+    ],
+    "optional": True,
+    "name": "event.block",
+    "version": 1,
+    "field": "transaction",
+}
+
+# Exact text of values without a typed form (see cdc.events.debezium_envelope).
+_FALLBACK_SCHEMA: Final[dict[str, Any]] = {
+    "type": "map",
+    "keys": {"type": "string", "optional": False},
+    "values": {"type": "string", "optional": True},
+    "optional": True,
+    "field": "cdc_fallback",
+}
+
+
+def _record_name(prefix: str, table: TableSchema) -> str:
+    # Connect record names must be valid Avro-ish names: same replacement as topics.
+    return _ILLEGAL_TOPIC_CHARS.sub("_", f"{prefix}.{table.schema}.{table.table}")
+
+
+def key_connect_schema(table: TableSchema, *, prefix: str) -> dict[str, Any] | None:
+    """The Connect schema of ``table``'s message keys (None for a keyless table)."""
+    fields = [
+        pgtypes.connect_schema(c.type_oid, c.type_modifier, field=c.name, optional=False)
+        for c in table.columns
+        if c.is_key
+    ]
+    if not fields:
+        return None
+    return {
+        "type": "struct",
+        "fields": fields,
+        "optional": False,
+        "name": f"{_record_name(prefix, table)}.Key",
+    }
+
+
+def envelope_connect_schema(table: TableSchema, *, prefix: str) -> dict[str, Any]:
+    """The Connect schema of ``table``'s change-event values, shaped like Debezium's.
+
+    Key columns are required, every other column optional (capture does not know column
+    nullability; optional is always correct, only less precise).
+    """
+    columns = [
+        pgtypes.connect_schema(c.type_oid, c.type_modifier, field=c.name, optional=not c.is_key)
+        for c in table.columns
+    ]
+    name = _record_name(prefix, table)
+    row = {"type": "struct", "fields": columns, "optional": True, "name": f"{name}.Value"}
+    return {
+        "type": "struct",
+        "fields": [
+            {**row, "field": "before"},
+            {**row, "field": "after"},
+            _SOURCE_SCHEMA,
+            {"type": "string", "optional": False, "field": "op"},
+            {"type": "int64", "optional": True, "field": "ts_ms"},
+            _TRANSACTION_SCHEMA,
+            _FALLBACK_SCHEMA,
+        ],
+        "optional": False,
+        "name": f"{name}.Envelope",
+        "version": 1,
+    }
+
+
+# -- encoding -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedMessage:
+    """One Kafka message, ready for ``Producer.produce``."""
+
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, str | bytes | None]]
+    partition: int | None = None  # None: the producer's partitioner picks it from the key
+
+
+def keyless_partition(event: ChangeEvent, partitions: int) -> int:
+    """The partition of ``event``'s messages when they have no key.
+
+    Derived from the change's ``(commit_lsn, seq)`` position: a change sent again lands in
+    the same partition, where the sink's per-partition watermark drops it, and a keyless
+    table's changes still spread over the partitions. (A random partition, the producer's
+    default for null keys, would let a re-sent change slip past the watermark of another
+    partition.)
+
+    >>> 0 <= keyless_partition(event, 3) < 3  # doctest: +SKIP
+    True
+    """
+    return zlib.crc32(f"{event.commit_lsn}/{event.seq}".encode()) % partitions
+
+
+@dataclass(slots=True)
+class _TableCodec:
+    schema: TableSchema
+    schema_id: bytes
+    topic: str
+    key_positions: tuple[int, ...]
+    key_encoders: tuple[Any, ...]
+    key_names: tuple[str, ...]
+    key_schema: dict[str, Any] | None
+    value_schema: dict[str, Any] | None
+
+
+class EventEncoder:
+    """Turns :class:`~cdc.events.ChangeEvent` objects into Kafka messages.
+
+    Args:
+        prefix: Topic prefix; also Debezium's logical server name (``source.name``).
+        database: Database name for ``source.db``.
+        format: ``json`` (the envelope) or ``json-with-schema`` (schema and payload).
+
+    Hazard:
+        The key's JSON bytes decide the partition. They are the key columns in table order,
+        encoded like the values, so they stay identical across restarts; changing the
+        partition count of a topic breaks per-key order, as with any Kafka producer.
+
+    Example:
+        >>> enc = EventEncoder(prefix="shop", database="shop")  # doctest: +SKIP
+        >>> [m.topic for m in enc.encode(event)]  # doctest: +SKIP
+        ['shop.public.orders']
+    """
+
+    def __init__(self, *, prefix: str, database: str, format: Format = "json") -> None:
+        self.prefix = prefix
+        self.database = database
+        self.format = format
+        # Keyed by qualified name, checked by identity: the assembler reuses one schema
+        # object per table version, so the codec is rebuilt only when the shape changes.
+        self._codecs: dict[str, _TableCodec] = {}
+
+    def codec(self, table: TableSchema) -> _TableCodec:
+        codec = self._codecs.get(table.qualified_name)
+        if codec is not None and codec.schema is table:
+            return codec
+        if codec is None or codec.schema != table:
+            codec = self._build(table)
+        else:
+            codec.schema = table  # an equal shape in a new object: keep the work done
+        self._codecs[table.qualified_name] = codec
+        return codec
+
+    def _build(self, table: TableSchema) -> _TableCodec:
+        positions = tuple(i for i, c in enumerate(table.columns) if c.is_key)
+        with_schema = self.format == "json-with-schema"
+        return _TableCodec(
+            schema=table,
+            schema_id=str(table.schema_id()).encode(),
+            topic=topic_name(self.prefix, table),
+            key_positions=positions,
+            key_encoders=tuple(
+                pgtypes.debezium_encoder(table.columns[i].type_oid, table.columns[i].type_modifier)
+                for i in positions
+            ),
+            key_names=tuple(table.columns[i].name for i in positions),
+            key_schema=key_connect_schema(table, prefix=self.prefix) if with_schema else None,
+            value_schema=envelope_connect_schema(table, prefix=self.prefix)
+            if with_schema
+            else None,
+        )
+
+    def topic(self, table: TableSchema) -> str:
+        return self.codec(table).topic
+
+    def key(self, event: ChangeEvent) -> bytes | None:
+        """The message key of ``event``: its key columns as a JSON object, or None."""
+        codec = self.codec(event.table)
+        if not codec.key_positions or event.op == "t":
+            return None
+        row = event.before if event.op == "d" else event.after
+        if row is None:  # an update without a new row cannot happen; be explicit anyway
+            row = event.before
+        if row is None:
+            return None
+        payload = {
+            name: None if row[i] is None else encode(row[i])
+            for name, i, encode in zip(
+                codec.key_names, codec.key_positions, codec.key_encoders, strict=True
+            )
+        }
+        if codec.key_schema is not None:
+            return orjson.dumps({"schema": codec.key_schema, "payload": payload})
+        return orjson.dumps(payload)
+
+    def headers(self, event: ChangeEvent) -> list[tuple[str, str | bytes | None]]:
+        micros = _micros(event)
+        return [
+            (HEADER_SCHEMA_ID, self.codec(event.table).schema_id),
+            (HEADER_LSN, str(event.commit_lsn).encode()),
+            (HEADER_SEQ, str(event.seq).encode()),
+            (HEADER_COMMIT_TS_US, str(micros).encode()),
+        ]
+
+    def value(self, event: ChangeEvent) -> bytes:
+        """The message value of ``event``: its Debezium envelope (wrapped with the schema in
+        the ``json-with-schema`` format)."""
+        envelope = debezium_envelope(event, server_name=self.prefix, database=self.database)
+        source = envelope["source"]
+        # Debezium 2.6+ carries the commit time in microseconds too; the lake keeps them.
+        micros = _micros(event)
+        source["ts_us"] = micros
+        source["ts_ns"] = micros * 1000
+        schema = self.codec(event.table).value_schema
+        if schema is not None:
+            return orjson.dumps({"schema": schema, "payload": envelope})
+        return orjson.dumps(envelope)
+
+    def encode(
+        self, event: ChangeEvent, *, tombstones: bool = True, partitions: int | None = None
+    ) -> list[EncodedMessage]:
+        """The messages of one event: the change, and a tombstone after a delete.
+
+        ``partitions`` is the topic's partition count: a message without a key then gets
+        its partition from :func:`keyless_partition`.
+        """
+        codec = self.codec(event.table)
+        key = self.key(event)
+        partition = keyless_partition(event, partitions) if key is None and partitions else None
+        messages = [
+            EncodedMessage(codec.topic, key, self.value(event), self.headers(event), partition)
+        ]
+        if tombstones and event.op == "d" and key is not None:
+            messages.append(EncodedMessage(codec.topic, key, None, []))
+        return messages
+
+
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_MICRO: Final = timedelta(microseconds=1)
+
+
+def _micros(event: ChangeEvent) -> int:
+    """Commit time in microseconds since the epoch, exactly (no float rounding)."""
+    ts = event.commit_ts
+    if ts.tzinfo is None:  # the assembler always gives UTC; be safe with naive values
+        ts = ts.replace(tzinfo=UTC)
+    return (ts - _EPOCH) // _ONE_MICRO

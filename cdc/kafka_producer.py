@@ -1,0 +1,628 @@
+"""``cdc capture``: PostgreSQL -> Kafka, with the embedded pipeline's set-up, snapshot and
+streaming, and a sink that produces to Kafka instead of writing Delta.
+
+Delivery: PostgreSQL is told an LSN is flushed only once the broker has acknowledged
+(``acks=all``, idempotent producer) every message of every change up to it.
+:class:`KafkaEventSink` counts the messages without a delivery report in
+:attr:`~KafkaEventSink.pending_rows`, and the pipeline confirms nothing while that count is
+above zero. A capture that dies loses nothing: PostgreSQL re-sends from the confirmed LSN,
+and the sink workers drop what they already have by its ``(lsn, seq)`` position.
+
+Memory is bounded by librdkafka's queue (``queue.buffering.max.messages`` and
+``queue.buffering.max.kbytes``): when it is full, :meth:`KafkaEventSink.add` raises
+:class:`~sinks.errors.SinkBackpressure` and the pipeline waits for deliveries before
+reading more from the replication stream.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import orjson
+import psycopg
+import pyarrow as pa
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
+from confluent_kafka.admin import AdminClient
+
+from catalog import lake_layout as layout
+from catalog.errors import CatalogError, TransientCatalogError
+from catalog.kafka_schema_registry import CompactedTopic, KafkaSchemaRegistry, create_topics
+from cdc.config import BatchSettings, Settings
+from cdc.errors import ConfigError, SourceConnectionError, TerminalCdcError, TransientCdcError
+from cdc.events import ChangeEvent
+from cdc.kafka_events import (
+    EncodedMessage,
+    EventEncoder,
+    Format,
+    client_config,
+    close_client,
+    is_retriable,
+    state_topic,
+)
+from cdc.pipeline import EmbeddedPipeline, SnapshotProgress
+from cdc.position import CapturePosition
+from cdc.replication import session_conninfo
+from cdc.table_schema import TableSchema
+from sinks.base import Sink
+from sinks.errors import SinkBackpressure, TerminalSinkError, TransientSinkError
+
+__all__ = [
+    "KafkaCaptureError",
+    "KafkaEventSink",
+    "KafkaStateStore",
+    "KafkaUnavailableError",
+    "producer_config",
+    "run_capture",
+]
+
+log = logging.getLogger(__name__)
+
+#: The delivery guarantees depend on these; a user setting that contradicts them is refused.
+REQUIRED_PRODUCER: Final[dict[str, Any]] = {"enable.idempotence": True, "acks": "all"}
+
+DEFAULT_PRODUCER: Final[dict[str, Any]] = {
+    "compression.type": "zstd",
+    "linger.ms": 20,
+    # Java clients (Kafka Connect, Debezium) partition by murmur2: the same key lands on
+    # the same partition whichever of them wrote it.
+    "partitioner": "murmur2_random",
+    # The queue bounds capture's memory; it is full -> backpressure on the replication stream.
+    "queue.buffering.max.messages": 100_000,
+    "queue.buffering.max.kbytes": 64 * 1024,
+}
+
+#: Truncates that undo a partial snapshot sort after every row it sent (see discard_snapshot).
+_AFTER_ANY_SEQ: Final = 2**62
+
+
+class KafkaCaptureError(TerminalCdcError):
+    """Kafka refused something capture needs (a topic, a record) and retrying cannot help."""
+
+
+class KafkaUnavailableError(TransientCdcError):
+    """The Kafka cluster could not be reached or did not answer in time."""
+
+
+def _wrap(error: KafkaError | KafkaException | CatalogError, doing: str) -> Exception:
+    if isinstance(error, CatalogError):
+        cls: type[Exception] = (
+            KafkaUnavailableError if isinstance(error, TransientCatalogError) else KafkaCaptureError
+        )
+        return cls(f"{doing}: {error}")
+    err = error.args[0] if isinstance(error, KafkaException) else error
+    if isinstance(err, KafkaError):
+        cls = KafkaUnavailableError if is_retriable(err) else KafkaCaptureError
+        return cls(f"{doing}: {err.str()} ({err.name()})")
+    return KafkaUnavailableError(f"{doing}: {error}")
+
+
+def producer_config(settings: Settings) -> dict[str, Any]:
+    """librdkafka producer properties: our defaults, then ``kafka.client`` and
+    ``kafka.producer`` from the settings, then idempotence and ``acks=all``.
+
+    Raises:
+        ConfigError: a property contradicts idempotence or ``acks=all``.
+    """
+    try:
+        return client_config(
+            settings.kafka_bootstrap(),
+            common=settings.kafka.client,
+            specific=settings.kafka.producer,
+            defaults=DEFAULT_PRODUCER,
+            required=REQUIRED_PRODUCER,
+        )
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+
+
+class KafkaEventSink(Sink):
+    """Produces change events to one topic per table (see :mod:`cdc.kafka_events`).
+
+    ``add`` hands messages to librdkafka, ``flush`` waits for every delivery report, and
+    :attr:`pending_rows` counts the messages still without one. Topics are created with
+    ``partitions`` partitions when a table is first met, and each table shape is registered
+    in ``registry`` before the first event written with it.
+
+    Hazards:
+        * A message that fails delivery (its ``message.timeout.ms`` expired, say) cannot be
+          sent again from here: the sink then refuses to flush for good, so nothing past it
+          is confirmed to PostgreSQL, and the process has to restart to resend it.
+        * The per-key order holds only while a topic keeps its partition count.
+
+    Args:
+        config: librdkafka producer properties (see :func:`producer_config`).
+        prefix: Topic prefix, also Debezium's ``source.name``.
+        database: The source database name (``source.db``).
+        registry: Where table shapes are registered.
+        format: ``json`` or ``json-with-schema``.
+        partitions: Partitions of the topics this sink creates.
+        replication_factor: Of the topics this sink creates (-1: the broker's default).
+        tombstones: Follow each delete with a tombstone.
+        batch: ``max_seconds`` and ``max_rows`` tell when waiting for deliveries is due.
+        delivery_timeout: How long ``flush`` waits before it fails as transient.
+        admin: librdkafka properties for the admin client (defaults to ``config``).
+
+    Example:
+        >>> sink = KafkaEventSink(producer_config(settings), prefix="shop", database="shop",
+        ...                       registry=registry)  # doctest: +SKIP
+        >>> sink.add(event); sink.flush()  # doctest: +SKIP
+        {'rows': 1, 'messages': 1, 'commits': 0, 'duration_s': 0.004}
+    """
+
+    def __init__(
+        self,
+        config: dict[str, Any],
+        *,
+        prefix: str,
+        database: str,
+        registry: KafkaSchemaRegistry,
+        format: Format = "json",
+        partitions: int = 3,
+        replication_factor: int = -1,
+        tombstones: bool = True,
+        batch: BatchSettings | None = None,
+        delivery_timeout: float = 30.0,
+        admin: dict[str, Any] | None = None,
+    ) -> None:
+        self.prefix = prefix
+        self.registry = registry
+        self.partitions = partitions
+        self.replication_factor = replication_factor
+        self.tombstones = tombstones
+        self.batch = batch or BatchSettings()
+        self.delivery_timeout = delivery_timeout
+        self.encoder = EventEncoder(prefix=prefix, database=database, format=format)
+        try:
+            self._producer = Producer(config)
+            self._admin = AdminClient(admin or _admin_config(config))
+        except KafkaException as e:
+            raise ConfigError(f"invalid Kafka producer settings: {e}") from e
+        self._lock = threading.Lock()  # delivery callbacks vs. the counters
+        self._outstanding = 0
+        self._oldest: float | None = None
+        self._failures: list[str] = []
+        self._delivered_rows = 0
+        self._delivered_messages = 0
+        self._schemas: dict[str, TableSchema] = {}  # qualified name -> shape prepared last
+        self._topics: dict[str, str] = {}  # topic -> qualified name
+        self._partition_counts: dict[str, int] = {}
+        self._registered: set[int] = set()
+
+    # -- tables -------------------------------------------------------------------------
+
+    def _prepare(self, table: TableSchema) -> None:
+        """Create the table's topic and register its shape, once per shape."""
+        name = table.qualified_name
+        if self._schemas.get(name) is table:
+            return
+        topic = self.encoder.topic(table)
+        owner = self._topics.get(topic)
+        if owner is None:
+            try:
+                create_topics(
+                    self._admin,
+                    {topic: self.partitions},
+                    replication_factor=self.replication_factor,
+                    timeout=self.delivery_timeout,
+                )
+            except CatalogError as e:
+                raise _wrap(e, f"cannot create the topic of {name}") from e
+            self._topics[topic] = name
+            self._partition_counts[topic] = self._partition_count(topic)
+        elif owner != name:
+            raise KafkaCaptureError(
+                f"tables {owner} and {name} would both be sent to topic {topic} (characters "
+                "Kafka does not allow in topic names become '_'); rename one, or capture "
+                "them with different --tables and --topic-prefix"
+            )
+        schema_id = table.schema_id()
+        if schema_id not in self._registered:
+            try:
+                self.registry.register(table)
+            except CatalogError as e:
+                raise _wrap(e, f"cannot register the schema of {name}") from e
+            self._registered.add(schema_id)
+        self._schemas[name] = table
+
+    def _partition_count(self, topic: str) -> int:
+        """The topic's partitions (it may have existed before, with another count)."""
+        deadline = time.monotonic() + self.delivery_timeout
+        while True:
+            try:
+                metadata = self._producer.list_topics(topic, timeout=self.delivery_timeout)
+            except KafkaException as e:
+                raise _wrap(e, f"cannot read the metadata of {topic}") from e
+            found = metadata.topics.get(topic)
+            if found is not None and found.error is None and found.partitions:
+                return len(found.partitions)
+            if time.monotonic() > deadline:
+                raise KafkaUnavailableError(f"topic {topic} has no partitions in the metadata")
+            time.sleep(0.2)  # just created: the metadata may lag behind
+
+    def ensure_table(self, table: TableSchema) -> None:
+        """Create the table's topic and register its shape (before its snapshot)."""
+        self._prepare(table)
+
+    # -- producing ----------------------------------------------------------------------
+
+    def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
+        with self._lock:
+            self._outstanding -= 1
+            if err is not None:
+                self._failures.append(f"{msg.topic()}: {err.str()} ({err.name()})")
+            else:
+                self._delivered_messages += 1
+                if msg.value() is not None:
+                    self._delivered_rows += 1
+            if self._outstanding == 0:
+                self._oldest = None
+
+    def _encode(self, event: ChangeEvent, *, tombstones: bool) -> list[EncodedMessage]:
+        topic = self.encoder.topic(event.table)
+        return self.encoder.encode(
+            event, tombstones=tombstones, partitions=self._partition_counts[topic]
+        )
+
+    def _produce(self, message: EncodedMessage) -> None:
+        with self._lock:
+            if self._outstanding == 0:
+                self._oldest = time.monotonic()
+            self._outstanding += 1
+        try:
+            self._producer.produce(
+                message.topic,
+                key=message.key,
+                value=message.value,
+                headers=message.headers,
+                # -1 (RD_KAFKA_PARTITION_UA): the partitioner picks by key.
+                partition=-1 if message.partition is None else message.partition,
+                on_delivery=self._on_delivery,
+            )
+        except BaseException as e:
+            with self._lock:
+                self._outstanding -= 1
+            if isinstance(e, KafkaException):
+                err = e.args[0]
+                cls = TransientSinkError if is_retriable(err) else TerminalSinkError
+                raise cls(f"cannot produce to {message.topic}: {err.str()}") from e
+            raise
+
+    def _produce_waiting(self, message: EncodedMessage) -> None:
+        """Produce, waiting for room in the queue (up to ``delivery_timeout``)."""
+        deadline = time.monotonic() + self.delivery_timeout
+        while True:
+            try:
+                self._produce(message)
+                return
+            except BufferError:
+                if time.monotonic() >= deadline:
+                    raise TransientSinkError(
+                        f"the producer queue stayed full for {self.delivery_timeout}s: the "
+                        "brokers do not acknowledge"
+                    ) from None
+                self._producer.poll(0.05)
+
+    def add(self, event: ChangeEvent) -> None:
+        """Hand ``event`` (and its tombstone) to the producer.
+
+        Raises SinkBackpressure, with nothing of the event sent, when the producer's queue
+        is full: the caller waits for deliveries (``flush``) and adds the event again.
+        """
+        self._prepare(event.table)
+        messages = self._encode(event, tombstones=self.tombstones)
+        try:
+            self._produce(messages[0])
+        except BufferError as e:
+            raise SinkBackpressure(
+                f"{len(self._producer)} messages queued in the producer: wait for deliveries"
+            ) from e
+        # The change is queued; its tombstone must follow it whatever happens.
+        for message in messages[1:]:
+            self._produce_waiting(message)
+        self._producer.poll(0)  # serve delivery reports without blocking
+
+    def add_snapshot(
+        self,
+        table: TableSchema,
+        batch: pa.RecordBatch | pa.Table,
+        *,
+        lsn: int,
+        first_seq: int,
+        read_at: datetime,
+    ) -> None:
+        """Produce snapshot rows as ``r`` events at ``(lsn, first_seq + i)``.
+
+        Waits for room in the producer's queue instead of raising SinkBackpressure, because
+        a batch is half sent when the queue fills up and must not be sent twice.
+        """
+        self._prepare(table)
+        n = batch.num_rows
+        if n == 0:
+            return
+        columns = [batch.column(c.name).to_pylist() for c in table.columns]
+        fallbacks: list[Any] = (
+            batch.column(layout.FALLBACK).to_pylist()
+            if layout.FALLBACK in batch.column_names
+            else [None] * n
+        )
+        for i in range(n):
+            fallback = fallbacks[i]
+            event = ChangeEvent(
+                op="r",
+                table=table,
+                before=None,
+                after=tuple(col[i] for col in columns),
+                commit_lsn=lsn,
+                seq=first_seq + i,
+                txid=None,
+                commit_ts=read_at,
+                lsn=lsn,
+                # pyarrow gives map values as lists of (key, value) pairs.
+                fallback=dict(fallback) if fallback else None,
+            )
+            for message in self._encode(event, tombstones=False):
+                self._produce_waiting(message)
+            if i % 1000 == 999:
+                self._producer.poll(0)
+        self._producer.poll(0)
+
+    def discard_snapshot(
+        self, tables: list[tuple[str, str]], lsn: int, *, slot_dropped: bool = False
+    ) -> None:
+        """Deal with the rows an interrupted snapshot at ``lsn`` sent, before it is redone.
+
+        Messages cannot be taken back from a topic. While the slot lives on (an incremental
+        snapshot), the partial copy is the true state of its rows at ``lsn``: the changes
+        streamed after it and the redone copy supersede it, and nothing is sent. When the
+        slot was dropped (the initial snapshot), the changes between the two copies are
+        lost, so a row the partial copy holds may since have been deleted: each table that
+        got rows gets a truncate event positioned after all of them (``(lsn, 2**62)``) and
+        before the redone copy (at a later LSN). Consumers that apply truncates, the lake's
+        current-state views among them, then forget the partial copy.
+        """
+        if not slot_dropped:
+            return
+        now = datetime.now(UTC)
+        for schema_name, table_name in tables:
+            try:
+                table = self.registry.latest(f"{schema_name}.{table_name}")
+            except CatalogError as e:
+                raise _wrap(e, "cannot read the schema registry") from e
+            if table is None:
+                continue  # never announced, so none of its rows were sent
+            event = ChangeEvent(
+                op="t",
+                table=table,
+                before=None,
+                after=None,
+                commit_lsn=lsn,
+                seq=_AFTER_ANY_SEQ,
+                txid=None,
+                commit_ts=now,
+                lsn=lsn,
+            )
+            self._prepare(table)
+            for message in self._encode(event, tombstones=False):
+                self._produce_waiting(message)
+        self.flush()
+
+    # -- flushing -----------------------------------------------------------------------
+
+    @property
+    def pending_rows(self) -> int:
+        """Messages without a delivery report, plus failed ones (which stay pending: what
+        follows them must not be confirmed to PostgreSQL)."""
+        with self._lock:
+            return self._outstanding + len(self._failures)
+
+    def flush_due(self) -> bool:
+        self._producer.poll(0)
+        with self._lock:
+            if self._failures:
+                return True
+            if not self._outstanding:
+                return False
+            if self._outstanding >= self.batch.max_rows:
+                return True
+            oldest = self._oldest
+        return oldest is not None and time.monotonic() - oldest >= self.batch.max_seconds
+
+    def flush(self) -> dict[str, Any]:
+        """Wait until every message has a delivery report.
+
+        Returns ``{"rows", "messages", "commits", "duration_s"}`` (rows: change events
+        delivered since the last flush; messages include tombstones).
+
+        Raises:
+            TransientSinkError: some messages are not acknowledged after
+                ``delivery_timeout`` seconds (they stay queued: flush again), or a message
+                failed delivery (then every later flush fails too; restart capture).
+        """
+        started = time.monotonic()
+        deadline = started + self.delivery_timeout
+        while self.pending_rows and not self._failures:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self._producer.flush(min(left, 1.0))
+        with self._lock:
+            failures = list(self._failures)
+            outstanding = self._outstanding
+            rows, messages = self._delivered_rows, self._delivered_messages
+            self._delivered_rows = self._delivered_messages = 0
+        if failures:
+            raise TransientSinkError(
+                f"{len(failures)} messages were not delivered (first: {failures[0]}); "
+                "restart capture: PostgreSQL sends everything after the last confirmed "
+                "position again"
+            )
+        if outstanding:
+            raise TransientSinkError(
+                f"{outstanding} messages not acknowledged within {self.delivery_timeout}s"
+            )
+        return {
+            "rows": rows,
+            "messages": messages,
+            "commits": 0,
+            "duration_s": round(time.monotonic() - started, 4),
+        }
+
+    def close(self) -> None:
+        """Drop the producer. Does not wait for deliveries: nothing unacknowledged was
+        confirmed to PostgreSQL, so it is sent again by the next capture."""
+        self._producer.purge()
+        self._producer.poll(0)
+        close_client(self._producer)  # nothing left to flush: returns at once
+
+
+def _admin_config(producer: dict[str, Any]) -> dict[str, Any]:
+    # Producer-only properties make the admin client warn; connection and security ones
+    # apply to every client.
+    producer_only = set(DEFAULT_PRODUCER) | set(REQUIRED_PRODUCER)
+    return {k: v for k, v in producer.items() if k not in producer_only}
+
+
+class KafkaStateStore:
+    """Capture's slot-and-snapshot state, in the compacted topic ``<prefix>.__capture``.
+
+    The record's key is the pipeline name, its value :meth:`CapturePosition.to_dict`. The
+    embedded pipeline keeps the same state in the lake (:class:`cdc.position.PositionStore`);
+    ``cdc capture`` has no lake.
+
+    Hazard:
+        On a broker that forgets its topics (Tansu, or a topic deleted by hand) capture
+        finds the slot but no state, and stops rather than guess whether the snapshot
+        finished.
+    """
+
+    def __init__(
+        self,
+        bootstrap: str,
+        *,
+        prefix: str,
+        pipeline: str,
+        client: dict[str, Any] | None = None,
+        producer: dict[str, Any] | None = None,
+        consumer: dict[str, Any] | None = None,
+        replication_factor: int = -1,
+    ) -> None:
+        topic = state_topic(prefix)
+        self.path = f"Kafka topic {topic} (key {pipeline!r})"
+        self._key = pipeline.encode()
+        self._replication_factor = replication_factor
+        self._log = CompactedTopic(
+            bootstrap, topic, client=client, producer=producer, consumer=consumer
+        )
+        self._ensured = False
+        self._latest: CapturePosition | None = None
+
+    def _ensure(self) -> None:
+        if not self._ensured:
+            self._log.ensure(replication_factor=self._replication_factor)
+            self._ensured = True
+
+    def load(self) -> CapturePosition | None:
+        try:
+            self._ensure()
+            records = self._log.read_new()
+        except CatalogError as e:
+            raise _wrap(e, f"cannot read capture state from {self.path}") from e
+        for key, value, _offset in records:
+            if key == self._key:
+                self._latest = (
+                    None if value is None else CapturePosition.from_dict(orjson.loads(value))
+                )
+        return self._latest
+
+    def save(self, position: CapturePosition) -> None:
+        try:
+            self._ensure()
+            self._log.put(self._key, orjson.dumps(position.to_dict()))
+        except CatalogError as e:
+            raise _wrap(e, f"cannot save capture state to {self.path}") from e
+        self._latest = position
+
+    def close(self) -> None:
+        self._log.close()
+
+
+def _database_name(dsn: str) -> str:
+    """The name of the database ``dsn`` connects to, as the server reports it."""
+    try:
+        with psycopg.connect(session_conninfo(dsn), autocommit=True) as conn:
+            return str(conn.info.dbname)
+    except psycopg.OperationalError as e:
+        raise SourceConnectionError(f"cannot connect to the source: {e}") from e
+
+
+def run_capture(
+    settings: Settings,
+    *,
+    stop: threading.Event | None = None,
+    progress: SnapshotProgress | None = None,
+) -> dict[str, Any]:
+    """Capture ``settings.source`` into Kafka topics until ``stop`` is set.
+
+    Set-up, snapshot and streaming are the embedded pipeline's (see
+    :func:`cdc.pipeline.run_embedded`); events go to ``<prefix>.<schema>.<table>`` topics,
+    table shapes to ``<prefix>.__schemas`` and the slot-and-snapshot state to
+    ``<prefix>.__capture``. Returns metrics: snapshot_rows, events, rows_written (events
+    acknowledged by Kafka), reconnects, flushed_lsn.
+
+    Hazard: the slot keeps WAL on the server until capture confirms it; a capture that
+    stays stopped makes PostgreSQL keep WAL without bound.
+
+    Example:
+        >>> settings = load_settings(**{"source.dsn": dsn, "kafka.bootstrap": "k:9092"})  # doctest: +SKIP
+        >>> run_capture(settings, stop=stop)  # doctest: +SKIP
+        {'snapshot_rows': 1000, 'events': 52, 'rows_written': 1052, ...}
+    """
+    bootstrap = settings.kafka_bootstrap()
+    dsn = settings.source_dsn()
+    kafka = settings.kafka
+    config = producer_config(settings)
+    database = _database_name(dsn)
+    registry = KafkaSchemaRegistry(
+        bootstrap,
+        prefix=settings.topic_prefix,
+        client=kafka.client,
+        producer=kafka.producer,
+        consumer=kafka.consumer,
+    )
+    store = KafkaStateStore(
+        bootstrap,
+        prefix=settings.topic_prefix,
+        pipeline=settings.name,
+        client=kafka.client,
+        producer=kafka.producer,
+        consumer=kafka.consumer,
+        replication_factor=kafka.replication_factor,
+    )
+    try:
+        try:
+            registry.create_topic(replication_factor=kafka.replication_factor)
+        except CatalogError as e:
+            raise _wrap(e, "cannot create the schema registry topic") from e
+        sink = KafkaEventSink(
+            config,
+            prefix=settings.topic_prefix,
+            database=database,
+            registry=registry,
+            format=kafka.format,
+            partitions=kafka.partitions,
+            replication_factor=kafka.replication_factor,
+            tombstones=kafka.tombstones,
+            batch=settings.batch,
+        )
+        pipeline = EmbeddedPipeline(settings, stop=stop, progress=progress, sink=sink, store=store)
+        try:
+            return pipeline.run()
+        finally:
+            sink.close()
+    finally:
+        store.close()
+        registry.close()

@@ -1,0 +1,758 @@
+"""Kafka messages -> :class:`~cdc.events.ChangeEvent`. Pure: no IO.
+
+Three kinds of messages are understood, in this order:
+
+1. **Ours** (``cdc capture``): the ``cdc.schema_id`` header names the table schema in the
+   schema registry, ``cdc.lsn``/``cdc.seq`` give the exact position. Values are decoded by
+   the column types of that schema.
+2. **Debezium with schemas** (``JsonConverter`` with ``schemas.enable=true``): the value is
+   ``{"schema", "payload"}``; column types come from the Connect schema of ``after`` /
+   ``before``, and are mapped to the PostgreSQL types Debezium made them from.
+3. **Debezium without schemas**: column types are inferred from the JSON values (booleans,
+   integers as ``int8``, other numbers as ``float8``, strings, objects and arrays as JSON
+   text), or taken from the table's latest schema in the lake when it has one. Debezium's
+   encoded values (days since 1970 for dates, base64 for decimals) cannot be recognised
+   without a schema and land as they are.
+
+Debezium's default encodings are decoded: ``precise`` decimals (base64 unscaled integers,
+``VariableScaleDecimal``), ``adaptive`` times (``Date``, ``Time``, ``MicroTime``,
+``Timestamp``, ``MicroTimestamp``, ``NanoTimestamp``, ``ZonedTimestamp``), ``bytes`` as
+base64, ``NaN``/``Infinity`` as strings. ``MicroDuration`` becomes an ISO 8601 duration of
+the exact microseconds (``PT90061.5S``): months have no fixed length, so Debezium's number
+cannot give back PostgreSQL's ``P1Y2M`` text.
+
+Positions: events of type 1 carry capture's ``(commit_lsn, seq)`` and are deduplicated by
+it. Debezium's events have no such position: ``_cdc_lsn`` is ``source.lsn`` (the change's
+WAL position) and ``_cdc_seq`` the Kafka offset, which orders every change of one key (one
+key, one partition), and they are deduplicated by offset only.
+
+Anything that does not fit raises :class:`UndecodableMessage` with the reason; the worker
+sends the message to the dead-letter queue.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta
+from decimal import Decimal, InvalidOperation
+from typing import Any, Final
+
+import orjson
+import pyarrow as pa
+
+from catalog.errors import CatalogError
+from cdc import pgtypes
+from cdc.events import ChangeEvent
+from cdc.kafka_events import HEADER_COMMIT_TS_US, HEADER_LSN, HEADER_SCHEMA_ID, HEADER_SEQ
+from cdc.pgtypes import Oid
+from cdc.table_schema import ColumnSchema, TableSchema
+from sinks.errors import TerminalSinkError
+
+__all__ = [
+    "DEBEZIUM_UNAVAILABLE",
+    "Decoded",
+    "EventDecoder",
+    "UndecodableMessage",
+    "connect_column_type",
+]
+
+#: Debezium's default ``unavailable.value.placeholder``: a TOASTed value it did not get.
+DEBEZIUM_UNAVAILABLE: Final = "__debezium_unavailable_value"
+
+_OPS: Final = frozenset({"c", "u", "d", "r", "t"})
+_EPOCH: Final = datetime(1970, 1, 1)
+_EPOCH_DATE: Final = date(1970, 1, 1)
+_INTERVAL_OID: Final = 1186  # Oid.INTERVAL, where the type mapping has it
+_TIMETZ_OID: Final = 1266  # Oid.TIMETZ
+
+
+class UndecodableMessage(TerminalSinkError):
+    """A message is not a change event we can read, or does not fit its schema. The
+    message says why; the worker sends it to the dead-letter queue."""
+
+
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    """A decoded message: the event, and whether its position is capture's exact one."""
+
+    event: ChangeEvent
+    exact_position: bool
+
+
+#: Turns a schema id from a header into the table's shape (raises CatalogError if unknown).
+SchemaLookup = Callable[[int], TableSchema]
+#: The latest known shape of a table by qualified name (the lake's registry), or None.
+KnownSchema = Callable[[str], TableSchema | None]
+_Decode = Callable[[Any], Any]
+
+
+# -- values ---------------------------------------------------------------------------------
+
+
+def _unscaled_to_decimal(raw: Any, scale: int) -> Decimal:
+    if isinstance(raw, str):
+        try:
+            data = base64.b64decode(raw, validate=True)
+        except (binascii.Error, ValueError):
+            # decimal.handling.mode=string sends the digits as text.
+            return _plain_decimal(raw)
+        return _scaled(int.from_bytes(data, "big", signed=True), scale)
+    return _plain_decimal(raw)
+
+
+def _scaled(unscaled: int, scale: int) -> Decimal:
+    """``unscaled * 10**-scale`` exactly (Decimal arithmetic would round to 28 digits)."""
+    digits = tuple(int(d) for d in str(abs(unscaled)))
+    return Decimal((1 if unscaled < 0 else 0, digits, -scale))
+
+
+def _plain_decimal(raw: Any) -> Decimal:
+    if isinstance(raw, bool) or not isinstance(raw, int | float | str):
+        raise ValueError(f"expected a decimal, got {raw!r}")
+    try:
+        return Decimal(str(raw))
+    except InvalidOperation:
+        raise ValueError(f"{raw!r} is not a decimal") from None
+
+
+def _variable_decimal(raw: Any) -> Decimal:
+    if isinstance(raw, dict):
+        return _unscaled_to_decimal(raw.get("value"), int(raw.get("scale", 0)))
+    return _plain_decimal(raw)
+
+
+def _int(raw: Any) -> int:
+    if isinstance(raw, bool) or not isinstance(raw, int):
+        if isinstance(raw, float) and raw.is_integer():
+            return int(raw)
+        raise ValueError(f"expected an integer, got {raw!r}")
+    return raw
+
+
+_FLOAT_WORDS: Final = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def _float(raw: Any) -> float:
+    if isinstance(raw, str) and raw in _FLOAT_WORDS:
+        return _FLOAT_WORDS[raw]
+    if isinstance(raw, bool) or not isinstance(raw, int | float):
+        raise ValueError(f"expected a number, got {raw!r}")
+    return float(raw)
+
+
+def _bool(raw: Any) -> bool:
+    if not isinstance(raw, bool):
+        raise ValueError(f"expected true or false, got {raw!r}")
+    return raw
+
+
+def _str(raw: Any) -> Any:
+    # Strings stay strings; anything else is kept as its JSON text (the column adapter
+    # decides whether that fits).
+    return raw
+
+
+def _bytes(raw: Any) -> bytes:
+    if not isinstance(raw, str):
+        raise ValueError(f"expected base64 text, got {raw!r}")
+    try:
+        return base64.b64decode(raw, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(f"{raw[:40]!r} is not base64") from None
+
+
+def _date(raw: Any) -> date:
+    return _EPOCH_DATE + timedelta(days=_int(raw))
+
+
+def _time_of_day(micros: int) -> time | str:
+    if micros == 86_400_000_000:
+        return "24:00:00"  # PostgreSQL's end of day; only a text column can hold it
+    if not 0 <= micros < 86_400_000_000:
+        raise ValueError(f"{micros} microseconds is not a time of day")
+    seconds, us = divmod(micros, 1_000_000)
+    minutes, s = divmod(seconds, 60)
+    h, m = divmod(minutes, 60)
+    return time(h, m, s, us)
+
+
+def _timestamp(micros: int) -> datetime:
+    try:
+        return _EPOCH + timedelta(microseconds=micros)
+    except OverflowError:
+        raise ValueError(f"{micros} microseconds since 1970 is out of range") from None
+
+
+def _zoned_timestamp(raw: Any) -> datetime:
+    if not isinstance(raw, str):
+        raise ValueError(f"expected an ISO 8601 timestamp, got {raw!r}")
+    try:
+        value = datetime.fromisoformat(raw)
+    except ValueError:
+        raise ValueError(f"{raw!r} is not an ISO 8601 timestamp") from None
+    if value.tzinfo is None:
+        raise ValueError(f"{raw!r} has no UTC offset")
+    return value.astimezone(UTC)
+
+
+def _duration_text(raw: Any) -> str:
+    micros = _int(raw)
+    sign = "-" if micros < 0 else ""
+    seconds, us = divmod(abs(micros), 1_000_000)
+    fraction = f".{us:06d}".rstrip("0") if us else ""
+    return f"PT{sign}{seconds}{fraction}S"
+
+
+def _connect_decoder(schema: dict[str, Any]) -> _Decode:
+    """The decoder of one Connect field schema: JSON value -> natural Python value."""
+    name = schema.get("name")
+    kind = schema.get("type")
+    if name == "org.apache.kafka.connect.data.Decimal":
+        scale = int((schema.get("parameters") or {}).get("scale", 0))
+        return lambda raw: _unscaled_to_decimal(raw, scale)
+    if name == "io.debezium.data.VariableScaleDecimal":
+        return _variable_decimal
+    if name == "io.debezium.time.Date":
+        return _date
+    if name == "io.debezium.time.Time":
+        return lambda raw: _time_of_day(_int(raw) * 1000)
+    if name == "io.debezium.time.MicroTime":
+        return lambda raw: _time_of_day(_int(raw))
+    if name == "io.debezium.time.NanoTime":
+        return lambda raw: _time_of_day(_int(raw) // 1000)
+    if name == "io.debezium.time.Timestamp":
+        return lambda raw: _timestamp(_int(raw) * 1000)
+    if name == "io.debezium.time.MicroTimestamp":
+        return lambda raw: _timestamp(_int(raw))
+    if name == "io.debezium.time.NanoTimestamp":
+        return lambda raw: _timestamp(_int(raw) // 1000)
+    if name == "io.debezium.time.ZonedTimestamp":
+        return _zoned_timestamp
+    if name == "io.debezium.time.MicroDuration":
+        return _duration_text
+    if kind in ("int8", "int16", "int32", "int64"):
+        return _int
+    if kind in ("float", "float32", "double", "float64"):
+        return _float
+    if kind == "boolean":
+        return _bool
+    if kind == "bytes":
+        return _bytes
+    if kind == "array":
+        item = _connect_decoder(schema.get("items") or {})
+        return lambda raw: _list(raw, item)
+    if kind == "struct":
+        fields = [(f["field"], _connect_decoder(f)) for f in schema.get("fields", [])]
+        return lambda raw: _struct(raw, fields)
+    return _str  # string, map, and names we do not know: kept as they are
+
+
+def _list(raw: Any, item: _Decode) -> list[Any]:
+    if not isinstance(raw, list):
+        raise ValueError(f"expected an array, got {raw!r}")
+    return [None if v is None else item(v) for v in raw]
+
+
+def _struct(raw: Any, fields: list[tuple[str, _Decode]]) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise ValueError(f"expected an object, got {raw!r}")
+    return {k: None if raw.get(k) is None else dec(raw[k]) for k, dec in fields}
+
+
+# -- column adapters: natural Python value -> a value of the column's Arrow type ------------
+
+
+def _adapter(arrow: pa.DataType) -> _Decode:
+    if pa.types.is_string(arrow) or pa.types.is_large_string(arrow):
+        return _as_text
+    if pa.types.is_integer(arrow):
+        bits = arrow.bit_width
+        lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+        if pa.types.is_unsigned_integer(arrow):
+            lo, hi = 0, 2**bits - 1
+
+        def as_int(value: Any) -> int:
+            v = _int(value)
+            if not lo <= v <= hi:
+                raise ValueError(f"{v} is outside the {arrow} range")
+            return v
+
+        return as_int
+    if pa.types.is_decimal(arrow):
+        precision, scale = arrow.precision, arrow.scale
+
+        def as_decimal(value: Any) -> Decimal:
+            d = value if isinstance(value, Decimal) else _plain_decimal(value)
+            if not d.is_finite():
+                raise ValueError(f"{d} does not fit decimal({precision}, {scale})")
+            exponent = d.as_tuple().exponent
+            if (
+                isinstance(exponent, int)
+                and exponent < -scale
+                and d != d.quantize(Decimal(1).scaleb(-scale))
+            ):
+                raise ValueError(f"{d} has more than {scale} fractional digits")
+            if abs(d) >= Decimal(10) ** (precision - scale):
+                raise ValueError(f"{d} has more than {precision - scale} integer digits")
+            return d
+
+        return as_decimal
+    if pa.types.is_floating(arrow):
+        return _float
+    if pa.types.is_boolean(arrow):
+        return _bool
+    if pa.types.is_binary(arrow) or pa.types.is_large_binary(arrow):
+        return lambda v: v if isinstance(v, bytes) else _bytes(v)
+    if pa.types.is_date(arrow):
+        return lambda v: v if isinstance(v, date) and not isinstance(v, datetime) else _date(v)
+    if pa.types.is_time(arrow):
+
+        def as_time(value: Any) -> time:
+            if not isinstance(value, time):
+                value = _time_of_day(_int(value))
+            if not isinstance(value, time):
+                raise ValueError(f"{value} does not fit {arrow}")
+            return value
+
+        return as_time
+    if pa.types.is_timestamp(arrow):
+        aware = arrow.tz is not None
+
+        def as_timestamp(value: Any) -> datetime:
+            if not isinstance(value, datetime):
+                value = _zoned_timestamp(value) if isinstance(value, str) else _timestamp(value)
+            if aware and value.tzinfo is None:
+                raise ValueError(f"{value} has no time zone, the column is timestamptz")
+            if not aware and value.tzinfo is not None:
+                raise ValueError(f"{value} has a time zone, the column is timestamp")
+            return value
+
+        return as_timestamp
+    if pa.types.is_list(arrow) or pa.types.is_large_list(arrow):
+        item = _adapter(arrow.value_type)
+        return lambda v: _list(v, item)
+    return lambda v: v
+
+
+def _as_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Decimal):
+        return format(value, "f")
+    if isinstance(value, bool | int | float):
+        return orjson.dumps(value).decode() if not isinstance(value, float) else repr(value)
+    if isinstance(value, dict | list):
+        return orjson.dumps(value).decode()
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode()
+    if isinstance(value, time):
+        # PostgreSQL's output: the fraction without trailing zeros.
+        text = value.strftime("%H:%M:%S")
+        return text + f".{value.microsecond:06d}".rstrip("0") if value.microsecond else text
+    return str(value)
+
+
+# -- Connect schema -> PostgreSQL type ------------------------------------------------------
+
+_NAMED_TYPES: Final[dict[str, tuple[int, int]]] = {
+    "io.debezium.time.Date": (Oid.DATE, -1),
+    "io.debezium.time.Time": (Oid.TIME, 3),
+    "io.debezium.time.MicroTime": (Oid.TIME, -1),
+    "io.debezium.time.NanoTime": (Oid.TIME, -1),
+    "io.debezium.time.Timestamp": (Oid.TIMESTAMP, 3),
+    "io.debezium.time.MicroTimestamp": (Oid.TIMESTAMP, -1),
+    "io.debezium.time.NanoTimestamp": (Oid.TIMESTAMP, -1),
+    "io.debezium.time.ZonedTimestamp": (Oid.TIMESTAMPTZ, -1),
+    "io.debezium.time.ZonedTime": (_TIMETZ_OID, -1),
+    "io.debezium.time.MicroDuration": (_INTERVAL_OID, -1),
+    "io.debezium.data.Json": (Oid.JSONB, -1),
+    "io.debezium.data.Uuid": (Oid.UUID, -1),
+    "io.debezium.data.VariableScaleDecimal": (Oid.NUMERIC, -1),
+}
+
+_PLAIN_TYPES: Final[dict[str, int]] = {
+    "int8": Oid.INT2,  # PostgreSQL has no one-byte integer
+    "int16": Oid.INT2,
+    "int32": Oid.INT4,
+    "int64": Oid.INT8,
+    "float": Oid.FLOAT4,
+    "float32": Oid.FLOAT4,
+    "double": Oid.FLOAT8,
+    "float64": Oid.FLOAT8,
+    "boolean": Oid.BOOL,
+    "string": Oid.TEXT,
+    "bytes": Oid.BYTEA,
+}
+
+
+def connect_column_type(schema: dict[str, Any]) -> tuple[int, int]:
+    """``(type_oid, type_modifier)`` of the PostgreSQL column a Connect field schema
+    describes, as Debezium's PostgreSQL connector writes them.
+
+    >>> connect_column_type({"type": "int32", "name": "io.debezium.time.Date"})
+    (1082, -1)
+    >>> connect_column_type({"type": "bytes", "name": "org.apache.kafka.connect.data.Decimal",
+    ...                      "parameters": {"scale": "2", "connect.decimal.precision": "10"}})
+    (1700, 655366)
+    """
+    name = schema.get("name")
+    if name == "org.apache.kafka.connect.data.Decimal":
+        params = schema.get("parameters") or {}
+        scale = int(params.get("scale", 0))
+        precision = params.get("connect.decimal.precision")
+        if precision is not None and 0 <= scale <= int(precision):
+            return Oid.NUMERIC, ((int(precision) << 16) | scale) + 4
+        return Oid.NUMERIC, -1  # no precision: kept as exact text
+    if name in _NAMED_TYPES:
+        return _NAMED_TYPES[name]
+    kind = schema.get("type")
+    if kind == "array":
+        element = connect_column_type(schema.get("items") or {})
+        for array_oid, element_oid in getattr(pgtypes, "ARRAY_ELEMENT_OIDS", {}).items():
+            if element_oid == element[0]:
+                return array_oid, element[1]
+        return Oid.JSONB, -1
+    if kind in ("struct", "map"):
+        return Oid.JSONB, -1  # kept as JSON text
+    return _PLAIN_TYPES.get(str(kind), Oid.TEXT), -1
+
+
+def _inferred_type(value: Any) -> tuple[int, int]:
+    if isinstance(value, bool):
+        return Oid.BOOL, -1
+    if isinstance(value, int):
+        return Oid.INT8, -1
+    if isinstance(value, float):
+        return Oid.FLOAT8, -1
+    if isinstance(value, dict | list):
+        return Oid.JSONB, -1
+    return Oid.TEXT, -1
+
+
+# -- the decoder ----------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Shape:
+    """A table schema with its per-column decoders (reused: the sink groups rows by the
+    schema object's identity)."""
+
+    schema: TableSchema
+    names: tuple[str, ...]
+    positions: dict[str, int]
+    decoders: tuple[_Decode, ...]
+    connect_typed: bool  # decoders from Connect schemas (True) or only adapters (inferred)
+
+
+def _shape(schema: TableSchema, field_schemas: Sequence[dict[str, Any]] | None) -> _Shape:
+    decoders = []
+    for i, column in enumerate(schema.columns):
+        field = (
+            field_schemas[i]
+            if field_schemas is not None
+            else pgtypes.connect_schema(column.type_oid, column.type_modifier, field=column.name)
+        )
+        decode = _connect_decoder(field)
+        adapt = _adapter(pgtypes.arrow_type(column.type_oid, column.type_modifier))
+        decoders.append(_compose(decode, adapt))
+    names = schema.column_names
+    return _Shape(schema, names, {n: i for i, n in enumerate(names)}, tuple(decoders), True)
+
+
+def _compose(decode: _Decode, adapt: _Decode) -> _Decode:
+    return lambda raw: adapt(decode(raw))
+
+
+def _header_map(headers: Sequence[tuple[str, bytes | str | None]] | None) -> dict[str, bytes]:
+    out: dict[str, bytes] = {}
+    for name, value in headers or ():
+        if value is not None:
+            out[name] = value.encode() if isinstance(value, str) else value
+    return out
+
+
+def _header_int(headers: dict[str, bytes], name: str) -> int | None:
+    raw = headers.get(name)
+    if raw is None:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise UndecodableMessage(f"header {name} is not an integer: {raw[:40]!r}") from None
+
+
+class EventDecoder:
+    """Decodes Kafka messages into change events, caching table shapes across messages.
+
+    Args:
+        lookup: Resolves a ``cdc.schema_id`` header (the Kafka schema registry's ``get``).
+            Without it, messages with that header cannot be decoded.
+        known: The latest shape of a table in the lake, used to type schemaless Debezium
+            messages consistently with what the table already holds.
+
+    Example:
+        >>> decoder = EventDecoder(registry.get)  # doctest: +SKIP
+        >>> decoded = decoder.decode(key=m.key(), value=m.value(), headers=m.headers(),
+        ...                          offset=m.offset())  # doctest: +SKIP
+        >>> decoded.event.op, decoded.exact_position  # doctest: +SKIP
+        ('c', True)
+    """
+
+    def __init__(self, lookup: SchemaLookup | None = None, *, known: KnownSchema | None = None):
+        self._lookup = lookup
+        self._known = known
+        self._by_id: dict[int, _Shape] = {}
+        self._by_connect: dict[bytes, _Shape] = {}
+        self._inferred: dict[str, _Shape] = {}
+        self._latest: dict[str, _Shape] = {}  # the shape each table's last event had
+
+    def decode(
+        self,
+        *,
+        key: bytes | None,
+        value: bytes | None,
+        headers: Sequence[tuple[str, bytes | str | None]] | None = None,
+        offset: int = 0,
+    ) -> Decoded | None:
+        """The event in a message, or None for a tombstone (a null value).
+
+        Raises:
+            UndecodableMessage: the message is not a change event, names an unknown
+                schema, or its values do not fit their columns. The text says which.
+        """
+        if value is None:
+            return None
+        try:
+            doc = orjson.loads(value)
+        except orjson.JSONDecodeError as e:
+            raise UndecodableMessage(f"value is not JSON: {e}") from None
+        value_schema = None
+        if isinstance(doc, dict) and "payload" in doc and "schema" in doc:
+            value_schema, doc = doc["schema"], doc["payload"]
+            if doc is None:
+                return None  # a tombstone written through a schema-wrapping converter
+        envelope = _check_envelope(doc)
+        meta = _header_map(headers)
+        schema_id = _header_int(meta, HEADER_SCHEMA_ID)
+        source = envelope["source"]
+        qualified = f"{source['schema']}.{source['table']}"
+        if schema_id is not None:
+            shape = self._registered(schema_id, qualified)
+        elif envelope["op"] == "t":
+            # A truncate has no row to take a shape from: use the table's latest one.
+            found = self._latest.get(qualified)
+            if found is None and self._known is not None:
+                known = self._known(qualified)
+                found = _shape(known, None) if known is not None else None
+            if found is None:
+                return None  # a table the lake has never seen: nothing to truncate
+            shape = found
+        elif isinstance(value_schema, dict):
+            shape = self._from_connect(value_schema, key, qualified)
+        else:
+            shape = self._inferred_shape(envelope, key, qualified)
+        self._latest[qualified] = shape
+        return self._event(shape, envelope, meta, offset, len(value))
+
+    # -- shapes -------------------------------------------------------------------------
+
+    def _registered(self, schema_id: int, qualified: str) -> _Shape:
+        shape = self._by_id.get(schema_id)
+        if shape is None:
+            if self._lookup is None:
+                raise UndecodableMessage(f"schema id {schema_id}: no schema registry to ask")
+            try:
+                schema = self._lookup(schema_id)
+            except CatalogError as e:
+                raise UndecodableMessage(f"unknown schema id {schema_id}: {e}") from None
+            shape = _shape(schema, None)
+            self._by_id[schema_id] = shape
+        if shape.schema.qualified_name != qualified:
+            raise UndecodableMessage(
+                f"schema id {schema_id} is table {shape.schema.qualified_name}, but the "
+                f"event is for {qualified}"
+            )
+        return shape
+
+    def _from_connect(self, value_schema: dict[str, Any], key: bytes | None, name: str) -> _Shape:
+        row_fields = None
+        for field in value_schema.get("fields") or []:
+            if isinstance(field, dict) and field.get("field") in ("after", "before"):
+                row_fields = field.get("fields")
+                if row_fields:
+                    break
+        if not isinstance(row_fields, list) or not all(
+            isinstance(f, dict) and isinstance(f.get("field"), str) for f in row_fields
+        ):
+            raise UndecodableMessage("the Connect schema has no before/after struct")
+        key_names = _key_columns(key)
+        cache_key = orjson.dumps([name, row_fields, sorted(key_names)], option=orjson.OPT_SORT_KEYS)
+        shape = self._by_connect.get(cache_key)
+        if shape is None:
+            columns = tuple(
+                ColumnSchema(f["field"], *connect_column_type(f), is_key=f["field"] in key_names)
+                for f in row_fields
+            )
+            schema, table = name.split(".", 1)
+            shape = _shape(TableSchema(schema, table, columns), row_fields)
+            self._by_connect[cache_key] = shape
+        return shape
+
+    def _inferred_shape(self, envelope: dict[str, Any], key: bytes | None, name: str) -> _Shape:
+        row = envelope.get("after") or envelope.get("before") or {}
+        key_names = _key_columns(key)
+        shape = self._inferred.get(name)
+        if shape is not None and all(c in shape.positions for c in row):
+            return shape
+        base = shape.schema if shape is not None else (self._known(name) if self._known else None)
+        columns = list(base.columns) if base is not None else []
+        present = {c.name for c in columns}
+        for column, value in row.items():
+            if column not in present:
+                oid, typmod = _inferred_type(value)
+                columns.append(ColumnSchema(column, oid, typmod, is_key=column in key_names))
+                present.add(column)
+        schema_name, table = name.split(".", 1)
+        schema = TableSchema(schema_name, table, tuple(columns))
+        if base is not None and base == schema:
+            schema = base
+        decoders = tuple(
+            _adapter(pgtypes.arrow_type(c.type_oid, c.type_modifier)) for c in schema.columns
+        )
+        names = schema.column_names
+        shape = _Shape(schema, names, {n: i for i, n in enumerate(names)}, decoders, False)
+        self._inferred[name] = shape
+        return shape
+
+    # -- events -------------------------------------------------------------------------
+
+    def _row(
+        self, shape: _Shape, data: Any, what: str, *, partial: bool
+    ) -> tuple[tuple[Any, ...], tuple[str, ...]]:
+        if not isinstance(data, dict):
+            raise UndecodableMessage(f"'{what}' is not an object: {str(data)[:80]}")
+        values: list[Any] = [None] * len(shape.names)
+        unknown = [c for c in data if c not in shape.positions]
+        if unknown:
+            raise UndecodableMessage(
+                f"'{what}' has columns {unknown} that table schema "
+                f"{shape.schema.qualified_name} (id {shape.schema.schema_id()}) does not have"
+            )
+        for column, raw in data.items():
+            if raw is None or raw == DEBEZIUM_UNAVAILABLE:
+                continue
+            i = shape.positions[column]
+            try:
+                values[i] = shape.decoders[i](raw)
+            except (ValueError, TypeError, OverflowError, ArithmeticError) as e:
+                raise UndecodableMessage(f"{shape.schema.qualified_name}.{column}: {e}") from None
+        missing: list[str] = []
+        if partial:
+            # Columns our capture leaves out (or Debezium marks unavailable) are TOASTed
+            # values PostgreSQL did not resend: unchanged, not NULL.
+            missing = [n for n in shape.names if n not in data or data[n] == DEBEZIUM_UNAVAILABLE]
+        return tuple(values), tuple(missing)
+
+    def _event(
+        self,
+        shape: _Shape,
+        envelope: dict[str, Any],
+        meta: dict[str, bytes],
+        offset: int,
+        size: int,
+    ) -> Decoded:
+        op = envelope["op"]
+        source = envelope["source"]
+        before = after = None
+        unchanged: tuple[str, ...] = ()
+        if envelope.get("before") is not None:
+            before, _ = self._row(shape, envelope["before"], "before", partial=False)
+        if envelope.get("after") is not None:
+            after, unchanged = self._row(shape, envelope["after"], "after", partial=op != "r")
+        if op in ("c", "r") and after is None:
+            raise UndecodableMessage(f"op {op!r} without 'after'")
+        if op == "u" and after is None:
+            raise UndecodableMessage("op 'u' without 'after'")
+        if op == "d" and before is None:
+            raise UndecodableMessage("op 'd' without 'before'")
+        lsn = _optional_int(source.get("lsn"), "source.lsn")
+        commit_lsn = _header_int(meta, HEADER_LSN)
+        seq = _header_int(meta, HEADER_SEQ)
+        exact = commit_lsn is not None and seq is not None
+        if not exact:
+            commit_lsn, seq = lsn or 0, offset
+        fallback = envelope.get("cdc_fallback")
+        if fallback is not None and not (
+            isinstance(fallback, dict) and all(isinstance(v, str) for v in fallback.values())
+        ):
+            raise UndecodableMessage("'cdc_fallback' is not an object of texts")
+        event = ChangeEvent(
+            op=op,
+            table=shape.schema,
+            before=before,
+            after=after,
+            commit_lsn=commit_lsn,  # type: ignore[arg-type]
+            seq=seq,  # type: ignore[arg-type]
+            txid=_optional_int(source.get("txId"), "source.txId"),
+            commit_ts=_commit_ts(meta, source),
+            lsn=lsn if lsn is not None else commit_lsn,  # type: ignore[arg-type]
+            unchanged_toast=unchanged,
+            fallback=fallback or None,
+            size_bytes=size,
+        )
+        return Decoded(event, exact)
+
+
+def _check_envelope(doc: Any) -> dict[str, Any]:
+    if not isinstance(doc, dict):
+        raise UndecodableMessage(f"not a change event: a JSON {type(doc).__name__}")
+    op = doc.get("op")
+    if op not in _OPS:
+        raise UndecodableMessage(f"not a change event: 'op' is {op!r}")
+    source = doc.get("source")
+    if not isinstance(source, dict):
+        raise UndecodableMessage("not a change event: no 'source' object")
+    for field in ("schema", "table"):
+        if not isinstance(source.get(field), str) or not source[field]:
+            raise UndecodableMessage(f"not a change event: no 'source.{field}'")
+    return doc
+
+
+def _key_columns(key: bytes | None) -> set[str]:
+    if not key:
+        return set()
+    try:
+        doc = orjson.loads(key)
+    except orjson.JSONDecodeError:
+        raise UndecodableMessage(f"key is not JSON: {key[:60]!r}") from None
+    if isinstance(doc, dict) and "payload" in doc and "schema" in doc:
+        doc = doc["payload"]
+    return set(doc) if isinstance(doc, dict) else set()
+
+
+def _optional_int(raw: Any, what: str) -> int | None:
+    if raw is None:
+        return None
+    try:
+        return _int(raw)
+    except ValueError as e:
+        raise UndecodableMessage(f"{what}: {e}") from None
+
+
+def _commit_ts(meta: dict[str, bytes], source: dict[str, Any]) -> datetime:
+    micros = _header_int(meta, HEADER_COMMIT_TS_US)
+    if micros is None:
+        micros = _optional_int(source.get("ts_us"), "source.ts_us")
+    if micros is None:
+        millis = _optional_int(source.get("ts_ms"), "source.ts_ms")
+        if millis is None:
+            raise UndecodableMessage("no commit time: 'source.ts_ms' is missing")
+        micros = millis * 1000
+    try:
+        return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=micros)
+    except OverflowError:
+        raise UndecodableMessage(f"commit time {micros} us is out of range") from None

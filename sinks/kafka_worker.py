@@ -1,0 +1,596 @@
+"""``cdc sink``: consumer-group workers that write Kafka change events to the lake, exactly once.
+
+Any number of workers share the table topics through one consumer group. Each batches
+events per table and writes them with :class:`~sinks.delta_changelog.DeltaChangelogSink`
+(the layout embedded mode writes, so the DuckDB views work unchanged); messages it cannot
+decode or that do not fit their schema go to :class:`~sinks.dead_letters.DeadLetterSink`.
+
+Exactly-once, as kafka-delta-ingest does it:
+
+* Every Delta commit records, for each topic-partition it covers, the offset of the last
+  message handled (a deltalake app transaction), in the same commit as the rows.
+* On partition assignment a worker reads those offsets from Delta and seeks to the next
+  one. The consumer group's committed offsets are written for monitoring (lag) only.
+* Events capture sent again after its own restart have positions ``(lsn, seq)`` at or below
+  the partition's watermark, also recorded in Delta per partition, and are dropped.
+* On revoke a worker flushes what it holds; if that fails it discards it, and the next
+  owner re-reads it from the recorded offsets. A worker that lost its partitions without
+  noticing (a long pause) cannot commit them any more: the commit checks the recorded
+  offsets first, and Delta's conflict check rejects two commits of one partition.
+
+Hazards:
+    * A partition feeds one table. An event of another table in it (a topic routing several
+      tables together) is dead-lettered, with that reason.
+    * A partition whose messages all become dead letters or tombstones never records an
+      offset in its table; a new owner re-reads it from its start (the letters are not
+      written twice).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Final
+
+import pyarrow.fs as pafs
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
+from confluent_kafka.admin import AdminClient
+from deltalake import DeltaTable
+from deltalake.exceptions import DeltaError
+
+from catalog import lake_layout as layout
+from catalog.errors import CatalogError, TransientCatalogError
+from catalog.kafka_schema_registry import KafkaSchemaRegistry, create_topics
+from cdc.config import Settings
+from cdc.errors import ConfigError
+from cdc.kafka_events import (
+    client_config,
+    close_client,
+    dlq_topic,
+    is_retriable,
+    table_topics_pattern,
+    topic_name,
+)
+from cdc.table_schema import TableSchema
+from sinks.dead_letters import DeadLetter, DeadLetterSink
+from sinks.delta_changelog import DeltaChangelogSink, stream_app_id
+from sinks.errors import SinkBackpressure, TerminalSinkError, TransientSinkError
+from sinks.event_decoding import EventDecoder, UndecodableMessage
+
+__all__ = [
+    "KafkaSinkError",
+    "KafkaSinkUnavailable",
+    "KafkaSinkWorker",
+    "consumer_config",
+    "run_sink",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CONSUMER: Final[dict[str, Any]] = {
+    "auto.offset.reset": "earliest",
+    "session.timeout.ms": 10_000,
+    # New table topics are found at the next metadata refresh (librdkafka's default is
+    # five minutes).
+    "topic.metadata.refresh.interval.ms": 5_000,
+    "max.poll.interval.ms": 300_000,
+}
+#: Offsets live in Delta: the group's are committed by hand, for monitoring only.
+REQUIRED_CONSUMER: Final[dict[str, Any]] = {
+    "enable.auto.commit": False,
+    "enable.auto.offset.store": False,
+}
+_REQUIRED_PRODUCER: Final[dict[str, Any]] = {"enable.idempotence": True, "acks": "all"}
+_TABLE_REFRESH_SECONDS = 5.0
+_PROGRESS_SECONDS = 1.0
+
+
+class KafkaSinkError(TerminalSinkError):
+    """Kafka refused something the worker needs, and retrying cannot help."""
+
+
+class KafkaSinkUnavailable(TransientSinkError):
+    """The Kafka cluster could not be reached, or a seek the worker relies on failed."""
+
+
+def _wrap(error: KafkaError | KafkaException, doing: str) -> TransientSinkError | TerminalSinkError:
+    err = error.args[0] if isinstance(error, KafkaException) else error
+    if not isinstance(err, KafkaError):
+        return KafkaSinkUnavailable(f"{doing}: {error}")
+    cls = KafkaSinkUnavailable if is_retriable(err) else KafkaSinkError
+    return cls(f"{doing}: {err.str()} ({err.name()})")
+
+
+def consumer_config(settings: Settings, *, client_id: str) -> dict[str, Any]:
+    """librdkafka consumer properties: defaults, then ``kafka.client`` and
+    ``kafka.consumer``, then the group and manual offset handling."""
+    try:
+        return client_config(
+            settings.kafka_bootstrap(),
+            common=settings.kafka.client,
+            specific=settings.kafka.consumer,
+            defaults={**DEFAULT_CONSUMER, "client.id": client_id},
+            required={**REQUIRED_CONSUMER, "group.id": settings.kafka_group},
+        )
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+
+
+@dataclass(slots=True)
+class _Partition:
+    stream: str
+    table: str | None  # the table this partition feeds, once known
+    next_offset: int  # messages below it are handled (or are being re-read after a seek)
+    reported: int = -1  # the offset last committed to the group (monitoring)
+
+
+class KafkaSinkWorker:
+    """One consumer-group member writing change events to the lake.
+
+    Use :func:`run_sink` unless you need the parts (tests call :meth:`run` in threads).
+
+    Args:
+        settings: ``kafka`` (bootstrap, group, topics, prefix, properties), ``lake`` and
+            ``batch`` are used; ``name`` is the app id of the offsets in Delta, so a new
+            group with the same name continues where the old one stopped.
+        stop: Set it to flush, leave the group and return.
+    """
+
+    def __init__(self, settings: Settings, *, stop: threading.Event | None = None) -> None:
+        self.settings = settings
+        self.stop = stop or threading.Event()
+        self.bootstrap = settings.kafka_bootstrap()
+        self.root = layout.normalize_root(settings.lake.path)
+        self.storage_options = settings.lake.storage_options or None
+        self.prefix = settings.topic_prefix
+        self.app_id = f"cdc-lakehouse:{settings.name}"
+        self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{id(self) & 0xFFFF:04x}"
+        kafka = settings.kafka
+        self._cooperative = "cooperative" in str(
+            {**kafka.client, **kafka.consumer}.get("partition.assignment.strategy", "")
+        )
+        self.dlq_topic = kafka.dlq_topic or dlq_topic(self.prefix)
+        try:
+            self.consumer = Consumer(consumer_config(settings, client_id=self.worker_id))
+            self.producer = Producer(
+                client_config(
+                    self.bootstrap,
+                    common=kafka.client,
+                    specific=kafka.producer,
+                    defaults={"linger.ms": 5},
+                    required=_REQUIRED_PRODUCER,
+                )
+            )
+        except (KafkaException, ValueError) as e:
+            raise ConfigError(f"invalid Kafka settings: {e}") from e
+        self.registry = KafkaSchemaRegistry(
+            self.bootstrap,
+            prefix=self.prefix,
+            client=kafka.client,
+            producer=kafka.producer,
+            consumer=kafka.consumer,
+        )
+        self.decoder = EventDecoder(self.registry.get, known=self._known_schema)
+        self.sink = self._new_sink()
+        self.dlq = DeadLetterSink(
+            self.root,
+            app_id=self.app_id,
+            producer=self.producer,
+            topic=self.dlq_topic,
+            worker=self.worker_id,
+            storage_options=self.storage_options,
+        )
+        self._owned: dict[tuple[str, int], _Partition] = {}
+        self._stream_tables: dict[str, str] = {}  # stream -> table, learned along the way
+        self._dlq_since: float | None = None
+        # Bumped whenever what was buffered is discarded: messages of the current batch
+        # after that point are read again from the recorded offsets, not handled now.
+        self._epoch = 0
+        self._backoff = 0.2
+        self._last_progress = 0.0
+        self._last_table_refresh = 0.0
+        self._ensured_tables: set[str] = set()
+        self.metrics: dict[str, Any] = {
+            "messages": 0,
+            "rows_written": 0,
+            "commits": 0,
+            "dead_letters": 0,
+            "tombstones": 0,
+            "rebalances": 0,
+            "resets": 0,
+        }
+
+    # -- set-up -------------------------------------------------------------------------
+
+    def _new_sink(self) -> DeltaChangelogSink:
+        return DeltaChangelogSink(
+            self.root,
+            app_id=self.app_id,
+            batch=self.settings.batch,
+            storage_options=self.storage_options,
+        )
+
+    def _known_schema(self, qualified_name: str) -> TableSchema | None:
+        try:
+            return self.sink.registry.latest(qualified_name)
+        except CatalogError:
+            return None
+
+    def _subscription(self) -> list[str]:
+        return self.settings.kafka.topics or [table_topics_pattern(self.prefix)]
+
+    def _ensure_dlq_topic(self) -> None:
+        admin = AdminClient(client_config(self.bootstrap, common=self.settings.kafka.client))
+        try:
+            create_topics(
+                admin,
+                {self.dlq_topic: 1},
+                replication_factor=self.settings.kafka.replication_factor,
+            )
+        except TransientCatalogError as e:
+            raise KafkaSinkUnavailable(f"cannot create {self.dlq_topic}: {e}") from e
+        except CatalogError as e:
+            raise KafkaSinkError(f"cannot create {self.dlq_topic}: {e}") from e
+
+    # -- offsets in Delta ---------------------------------------------------------------
+
+    def _lake_tables(self) -> list[str]:
+        """Qualified names of the changelog tables in the lake."""
+        fs, path = layout.filesystem(self.root, self.storage_options)
+        try:
+            infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+        except OSError as e:
+            raise TransientSinkError(f"cannot list the lake {self.root}: {e}") from e
+        names = []
+        for info in infos:
+            name = info.base_name
+            if info.type != pafs.FileType.Directory or name in (
+                layout.INTERNAL_DIR,
+                layout.DLQ_DIR,
+            ):
+                continue
+            names.append(name)
+        return sorted(names)
+
+    def _resolve(self, streams: list[str]) -> dict[str, tuple[str | None, int | None]]:
+        """For each stream: the table it feeds and the offset recorded there (or Nones).
+
+        Tables this worker has seen the stream feed are asked first; otherwise every table
+        of the lake is searched, one log read per table.
+        """
+        found: dict[str, tuple[str | None, int | None]] = {}
+        unknown = []
+        for stream in streams:
+            table = self._stream_tables.get(stream)
+            offset = self.sink.committed_offset(table, stream) if table else None
+            if offset is not None:
+                found[stream] = (table, offset)
+            else:
+                unknown.append(stream)
+        if unknown:
+            for name in self._lake_tables():
+                uri = layout.changes_uri(self.root, name)
+                try:
+                    if not DeltaTable.is_deltatable(uri, storage_options=self.storage_options):
+                        continue
+                    dt = DeltaTable(uri, storage_options=self.storage_options)
+                except (DeltaError, OSError) as e:
+                    raise TransientSinkError(f"cannot read {uri}: {e}") from e
+                for stream in unknown:
+                    if stream in found:
+                        continue
+                    app = stream_app_id(self.app_id, stream, "offset")
+                    if dt.transaction_version(app) is not None:
+                        found[stream] = (name, self.sink.committed_offset(name, stream))
+        for stream in streams:
+            found.setdefault(stream, (None, None))
+            self.dlq.committed_offset(stream)  # what the next _dlq commit must find
+            table = found[stream][0]
+            if table is not None:
+                self._stream_tables[stream] = table
+        return found
+
+    def _assign_offsets(self, partitions: list[TopicPartition]) -> None:
+        streams = [f"{p.topic}:{p.partition}" for p in partitions]
+        resolved = self._resolve(streams)
+        for p, stream in zip(partitions, streams, strict=True):
+            table, offset = resolved[stream]
+            start = offset + 1 if offset is not None else OFFSET_BEGINNING
+            p.offset = start
+            self._owned[(p.topic, p.partition)] = _Partition(
+                stream, table, offset + 1 if offset is not None else 0
+            )
+            log.info(
+                "%s: %s starts at %s",
+                self.worker_id,
+                stream,
+                f"offset {start} (after {table}'s last commit)" if table else "its beginning",
+            )
+
+    # -- rebalances ---------------------------------------------------------------------
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.metrics["rebalances"] += 1
+        if not self._cooperative:
+            # Eager: everything was revoked (and flushed) first. A new sink forgets what
+            # the previous assignment read from Delta.
+            self.sink = self._new_sink()
+            self.dlq.discard()
+        self._assign_offsets(partitions)
+        if self._cooperative:
+            consumer.incremental_assign(partitions)
+        else:
+            consumer.assign(partitions)
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Flush, so the next owner starts after what this worker held; if the flush fails,
+        # discard it all: the next owner re-reads it from the offsets recorded in Delta.
+        if not self._flush(reseek=False):
+            self._discard()
+            self._reseek(exclude=partitions)
+        for p in partitions:
+            self._owned.pop((p.topic, p.partition), None)
+        if self._cooperative:
+            consumer.incremental_unassign(partitions)
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # The partitions may belong to someone else already: commit nothing of them.
+        log.warning(
+            "%s lost %d partitions; discarding what it held", self.worker_id, len(partitions)
+        )
+        self._discard()
+        for p in partitions:
+            self._owned.pop((p.topic, p.partition), None)
+        self._reseek()
+        if self._cooperative:
+            consumer.incremental_unassign(partitions)
+
+    def _discard(self) -> None:
+        self.sink = self._new_sink()
+        self.dlq.discard()
+        self._dlq_since = None
+        self._epoch += 1
+
+    def _reseek(self, exclude: list[TopicPartition] | None = None) -> None:
+        """Seek every owned partition back to the offset recorded in Delta."""
+        skip = {(p.topic, p.partition) for p in exclude or []}
+        owned = [(tp, part) for tp, part in self._owned.items() if tp not in skip]
+        if not owned:
+            return
+        resolved = self._resolve([part.stream for _tp, part in owned])
+        for (topic, partition), part in owned:
+            table, offset = resolved[part.stream]
+            part.table = table
+            part.next_offset = offset + 1 if offset is not None else 0
+            target = offset + 1 if offset is not None else OFFSET_BEGINNING
+            try:
+                self.consumer.seek(TopicPartition(topic, partition, target))
+            except KafkaException as e:
+                # Reading on from the current position would skip what was discarded.
+                raise _wrap(e, f"cannot seek {part.stream} back to {target}") from e
+
+    # -- the loop -----------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        """Consume, write and commit until ``stop`` is set; returns the metrics."""
+        self._ensure_dlq_topic()
+        self.consumer.subscribe(
+            self._subscription(),
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
+        )
+        try:
+            while not self.stop.is_set():
+                try:
+                    messages = self.consumer.consume(num_messages=2000, timeout=0.2)
+                except KafkaException as e:
+                    raise _wrap(e, "consuming failed") from e
+                epoch = self._epoch
+                for message in messages:
+                    self._handle(message)
+                    if self._epoch != epoch:
+                        break  # sought back to Delta's offsets: the rest comes again
+                if self._flush_due():
+                    self._flush()
+                elif not self.sink.pending_rows and not self.dlq.pending:
+                    self._report_progress()
+                self._refresh_tables()
+            self._flush(reseek=False)
+        except BaseException:
+            # Leaving the group revokes the partitions, and revoking flushes: after a
+            # failure, nothing half-handled may be committed on the way out.
+            self._discard()
+            raise
+        finally:
+            try:
+                self.consumer.close()  # leaves the group: the others take over at once
+            finally:
+                self.producer.flush(5)  # dead letters are produced before their commit
+                close_client(self.producer)
+                self.registry.close()
+        return dict(self.metrics)
+
+    def _handle(self, message: Message) -> None:
+        error = message.error()
+        if error is not None:
+            if error.fatal():
+                raise _wrap(error, "the consumer failed")
+            if error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                # A pattern with no topic yet, or a topic not created yet: they are
+                # picked up at the next metadata refresh.
+                log.debug("consumer: %s", error.str())
+            elif error.code() != KafkaError._PARTITION_EOF:
+                log.warning("consumer: %s", error.str())
+            return
+        topic, partition, offset = message.topic(), message.partition(), message.offset()
+        if topic is None or partition is None or offset is None:
+            return
+        part = self._owned.get((topic, partition))
+        if part is None or offset < part.next_offset:
+            return  # revoked meanwhile, or fetched before a seek back
+        part.next_offset = offset + 1
+        self.metrics["messages"] += 1
+        try:
+            decoded = self.decoder.decode(
+                key=message.key(),
+                value=message.value(),
+                headers=_headers(message),
+                offset=offset,
+            )
+        except UndecodableMessage as e:
+            self._dead_letter(message, str(e), None)
+            return
+        if decoded is None:
+            self.metrics["tombstones"] += 1
+            return
+        event = decoded.event
+        name = event.table.qualified_name
+        if part.table is None:
+            part.table = name
+            self._stream_tables[part.stream] = name
+        elif part.table != name:
+            self._dead_letter(
+                message,
+                f"partition {part.stream} feeds table {part.table}; an event of {name} cannot "
+                "be written with it (one table per topic)",
+                name,
+            )
+            return
+        try:
+            self.sink.add(event, stream=part.stream, offset=offset, dedupe=decoded.exact_position)
+        except SinkBackpressure:
+            if self._flush():
+                self.sink.add(
+                    event, stream=part.stream, offset=offset, dedupe=decoded.exact_position
+                )
+            # else: reset and sought back; this message is read again
+
+    def _dead_letter(self, message: Message, reason: str, table: str | None) -> None:
+        _kind, ts = message.timestamp()
+        letter = DeadLetter(
+            reason=reason,
+            topic=message.topic() or "",
+            partition=message.partition() or 0,
+            offset=message.offset() or 0,
+            key=message.key(),
+            value=message.value(),
+            headers=[(k, v.encode() if isinstance(v, str) else v) for k, v in _headers(message)],
+            timestamp_ms=ts if ts and ts > 0 else None,
+            table=table,
+        )
+        if self.dlq.add(letter):
+            self.metrics["dead_letters"] += 1
+            if self._dlq_since is None:
+                self._dlq_since = time.monotonic()
+
+    def _flush_due(self) -> bool:
+        if self.sink.flush_due() or self.dlq.pending >= self.settings.batch.max_rows:
+            return True
+        since = self._dlq_since
+        return since is not None and time.monotonic() - since >= self.settings.batch.max_seconds
+
+    def _flush(self, *, reseek: bool = True) -> bool:
+        """Commit dead letters, then the tables. On a failure, discard everything held and
+        (with ``reseek``) seek back to the offsets recorded in Delta; returns False then."""
+        try:
+            # Dead letters first: the tables' offsets may cover the letters' messages.
+            dead = self.dlq.flush()
+            written = self.sink.flush()
+        except (TransientSinkError, TransientCatalogError) as e:
+            self.metrics["resets"] += 1
+            log.warning("%s: flush failed, re-reading from Delta's offsets: %s", self.worker_id, e)
+            self._discard()
+            if reseek:
+                self._reseek()
+            self.stop.wait(self._backoff)
+            self._backoff = min(self._backoff * 2, 10.0)
+            return False
+        self._backoff = 0.2
+        self._dlq_since = None
+        self.metrics["rows_written"] += written["rows"]
+        self.metrics["commits"] += written["commits"] + dead["commits"]
+        self._report_progress(force=True)
+        return True
+
+    def _report_progress(self, *, force: bool = False) -> None:
+        """Commit the group's offsets (monitoring only: lag tools read them)."""
+        now = time.monotonic()
+        if not force and now - self._last_progress < _PROGRESS_SECONDS:
+            return
+        self._last_progress = now
+        offsets = [
+            TopicPartition(topic, partition, part.next_offset)
+            for (topic, partition), part in self._owned.items()
+            if part.next_offset > part.reported
+        ]
+        if not offsets:
+            return
+        try:
+            self.consumer.commit(offsets=offsets, asynchronous=True)
+        except KafkaException as e:
+            log.debug("committing group offsets failed (monitoring only): %s", e)
+            return
+        for tp in offsets:
+            self._owned[(tp.topic, tp.partition)].reported = tp.offset
+
+    def _refresh_tables(self) -> None:
+        """Create the Delta tables of registered tables that have no events yet, so empty
+        source tables are queryable, as in embedded mode."""
+        now = time.monotonic()
+        if now - self._last_table_refresh < _TABLE_REFRESH_SECONDS:
+            return
+        self._last_table_refresh = now
+        explicit = set(self.settings.kafka.topics or [])
+        try:
+            names = self.registry.tables()
+            for name in names:
+                if name in self._ensured_tables:
+                    continue
+                if explicit and topic_name(self.prefix, name) not in explicit:
+                    continue
+                uri = layout.changes_uri(self.root, name)
+                if not DeltaTable.is_deltatable(uri, storage_options=self.storage_options):
+                    schema = self.registry.latest(name)
+                    if schema is not None:
+                        self.sink.ensure_table(schema)
+                self._ensured_tables.add(name)
+        except (CatalogError, DeltaError, OSError) as e:
+            # Another worker creating the same table, or Kafka busy: try again later.
+            log.debug("creating tables of registered schemas failed: %s", e)
+
+
+def _headers(message: Message) -> list[tuple[str, str | bytes | None]]:
+    headers = message.headers()
+    if isinstance(headers, dict):
+        return list(headers.items())
+    return list(headers or [])
+
+
+def run_sink(settings: Settings, *, stop: threading.Event | None = None) -> dict[str, Any]:
+    """Consume the table topics as one member of ``settings.kafka_group`` and write them to
+    the lake until ``stop`` is set; returns metrics (messages, rows_written, commits,
+    dead_letters, tombstones, rebalances, resets).
+
+    Start as many as you like with the same group: they share the partitions, and when one
+    stops or dies the others take its partitions over without losing or repeating a row.
+
+    Example:
+        >>> settings = load_settings(**{"kafka.bootstrap": "k:9092", "lake.path": "./lake",
+        ...                             "kafka.group": "lake"})  # doctest: +SKIP
+        >>> run_sink(settings, stop=stop)  # doctest: +SKIP
+        {'messages': 1052, 'rows_written': 1047, 'commits': 12, 'dead_letters': 0, ...}
+    """
+    return KafkaSinkWorker(settings, stop=stop).run()
