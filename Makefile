@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format typecheck check clean
+.PHONY: demo test bench lint format typecheck check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,11 @@ demo: $(STAMP)
 ## test: install, then run the whole test suite (starts its own PostgreSQL and Kafka broker)
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+## bench: install, then run every benchmark against its physical limit (~15 min);
+## writes benchmarks/results/latest.json and latest.png
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks $(BENCH_ARGS)
 
 ## lint: ruff lint and format check
 lint: $(STAMP)

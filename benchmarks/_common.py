@@ -16,6 +16,7 @@ from typing import Any
 import psycopg
 
 from cdc.lsn import format_lsn, parse_lsn
+from cdc.slots import ensure_publication
 
 RESULTS_DIR = Path(__file__).parent / "results"
 
@@ -72,20 +73,13 @@ def wait_until(
     deadline = time.monotonic() + timeout
     while not done():
         if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{what}: the child exited early with status {proc.returncode}")
+            err = proc.stderr.read().decode(errors="replace")[-3000:] if proc.stderr else ""
+            raise RuntimeError(
+                f"{what}: the child exited early with status {proc.returncode}:\n{err}"
+            )
         if time.monotonic() > deadline:
             raise RuntimeError(f"{what}: timed out")
         time.sleep(interval)
-
-
-def wait_confirmed(
-    conn: psycopg.Connection, slot: str, lsn: int, proc: subprocess.Popen[bytes] | None
-) -> None:
-    wait_until(
-        lambda: confirmed_lsn(conn, slot) >= lsn,
-        proc,
-        what=f"slot {slot} confirmed past {format_lsn(lsn)}",
-    )
 
 
 def cdc_command(*args: str) -> list[str]:
@@ -101,21 +95,126 @@ def spawn(argv: Sequence[str], env: dict[str, str] | None = None) -> subprocess.
     )
 
 
-def stop(proc: subprocess.Popen[bytes], *, timeout: float = 60) -> Any:
-    """SIGTERM ``proc``, reap it; its ``rusage`` (``ru_maxrss`` is its peak RSS in KiB)."""
-    if proc.returncode is not None:  # already reaped (it exited on its own)
-        return None
+def peak_rss_mib(pid: int) -> float:
+    """The peak resident set size of the live process ``pid`` (``VmHWM``), in MiB.
+
+    Not ``ru_maxrss`` from ``wait4``: Linux folds the parent's peak into the child's at
+    ``exec``, so a child of a big benchmark process would report the parent's size.
+    """
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)  # kB
+    raise RuntimeError(f"no VmHWM in /proc/{pid}/status")
+
+
+def stop(proc: subprocess.Popen[bytes], *, timeout: float = 60) -> None:
+    """SIGTERM ``proc`` (a clean stop flushes and confirms) and reap it; SIGKILL after
+    ``timeout`` seconds."""
+    if proc.poll() is not None:
+        return
     proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            proc.returncode = os.waitstatus_to_exitcode(status)
-            return usage
-        if time.monotonic() > deadline:
-            proc.kill()
-        time.sleep(0.05)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def time_child(
+    argv: Sequence[str],
+    done: Callable[[], bool],
+    *,
+    what: str,
+    env: dict[str, str] | None = None,
+    interval: float = 0.05,
+    before_stop: Callable[[int], None] | None = None,
+) -> float:
+    """Seconds from starting ``argv`` until ``done()`` holds; then the child is stopped
+    with SIGTERM (not timed). ``before_stop(pid)`` runs while the child is still alive.
+
+    Raises:
+        RuntimeError: the child exited early or did not stop cleanly; the message carries
+            the end of its stderr.
+    """
+    started = time.perf_counter()
+    proc = spawn(argv, env)
+    try:
+        wait_until(done, proc, what=what, interval=interval)
+        seconds = time.perf_counter() - started
+        if before_stop is not None:
+            before_stop(proc.pid)
+    except BaseException:
+        proc.kill()
+        raise
+    finally:
+        stop(proc)
+    if proc.returncode != 0:
+        err = proc.stderr.read().decode(errors="replace")[-2000:] if proc.stderr else ""
+        raise RuntimeError(f"{what}: exited with status {proc.returncode}:\n{err}")
+    return seconds
 
 
 def ratio(a: float, b: float) -> float:
     return round(a / b, 3) if b else 0.0
+
+
+# -- the benchmark table ---------------------------------------------------------------------
+# One shape for every measure: a bigint key, a timestamptz, an int and a 65-character text.
+WIDE_ROW_SQL = (
+    "SELECT g, now(), g %% 1000, md5(g::text) || '-' || md5((g * 7)::text) "
+    "FROM generate_series(%s::bigint, %s::bigint) g"
+)
+
+
+def create_table(conn: psycopg.Connection, table: str, *, publication: str | None = None) -> None:
+    """(Re)create ``table`` (``schema.name``) empty, and publish it when ``publication`` is set."""
+    conn.execute(f"DROP TABLE IF EXISTS {table}")
+    conn.execute(
+        f"CREATE TABLE {table} (id bigint PRIMARY KEY, at timestamptz, kind int, note text)"
+    )
+    if publication is not None:
+        ensure_publication(conn, publication, tables=[table])
+
+
+def insert_rows(conn: psycopg.Connection, table: str, rows: int, *, first_id: int = 1) -> float:
+    """Insert ``rows`` rows in one committed transaction; its duration in seconds."""
+    started = time.perf_counter()
+    with conn.transaction():
+        conn.execute(f"INSERT INTO {table} {WIDE_ROW_SQL}", [first_id, first_id + rows - 1])
+    return time.perf_counter() - started
+
+
+def pg_recvlogical(dsn: str, *, slot: str, publication: str, end: int) -> float:
+    """Seconds ``pg_recvlogical`` takes to read ``slot`` up to ``end`` into /dev/null.
+
+    It asks for the pgoutput options ``cdc`` itself asks for on PostgreSQL 14+ (protocol 2,
+    streaming on), so the server does the same work for both readers: a large transaction
+    is streamed to both, not spilled to disk for one of them.
+    """
+    started = time.perf_counter()
+    subprocess.run(
+        [
+            "pg_recvlogical",
+            "-d",
+            dsn,
+            "--slot",
+            slot,
+            "--start",
+            "-o",
+            "proto_version=2",
+            "-o",
+            "streaming=on",
+            "-o",
+            f"publication_names={publication}",
+            "-f",
+            "/dev/null",
+            "--no-loop",
+            "--endpos",
+            format_lsn(end),
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    return time.perf_counter() - started

@@ -11,8 +11,8 @@ the rest). Two loads on one table (``bigint`` key, ``timestamptz``, ``int``, 65-
 Both slots (one for ``pg_recvlogical``, one for ``cdc run``) are created before the load,
 so both readers decode exactly the same WAL from the same start. Then, one after the
 other, each reader starts as a child process and is timed from its start until it has
-reached the load's end LSN: ``pg_recvlogical --endpos`` (pgoutput, proto_version 1, output
-to /dev/null) until it exits; ``cdc run --snapshot never`` into a fresh lake until the
+reached the load's end LSN: ``pg_recvlogical --endpos`` (pgoutput with the options ``cdc run``
+uses: proto_version 2, streaming on; output to /dev/null) until it exits; ``cdc run --snapshot never`` into a fresh lake until the
 slot's ``confirmed_flush_lsn`` (which it advances only after the Delta commits) reaches
 the end. The ratio is ``cdc run`` rows/s over ``pg_recvlogical`` rows/s; target >= 0.70.
 """
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,27 +33,11 @@ from deltalake import DeltaTable
 from benchmarks import _common as c
 from catalog import lake_layout as layout
 from cdc.local_postgres import LocalPostgres
-from cdc.lsn import format_lsn
-from cdc.slots import ensure_publication
 
 TARGET = 0.70
+LOADS = ("insert", "update_mix")
 TABLE = "public.cap"
 PUBLICATION = "bench_cap"
-
-
-def _create_table(conn: psycopg.Connection) -> None:
-    conn.execute("DROP TABLE IF EXISTS cap")
-    conn.execute("CREATE TABLE cap (id bigint PRIMARY KEY, at timestamptz, kind int, note text)")
-    ensure_publication(conn, PUBLICATION)
-
-
-def _insert(conn: psycopg.Connection, rows: int) -> None:
-    with conn.transaction():
-        conn.execute(
-            "INSERT INTO cap SELECT g, now(), g %% 1000, md5(g::text) || '-' || md5((g * 7)::text) "
-            "FROM generate_series(1::bigint, %s::bigint) g",
-            [rows],
-        )
 
 
 def _update_mix(conn: psycopg.Connection, changes: int) -> None:
@@ -74,100 +57,53 @@ def _update_mix(conn: psycopg.Connection, changes: int) -> None:
             )
             conn.execute("DELETE FROM cap WHERE id >= %s AND id < %s", [low, low + ins])
             conn.execute(
-                "INSERT INTO cap SELECT g, now(), g %% 1000, md5(g::text) FROM "
-                "generate_series(%s::bigint, %s::bigint) g",
+                f"INSERT INTO cap {c.WIDE_ROW_SQL}",
                 [next_id, next_id + ins - 1],
             )
         low += ins + upd
         next_id += ins
 
 
-def _pg_recvlogical(dsn: str, slot: str, end: int) -> float:
-    started = time.perf_counter()
-    subprocess.run(
-        [
-            "pg_recvlogical",
-            "-d",
-            dsn,
-            "--slot",
-            slot,
-            "--start",
-            "-o",
-            "proto_version=1",
-            "-o",
-            f"publication_names={PUBLICATION}",
-            "-f",
-            "/dev/null",
-            "--no-loop",
-            "--endpos",
-            format_lsn(end),
-        ],
-        check=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    return time.perf_counter() - started
-
-
-def _cdc_run(
-    dsn: str, slot: str, end: int, lake: Path, extra: tuple[str, ...] = ()
-) -> tuple[float, Any]:
+def _cdc_run(dsn: str, slot: str, end: int, lake: Path) -> float:
     with psycopg.connect(dsn, autocommit=True) as conn:
-        started = time.perf_counter()
-        proc = c.spawn(
+        return c.time_child(
             c.cdc_command(
                 "run",
-                "--source",
-                dsn,
-                "--lake",
-                str(lake),
-                "--name",
-                slot,
-                "--snapshot",
-                "never",
-                *extra,
+                *("--source", dsn, "--lake", str(lake), "--name", slot),
+                *("--snapshot", "never", "--tables", TABLE),
             ),
+            lambda: c.confirmed_lsn(conn, slot) >= end,
+            what="cdc run",
             env={"CDC_SOURCE__PUBLICATION": PUBLICATION, "CDC_SOURCE__SLOT": slot},
         )
-        try:
-            c.wait_confirmed(conn, slot, end, proc)
-            seconds = time.perf_counter() - started
-        except BaseException:
-            proc.kill()
-            raise
-        finally:
-            usage = c.stop(proc)
-        if proc.returncode != 0:
-            err = proc.stderr.read().decode(errors="replace")[-2000:] if proc.stderr else ""
-            raise RuntimeError(f"cdc run exited with status {proc.returncode}: {err}")
-    return seconds, usage
 
 
-def measure_load(
-    dsn: str, workdir: Path, load: str, rows: int, extra: tuple[str, ...] = ()
-) -> dict[str, Any]:
+def measure_load(dsn: str, workdir: Path, load: str, rows: int) -> dict[str, Any]:
     """Create both slots, run ``load``, then time each reader over the same WAL."""
     recv_slot, cdc_slot = f"bench_{load}_recv", f"bench_{load}_cdc"
     with psycopg.connect(dsn, autocommit=True) as conn:
         if load == "insert":
-            _create_table(conn)
+            c.create_table(conn, TABLE, publication=PUBLICATION)
         for slot in (recv_slot, cdc_slot):
             c.drop_slot(conn, slot)
             c.create_slot(conn, slot)
-        started = time.perf_counter()
-        _insert(conn, rows) if load == "insert" else _update_mix(conn, rows)
-        load_s = time.perf_counter() - started
+        if load == "insert":
+            load_s = c.insert_rows(conn, TABLE, rows)
+        else:
+            started = time.perf_counter()
+            _update_mix(conn, rows)
+            load_s = time.perf_counter() - started
         end = c.current_lsn(conn)
         conn.execute("CHECKPOINT")
-    recv_s = _pg_recvlogical(dsn, recv_slot, end)
+    recv_s = c.pg_recvlogical(dsn, slot=recv_slot, publication=PUBLICATION, end=end)
     lake = workdir / f"lake-{load}"
-    cdc_s, _ = _cdc_run(dsn, cdc_slot, end, lake, extra)
+    cdc_s = _cdc_run(dsn, cdc_slot, end, lake)
     in_lake = DeltaTable(layout.changes_uri(str(lake), TABLE)).to_pyarrow_dataset().count_rows()
     with psycopg.connect(dsn, autocommit=True) as conn:
         for slot in (recv_slot, cdc_slot):
             c.drop_slot(conn, slot)
     result = {
-        "load": load,
+        "measure": f"capture_{load}",
         "changes": rows,
         "rows_in_lake": in_lake,
         "load_s": round(load_s, 2),
@@ -183,7 +119,7 @@ def measure_load(
 
 
 def run(dsn: str, workdir: Path, rows: int) -> list[dict[str, Any]]:
-    return [measure_load(dsn, workdir, load, rows) for load in ("insert", "update_mix")]
+    return [measure_load(dsn, workdir, load, rows) for load in LOADS]
 
 
 def main(argv: list[str] | None = None) -> int:

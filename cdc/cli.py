@@ -106,7 +106,7 @@ def run(
         typer.Option(help="'initial' copies existing rows first; 'never' streams only."),
     ] = None,
     flush_seconds: Annotated[
-        float | None, typer.Option(help="Commit to Delta at least this often (default 1).")
+        float | None, typer.Option(help="Commit to Delta at least this often (default 0.5).")
     ] = None,
 ) -> None:
     """Stream PostgreSQL changes into Delta tables (capture and sink in one process).
@@ -190,7 +190,7 @@ def capture(
     ] = None,
     flush_seconds: Annotated[
         float | None,
-        typer.Option(help="Wait for Kafka's acknowledgements at least this often (default 1)."),
+        typer.Option(help="Wait for Kafka's acknowledgements at least this often (default 0.5)."),
     ] = None,
 ) -> None:
     """Stream PostgreSQL changes into Kafka topics, one per table, for `cdc sink` workers.
@@ -255,7 +255,7 @@ def sink(
         typer.Option(help="Pipeline name: the id of the offsets kept in Delta (default 'cdc')."),
     ] = None,
     flush_seconds: Annotated[
-        float | None, typer.Option(help="Commit to Delta at least this often (default 1).")
+        float | None, typer.Option(help="Commit to Delta at least this often (default 0.5).")
     ] = None,
 ) -> None:
     """Write change events from Kafka to the lake, as one worker of a consumer group.

@@ -77,7 +77,10 @@ def _row_dict(
     texts: dict[str, str],
 ) -> dict[str, Any] | None:
     """Encode one row image; values Debezium's encoding cannot hold (numeric NaN in a
-    Connect Decimal) become null, and their text joins ``texts``."""
+    Connect Decimal) become null, and their text joins ``texts``.
+
+    The general path: :class:`cdc.kafka_events.EventEncoder` compiles one per table for
+    the common case and falls back to this one; the two must give the same JSON."""
     if values is None:
         return None
     row: dict[str, Any] = {}
@@ -86,8 +89,11 @@ def _row_dict(
             texts[col.name] = fallback[col.name]
             row[col.name] = None
             continue
+        if value is None:
+            row[col.name] = None
+            continue
         try:
-            row[col.name] = pgtypes.debezium_value(value, col.type_oid, col.type_modifier)
+            row[col.name] = pgtypes.debezium_encoder(col.type_oid, col.type_modifier)(value)
         except ValueConversionError:
             texts[col.name] = str(value)
             row[col.name] = None

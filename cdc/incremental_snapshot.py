@@ -87,6 +87,7 @@ class IncrementalSnapshots:
         # rows streamed, so only schema changes call for a copy.
         self._all_tables = all_tables
         self._seen: dict[str, TableSchema] = {}
+        self._last_seen: TableSchema | None = None
         self.queued: dict[str, tuple[str, str]] = {}
         self._next_poll = 0.0
         self.copied_rows = 0
@@ -121,6 +122,9 @@ class IncrementalSnapshots:
     def observe(self, event: ChangeEvent) -> None:
         """Note a change's table shape; queue a copy when the shape change needs one."""
         table = event.table
+        if table is self._last_seen:  # the common case, checked without building the name
+            return
+        self._last_seen = table
         name = table.qualified_name
         previous = self._seen.get(name)
         if previous is table:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import re
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, Literal
@@ -35,7 +36,8 @@ import orjson
 from confluent_kafka import KafkaError
 
 from cdc import pgtypes
-from cdc.events import ChangeEvent, debezium_envelope
+from cdc.events import CONNECTOR_VERSION, ChangeEvent, debezium_envelope
+from cdc.lsn import format_lsn
 from cdc.table_schema import TableSchema
 
 __all__ = [
@@ -53,6 +55,7 @@ __all__ = [
     "is_retriable",
     "key_connect_schema",
     "keyless_partition",
+    "remember_last",
     "schemas_topic",
     "state_topic",
     "table_topics_pattern",
@@ -335,6 +338,73 @@ def keyless_partition(event: ChangeEvent, partitions: int) -> int:
     return zlib.crc32(f"{event.commit_lsn}/{event.seq}".encode()) % partitions
 
 
+#: One row image -> its ``before``/``after`` object (see :func:`_row_encoder`).
+_RowEncoder = Callable[[tuple[Any, ...]], dict[str, Any]]
+
+# Encoders that need no call: the identity (integers, booleans...) and text (``str`` values
+# stay as they are). Looked up by name so that a renamed helper only costs speed.
+_IDENTITY: Final = getattr(pgtypes, "_identity", None)
+_ENCODE_STR: Final = getattr(pgtypes, "_encode_str", None)
+
+
+def remember_last(convert: Callable[[Any], Any], kind: type) -> Callable[[Any], Any]:
+    """``convert`` remembering its last argument of type ``kind`` and its result.
+
+    For timestamps, both ways across Kafka: a transaction's rows often share one
+    (``now()``), and formatting or parsing one costs more than comparing two. Equal aware
+    datetimes are one instant, so they encode alike; a value of another type (a naive
+    datetime never equals an aware one) always reaches ``convert``, and its error.
+    """
+    last: list[Any] = [None, None]
+
+    def remembered(value: Any) -> Any:
+        if value.__class__ is kind and value == last[0]:
+            return last[1]
+        out = convert(value)
+        last[0], last[1] = value, out
+        return out
+
+    return remembered
+
+
+_ZONED: Final = pgtypes.Oid.TIMESTAMPTZ
+
+
+def _row_encoder(columns: tuple[Any, ...], positions: tuple[int, ...] | None = None) -> _RowEncoder:
+    """A function turning one row image into its Debezium object, compiled for ``columns``
+    (only the columns at ``positions``, in that order, when given: the message key).
+
+    It is the fast path of :func:`cdc.events.debezium_envelope`'s rows: the same encoders in
+    the same order, without the per-value dispatch. It raises on anything unusual (a value
+    its encoder refuses, a row of the wrong length); the caller then encodes the event the
+    general way, which reports it exactly as before.
+    """
+    namespace: dict[str, Any] = {}
+    items = []
+    for i in range(len(columns)) if positions is None else positions:
+        column = columns[i]
+        encode = pgtypes.debezium_encoder(column.type_oid, column.type_modifier)
+        namespace[f"n{i}"] = column.name
+        v = f"v{i}"
+        if _IDENTITY is not None and encode is _IDENTITY:
+            expr = v
+        elif _ENCODE_STR is not None and encode is _ENCODE_STR:
+            namespace[f"e{i}"] = encode
+            expr = f"{v} if {v} is None or {v}.__class__ is str else e{i}({v})"
+        else:
+            if column.type_oid == _ZONED:
+                encode = remember_last(encode, datetime)
+            namespace[f"e{i}"] = encode
+            expr = f"None if {v} is None else e{i}({v})"
+        items.append(f"n{i}: {expr}")
+    # Unpacking every value checks the row's length, as zip(strict=True) does.
+    unpack = "".join(f"v{i}, " for i in range(len(columns))) or "()"
+    source = f"def row(values):\n    {unpack} = values\n    return {{{', '.join(items)}}}\n"
+    exec(source, namespace)  # generated from column positions only
+    row: _RowEncoder = namespace["row"]
+    return row
+
+
 @dataclass(slots=True)
 class _TableCodec:
     schema: TableSchema
@@ -345,6 +415,8 @@ class _TableCodec:
     key_names: tuple[str, ...]
     key_schema: dict[str, Any] | None
     value_schema: dict[str, Any] | None
+    row: _RowEncoder
+    key_row: _RowEncoder | None  # the key columns of a full row image (None: no key)
 
 
 class EventEncoder:
@@ -373,16 +445,23 @@ class EventEncoder:
         # Keyed by qualified name, checked by identity: the assembler reuses one schema
         # object per table version, so the codec is rebuilt only when the shape changes.
         self._codecs: dict[str, _TableCodec] = {}
+        self._last: _TableCodec | None = None  # the codec asked for last (most events)
+        # Per commit, shared by its events: commit time -> (ts_ms, micros, micros header).
+        self._ts: tuple[datetime | None, int, int, bytes] = (None, 0, 0, b"")
+        # (txid, commit_lsn) -> (transaction id, commit LSN header).
+        self._tx: tuple[int | None, int, str, bytes] = (None, -1, "", b"")
 
     def codec(self, table: TableSchema) -> _TableCodec:
+        last = self._last
+        if last is not None and last.schema is table:
+            return last
         codec = self._codecs.get(table.qualified_name)
-        if codec is not None and codec.schema is table:
-            return codec
-        if codec is None or codec.schema != table:
+        if codec is None or (codec.schema is not table and codec.schema != table):
             codec = self._build(table)
         else:
             codec.schema = table  # an equal shape in a new object: keep the work done
         self._codecs[table.qualified_name] = codec
+        self._last = codec
         return codec
 
     def _build(self, table: TableSchema) -> _TableCodec:
@@ -402,6 +481,8 @@ class EventEncoder:
             value_schema=envelope_connect_schema(table, prefix=self.prefix)
             if with_schema
             else None,
+            row=_row_encoder(table.columns),
+            key_row=_row_encoder(table.columns, positions) if positions else None,
         )
 
     def topic(self, table: TableSchema) -> str:
@@ -409,46 +490,147 @@ class EventEncoder:
 
     def key(self, event: ChangeEvent) -> bytes | None:
         """The message key of ``event``: its key columns as a JSON object, or None."""
-        codec = self.codec(event.table)
-        if not codec.key_positions or event.op == "t":
+        return self._key(self.codec(event.table), event)
+
+    def _key(self, codec: _TableCodec, event: ChangeEvent) -> bytes | None:
+        op = event.op
+        if codec.key_row is None or op == "t":
             return None
-        row = event.before if event.op == "d" else event.after
+        row = event.before if op == "d" else event.after
         if row is None:  # an update without a new row cannot happen; be explicit anyway
             row = event.before
         if row is None:
             return None
-        payload = {
-            name: None if row[i] is None else encode(row[i])
-            for name, i, encode in zip(
-                codec.key_names, codec.key_positions, codec.key_encoders, strict=True
-            )
-        }
+        try:
+            payload = codec.key_row(row)
+        except Exception:  # the general path below raises it properly
+            payload = {
+                name: None if row[i] is None else encode(row[i])
+                for name, i, encode in zip(
+                    codec.key_names, codec.key_positions, codec.key_encoders, strict=True
+                )
+            }
         if codec.key_schema is not None:
             return orjson.dumps({"schema": codec.key_schema, "payload": payload})
         return orjson.dumps(payload)
 
-    def headers(self, event: ChangeEvent) -> list[tuple[str, str | bytes | None]]:
+    def _times(self, event: ChangeEvent) -> tuple[int, int, bytes]:
+        """``source.ts_ms``, the commit time in microseconds and its header, cached per
+        commit time object (a transaction's events share it)."""
+        ts = event.commit_ts
+        cached = self._ts
+        if cached[0] is ts:
+            return cached[1], cached[2], cached[3]
+        millis = int(ts.timestamp() * 1000)  # debezium_envelope's expression, exactly
         micros = _micros(event)
+        self._ts = (ts, millis, micros, str(micros).encode())
+        return millis, micros, self._ts[3]
+
+    def _transaction(self, event: ChangeEvent) -> tuple[str, bytes]:
+        """The transaction id (``txid:commit LSN``) and the ``cdc.lsn`` header."""
+        cached = self._tx
+        if cached[0] == event.txid and cached[1] == event.commit_lsn:
+            return cached[2], cached[3]
+        lsn = event.commit_lsn
+        self._tx = (event.txid, lsn, f"{event.txid}:{format_lsn(lsn)}", str(lsn).encode())
+        return self._tx[2], self._tx[3]
+
+    def headers(self, event: ChangeEvent) -> list[tuple[str, str | bytes | None]]:
+        micros = self._times(event)[2]
         return [
             (HEADER_SCHEMA_ID, self.codec(event.table).schema_id),
-            (HEADER_LSN, str(event.commit_lsn).encode()),
+            (HEADER_LSN, self._transaction(event)[1]),
             (HEADER_SEQ, str(event.seq).encode()),
-            (HEADER_COMMIT_TS_US, str(micros).encode()),
+            (HEADER_COMMIT_TS_US, micros),
         ]
 
     def value(self, event: ChangeEvent) -> bytes:
         """The message value of ``event``: its Debezium envelope (wrapped with the schema in
         the ``json-with-schema`` format)."""
-        envelope = debezium_envelope(event, server_name=self.prefix, database=self.database)
-        source = envelope["source"]
-        # Debezium 2.6+ carries the commit time in microseconds too; the lake keeps them.
-        micros = _micros(event)
-        source["ts_us"] = micros
-        source["ts_ns"] = micros * 1000
-        schema = self.codec(event.table).value_schema
+        return self._value(self.codec(event.table), event)
+
+    def _value(self, codec: _TableCodec, event: ChangeEvent) -> bytes:
+        millis, micros, _header = self._times(event)
+        envelope = None
+        if not event.fallback:
+            try:
+                envelope = self._envelope(codec, event, millis, micros)
+            except Exception:  # debezium_envelope handles or raises it
+                envelope = None
+        if envelope is None:
+            # Values without a typed form (their text goes to cdc_fallback), or an error
+            # for debezium_envelope to report.
+            envelope = debezium_envelope(event, server_name=self.prefix, database=self.database)
+            source = envelope["source"]
+            # Debezium 2.6+ carries the commit time in microseconds too; the lake keeps them.
+            source["ts_us"] = micros
+            source["ts_ns"] = micros * 1000
+        schema = codec.value_schema
         if schema is not None:
             return orjson.dumps({"schema": schema, "payload": envelope})
         return orjson.dumps(envelope)
+
+    def _envelope(
+        self, codec: _TableCodec, event: ChangeEvent, millis: int, micros: int
+    ) -> dict[str, Any]:
+        """:func:`~cdc.events.debezium_envelope` plus ``ts_us``/``ts_ns``, for events
+        without fallback texts (same keys in the same order: the JSON bytes are equal)."""
+        row = codec.row
+        after = None if event.after is None else row(event.after)
+        if after is not None and event.unchanged_toast:
+            for name in event.unchanged_toast:
+                after.pop(name, None)
+        before = None if event.before is None else row(event.before)
+        table = codec.schema
+        txid = event.txid
+        lsn = event.lsn
+        return {
+            "before": before,
+            "after": after,
+            "source": {
+                "version": CONNECTOR_VERSION,
+                "connector": "postgresql",
+                "name": self.prefix,
+                "ts_ms": millis,
+                "snapshot": "true" if event.op == "r" else "false",
+                "db": self.database,
+                "sequence": f'[null,"{lsn}"]',
+                "schema": table.schema,
+                "table": table.table,
+                "txId": txid,
+                "lsn": lsn,
+                "xmin": None,
+                "ts_us": micros,
+                "ts_ns": micros * 1000,
+            },
+            "op": event.op,
+            "ts_ms": event.ts_ms,
+            "transaction": None
+            if txid is None
+            else {
+                "id": self._transaction(event)[0],
+                "total_order": event.seq + 1,
+                "data_collection_order": None,
+            },
+        }
+
+    def encode_raw(
+        self, event: ChangeEvent, *, partitions: int | None = None
+    ) -> tuple[str, bytes | None, bytes, list[tuple[str, str | bytes | None]], int | None]:
+        """The change message of ``event`` as ``(topic, key, value, headers, partition)``:
+        :meth:`encode`'s first message, without the object (capture's hot path)."""
+        codec = self.codec(event.table)
+        key = self._key(codec, event)
+        partition = keyless_partition(event, partitions) if key is None and partitions else None
+        value = self._value(codec, event)
+        micros = self._times(event)[2]
+        headers: list[tuple[str, str | bytes | None]] = [
+            (HEADER_SCHEMA_ID, codec.schema_id),
+            (HEADER_LSN, self._transaction(event)[1]),
+            (HEADER_SEQ, str(event.seq).encode()),
+            (HEADER_COMMIT_TS_US, micros),
+        ]
+        return codec.topic, key, value, headers, partition
 
     def encode(
         self, event: ChangeEvent, *, tombstones: bool = True, partitions: int | None = None
@@ -458,14 +640,10 @@ class EventEncoder:
         ``partitions`` is the topic's partition count: a message without a key then gets
         its partition from :func:`keyless_partition`.
         """
-        codec = self.codec(event.table)
-        key = self.key(event)
-        partition = keyless_partition(event, partitions) if key is None and partitions else None
-        messages = [
-            EncodedMessage(codec.topic, key, self.value(event), self.headers(event), partition)
-        ]
+        topic, key, value, headers, partition = self.encode_raw(event, partitions=partitions)
+        messages = [EncodedMessage(topic, key, value, headers, partition)]
         if tombstones and event.op == "d" and key is not None:
-            messages.append(EncodedMessage(codec.topic, key, None, []))
+            messages.append(EncodedMessage(topic, key, None, []))
         return messages
 
 

@@ -75,6 +75,9 @@ DEFAULT_PRODUCER: Final[dict[str, Any]] = {
     "queue.buffering.max.kbytes": 64 * 1024,
 }
 
+#: KafkaEventSink.add serves delivery reports once per this many events.
+_POLL_EVERY: Final = 64
+
 #: Truncates that undo a partial snapshot sort after every row it sent (see discard_snapshot).
 _AFTER_ANY_SEQ: Final = 2**62
 
@@ -191,6 +194,10 @@ class KafkaEventSink(Sink):
         self._topics: dict[str, str] = {}  # topic -> qualified name
         self._partition_counts: dict[str, int] = {}
         self._registered: set[int] = set()
+        # The table of the last event added, prepared, and its topic's partitions.
+        self._last_table: TableSchema | None = None
+        self._last_partitions = 0
+        self._unpolled = 0  # events added since the last poll
 
     # -- tables -------------------------------------------------------------------------
 
@@ -312,18 +319,49 @@ class KafkaEventSink(Sink):
         Raises SinkBackpressure, with nothing of the event sent, when the producer's queue
         is full: the caller waits for deliveries (``flush``) and adds the event again.
         """
-        self._prepare(event.table)
-        messages = self._encode(event, tombstones=self.tombstones)
+        table = event.table
+        if table is not self._last_table:
+            self._prepare(table)
+            self._last_table = table
+            self._last_partitions = self._partition_counts[self.encoder.topic(table)]
+        topic, key, value, headers, partition = self.encoder.encode_raw(
+            event, partitions=self._last_partitions
+        )
+        with self._lock:
+            if self._outstanding == 0:
+                self._oldest = time.monotonic()
+            self._outstanding += 1
         try:
-            self._produce(messages[0])
-        except BufferError as e:
-            raise SinkBackpressure(
-                f"{len(self._producer)} messages queued in the producer: wait for deliveries"
-            ) from e
-        # The change is queued; its tombstone must follow it whatever happens.
-        for message in messages[1:]:
-            self._produce_waiting(message)
-        self._producer.poll(0)  # serve delivery reports without blocking
+            self._producer.produce(
+                topic,
+                key=key,
+                value=value,
+                headers=headers,
+                # -1 (RD_KAFKA_PARTITION_UA): the partitioner picks by key.
+                partition=-1 if partition is None else partition,
+                on_delivery=self._on_delivery,
+            )
+        except BaseException as e:
+            with self._lock:
+                self._outstanding -= 1
+            if isinstance(e, BufferError):
+                raise SinkBackpressure(
+                    f"{len(self._producer)} messages queued in the producer: wait for deliveries"
+                ) from e
+            if isinstance(e, KafkaException):
+                err = e.args[0]
+                cls = TransientSinkError if is_retriable(err) else TerminalSinkError
+                raise cls(f"cannot produce to {topic}: {err.str()}") from e
+            raise
+        if self.tombstones and key is not None and event.op == "d":
+            # The change is queued; its tombstone must follow it whatever happens.
+            self._produce_waiting(EncodedMessage(topic, key, None, []))
+        self._unpolled += 1
+        if self._unpolled >= _POLL_EVERY:
+            # Serve delivery reports without blocking; every few events, since a call costs
+            # about as much as producing (flush_due and flush poll as well).
+            self._unpolled = 0
+            self._producer.poll(0)
 
     def add_snapshot(
         self,

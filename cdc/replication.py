@@ -173,7 +173,8 @@ class ReplicationConnection:
 
     def read_frame(self, timeout: float) -> memoryview | None:
         """The next COPY frame, or ``None`` when nothing arrived within ``timeout`` seconds."""
-        with _lost_connection_is_transient("replication stream lost"):
+        # Called once per change: a plain try costs far less than a context manager here.
+        try:
             nbytes, data = self._pgconn.get_copy_data(1)
             if nbytes == 0:
                 readable, _, _ = select.select([self._pgconn.socket], [], [], timeout)
@@ -183,6 +184,8 @@ class ReplicationConnection:
                 nbytes, data = self._pgconn.get_copy_data(1)
                 if nbytes == 0:
                     return None
+        except psycopg.OperationalError as e:
+            raise SourceConnectionError(f"replication stream lost: {e}") from e
         if nbytes < 0:
             # The server ended the COPY (e.g. it is shutting down).
             self.streaming = False

@@ -1,8 +1,12 @@
 """Initial snapshot: copies a table's rows inside the slot's exported snapshot.
 
-Rows travel as COPY ... CSV bytes into pyarrow's streaming CSV reader and are converted
-column by column (:func:`cdc.pgtypes.text_to_arrow`), so no per-row Python runs. Memory
-stays bounded by the CSV block size, whatever the table size.
+Rows travel as COPY ... CSV bytes. A reader thread drains the COPY at the libpq level
+(PostgreSQL sends one message per row) and joins the rows into chunks of about
+``block_bytes``; each chunk holds whole rows, so pyarrow parses it as a CSV document of its
+own, and its columns are converted vectorized (:func:`cdc.pgtypes.text_to_arrow_lossless`).
+No per-row Python runs beyond taking the message, and the COPY keeps flowing while the
+caller converts and writes the previous chunk (pyarrow and deltalake release the GIL).
+Memory stays bounded by a few chunks, whatever the table size.
 
 The snapshot and the stream meet at the slot's consistent point: the exported snapshot
 holds exactly the transactions committed before it, and the slot streams exactly those
@@ -11,13 +15,16 @@ committed after it, so nothing is missed and nothing is seen twice.
 
 from __future__ import annotations
 
-import io
-from collections.abc import Iterable, Iterator
+import contextlib
+import queue
+import select
+import threading
+from collections.abc import Generator, Iterator
 
 import psycopg
 import pyarrow as pa
 import pyarrow.csv as pacsv
-from psycopg import sql
+from psycopg import pq, sql
 
 from catalog import lake_layout as layout
 from cdc import pgtypes
@@ -27,33 +34,103 @@ from cdc.table_schema import TableSchema
 
 #: Bytes of CSV parsed per Arrow batch: the unit of memory use while copying.
 DEFAULT_BLOCK_BYTES = 8 * 1024 * 1024
+#: Converted batches (each about ``block_bytes`` of CSV) the reader thread keeps ready.
+_READ_AHEAD = 2
+#: How often (seconds) a waiting reader thread checks that it is still wanted.
+_POLL_SECONDS = 0.1
 
 
-class _CopyStream(io.RawIOBase):
-    """A readable file over the blocks psycopg's COPY yields."""
-
-    def __init__(self, blocks: Iterable[bytes | bytearray | memoryview]) -> None:
-        self._blocks = iter(blocks)
-        self._block: memoryview = memoryview(b"")
-        self._pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
-        while self._pos >= len(self._block):
-            try:
-                self._block = memoryview(next(self._blocks))
-            except StopIteration:
-                return 0
-            self._pos = 0
-        n = min(len(buffer), len(self._block) - self._pos)
-        buffer[:n] = self._block[self._pos : self._pos + n]
-        self._pos += n
-        return n
+class _End:
+    """Put by the reader thread after the last chunk."""
 
 
-def _typed_batch(table: TableSchema, batch: pa.RecordBatch) -> pa.Table:
+def _drain_copy(
+    pgconn: pq.abc.PGconn, block_bytes: int, stop: threading.Event
+) -> Iterator[bytearray]:
+    """Yield the rows of the COPY OUT in progress on ``pgconn``, joined into chunks of whole
+    rows of about ``block_bytes``; then read the COPY's final result (raising its error).
+
+    Runs in the reader thread: waits for the socket with ``select`` (which releases the
+    GIL), never inside libpq. Stops early, leaving the COPY in progress, when ``stop`` is
+    set; the COPY context (``Copy.finish``) then cancels it.
+    """
+    get = pgconn.get_copy_data
+    # Each row is appended to the chunk at once: keeping the rows' own buffers alive until
+    # a join costs three times as much (an object per row, and the GC passes over them).
+    chunk = bytearray()
+    while True:
+        nbytes, data = get(1)  # 1: never block; 0 means no whole row buffered yet
+        if nbytes > 0:
+            chunk += data
+            if len(chunk) >= block_bytes:
+                yield chunk
+                chunk = bytearray()
+        elif nbytes == 0:
+            if stop.is_set():
+                return
+            # Also lets the consumer thread take the GIL (about every hundred rows).
+            if select.select([pgconn.socket], [], [], _POLL_SECONDS)[0]:
+                pgconn.consume_input()
+        else:  # -1: the COPY is over (-2 raises OperationalError in psycopg)
+            break
+    if chunk:
+        yield chunk
+    while pgconn.is_busy():
+        select.select([pgconn.socket], [], [], _POLL_SECONDS)
+        pgconn.consume_input()
+    # As psycopg's own COPY does (generators.copy_from): the first error result wins.
+    error: psycopg.Error | None = None
+    while (result := pgconn.get_result()) is not None:
+        if result.status != pq.ExecStatus.COMMAND_OK and error is None:
+            error = psycopg.errors.error_from_result(result, encoding=pgconn._encoding)
+    if error is not None:
+        raise error
+
+
+def _read_ahead(items: Iterator[object], out: queue.Queue[object], stop: threading.Event) -> None:
+    """The reader thread: puts ``items``, then :class:`_End` or the exception raised."""
+    end: object = _End
+    try:
+        for item in items:
+            while True:
+                if stop.is_set():
+                    return
+                try:
+                    out.put(item, timeout=_POLL_SECONDS)
+                    break
+                except queue.Full:
+                    continue
+    except BaseException as e:  # handed to the consumer, which re-raises it
+        end = e
+    finally:
+        if isinstance(items, Generator):
+            items.close()  # here, in the thread that ran it
+    out.put(end)  # never blocks for long: the consumer takes every item until this one
+
+
+def _parse_chunk(chunk: bytearray, column_names: list[str]) -> pa.Table:
+    """Parse a chunk of whole COPY CSV rows into string columns, as one block."""
+    return pacsv.read_csv(
+        pa.py_buffer(chunk),
+        read_options=pacsv.ReadOptions(
+            column_names=column_names, block_size=len(chunk) + 1, use_threads=False
+        ),
+        parse_options=pacsv.ParseOptions(
+            newlines_in_values=True,
+            # A one-column table prints a NULL row as an empty line: it is a row.
+            ignore_empty_lines=False,
+        ),
+        convert_options=pacsv.ConvertOptions(
+            column_types={n: pa.string() for n in column_names},
+            # COPY CSV writes NULL unquoted and an empty string as "".
+            null_values=[""],
+            strings_can_be_null=True,
+            quoted_strings_can_be_null=False,
+        ),
+    )
+
+
+def _typed_batch(table: TableSchema, batch: pa.RecordBatch | pa.Table) -> pa.Table:
     """Convert one batch of text columns; values without a typed form keep their exact text
     in a ``_cdc_fallback`` map column (added only when some value needed it)."""
     columns: list[pa.Array] = []
@@ -120,34 +197,15 @@ class SnapshotReader:
         )
         # Column names for pyarrow must be unique and plain; the real names are reapplied.
         positional = [f"c{i}" for i in range(len(names))]
-        read_options = pacsv.ReadOptions(
-            column_names=positional, block_size=self.block_bytes, use_threads=False
-        )
-        parse_options = pacsv.ParseOptions(
-            newlines_in_values=True,
-            # A one-column table prints a NULL row as an empty line: it is a row.
-            ignore_empty_lines=False,
-        )
-        convert_options = pacsv.ConvertOptions(
-            column_types={n: pa.string() for n in positional},
-            # COPY CSV writes NULL unquoted and an empty string as "".
-            null_values=[""],
-            strings_can_be_null=True,
-            quoted_strings_can_be_null=False,
-        )
+        stop = threading.Event()
+
+        def batches() -> Iterator[pa.Table]:  # runs in the reader thread
+            for chunk in _drain_copy(self._conn.pgconn, self.block_bytes, stop):
+                yield _typed_batch(table, _parse_chunk(chunk, positional))
+
         try:
-            with self._conn.cursor().copy(query) as copy:
-                stream = io.BufferedReader(_CopyStream(copy), buffer_size=1024 * 1024)
-                if not stream.peek(1):
-                    return  # an empty table: pyarrow refuses an empty CSV stream
-                reader = pacsv.open_csv(
-                    stream,
-                    read_options=read_options,
-                    parse_options=parse_options,
-                    convert_options=convert_options,
-                )
-                for batch in reader:
-                    yield _typed_batch(table, batch)
+            with self._conn.cursor().copy(query):
+                yield from self._in_thread(batches(), stop)
         except psycopg.OperationalError as e:
             raise SourceConnectionError(f"snapshot of {table.qualified_name} failed: {e}") from e
         except psycopg.errors.InsufficientPrivilege as e:
@@ -155,6 +213,34 @@ class SnapshotReader:
                 f"cannot read {table.qualified_name}: {e}. Grant it: GRANT SELECT ON "
                 f"{table.qualified_name} TO <replication user>"
             ) from e
+
+    @staticmethod
+    def _in_thread(items: Iterator[pa.Table], stop: threading.Event) -> Iterator[pa.Table]:
+        """``items``, produced by a thread up to :data:`_READ_AHEAD` ahead of the caller.
+
+        The thread stops (and is joined) before this generator ends, however it ends; if
+        the COPY is then still in progress, leaving the COPY context cancels it.
+        """
+        out: queue.Queue[object] = queue.Queue(maxsize=_READ_AHEAD)
+        reader = threading.Thread(
+            target=_read_ahead, args=(items, out, stop), name="cdc-snapshot-copy", daemon=True
+        )
+        reader.start()
+        try:
+            while True:
+                item = out.get()
+                if item is _End:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                assert isinstance(item, pa.Table)
+                yield item
+        finally:
+            stop.set()
+            while reader.is_alive():
+                with contextlib.suppress(queue.Empty):  # unblock a reader waiting for room
+                    out.get(timeout=_POLL_SECONDS)
+            reader.join()
 
     def close(self) -> None:
         try:

@@ -64,7 +64,7 @@ from cdc import pgoutput
 from cdc.errors import DecodeError, TransientCdcError
 from cdc.lsn import format_lsn
 
-__all__ = ["Replayed", "StreamSpillError", "StreamedTransactions"]
+__all__ = ["CHANGE_TAGS", "Replayed", "StreamSpillError", "StreamedTransactions"]
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,9 @@ Replayed: TypeAlias = tuple[pgoutput.Message, int, int]
 
 _RECORD = struct.Struct(">QII")  # data_start, xid, payload length
 _XID_FIELD = 4  # bytes that the in-stream form adds after the tag
+_XID = struct.Struct(">I")
+#: Tags of the in-stream messages spilled undecoded (see StreamedTransactions.append_change).
+CHANGE_TAGS = frozenset(b"IUDTM")
 
 # Messages that describe shapes rather than change rows: replayed even when their
 # subtransaction aborted (see the module docstring).
@@ -217,8 +220,31 @@ class StreamedTransactions:
             raise DecodeError(
                 f"{type(message).__name__} inside the stream block of xid {spill.xid}"
             )
+        self._write(spill, message.xid, payload, lsn)
+
+    def append_change(self, payload: bytes | memoryview, lsn: int) -> None:
+        """Spill an in-stream Insert, Update, Delete, Truncate or logical message without
+        decoding it now: it is decoded once, at its replay, where a malformed one raises
+        its :class:`~cdc.errors.DecodeError`. Its xid is read from its first bytes.
+
+        Raises:
+            DecodeError: not inside a stream block, or the message is too short for its xid.
+            StreamSpillError: the spill file could not be written.
+        """
+        spill = self._current
+        if spill is None or self._writer is None:
+            raise DecodeError("a streamed change outside a stream block")
+        if len(payload) < 1 + _XID_FIELD:
+            raise DecodeError(
+                f"malformed in-stream message at byte offset {len(payload)}: truncated in "
+                "the xid that streamed messages carry"
+            )
+        self._write(spill, _XID.unpack_from(payload, 1)[0], payload, lsn)
+
+    def _write(self, spill: _Spill, xid: int, payload: bytes | memoryview, lsn: int) -> None:
+        assert self._writer is not None
         try:
-            self._writer.write(_RECORD.pack(lsn, message.xid, len(payload)))
+            self._writer.write(_RECORD.pack(lsn, xid, len(payload)))
             self._writer.write(payload)
         except OSError as e:
             raise StreamSpillError(f"cannot spill streamed transaction {spill.xid}: {e}") from e

@@ -26,8 +26,8 @@ from cdc.errors import DecodeError
 from cdc.events import ChangeEvent
 from cdc.position import CapturePosition
 from cdc.replication import ReplicationConnection
-from cdc.stream_spill import Replayed, StreamedTransactions
-from cdc.walproto import PrimaryKeepalive, parse_copy_frame
+from cdc.stream_spill import CHANGE_TAGS, Replayed, StreamedTransactions
+from cdc.walproto import PrimaryKeepalive, parse_copy_frame, xlogdata_split
 
 StreamItem = ChangeEvent | TransactionCommitted
 
@@ -121,14 +121,18 @@ class StreamingSource:
             frame = self._conn.read_frame(wait)
             if frame is None:
                 break
-            parsed = parse_copy_frame(frame)
-            if isinstance(parsed, PrimaryKeepalive):
-                wal_end = max(wal_end, parsed.wal_end)
-                if parsed.reply_requested:
+            xlogdata = xlogdata_split(frame)
+            if xlogdata is None:
+                keepalive = parse_copy_frame(frame)
+                assert isinstance(keepalive, PrimaryKeepalive)
+                wal_end = max(wal_end, keepalive.wal_end)
+                if keepalive.reply_requested:
                     self.send_status()
                 continue
-            received = max(received, parsed.data_start)
-            produced = self._receive(parsed.payload, parsed.data_start)
+            data_start, payload = xlogdata
+            if data_start > received:
+                received = data_start
+            produced = self._receive(payload, data_start)
             for item in produced:
                 if isinstance(item, TransactionCommitted):
                     committed = item.end_lsn
@@ -144,6 +148,10 @@ class StreamingSource:
     def _receive(self, payload: bytes | memoryview, lsn: int) -> list[StreamItem]:
         """Items produced by one pgoutput message (none while a transaction is streamed)."""
         streams = self.streams
+        if streams.in_stream and payload and payload[0] in CHANGE_TAGS:
+            # Most of a streamed transaction: decoded once, when it is replayed.
+            streams.append_change(payload, lsn)
+            return []
         message = pgoutput.decode_message(payload, in_stream=streams.in_stream)
         if streams.in_stream:
             if isinstance(message, pgoutput.StreamStop):

@@ -38,6 +38,7 @@ __all__ = [
     "parse_copy_frame",
     "pg_timestamp_to_datetime",
     "standby_status_update",
+    "xlogdata_split",
 ]
 
 #: 2000-01-01 00:00:00 UTC, the origin of PostgreSQL's ``TimestampTz``.
@@ -45,6 +46,7 @@ PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 
 _XLOGDATA = struct.Struct(">QQq")  # after the b"w" tag
 _KEEPALIVE = struct.Struct(">QqB")  # after the b"k" tag
+_DATA_START = struct.Struct(">Q")
 _STATUS_UPDATE = struct.Struct(">cQQQqB")
 
 _XLOGDATA_HEADER = 1 + _XLOGDATA.size
@@ -143,6 +145,25 @@ def parse_copy_frame(frame: bytes | memoryview) -> XLogData | PrimaryKeepalive:
         f"unknown replication frame tag {bytes([tag])!r} at byte offset 0: "
         "expected b'w' (XLogData) or b'k' (primary keepalive)"
     )
+
+
+def xlogdata_split(frame: bytes | memoryview) -> tuple[int, bytes | memoryview] | None:
+    """``(data_start, payload)`` of an XLogData frame, or ``None`` for any other frame.
+
+    The streaming loop's fast path: it skips building an :class:`XLogData` and its
+    ``send_time``, which it does not use. Hand ``None`` results to :func:`parse_copy_frame`.
+
+    Raises:
+        DecodeError: an XLogData frame too short for its header.
+
+    >>> xlogdata_split(b"w" + bytes(8) + bytes(16) + b"B...")
+    (0, b'B...')
+    """
+    if not frame or frame[0] != 0x77:  # b"w"
+        return None
+    if len(frame) < _XLOGDATA_HEADER:
+        parse_copy_frame(frame)  # raises the precise error
+    return _DATA_START.unpack_from(frame, 1)[0], frame[_XLOGDATA_HEADER:]
 
 
 def standby_status_update(

@@ -39,7 +39,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal, InvalidOperation
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import orjson
 import pyarrow as pa
@@ -47,7 +47,13 @@ import pyarrow as pa
 from catalog.errors import CatalogError
 from cdc import pgtypes
 from cdc.events import ChangeEvent
-from cdc.kafka_events import HEADER_COMMIT_TS_US, HEADER_LSN, HEADER_SCHEMA_ID, HEADER_SEQ
+from cdc.kafka_events import (
+    HEADER_COMMIT_TS_US,
+    HEADER_LSN,
+    HEADER_SCHEMA_ID,
+    HEADER_SEQ,
+    remember_last,
+)
 from cdc.pgtypes import Oid
 from cdc.table_schema import ColumnSchema, TableSchema
 from sinks.errors import TerminalSinkError
@@ -65,6 +71,7 @@ DEBEZIUM_UNAVAILABLE: Final = "__debezium_unavailable_value"
 
 _OPS: Final = frozenset({"c", "u", "d", "r", "t"})
 _EPOCH: Final = datetime(1970, 1, 1)
+_EPOCH_UTC: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _EPOCH_DATE: Final = date(1970, 1, 1)
 _INTERVAL_OID: Final = 1186  # Oid.INTERVAL, where the type mapping has it
 _TIMETZ_OID: Final = 1266  # Oid.TIMETZ
@@ -75,9 +82,11 @@ class UndecodableMessage(TerminalSinkError):
     message says why; the worker sends it to the dead-letter queue."""
 
 
-@dataclass(frozen=True, slots=True)
-class Decoded:
-    """A decoded message: the event, and whether its position is capture's exact one."""
+class Decoded(NamedTuple):
+    """A decoded message: the event, and whether its position is capture's exact one.
+
+    (A named tuple: one is built per message, and a frozen dataclass costs twice as much.)
+    """
 
     event: ChangeEvent
     exact_position: bool
@@ -446,10 +455,63 @@ class _Shape:
     positions: dict[str, int]
     decoders: tuple[_Decode, ...]
     connect_typed: bool  # decoders from Connect schemas (True) or only adapters (inferred)
+    # The common case compiled: a complete row image without placeholders -> its values,
+    # or None when the row needs the general path (EventDecoder._row). Raises on a value
+    # its decoder refuses; the general path then reports it.
+    fast: Callable[[Any], tuple[Any, ...] | None] | None = None
+    qualified: str = ""  # schema.qualified_name, for the shapes of registered schemas
+
+
+# What a column's decoder does with values of the usual JSON type, so the compiled row
+# can take them as they are: (connect decoder, Arrow type test) -> the condition on v.
+def _fast_condition(decode: _Decode, arrow: pa.DataType, i: int, ns: dict[str, Any]) -> str | None:
+    if decode is _int and pa.types.is_integer(arrow):
+        bits = arrow.bit_width
+        lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+        if pa.types.is_unsigned_integer(arrow):
+            lo, hi = 0, 2**bits - 1
+        ns[f"lo{i}"], ns[f"hi{i}"] = lo, hi
+        return f"v.__class__ is int and lo{i} <= v <= hi{i}"
+    if decode is _str and (pa.types.is_string(arrow) or pa.types.is_large_string(arrow)):
+        return "v.__class__ is str and v != U"
+    if decode is _float and pa.types.is_floating(arrow):
+        return "v.__class__ is float"
+    if decode is _bool and pa.types.is_boolean(arrow):
+        return "v.__class__ is bool"
+    return None
+
+
+def _compile_row(
+    names: tuple[str, ...],
+    conditions: list[str | None],
+    decoders: tuple[_Decode, ...],
+    constants: dict[str, Any],
+) -> Callable[[Any], tuple[Any, ...] | None]:
+    ns: dict[str, Any] = {**constants, "U": DEBEZIUM_UNAVAILABLE, "dict": dict}
+    lines = [
+        "def row(data):",
+        f"    if data.__class__ is not dict or len(data) != {len(names)}:",
+        "        return None",
+    ]
+    for i, (name, condition) in enumerate(zip(names, conditions, strict=True)):
+        ns[f"n{i}"], ns[f"d{i}"] = name, decoders[i]
+        lines.append(f"    v = data.get(n{i}, U)")  # missing: the general path says so
+        lines.append(f"    if v is None: x{i} = None")
+        if condition is not None:
+            lines.append(f"    elif {condition}: x{i} = v")
+        lines.append("    elif v == U: return None")
+        lines.append(f"    else: x{i} = d{i}(v)")
+    values = "".join(f"x{i}, " for i in range(len(names)))
+    lines.append(f"    return ({values})")
+    exec("\n".join(lines) + "\n", ns)  # generated from column positions only
+    row: Callable[[Any], tuple[Any, ...] | None] = ns["row"]
+    return row
 
 
 def _shape(schema: TableSchema, field_schemas: Sequence[dict[str, Any]] | None) -> _Shape:
     decoders = []
+    conditions: list[str | None] = []
+    ns: dict[str, Any] = {}
     for i, column in enumerate(schema.columns):
         field = (
             field_schemas[i]
@@ -457,32 +519,93 @@ def _shape(schema: TableSchema, field_schemas: Sequence[dict[str, Any]] | None) 
             else pgtypes.connect_schema(column.type_oid, column.type_modifier, field=column.name)
         )
         decode = _connect_decoder(field)
-        adapt = _adapter(pgtypes.arrow_type(column.type_oid, column.type_modifier))
-        decoders.append(_compose(decode, adapt))
+        arrow = pgtypes.arrow_type(column.type_oid, column.type_modifier)
+        adapt = _adapter(arrow)
+        composed = _compose(decode, adapt)
+        if decode is _zoned_timestamp and pa.types.is_timestamp(arrow):
+            composed = remember_last(composed, str)
+        decoders.append(composed)
+        conditions.append(_fast_condition(decode, arrow, i, ns))
     names = schema.column_names
-    return _Shape(schema, names, {n: i for i, n in enumerate(names)}, tuple(decoders), True)
+    fast = _compile_row(names, conditions, tuple(decoders), ns)
+    return _Shape(
+        schema,
+        names,
+        {n: i for i, n in enumerate(names)},
+        tuple(decoders),
+        True,
+        fast,
+        schema.qualified_name,
+    )
 
 
 def _compose(decode: _Decode, adapt: _Decode) -> _Decode:
     return lambda raw: adapt(decode(raw))
 
 
-def _header_map(headers: Sequence[tuple[str, bytes | str | None]] | None) -> dict[str, bytes]:
-    out: dict[str, bytes] = {}
-    for name, value in headers or ():
-        if value is not None:
-            out[name] = value.encode() if isinstance(value, str) else value
-    return out
+class _Headers:
+    """Parses the integer headers, remembering the last text of the schema id, commit LSN
+    and commit time headers (a transaction's messages share them)."""
+
+    __slots__ = ("lsn", "lsn_raw", "sid", "sid_raw")
+
+    def __init__(self) -> None:
+        self.sid_raw: bytes | None = None
+        self.sid = 0
+        self.lsn_raw: bytes | None = None
+        self.lsn = 0
+
+    def schema_id(self, raw: bytes | None) -> int | None:
+        if raw is None:
+            return None
+        if raw != self.sid_raw:
+            self.sid = _parse_header(raw, HEADER_SCHEMA_ID)
+            self.sid_raw = raw
+        return self.sid
+
+    def commit_lsn(self, raw: bytes | None) -> int | None:
+        if raw is None:
+            return None
+        if raw != self.lsn_raw:
+            self.lsn = _parse_header(raw, HEADER_LSN)
+            self.lsn_raw = raw
+        return self.lsn
 
 
-def _header_int(headers: dict[str, bytes], name: str) -> int | None:
-    raw = headers.get(name)
-    if raw is None:
-        return None
+def _parse_header(raw: bytes, name: str) -> int:
     try:
         return int(raw)
     except ValueError:
         raise UndecodableMessage(f"header {name} is not an integer: {raw[:40]!r}") from None
+
+
+def _header_int(raw: bytes | None, name: str) -> int | None:
+    return None if raw is None else _parse_header(raw, name)
+
+
+def _position_headers(
+    headers: Sequence[tuple[str, bytes | str | None]] | None,
+) -> tuple[bytes | None, bytes | None, bytes | None, bytes | None]:
+    """``cdc.schema_id``, ``cdc.lsn``, ``cdc.seq``, ``cdc.commit_ts_us`` (None: absent),
+    as bytes."""
+    sid = lsn = seq = ts = None
+    for name, value in headers or ():
+        if value is None:
+            continue
+        if name == HEADER_SCHEMA_ID:
+            sid = value
+        elif name == HEADER_LSN:
+            lsn = value
+        elif name == HEADER_SEQ:
+            seq = value
+        elif name == HEADER_COMMIT_TS_US:
+            ts = value
+    return (
+        sid.encode() if isinstance(sid, str) else sid,
+        lsn.encode() if isinstance(lsn, str) else lsn,
+        seq.encode() if isinstance(seq, str) else seq,
+        ts.encode() if isinstance(ts, str) else ts,
+    )
 
 
 class EventDecoder:
@@ -509,6 +632,9 @@ class EventDecoder:
         self._by_connect: dict[bytes, _Shape] = {}
         self._inferred: dict[str, _Shape] = {}
         self._latest: dict[str, _Shape] = {}  # the shape each table's last event had
+        self._headers = _Headers()
+        # The last commit time header and its datetime (a transaction's events share it).
+        self._commit_ts: tuple[bytes | None, datetime | None] = (None, None)
 
     def decode(
         self,
@@ -536,31 +662,33 @@ class EventDecoder:
             if doc is None:
                 return None  # a tombstone written through a schema-wrapping converter
         envelope = _check_envelope(doc)
-        meta = _header_map(headers)
-        schema_id = _header_int(meta, HEADER_SCHEMA_ID)
+        meta = _position_headers(headers)
+        schema_id = self._headers.schema_id(meta[0])
         source = envelope["source"]
-        qualified = f"{source['schema']}.{source['table']}"
         if schema_id is not None:
-            shape = self._registered(schema_id, qualified)
-        elif envelope["op"] == "t":
-            # A truncate has no row to take a shape from: use the table's latest one.
-            found = self._latest.get(qualified)
-            if found is None and self._known is not None:
-                known = self._known(qualified)
-                found = _shape(known, None) if known is not None else None
-            if found is None:
-                return None  # a table the lake has never seen: nothing to truncate
-            shape = found
-        elif isinstance(value_schema, dict):
-            shape = self._from_connect(value_schema, key, qualified)
+            shape = self._registered(schema_id, source["schema"], source["table"])
+            qualified = shape.qualified
         else:
-            shape = self._inferred_shape(envelope, key, qualified)
+            qualified = f"{source['schema']}.{source['table']}"
+            if envelope["op"] == "t":
+                # A truncate has no row to take a shape from: use the table's latest one.
+                found = self._latest.get(qualified)
+                if found is None and self._known is not None:
+                    known = self._known(qualified)
+                    found = _shape(known, None) if known is not None else None
+                if found is None:
+                    return None  # a table the lake has never seen: nothing to truncate
+                shape = found
+            elif isinstance(value_schema, dict):
+                shape = self._from_connect(value_schema, key, qualified)
+            else:
+                shape = self._inferred_shape(envelope, key, qualified)
         self._latest[qualified] = shape
         return self._event(shape, envelope, meta, offset, len(value))
 
     # -- shapes -------------------------------------------------------------------------
 
-    def _registered(self, schema_id: int, qualified: str) -> _Shape:
+    def _registered(self, schema_id: int, schema_name: str, table: str) -> _Shape:
         shape = self._by_id.get(schema_id)
         if shape is None:
             if self._lookup is None:
@@ -571,11 +699,14 @@ class EventDecoder:
                 raise UndecodableMessage(f"unknown schema id {schema_id}: {e}") from None
             shape = _shape(schema, None)
             self._by_id[schema_id] = shape
-        if shape.schema.qualified_name != qualified:
-            raise UndecodableMessage(
-                f"schema id {schema_id} is table {shape.schema.qualified_name}, but the "
-                f"event is for {qualified}"
-            )
+        schema = shape.schema
+        if schema.schema != schema_name or schema.table != table:
+            qualified = f"{schema_name}.{table}"
+            if schema.qualified_name != qualified:
+                raise UndecodableMessage(
+                    f"schema id {schema_id} is table {schema.qualified_name}, but the "
+                    f"event is for {qualified}"
+                )
         return shape
 
     def _from_connect(self, value_schema: dict[str, Any], key: bytes | None, name: str) -> _Shape:
@@ -661,7 +792,7 @@ class EventDecoder:
         self,
         shape: _Shape,
         envelope: dict[str, Any],
-        meta: dict[str, bytes],
+        meta: tuple[bytes | None, bytes | None, bytes | None, bytes | None],
         offset: int,
         size: int,
     ) -> Decoded:
@@ -669,10 +800,16 @@ class EventDecoder:
         source = envelope["source"]
         before = after = None
         unchanged: tuple[str, ...] = ()
-        if envelope.get("before") is not None:
-            before, _ = self._row(shape, envelope["before"], "before", partial=False)
-        if envelope.get("after") is not None:
-            after, unchanged = self._row(shape, envelope["after"], "after", partial=op != "r")
+        raw = envelope.get("before")
+        if raw is not None:
+            before = self._fast_row(shape, raw)
+            if before is None:
+                before, _ = self._row(shape, raw, "before", partial=False)
+        raw = envelope.get("after")
+        if raw is not None:
+            after = self._fast_row(shape, raw)
+            if after is None:
+                after, unchanged = self._row(shape, raw, "after", partial=op != "r")
         if op in ("c", "r") and after is None:
             raise UndecodableMessage(f"op {op!r} without 'after'")
         if op == "u" and after is None:
@@ -680,8 +817,8 @@ class EventDecoder:
         if op == "d" and before is None:
             raise UndecodableMessage("op 'd' without 'before'")
         lsn = _optional_int(source.get("lsn"), "source.lsn")
-        commit_lsn = _header_int(meta, HEADER_LSN)
-        seq = _header_int(meta, HEADER_SEQ)
+        commit_lsn = self._headers.commit_lsn(meta[1])
+        seq = _header_int(meta[2], HEADER_SEQ)
         exact = commit_lsn is not None and seq is not None
         if not exact:
             commit_lsn, seq = lsn or 0, offset
@@ -698,13 +835,34 @@ class EventDecoder:
             commit_lsn=commit_lsn,  # type: ignore[arg-type]
             seq=seq,  # type: ignore[arg-type]
             txid=_optional_int(source.get("txId"), "source.txId"),
-            commit_ts=_commit_ts(meta, source),
+            commit_ts=self._event_commit_ts(meta[3], source),
             lsn=lsn if lsn is not None else commit_lsn,  # type: ignore[arg-type]
             unchanged_toast=unchanged,
             fallback=fallback or None,
             size_bytes=size,
         )
         return Decoded(event, exact)
+
+    @staticmethod
+    def _fast_row(shape: _Shape, data: Any) -> tuple[Any, ...] | None:
+        """The row by the compiled path, or None when it needs :meth:`_row` (which also
+        reports any value the compiled path failed on)."""
+        if shape.fast is None:
+            return None
+        try:
+            return shape.fast(data)
+        except Exception:  # _row decodes it again and says what is wrong
+            return None
+
+    def _event_commit_ts(self, header: bytes | None, source: dict[str, Any]) -> datetime:
+        if header is not None:
+            cached = self._commit_ts
+            if cached[0] == header and cached[1] is not None:
+                return cached[1]
+            value = _commit_ts(_parse_header(header, HEADER_COMMIT_TS_US), source)
+            self._commit_ts = (header, value)
+            return value
+        return _commit_ts(None, source)
 
 
 def _check_envelope(doc: Any) -> dict[str, Any]:
@@ -716,6 +874,9 @@ def _check_envelope(doc: Any) -> dict[str, Any]:
     source = doc.get("source")
     if not isinstance(source, dict):
         raise UndecodableMessage("not a change event: no 'source' object")
+    schema, table = source.get("schema"), source.get("table")
+    if schema.__class__ is str and table.__class__ is str and schema and table:
+        return doc  # the common case, without the loop below
     for field in ("schema", "table"):
         if not isinstance(source.get(field), str) or not source[field]:
             raise UndecodableMessage(f"not a change event: no 'source.{field}'")
@@ -735,16 +896,16 @@ def _key_columns(key: bytes | None) -> set[str]:
 
 
 def _optional_int(raw: Any, what: str) -> int | None:
-    if raw is None:
-        return None
+    if raw is None or raw.__class__ is int:
+        return raw
     try:
         return _int(raw)
     except ValueError as e:
         raise UndecodableMessage(f"{what}: {e}") from None
 
 
-def _commit_ts(meta: dict[str, bytes], source: dict[str, Any]) -> datetime:
-    micros = _header_int(meta, HEADER_COMMIT_TS_US)
+def _commit_ts(micros: int | None, source: dict[str, Any]) -> datetime:
+    """The commit time: the ``cdc.commit_ts_us`` header's ``micros``, else the source's."""
     if micros is None:
         micros = _optional_int(source.get("ts_us"), "source.ts_us")
     if micros is None:
@@ -753,6 +914,6 @@ def _commit_ts(meta: dict[str, bytes], source: dict[str, Any]) -> datetime:
             raise UndecodableMessage("no commit time: 'source.ts_ms' is missing")
         micros = millis * 1000
     try:
-        return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=micros)
+        return _EPOCH_UTC + timedelta(microseconds=micros)
     except OverflowError:
         raise UndecodableMessage(f"commit time {micros} us is out of range") from None

@@ -69,8 +69,10 @@ def test_kill_9_capture_again_and_again(
         prefix,
         "--name",
         name,
+        # Long enough that each kill lands while sent changes still wait for their
+        # confirmation, which the re-send assertion at the end relies on.
         "--flush-seconds",
-        "0.3",
+        "1.5",
     ]
     sinks = (sink_thread(sink_settings, "sink-a"), sink_thread(sink_settings, "sink-b"))
     with background(*sinks), Workload(pg_dsn, seed=7) as workload:

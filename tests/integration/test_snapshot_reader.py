@@ -1,0 +1,145 @@
+"""The COPY reader of the initial snapshot: chunking, odd values, early stops and errors."""
+
+from __future__ import annotations
+
+import threading
+from decimal import Decimal
+
+import psycopg
+import pyarrow as pa
+import pytest
+
+from catalog import lake_layout as layout
+from cdc.errors import SourceConnectionError
+from cdc.introspect import describe_tables
+from cdc.snapshot import SnapshotReader
+from cdc.table_schema import TableSchema
+
+pytestmark = pytest.mark.postgres
+
+TRICKY = [
+    (1, "plain"),
+    (2, ""),  # an empty string, not NULL
+    (3, None),
+    (4, 'a "quoted", comma'),
+    (5, "two\nlines\r\nand a CR\r"),
+    (6, "ünïcødé ✓"),
+    (7, "\\N"),
+    (8, ","),
+]
+
+
+def _schema(conn: psycopg.Connection, table: str) -> TableSchema:
+    return describe_tables(conn, [("public", table)])[("public", table)]
+
+
+def _reader_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "cdc-snapshot-copy"]
+
+
+def _read_all(dsn: str, schema: TableSchema, block_bytes: int) -> list[pa.Table]:
+    with SnapshotReader(dsn, None, block_bytes=block_bytes) as reader:
+        return list(reader.read_table(schema))
+
+
+@pytest.mark.parametrize("block_bytes", [1, 40, 1 << 20])
+def test_rows_survive_any_chunking(
+    pg_dsn: str, pg_conn: psycopg.Connection, block_bytes: int
+) -> None:
+    pg_conn.execute("CREATE TABLE tricky (id int PRIMARY KEY, t text)")
+    with pg_conn.cursor() as cur:
+        cur.executemany("INSERT INTO tricky VALUES (%s, %s)", TRICKY)
+    batches = _read_all(pg_dsn, _schema(pg_conn, "tricky"), block_bytes)
+    if block_bytes == 1:
+        assert len(batches) == len(TRICKY)  # a chunk per row
+    rows = pa.concat_tables(batches).to_pylist()
+    assert sorted((r["id"], r["t"]) for r in rows) == TRICKY
+    assert not _reader_threads()
+
+
+def test_one_column_table_with_nulls(pg_dsn: str, pg_conn: psycopg.Connection) -> None:
+    # COPY CSV prints a NULL row of a one-column table as an empty line.
+    pg_conn.execute("CREATE TABLE single (t text)")
+    pg_conn.execute("INSERT INTO single VALUES (NULL), (''), (NULL), ('x'), (NULL)")
+    for block_bytes in (1, 1 << 20):
+        rows = pa.concat_tables(_read_all(pg_dsn, _schema(pg_conn, "single"), block_bytes))
+        assert sorted(rows.column("t").to_pylist(), key=str) == sorted(
+            [None, "", None, "x", None], key=str
+        )
+
+
+def test_empty_table_yields_nothing(pg_dsn: str, pg_conn: psycopg.Connection) -> None:
+    pg_conn.execute("CREATE TABLE empty (id int PRIMARY KEY, t text)")
+    assert _read_all(pg_dsn, _schema(pg_conn, "empty"), 1 << 20) == []
+    assert not _reader_threads()
+
+
+def test_fallback_text_per_chunk(pg_dsn: str, pg_conn: psycopg.Connection) -> None:
+    pg_conn.execute("CREATE TABLE nums (id int PRIMARY KEY, n numeric(5, 2))")
+    pg_conn.execute("INSERT INTO nums SELECT g, g / 100.0 FROM generate_series(1, 300) g")
+    pg_conn.execute("UPDATE nums SET n = 'NaN' WHERE id = 150")
+    batches = _read_all(pg_dsn, _schema(pg_conn, "nums"), 256)
+    assert len(batches) > 2
+    rows = {r["id"]: r for r in pa.concat_tables(batches, promote_options="default").to_pylist()}
+    assert len(rows) == 300
+    assert rows[150]["n"] is None and dict(rows[150][layout.FALLBACK]) == {"n": "NaN"}
+    assert rows[42]["n"] == Decimal("0.42") and rows[42].get(layout.FALLBACK) is None
+    assert sum(layout.FALLBACK in b.column_names for b in batches) == 1
+
+
+def test_stopping_mid_table_cancels_the_copy(pg_dsn: str, pg_conn: psycopg.Connection) -> None:
+    pg_conn.execute("CREATE TABLE big (id int PRIMARY KEY, t text)")
+    pg_conn.execute(
+        "INSERT INTO big SELECT g, repeat(md5(g::text), 4) FROM generate_series(1, 200000) g"
+    )
+    big = _schema(pg_conn, "big")
+    with SnapshotReader(pg_dsn, None, block_bytes=64 * 1024) as reader:
+        batches = reader.read_table(big)
+        first = next(batches)
+        assert 0 < first.num_rows < 200_000
+        batches.close()  # what a stopped pipeline does: the COPY is cancelled
+        assert not _reader_threads()
+        assert reader._conn.pgconn.transaction_status != psycopg.pq.TransactionStatus.ACTIVE
+    # The reader closed cleanly, and the server is free for the next one.
+    assert pa.concat_tables(_read_all(pg_dsn, big, 1 << 20)).num_rows == 200_000
+
+
+def test_connection_lost_mid_copy(pg_dsn: str, pg_conn: psycopg.Connection) -> None:
+    pg_conn.execute("CREATE TABLE big (id int PRIMARY KEY, t text)")
+    pg_conn.execute(
+        "INSERT INTO big SELECT g, repeat(md5(g::text), 8) FROM generate_series(1, 200000) g"
+    )
+    schema = _schema(pg_conn, "big")
+    reader = SnapshotReader(pg_dsn, None, block_bytes=64 * 1024)
+    try:
+        batches = reader.read_table(schema)
+        next(batches)
+        pid = reader._conn.info.backend_pid
+        pg_conn.execute("SELECT pg_terminate_backend(%s)", [pid])
+        with pytest.raises(SourceConnectionError):
+            for _ in batches:
+                pass
+        assert not _reader_threads()
+    finally:
+        reader._conn.close()
+
+
+def test_raising_out_of_the_loop_stops_the_reader(pg_dsn: str, pg_conn: psycopg.Connection) -> None:
+    # The pipeline's stop: an exception raised between batches, then the reader closes.
+    pg_conn.execute("CREATE TABLE big (id int PRIMARY KEY, t text)")
+    pg_conn.execute(
+        "INSERT INTO big SELECT g, repeat(md5(g::text), 4) FROM generate_series(1, 200000) g"
+    )
+    big = _schema(pg_conn, "big")
+
+    class Stopped(Exception):
+        pass
+
+    with (
+        pytest.raises(Stopped),
+        SnapshotReader(pg_dsn, None, block_bytes=64 * 1024) as reader,
+    ):
+        for _batch in reader.read_table(big):
+            raise Stopped
+    assert not _reader_threads()
+    assert reader._conn.closed
