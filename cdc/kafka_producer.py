@@ -275,18 +275,33 @@ class KafkaEventSink(Sink):
         )
 
     def _produce(self, message: EncodedMessage) -> None:
+        self._produce_raw(
+            message.topic, message.key, message.value, message.headers, message.partition
+        )
+
+    def _produce_raw(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        headers: list[tuple[str, str | bytes | None]],
+        partition: int | None,
+    ) -> None:
+        """Queue one message, counted as outstanding until its delivery report.
+
+        Raises BufferError when the producer's queue is full (nothing queued then)."""
         with self._lock:
             if self._outstanding == 0:
                 self._oldest = time.monotonic()
             self._outstanding += 1
         try:
             self._producer.produce(
-                message.topic,
-                key=message.key,
-                value=message.value,
-                headers=message.headers,
+                topic,
+                key=key,
+                value=value,
+                headers=headers,
                 # -1 (RD_KAFKA_PARTITION_UA): the partitioner picks by key.
-                partition=-1 if message.partition is None else message.partition,
+                partition=-1 if partition is None else partition,
                 on_delivery=self._on_delivery,
             )
         except BaseException as e:
@@ -295,7 +310,7 @@ class KafkaEventSink(Sink):
             if isinstance(e, KafkaException):
                 err = e.args[0]
                 cls = TransientSinkError if is_retriable(err) else TerminalSinkError
-                raise cls(f"cannot produce to {message.topic}: {err.str()}") from e
+                raise cls(f"cannot produce to {topic}: {err.str()}") from e
             raise
 
     def _produce_waiting(self, message: EncodedMessage) -> None:
@@ -327,32 +342,12 @@ class KafkaEventSink(Sink):
         topic, key, value, headers, partition = self.encoder.encode_raw(
             event, partitions=self._last_partitions
         )
-        with self._lock:
-            if self._outstanding == 0:
-                self._oldest = time.monotonic()
-            self._outstanding += 1
         try:
-            self._producer.produce(
-                topic,
-                key=key,
-                value=value,
-                headers=headers,
-                # -1 (RD_KAFKA_PARTITION_UA): the partitioner picks by key.
-                partition=-1 if partition is None else partition,
-                on_delivery=self._on_delivery,
-            )
-        except BaseException as e:
-            with self._lock:
-                self._outstanding -= 1
-            if isinstance(e, BufferError):
-                raise SinkBackpressure(
-                    f"{len(self._producer)} messages queued in the producer: wait for deliveries"
-                ) from e
-            if isinstance(e, KafkaException):
-                err = e.args[0]
-                cls = TransientSinkError if is_retriable(err) else TerminalSinkError
-                raise cls(f"cannot produce to {topic}: {err.str()}") from e
-            raise
+            self._produce_raw(topic, key, value, headers, partition)
+        except BufferError as e:
+            raise SinkBackpressure(
+                f"{len(self._producer)} messages queued in the producer: wait for deliveries"
+            ) from e
         if self.tombstones and key is not None and event.op == "d":
             # The change is queued; its tombstone must follow it whatever happens.
             self._produce_waiting(EncodedMessage(topic, key, None, []))
