@@ -153,3 +153,26 @@ def test_snapshot_batches_get_metadata_and_consecutive_seq(tmp_path: Path) -> No
         ("r", 99, 2, 5),
     ]
     assert sink.watermark(ITEMS) == (99, 2)
+
+
+def test_seconds_until_flush_counts_down_from_the_oldest_buffered_change(tmp_path: Path) -> None:
+    sink = DeltaChangelogSink(
+        str(tmp_path), app_id="t", batch=BatchSettings(max_rows=3, max_seconds=30)
+    )
+    assert sink.seconds_until_flush() == float("inf") and not sink.flush_due()
+    sink.add(event(ITEMS, "c", (1, "a"), 100, 0))
+    assert 29 < sink.seconds_until_flush() <= 30 and not sink.flush_due()
+    sink.add(event(ITEMS, "c", (2, "b"), 100, 1))
+    sink.add(event(ITEMS, "c", (3, "c"), 100, 2))
+    assert sink.seconds_until_flush() == 0.0 and sink.flush_due()
+
+
+def test_commit_times_of_many_transactions_keep_their_own_values(tmp_path: Path) -> None:
+    sink = DeltaChangelogSink(str(tmp_path), app_id="t")
+    times = [datetime(2026, 3, 4, 12, m, tzinfo=UTC) for m in (1, 2, 1, 3)]
+    for seq, ts in enumerate(times):
+        e = event(ITEMS, "c", (seq, "x"), 100 + seq, 0)
+        e.commit_ts = ts
+        sink.add(e)
+    sink.flush()
+    assert changes(tmp_path, ITEMS)["_cdc_commit_ts"].to_pylist() == times

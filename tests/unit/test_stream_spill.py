@@ -553,3 +553,23 @@ def test_transactions_are_replayed_one_record_at_a_time_from_disk(tmp_path: Path
         assert len(spill_files(tmp_path)) == 1
         replay.close()  # abandoned mid-way (e.g. the connection dropped): file goes too
         assert spill_files(tmp_path) == []
+
+
+def test_changes_spilled_undecoded_are_checked_for_their_xid(tmp_path: Path) -> None:
+    with StreamedTransactions(tmp_path) as streams:
+        with pytest.raises(DecodeError, match="outside a stream block"):
+            streams.append_change(b"I" + bytes(20), 0)
+        streams.start(pgoutput.StreamStart(7, first_segment=True))
+        with pytest.raises(DecodeError, match="truncated in the xid"):
+            streams.append_change(b"I\x00\x00", 0)
+
+
+def test_a_malformed_streamed_change_fails_at_its_replay(tmp_path: Path) -> None:
+    with StreamedTransactions(tmp_path) as streams:
+        streams.start(pgoutput.StreamStart(7, first_segment=True))
+        streams.append_change(b"I" + struct.pack(">I", 7) + b"\x00\x00\x40\x00X", 0x100)
+        streams.stop()
+        replay = streams.commit(pgoutput.StreamCommit(7, 0, 0x200, 0x210, PG_EPOCH))
+        assert isinstance(next(replay)[0], pgoutput.Begin)
+        with pytest.raises(DecodeError, match="Insert"):
+            next(replay)

@@ -19,6 +19,7 @@ from cdc.walproto import (
     parse_copy_frame,
     pg_timestamp_to_datetime,
     standby_status_update,
+    xlogdata_split,
 )
 
 MAX_LSN = 2**64 - 1
@@ -193,3 +194,21 @@ def test_standby_status_update_round_trip(
 def test_arbitrary_bytes_raise_only_decode_error(frame: bytes) -> None:
     with contextlib.suppress(DecodeError):
         parse_copy_frame(frame)
+
+
+@given(lsns, lsns, timestamps, st.binary(max_size=64), st.booleans())
+def test_xlogdata_split_agrees_with_parse_copy_frame(
+    data_start: int, wal_end: int, send_time: int, payload: bytes, as_view: bool
+) -> None:
+    frame = xlogdata_frame(data_start, wal_end, send_time, payload)
+    split = xlogdata_split(memoryview(frame) if as_view else frame)
+    assert split is not None
+    assert split[0] == data_start
+    assert bytes(split[1]) == payload
+
+
+def test_xlogdata_split_leaves_other_frames_to_parse_copy_frame() -> None:
+    assert xlogdata_split(keepalive_frame(1, 0, 1)) is None
+    assert xlogdata_split(b"") is None
+    with pytest.raises(DecodeError, match="shorter than its 25-byte header"):
+        xlogdata_split(b"w" + bytes(23))
