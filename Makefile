@@ -20,7 +20,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-## bench: install, then run every benchmark against its physical limit (~15 min);
+## bench: install, then run every benchmark against its physical limit (~7 min);
 ## writes benchmarks/results/latest.json and latest.png
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)
