@@ -89,22 +89,43 @@ def _stop_on_signals() -> threading.Event:
     return stop
 
 
+TablesOption = Annotated[
+    str | None,
+    typer.Option(help="Comma-separated tables (schema.table) to capture; default all."),
+]
+NameOption = Annotated[
+    str | None,
+    typer.Option(help="Pipeline name: names the slot and publication (default 'cdc')."),
+]
+SnapshotOption = Annotated[
+    str | None,
+    typer.Option(help="'initial' copies existing rows first; 'never' streams only."),
+]
+
+
+def _split(values: str | None) -> list[str] | None:
+    return [v.strip() for v in values.split(",") if v.strip()] if values else None
+
+
+def _snapshot_progress() -> Progress:
+    """The progress bars of an initial snapshot, on stderr."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=errors,
+        transient=False,
+    )
+
+
 @app.command()
 def run(
     source: SourceOption = None,
     lake: LakeOption = None,
-    tables: Annotated[
-        str | None,
-        typer.Option(help="Comma-separated tables (schema.table) to capture; default all."),
-    ] = None,
-    name: Annotated[
-        str | None,
-        typer.Option(help="Pipeline name: names the slot and publication (default 'cdc')."),
-    ] = None,
-    snapshot: Annotated[
-        str | None,
-        typer.Option(help="'initial' copies existing rows first; 'never' streams only."),
-    ] = None,
+    tables: TablesOption = None,
+    name: NameOption = None,
+    snapshot: SnapshotOption = None,
     flush_seconds: Annotated[
         float | None, typer.Option(help="Commit to Delta at least this often (default 0.5).")
     ] = None,
@@ -125,23 +146,14 @@ def run(
         **{
             "source.dsn": source,
             "lake.path": lake,
-            "source.tables": [t.strip() for t in tables.split(",") if t.strip()]
-            if tables
-            else None,
+            "source.tables": _split(tables),
             "name": name,
             "snapshot": snapshot,
             "batch.max_seconds": flush_seconds,
         }
     )
     stop = _stop_on_signals()
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=errors,
-        transient=False,
-    ) as progress:
+    with _snapshot_progress() as progress:
         metrics = run_embedded(settings, stop=stop, progress=_RichSnapshotProgress(progress))
     console.print_json(data=metrics)
 
@@ -160,31 +172,18 @@ TopicPrefixOption = Annotated[
 ]
 
 
-def _split(values: str | None) -> list[str] | None:
-    return [v.strip() for v in values.split(",") if v.strip()] if values else None
-
-
 @app.command()
 def capture(
     source: SourceOption = None,
     kafka: KafkaOption = None,
-    tables: Annotated[
-        str | None,
-        typer.Option(help="Comma-separated tables (schema.table) to capture; default all."),
-    ] = None,
+    tables: TablesOption = None,
     topic_prefix: TopicPrefixOption = None,
-    name: Annotated[
-        str | None,
-        typer.Option(help="Pipeline name: names the slot and publication (default 'cdc')."),
-    ] = None,
+    name: NameOption = None,
     format: Annotated[
         str | None,
         typer.Option("--format", help="'json' (the Debezium envelope) or 'json-with-schema'."),
     ] = None,
-    snapshot: Annotated[
-        str | None,
-        typer.Option(help="'initial' copies existing rows first; 'never' streams only."),
-    ] = None,
+    snapshot: SnapshotOption = None,
     partitions: Annotated[
         int | None, typer.Option(help="Partitions of the topics capture creates (default 3).")
     ] = None,
@@ -222,14 +221,7 @@ def capture(
     )
     settings.kafka_bootstrap()  # a missing --kafka is reported before PostgreSQL is touched
     stop = _stop_on_signals()
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=errors,
-        transient=False,
-    ) as progress:
+    with _snapshot_progress() as progress:
         metrics = run_capture(settings, stop=stop, progress=_RichSnapshotProgress(progress))
     console.print_json(data=metrics)
 
@@ -396,9 +388,7 @@ def check(
     settings = load_settings(**{"source.dsn": source})
     try:
         with psycopg.connect(settings.source_dsn()) as conn:
-            findings = check_source(
-                conn, tables=[t.strip() for t in tables.split(",")] if tables else None
-            )
+            findings = check_source(conn, tables=_split(tables))
     except psycopg.OperationalError as e:
         raise SourceConnectionError(f"cannot connect to the source: {e}") from e
     colors = {"error": "red", "warning": "yellow", "info": "blue"}
