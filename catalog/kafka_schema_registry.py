@@ -428,7 +428,7 @@ class KafkaSchemaRegistry:
                 schema=schema,
             )
             key = f"{schema.qualified_name}/{schema_id}".encode()
-            self._log.put(key, _encode(entry))
+            self._log.put(key, entry.to_json())
             self.refresh()
             return schema_id
 
@@ -447,29 +447,9 @@ class KafkaSchemaRegistry:
         self.close()
 
 
-def _encode(entry: SchemaVersion) -> bytes:
-    return orjson.dumps(
-        {
-            "schema_id": entry.schema_id,
-            "version": entry.version,
-            "registered_at": entry.registered_at.isoformat(),
-            "fingerprint": entry.schema.fingerprint(),
-            "schema": entry.schema.to_dict(),
-        },
-        option=orjson.OPT_SORT_KEYS,
-    )
-
-
 def _decode(value: bytes, key: bytes | None, topic: str, offset: int) -> SchemaVersion:
     try:
-        data = orjson.loads(value)
-        registered = datetime.fromisoformat(data["registered_at"])
-        entry = SchemaVersion(
-            schema_id=int(data["schema_id"]),
-            version=int(data["version"]),
-            registered_at=registered if registered.tzinfo else registered.replace(tzinfo=UTC),
-            schema=TableSchema.from_dict(data["schema"]),
-        )
+        entry = SchemaVersion.from_json(value)
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as e:
         raise TerminalCatalogError(
             f"record at offset {offset} of {topic} (key {key!r}) is not a schema version: {e}"

@@ -63,6 +63,35 @@ class SchemaVersion:
     registered_at: datetime
     schema: TableSchema
 
+    def to_json(self, *, indent: bool = False) -> bytes:
+        """The stored form, in a registry file (indented) or a registry topic record."""
+        return orjson.dumps(
+            {
+                "schema_id": self.schema_id,
+                "version": self.version,
+                "registered_at": self.registered_at.isoformat(),
+                "fingerprint": self.schema.fingerprint(),
+                "schema": self.schema.to_dict(),
+            },
+            option=(orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) if indent else orjson.OPT_SORT_KEYS,
+        )
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> SchemaVersion:
+        """The inverse of :meth:`to_json`; a naive time is read as UTC.
+
+        Raises:
+            orjson.JSONDecodeError, KeyError, TypeError, ValueError: ``raw`` is not a schema
+                version; callers say where it came from.
+        """
+        data = orjson.loads(raw)
+        return cls(
+            schema_id=int(data["schema_id"]),
+            version=int(data["version"]),
+            registered_at=_parse_utc(data["registered_at"]),
+            schema=TableSchema.from_dict(data["schema"]),
+        )
+
 
 def _check_qualified_name(qualified_name: str) -> None:
     # The name becomes one path segment; '/' would silently nest directories and '..'
@@ -154,7 +183,7 @@ class SchemaRegistry:
                     schema=schema,
                 )
                 path = self._version_path(qualified_name, version)
-                if self._write_new(path, _encode(entry)):
+                if self._write_new(path, entry.to_json(indent=True)):
                     self._remember(path, entry)
                     return entry.schema_id
             raise TransientCatalogError(
@@ -269,13 +298,7 @@ class SchemaRegistry:
         except OSError as exc:
             raise TransientCatalogError(f"cannot read {path}: {exc}") from exc
         try:
-            data = orjson.loads(raw)
-            entry = SchemaVersion(
-                schema_id=int(data["schema_id"]),
-                version=int(data["version"]),
-                registered_at=_parse_utc(data["registered_at"]),
-                schema=TableSchema.from_dict(data["schema"]),
-            )
+            entry = SchemaVersion.from_json(raw)
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise TerminalCatalogError(
                 f"schema registry file {path} is not a valid schema version: {exc}"
@@ -348,19 +371,6 @@ def _fsync_dir(directory: str) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def _encode(entry: SchemaVersion) -> bytes:
-    return orjson.dumps(
-        {
-            "schema_id": entry.schema_id,
-            "version": entry.version,
-            "registered_at": entry.registered_at.isoformat(),
-            "fingerprint": entry.schema.fingerprint(),
-            "schema": entry.schema.to_dict(),
-        },
-        option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS,
-    )
 
 
 def _parse_utc(value: str) -> datetime:
