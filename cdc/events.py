@@ -100,6 +100,53 @@ def _row_dict(
     return row
 
 
+def transaction_id(event: ChangeEvent) -> str:
+    """Debezium's ``transaction.id`` of ``event``: ``<txid>:<commit LSN>``."""
+    return f"{event.txid}:{format_lsn(event.commit_lsn)}"
+
+
+def envelope_payload(
+    event: ChangeEvent,
+    *,
+    before: dict[str, Any] | None,
+    after: dict[str, Any] | None,
+    server_name: str,
+    database: str,
+    commit_ts_ms: int,
+    transaction_id: str | None,
+) -> dict[str, Any]:
+    """The envelope's layout around row images already encoded (key order included, which
+    the JSON bytes depend on). :func:`debezium_envelope` encodes the rows and calls it; the
+    Kafka encoder's fast path calls it with its own compiled rows and cached values."""
+    return {
+        "before": before,
+        "after": after,
+        "source": {
+            "version": CONNECTOR_VERSION,
+            "connector": "postgresql",
+            "name": server_name,
+            "ts_ms": commit_ts_ms,
+            "snapshot": "true" if event.op == "r" else "false",
+            "db": database,
+            "sequence": f'[null,"{event.lsn}"]',
+            "schema": event.table.schema,
+            "table": event.table.table,
+            "txId": event.txid,
+            "lsn": event.lsn,
+            "xmin": None,
+        },
+        "op": event.op,
+        "ts_ms": event.ts_ms,
+        "transaction": None
+        if transaction_id is None
+        else {
+            "id": transaction_id,
+            "total_order": event.seq + 1,
+            "data_collection_order": None,
+        },
+    }
+
+
 def debezium_envelope(event: ChangeEvent, *, server_name: str, database: str) -> dict[str, Any]:
     """The Debezium change-event value of ``event`` (the ``payload`` part).
 
@@ -120,36 +167,17 @@ def debezium_envelope(event: ChangeEvent, *, server_name: str, database: str) ->
     if after is not None and event.unchanged_toast:
         for name in event.unchanged_toast:
             after.pop(name, None)
-    snapshot = "true" if event.op == "r" else "false"
-    envelope: dict[str, Any] = {
-        "before": _row_dict(
+    envelope = envelope_payload(
+        event,
+        before=_row_dict(
             event.table, event.before, event.fallback if event.op == "d" else None, texts
         ),
-        "after": after,
-        "source": {
-            "version": CONNECTOR_VERSION,
-            "connector": "postgresql",
-            "name": server_name,
-            "ts_ms": int(event.commit_ts.timestamp() * 1000),
-            "snapshot": snapshot,
-            "db": database,
-            "sequence": f'[null,"{event.lsn}"]',
-            "schema": event.table.schema,
-            "table": event.table.table,
-            "txId": event.txid,
-            "lsn": event.lsn,
-            "xmin": None,
-        },
-        "op": event.op,
-        "ts_ms": event.ts_ms,
-        "transaction": None
-        if event.txid is None
-        else {
-            "id": f"{event.txid}:{format_lsn(event.commit_lsn)}",
-            "total_order": event.seq + 1,
-            "data_collection_order": None,
-        },
-    }
+        after=after,
+        server_name=server_name,
+        database=database,
+        commit_ts_ms=int(event.commit_ts.timestamp() * 1000),
+        transaction_id=None if event.txid is None else transaction_id(event),
+    )
     if texts:
         envelope["cdc_fallback"] = texts
     return envelope

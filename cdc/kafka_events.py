@@ -36,8 +36,7 @@ import orjson
 from confluent_kafka import KafkaError
 
 from cdc import pgtypes
-from cdc.events import CONNECTOR_VERSION, ChangeEvent, debezium_envelope
-from cdc.lsn import format_lsn
+from cdc.events import ChangeEvent, debezium_envelope, envelope_payload, transaction_id
 from cdc.table_schema import TableSchema
 
 __all__ = [
@@ -532,7 +531,7 @@ class EventEncoder:
         if cached[0] == event.txid and cached[1] == event.commit_lsn:
             return cached[2], cached[3]
         lsn = event.commit_lsn
-        self._tx = (event.txid, lsn, f"{event.txid}:{format_lsn(lsn)}", str(lsn).encode())
+        self._tx = (event.txid, lsn, transaction_id(event), str(lsn).encode())
         return self._tx[2], self._tx[3]
 
     def headers(self, event: ChangeEvent) -> list[tuple[str, str | bytes | None]]:
@@ -554,65 +553,39 @@ class EventEncoder:
         envelope = None
         if not event.fallback:
             try:
-                envelope = self._envelope(codec, event, millis, micros)
+                envelope = self._fast_envelope(codec, event, millis)
             except Exception:  # debezium_envelope handles or raises it
                 envelope = None
         if envelope is None:
             # Values without a typed form (their text goes to cdc_fallback), or an error
             # for debezium_envelope to report.
             envelope = debezium_envelope(event, server_name=self.prefix, database=self.database)
-            source = envelope["source"]
-            # Debezium 2.6+ carries the commit time in microseconds too; the lake keeps them.
-            source["ts_us"] = micros
-            source["ts_ns"] = micros * 1000
+        source = envelope["source"]
+        # Debezium 2.6+ carries the commit time in microseconds too; the lake keeps them.
+        source["ts_us"] = micros
+        source["ts_ns"] = micros * 1000
         schema = codec.value_schema
         if schema is not None:
             return orjson.dumps({"schema": schema, "payload": envelope})
         return orjson.dumps(envelope)
 
-    def _envelope(
-        self, codec: _TableCodec, event: ChangeEvent, millis: int, micros: int
-    ) -> dict[str, Any]:
-        """:func:`~cdc.events.debezium_envelope` plus ``ts_us``/``ts_ns``, for events
-        without fallback texts (same keys in the same order: the JSON bytes are equal)."""
+    def _fast_envelope(self, codec: _TableCodec, event: ChangeEvent, millis: int) -> dict[str, Any]:
+        """:func:`~cdc.events.debezium_envelope` for events without fallback texts, with the
+        table's compiled row function and the commit's cached values (equal JSON bytes)."""
         row = codec.row
         after = None if event.after is None else row(event.after)
         if after is not None and event.unchanged_toast:
             for name in event.unchanged_toast:
                 after.pop(name, None)
-        before = None if event.before is None else row(event.before)
-        table = codec.schema
-        txid = event.txid
-        lsn = event.lsn
-        return {
-            "before": before,
-            "after": after,
-            "source": {
-                "version": CONNECTOR_VERSION,
-                "connector": "postgresql",
-                "name": self.prefix,
-                "ts_ms": millis,
-                "snapshot": "true" if event.op == "r" else "false",
-                "db": self.database,
-                "sequence": f'[null,"{lsn}"]',
-                "schema": table.schema,
-                "table": table.table,
-                "txId": txid,
-                "lsn": lsn,
-                "xmin": None,
-                "ts_us": micros,
-                "ts_ns": micros * 1000,
-            },
-            "op": event.op,
-            "ts_ms": event.ts_ms,
-            "transaction": None
-            if txid is None
-            else {
-                "id": self._transaction(event)[0],
-                "total_order": event.seq + 1,
-                "data_collection_order": None,
-            },
-        }
+        return envelope_payload(
+            event,
+            before=None if event.before is None else row(event.before),
+            after=after,
+            server_name=self.prefix,
+            database=self.database,
+            commit_ts_ms=millis,
+            transaction_id=None if event.txid is None else self._transaction(event)[0],
+        )
 
     def encode_raw(
         self, event: ChangeEvent, *, partitions: int | None = None
