@@ -25,10 +25,11 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)
 
-## lint: ruff lint and format check
+## lint: ruff lint and format check, and the import layers (import-linter)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
 
 ## format: apply ruff's formatting and safe fixes
 format: $(STAMP)

@@ -25,7 +25,7 @@ from typing import Any
 
 from benchmarks import _common as c
 from benchmarks import capture, capture_memory, freshness, kafka_path, snapshot
-from cdc.local_postgres import LocalPostgres
+from cdc.cli.local_postgres import LocalPostgres
 
 MEASURES = ("capture", "snapshot", "kafka", "freshness", "memory")
 

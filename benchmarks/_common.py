@@ -15,8 +15,8 @@ from typing import Any
 
 import psycopg
 
-from cdc.lsn import format_lsn, parse_lsn
-from cdc.slots import ensure_publication
+from cdc.core.lsn import format_lsn, parse_lsn
+from cdc.postgres.slots import ensure_publication
 
 RESULTS_DIR = Path(__file__).parent / "results"
 

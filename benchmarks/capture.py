@@ -32,7 +32,7 @@ from deltalake import DeltaTable
 
 from benchmarks import _common as c
 from catalog import lake_layout as layout
-from cdc.local_postgres import LocalPostgres
+from cdc.cli.local_postgres import LocalPostgres
 
 TARGET = 0.70
 LOADS = ("insert", "update_mix")

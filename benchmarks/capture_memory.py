@@ -35,7 +35,7 @@ from deltalake import DeltaTable
 
 from benchmarks import _common as c
 from catalog import lake_layout as layout
-from cdc.local_postgres import LocalPostgres
+from cdc.cli.local_postgres import LocalPostgres
 
 LIMIT = 1.3
 SIZES = (200_000, 2_000_000)

@@ -49,7 +49,7 @@ from deltalake import write_deltalake
 from catalog import lake_layout as layout
 from catalog.duckdb_views import current_view_sql, open_duckdb, quote_literal, register_views
 from catalog.schema_registry import SchemaRegistry
-from cdc.table_schema import ColumnSchema, TableSchema
+from cdc.core.table_schema import ColumnSchema, TableSchema
 from jobs.merge import merge
 
 RESULTS = Path(__file__).parent / "results" / "current_state.json"

@@ -17,7 +17,7 @@ is sent at once, so the schedule does not drift; ``writer_max_behind_s`` says ho
 got). Ids run 1, 2, 3..., so transaction ``k`` holds a known id range. Per transaction it
 records ``time.time()`` right after ``COMMIT`` returned. Its session runs with
 ``synchronous_commit = on`` (``--synchronous-commit``), PostgreSQL's default: the throwaway
-server of :class:`~cdc.local_postgres.LocalPostgres` turns it off, and then the WAL of a
+server of :class:`~cdc.cli.local_postgres.LocalPostgres` turns it off, and then the WAL of a
 commit reaches the walsender only at the WAL writer's next flush (``wal_writer_delay``,
 200 ms), which a production server does not add.
 
@@ -83,8 +83,8 @@ from deltalake import DeltaTable
 from benchmarks import _common as c
 from catalog import Lake
 from catalog import lake_layout as layout
-from catalog.lake import QueryError
-from cdc.local_postgres import LocalPostgres
+from catalog.errors import QueryError
+from cdc.cli.local_postgres import LocalPostgres
 
 TARGET = 1.0
 TABLE = "public.fresh"

@@ -53,8 +53,8 @@ from deltalake import DeltaTable
 
 from benchmarks import _common as c
 from catalog import lake_layout as layout
-from cdc.kafka_events import topic_name
-from cdc.local_postgres import LocalPostgres
+from cdc.cli.local_postgres import LocalPostgres
+from cdc.core.kafka_format import topic_name
 from sinks.delta_changelog import stream_app_id
 
 CAPTURE_TARGET = 0.70

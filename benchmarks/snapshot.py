@@ -11,7 +11,7 @@ start (process start-up included) until it is done:
   server for, so the server does the same work for both;
 * ``cdc run --snapshot initial --tables public.snap`` into a fresh lake, until the
   pipeline's position file (``<lake>/_cdc/pipelines/<name>.json``, read with
-  :class:`cdc.position.PositionStore`) says ``snapshot_done``. The pipeline saves that only
+  :class:`sinks.position_store.LakePositionStore`) says ``snapshot_done``. The pipeline saves that only
   after the final Delta commit of the copy, so every row is in the lake then. Polled every
   50 ms; the process is then stopped with SIGTERM (not timed) and its slot dropped.
 
@@ -36,8 +36,8 @@ from deltalake import DeltaTable
 
 from benchmarks import _common as c
 from catalog import lake_layout as layout
-from cdc.local_postgres import LocalPostgres
-from cdc.position import PositionStore
+from cdc.cli.local_postgres import LocalPostgres
+from sinks.position_store import LakePositionStore
 
 TARGET = 0.50
 TABLE = "public.snap"
@@ -64,7 +64,7 @@ def _copy(dsn: str) -> float:
     return time.perf_counter() - started
 
 
-def _snapshot_done(store: PositionStore) -> bool:
+def _snapshot_done(store: LakePositionStore) -> bool:
     try:
         position = store.load()
     except (OSError, ValueError):  # not there yet, or caught mid-replace
@@ -73,7 +73,7 @@ def _snapshot_done(store: PositionStore) -> bool:
 
 
 def _cdc_run(dsn: str, lake: Path) -> float:
-    store = PositionStore(str(lake), PIPELINE)
+    store = LakePositionStore(str(lake), PIPELINE)
     return c.time_child(
         c.cdc_command(
             "run",

@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from catalog.duckdb_views import connect
+    from catalog.errors import UnknownSchemaError
     from catalog.lake import Lake, TableInfo
-    from catalog.schema_registry import SchemaRegistry, SchemaVersion, UnknownSchemaError
+    from catalog.schema_registry import SchemaRegistry, SchemaVersion
 
 __all__ = [
     "Lake",

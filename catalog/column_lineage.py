@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from cdc.table_schema import TableSchema
+from cdc.core.table_schema import TableSchema
 
 
 def _quote(name: str) -> str:
@@ -49,7 +49,7 @@ def current_columns(
     since) is left out until a row carries it.
 
     Example:
-        >>> from cdc.table_schema import ColumnSchema as C
+        >>> from cdc.core.table_schema import ColumnSchema as C
         >>> v1 = TableSchema("s", "t", (C("id", 23, attnum=1), C("name", 25, attnum=2)))
         >>> v2 = TableSchema("s", "t", (C("id", 23, attnum=1), C("title", 25, attnum=2)))
         >>> [l.sql() for l in current_columns([v1, v2], ["id", "name", "title"])]

@@ -36,9 +36,9 @@ from deltalake.exceptions import DeltaError, TableNotFoundError
 
 from catalog import lake_layout
 from catalog.column_lineage import current_columns
-from catalog.errors import DeltaExtensionNotFound, TerminalCatalogError, TransientCatalogError
+from catalog.errors import DeltaExtensionNotFoundError, TerminalCatalogError, TransientCatalogError
 from catalog.schema_registry import SchemaRegistry
-from cdc.table_schema import TableSchema
+from cdc.core.table_schema import TableSchema
 
 __all__ = [
     "MERGE_LSN_APP_ID",
@@ -133,7 +133,7 @@ def delta_extension_path() -> Path:
     ``duckdb_extension_delta/extensions/v<duckdb version>/delta.duckdb_extension``.
 
     Raises:
-        DeltaExtensionNotFound: the wheel is missing, or built for another DuckDB version.
+        DeltaExtensionNotFoundError: the wheel is missing, or built for another DuckDB version.
 
     Example:
         >>> delta_extension_path().name  # doctest: +SKIP
@@ -143,7 +143,7 @@ def delta_extension_path() -> Path:
     pin = f"pip install 'duckdb=={version}' '{_WHEEL}=={version}'"
     spec = importlib.util.find_spec("duckdb_extension_delta")
     if spec is None or not spec.submodule_search_locations:
-        raise DeltaExtensionNotFound(
+        raise DeltaExtensionNotFoundError(
             f"the {_WHEEL} wheel is not installed; DuckDB {version} cannot download the "
             f"delta extension here. Install the wheel matching DuckDB: {pin}"
         )
@@ -156,7 +156,7 @@ def delta_extension_path() -> Path:
         if extensions.is_dir():
             available.extend(p.name for p in extensions.iterdir())
     built_for = ", ".join(sorted(available)) or "no DuckDB version"
-    raise DeltaExtensionNotFound(
+    raise DeltaExtensionNotFoundError(
         f"the installed {_WHEEL} wheel ships the delta extension for {built_for}, but DuckDB "
         f"is {version}. Pin both to the same version: {pin}"
     )
@@ -273,7 +273,7 @@ def connect(
         storage_options: deltalake-style options for listing the lake and the registry.
 
     Raises:
-        DeltaExtensionNotFound: the delta extension wheel is missing or mismatched.
+        DeltaExtensionNotFoundError: the delta extension wheel is missing or mismatched.
         TerminalCatalogError: a requested table does not exist or lacks its registry key
             columns, or view names collide.
         TransientCatalogError: a requested table cannot be read (other tables that cannot
@@ -299,7 +299,7 @@ def open_duckdb(database: str = ":memory:") -> duckdb.DuckDBPyConnection:
     Extension autoinstall/autoload are disabled, so DuckDB never tries the network.
 
     Raises:
-        DeltaExtensionNotFound: the delta extension wheel is missing, mismatched, or does
+        DeltaExtensionNotFoundError: the delta extension wheel is missing, mismatched, or does
             not load on this platform.
 
     Example:
@@ -315,7 +315,7 @@ def open_duckdb(database: str = ":memory:") -> duckdb.DuckDBPyConnection:
         con.execute(f"LOAD {quote_literal(str(extension))}")
     except duckdb.Error as exc:
         con.close()
-        raise DeltaExtensionNotFound(
+        raise DeltaExtensionNotFoundError(
             f"DuckDB {duckdb.__version__} could not load {extension}: {exc}. Reinstall "
             f"'{_WHEEL}=={duckdb.__version__}' for this platform"
         ) from exc

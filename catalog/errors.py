@@ -1,19 +1,32 @@
-"""Errors raised by the catalog (schema registry, DuckDB views)."""
+"""Errors raised by the catalog (schema registries, DuckDB views, the ``Lake`` API).
+
+See :mod:`cdc.core.errors` for the two kinds.
+"""
 
 from __future__ import annotations
 
+from cdc.core.errors import CdcError, TerminalError, TransientError
 
-class CatalogError(Exception):
+
+class CatalogError(CdcError):
     """Root of every error raised by the ``catalog`` package."""
 
 
-class TransientCatalogError(CatalogError):
+class TransientCatalogError(CatalogError, TransientError):
     """Retrying the operation may succeed."""
 
 
-class TerminalCatalogError(CatalogError):
+class TerminalCatalogError(CatalogError, TerminalError):
     """Retrying cannot help; the message says what to change."""
 
 
-class DeltaExtensionNotFound(TerminalCatalogError):
+class DeltaExtensionNotFoundError(TerminalCatalogError):
     """DuckDB's delta extension is not installed for this DuckDB version."""
+
+
+class UnknownSchemaError(TerminalCatalogError):
+    """No registered schema has the requested id."""
+
+
+class QueryError(TerminalCatalogError):
+    """DuckDB rejected or failed a query."""

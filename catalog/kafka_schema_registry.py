@@ -10,8 +10,8 @@ One record per version::
     value = {"schema_id", "version", "registered_at", "fingerprint", "schema"}
 
 Keys differ per version, so compaction keeps every version; ``schema`` is
-:meth:`cdc.table_schema.TableSchema.to_dict` and ids are
-:meth:`~cdc.table_schema.TableSchema.schema_id`, the same as in the lake-directory registry
+:meth:`cdc.core.table_schema.TableSchema.to_dict` and ids are
+:meth:`~cdc.core.table_schema.TableSchema.schema_id`, the same as in the lake-directory registry
 (:mod:`catalog.schema_registry`), so an id means the same shape in both.
 """
 
@@ -36,10 +36,15 @@ from confluent_kafka import (
 )
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from catalog.errors import CatalogError, TerminalCatalogError, TransientCatalogError
-from catalog.schema_registry import SchemaVersion, UnknownSchemaError
-from cdc.kafka_events import client_config, close_client, is_retriable, schemas_topic
-from cdc.table_schema import TableSchema
+from catalog.errors import (
+    CatalogError,
+    TerminalCatalogError,
+    TransientCatalogError,
+    UnknownSchemaError,
+)
+from catalog.schema_registry import SchemaVersion
+from cdc.core.kafka_format import client_config, close_client, is_retriable, schemas_topic
+from cdc.core.table_schema import TableSchema
 
 __all__ = ["CompactedTopic", "KafkaSchemaRegistry", "create_topics"]
 

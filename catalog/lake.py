@@ -27,14 +27,10 @@ from catalog.duckdb_views import (
     quote_ident,
     register_views,
 )
-from catalog.errors import TerminalCatalogError, TransientCatalogError
+from catalog.errors import QueryError, TerminalCatalogError, TransientCatalogError
 from catalog.schema_registry import SchemaRegistry, SchemaVersion
 
 __all__ = ["Lake", "TableInfo"]
-
-
-class QueryError(TerminalCatalogError):
-    """DuckDB rejected or failed a query."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,8 +7,8 @@ Layout (one immutable file per version of a table's shape)::
     ...
 
 Each file holds ``{"schema_id", "version", "registered_at", "fingerprint", "schema"}`` where
-``schema`` is :meth:`cdc.table_schema.TableSchema.to_dict`. Schema ids are derived from the
-shape (:meth:`~cdc.table_schema.TableSchema.schema_id`), so every process computes the same id
+``schema`` is :meth:`cdc.core.table_schema.TableSchema.to_dict`. Schema ids are derived from the
+shape (:meth:`~cdc.core.table_schema.TableSchema.schema_id`), so every process computes the same id
 for the same shape; the registry only adds the version history and the lookup by id.
 
 In Kafka mode the registry lives in a compacted topic instead; this module is only the
@@ -29,8 +29,8 @@ import orjson
 import pyarrow.fs as pafs
 
 from catalog import lake_layout
-from catalog.errors import TerminalCatalogError, TransientCatalogError
-from cdc.table_schema import TableSchema
+from catalog.errors import TerminalCatalogError, TransientCatalogError, UnknownSchemaError
+from cdc.core.table_schema import TableSchema
 
 __all__ = [
     "SchemaRegistry",
@@ -42,10 +42,6 @@ SCHEMAS_DIR = "schemas"
 
 # v000001.json; more digits are accepted so that version 1_000_000 still sorts and parses.
 _VERSION_FILE = re.compile(r"^v(\d{6,})\.json$")
-
-
-class UnknownSchemaError(TerminalCatalogError):
-    """No registered schema has the requested id."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,7 +127,7 @@ class SchemaRegistry:
         storage_options: deltalake-style options; see :func:`catalog.lake_layout.filesystem`.
 
     Example:
-        >>> from cdc.table_schema import ColumnSchema, TableSchema
+        >>> from cdc.core.table_schema import ColumnSchema, TableSchema
         >>> reg = SchemaRegistry("/tmp/lake")  # doctest: +SKIP
         >>> s = TableSchema("public", "orders", (ColumnSchema("id", 20, is_key=True),))
         >>> reg.register(s) == s.schema_id()  # doctest: +SKIP

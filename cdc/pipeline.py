@@ -1,8 +1,12 @@
-"""The embedded pipeline: capture and the Delta writer in one process, no Kafka.
+"""The capture pipeline: set-up, snapshot and streaming from PostgreSQL into one sink.
 
-Delivery: PostgreSQL is told an LSN is flushed only after the Delta commits covering every
-change up to it have succeeded, and the sink drops changes at or below each table's
-recorded (lsn, seq) watermark. A crash at any point therefore loses nothing (the slot
+``cdc run`` (:func:`run_embedded`) gives it the Delta changelog writer: capture and the
+lake in one process, no Kafka. ``cdc capture`` (:func:`run_capture`) gives it the Kafka
+producer sink and keeps its position in Kafka.
+
+Delivery: PostgreSQL is told an LSN is flushed only after the sink has made every change up
+to it durable (the Delta commits, or Kafka's acknowledgements), and the lake drops changes
+at or below each table's recorded (lsn, seq) watermark. A crash at any point therefore loses nothing (the slot
 replays from the last confirmed LSN) and duplicates nothing (the replay is filtered).
 """
 
@@ -12,28 +16,32 @@ import logging
 import threading
 import time
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 
 import psycopg
 
 from catalog import lake_layout as layout
-from cdc import pgoutput, pgtypes
-from cdc.assembler import TransactionCommitted
-from cdc.config import Settings
-from cdc.errors import (
-    ConfigError,
+from catalog.errors import CatalogError
+from catalog.kafka_schema_registry import KafkaSchemaRegistry
+from cdc.core.errors import ConfigError
+from cdc.core.lsn import format_lsn
+from cdc.core.position import CapturePosition
+from cdc.core.settings import Settings
+from cdc.core.table_schema import TableSchema
+from cdc.kafka.errors import wrap_kafka_error
+from cdc.kafka.position_store import KafkaPositionStore
+from cdc.kafka.producer import KafkaProducerSink, producer_config
+from cdc.postgres.errors import (
     PrerequisiteError,
+    SlotLostError,
     SourceConnectionError,
-    TerminalCdcError,
-    ValueConversionError,
+    SourceError,
 )
-from cdc.events import ChangeEvent
-from cdc.incremental_snapshot import IncrementalSnapshots
-from cdc.introspect import current_column_texts, describe_relation_message, describe_tables
-from cdc.lsn import format_lsn, parse_lsn
-from cdc.position import CapturePosition, PositionStore
-from cdc.replication import ReplicationConnection, session_conninfo
-from cdc.slots import (
+from cdc.postgres.incremental_snapshot import IncrementalSnapshots
+from cdc.postgres.introspect import describe_tables
+from cdc.postgres.protocol.assembler import TransactionCommitted
+from cdc.postgres.replication import ReplicationConnection, session_conninfo
+from cdc.postgres.slots import (
     check_prerequisites,
     check_slot_usable,
     drop_slot,
@@ -41,11 +49,13 @@ from cdc.slots import (
     get_slot,
     publishes_all_tables,
 )
-from cdc.snapshot import SnapshotReader
-from cdc.streaming import StreamingSource, StreamItem
-from cdc.table_schema import TableSchema
+from cdc.postgres.snapshot import SnapshotReader
+from cdc.postgres.source_queries import SourceQueries
+from cdc.postgres.streaming import StreamingSource, StreamItem
+from sinks.base import PositionStore, Sink, SnapshotProgress
 from sinks.delta_changelog import DeltaChangelogSink
-from sinks.errors import SinkBackpressure, TransientSinkError
+from sinks.errors import SinkBackpressureError, TransientSinkError
+from sinks.position_store import LakePositionStore
 
 log = logging.getLogger(__name__)
 
@@ -57,110 +67,9 @@ class _Stopped(Exception):
     """The stop event was set while the initial snapshot was copying."""
 
 
-class SnapshotProgress(Protocol):
-    """Receives snapshot progress (the CLI draws a progress bar from it)."""
-
-    def table_started(self, name: str, estimated_rows: int | None) -> None: ...
-    def rows_copied(self, name: str, rows: int) -> None: ...
-    def table_done(self, name: str, rows: int) -> None: ...
-
-
-class CaptureSink(Protocol):
-    """Where capture writes: the sink contract plus the snapshot hooks.
-
-    :class:`~sinks.delta_changelog.DeltaChangelogSink` (embedded mode) and
-    :class:`~cdc.kafka_producer.KafkaEventSink` (``cdc capture``) implement it.
-    """
-
-    def add(self, event: ChangeEvent) -> None: ...
-    def flush(self) -> dict[str, Any]: ...
-    def flush_due(self) -> bool: ...
-    @property
-    def pending_rows(self) -> int: ...
-    def ensure_table(self, table: TableSchema) -> None: ...
-    def add_snapshot(
-        self, table: TableSchema, batch: Any, *, lsn: int, first_seq: int, read_at: datetime
-    ) -> None: ...
-    def discard_snapshot(
-        self, tables: list[tuple[str, str]], lsn: int, *, slot_dropped: bool = False
-    ) -> None:
-        """Undo the rows an interrupted snapshot at ``lsn`` wrote, before it is redone.
-
-        ``slot_dropped``: the snapshot's slot is gone, so no change after ``lsn`` will ever
-        correct what the partial copy holds (the initial snapshot's case).
-        """
-        ...
-
-
-class PositionStoreLike(Protocol):
-    """Keeps the slot-and-snapshot part of a :class:`CapturePosition` (``path`` names it)."""
-
-    path: str
-
-    def load(self) -> CapturePosition | None: ...
-    def save(self, position: CapturePosition) -> None: ...
-
-
-class _SourceCatalog:
-    """A regular connection for catalog lookups, reopened after it breaks."""
-
-    def __init__(self, dsn: str) -> None:
-        self.dsn = dsn
-        self._conn: psycopg.Connection | None = None
-
-    def connection(self) -> psycopg.Connection:
-        if self._conn is None or self._conn.closed or self._conn.broken:
-            try:
-                self._conn = psycopg.connect(session_conninfo(self.dsn), autocommit=True)
-            except psycopg.OperationalError as e:
-                raise SourceConnectionError(f"cannot connect to the source: {e}") from e
-        return self._conn
-
-    def describe(self, rel: pgoutput.Relation) -> TableSchema | None:
-        try:
-            return describe_relation_message(self.connection(), rel)
-        except psycopg.OperationalError as e:
-            self.close()
-            raise SourceConnectionError(f"catalog lookup failed: {e}") from e
-
-    def fill_unchanged_toast(self, event: ChangeEvent) -> None:
-        """Re-read the TOASTed values a key-changing UPDATE did not send (see
-        :func:`cdc.introspect.current_column_texts`), so no row lands with a hole."""
-        table = event.table
-        after = event.after or ()
-        position = {c.name: i for i, c in enumerate(table.columns)}
-        key = {k: after[position[k]] for k in table.key_columns}
-        try:
-            texts = current_column_texts(self.connection(), table, key, event.unchanged_toast)
-        except psycopg.OperationalError as e:
-            self.close()
-            raise SourceConnectionError(f"re-reading TOASTed values failed: {e}") from e
-        if texts is None:
-            return  # the row is gone again; its delete follows in the stream
-        values = list(after)
-        fallback = dict(event.fallback or {})
-        for name, text in texts.items():
-            column = table.columns[position[name]]
-            try:
-                values[position[name]] = (
-                    None
-                    if text is None
-                    else pgtypes.text_parser(column.type_oid, column.type_modifier)(text)
-                )
-            except ValueConversionError:
-                fallback[name] = text  # type: ignore[assignment]
-        event.after = tuple(values)
-        event.fallback = fallback or None
-        event.unchanged_toast = ()
-
-    def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-
-
-class EmbeddedPipeline:
-    """PostgreSQL -> Delta in one process. Use :func:`run_embedded` unless you need the parts."""
+class CapturePipeline:
+    """PostgreSQL -> one sink. Use :func:`run_embedded` or :func:`run_capture` unless you
+    need the parts."""
 
     def __init__(
         self,
@@ -168,8 +77,8 @@ class EmbeddedPipeline:
         *,
         stop: threading.Event | None = None,
         progress: SnapshotProgress | None = None,
-        sink: CaptureSink | None = None,
-        store: PositionStoreLike | None = None,
+        sink: Sink | None = None,
+        store: PositionStore | None = None,
     ) -> None:
         """``sink`` and ``store`` default to the lake's Delta changelog writer and the lake's
         pipeline state; ``cdc capture`` passes Kafka ones instead."""
@@ -179,16 +88,16 @@ class EmbeddedPipeline:
         self.progress = progress
         self.lake = layout.normalize_root(settings.lake.path)
         self.storage_options = settings.lake.storage_options or None
-        self.sink: CaptureSink = sink or DeltaChangelogSink(
+        self.sink: Sink = sink or DeltaChangelogSink(
             self.lake,
             app_id=f"cdc-lakehouse:{settings.name}",
             batch=settings.batch,
             storage_options=self.storage_options,
         )
-        self.store: PositionStoreLike = store or PositionStore(
+        self.store: PositionStore = store or LakePositionStore(
             self.lake, settings.name, storage_options=self.storage_options
         )
-        self.catalog = _SourceCatalog(self.dsn)
+        self.source = SourceQueries(self.dsn)
         self.position: CapturePosition | None = None
         self._held: list[StreamItem] = []
         self._snapshots: IncrementalSnapshots | None = None
@@ -219,11 +128,11 @@ class EmbeddedPipeline:
                 "a superuser; per-table publications need table ownership (or --tables)"
             ) from e
         except psycopg.Error as e:
-            raise TerminalCdcError(f"set-up failed: {e}") from e
+            raise SourceError(f"set-up failed: {e}") from e
 
     def _prepare(self) -> tuple[CapturePosition, ReplicationConnection | None]:
         settings = self.settings
-        conn = self.catalog.connection()
+        conn = self.source.connection()
         check_prerequisites(conn)
         tables = ensure_publication(conn, settings.publication_name, tables=settings.source.tables)
         self._all_tables = publishes_all_tables(conn, settings.publication_name)
@@ -255,7 +164,7 @@ class EmbeddedPipeline:
             return position, None
 
         if position is not None and position.snapshot_done:
-            raise TerminalCdcError(
+            raise SlotLostError(
                 f"slot {settings.slot_name!r} was dropped after this pipeline streamed from it; "
                 "changes made since then are not recoverable from PostgreSQL. To start over, "
                 f"delete {self.store.path} and the pipeline's tables in the lake"
@@ -296,7 +205,7 @@ class EmbeddedPipeline:
     def _snapshot(
         self, tables: list[tuple[str, str]], snapshot_name: str | None, position: CapturePosition
     ) -> None:
-        schemas = describe_tables(self.catalog.connection(), tables)
+        schemas = describe_tables(self.source.connection(), tables)
         read_at = datetime.now(UTC)
         lsn = position.snapshot_lsn
         with SnapshotReader(self.dsn, snapshot_name) as reader:
@@ -324,7 +233,7 @@ class EmbeddedPipeline:
     def _add_snapshot(self, schema: TableSchema, batch: Any, **kwargs: Any) -> None:
         try:
             self.sink.add_snapshot(schema, batch, **kwargs)
-        except SinkBackpressure:
+        except SinkBackpressureError:
             self._flush()
             self.sink.add_snapshot(schema, batch, **kwargs)
 
@@ -363,19 +272,18 @@ class EmbeddedPipeline:
         if item.unchanged_toast and item.op == "c":
             # Only a key change produces these: the new key has no earlier row to take the
             # unchanged values from.
-            self.catalog.fill_unchanged_toast(item)
+            self.source.fill_unchanged_toast(item)
         if self._snapshots is not None:
             self._snapshots.observe(item)
         try:
             self.sink.add(item)
-        except SinkBackpressure:
+        except SinkBackpressureError:
             self._flush()
             self.sink.add(item)
 
     def _registered_schema(self, name: str) -> TableSchema | None:
         """The table's last recorded shape, to compare the first change after a restart with."""
-        registry = getattr(self.sink, "registry", None)
-        return registry.latest(name) if registry is not None else None
+        return self.sink.latest_schema(name)
 
     def _durable_lsn(self, source: StreamingSource) -> int:
         """The newest LSN that PostgreSQL may forget: everything before it is in Delta."""
@@ -412,7 +320,7 @@ class EmbeddedPipeline:
             slot=self.settings.slot_name,
             publication=self.settings.publication_name,
             position=position,
-            describe=self.catalog.describe,
+            describe=self.source.describe,
             spill_dir=self.settings.source.spill_dir,
         )
         snapshots = IncrementalSnapshots(
@@ -424,7 +332,7 @@ class EmbeddedPipeline:
             sink=self.sink,
             flush=self._flush,
             add_snapshot=self._add_snapshot,
-            connection=self.catalog.connection,
+            connection=self.source.connection,
             baseline=self._registered_schema,
             all_tables=self._all_tables,
         )
@@ -454,7 +362,7 @@ class EmbeddedPipeline:
                 except SourceConnectionError as e:
                     connected = False
                     source.close()
-                    self.catalog.close()
+                    self.source.close()
                     self.metrics["reconnects"] += 1
                     log.warning("source connection lost (%s); reconnecting in %.1fs", e, delay)
                     # What was received is made durable now, so the replay after the
@@ -482,27 +390,15 @@ class EmbeddedPipeline:
             position, conn = self.prepare()
         except _Stopped:
             log.warning("stopped during the initial snapshot; the next run starts it again")
-            self.catalog.close()
+            self.source.close()
             return dict(self.metrics, snapshot_interrupted=True)
         self.position = position
         try:
             self.stream(position, conn)
         finally:
-            self.catalog.close()
+            self.source.close()
         self.metrics["flushed_lsn"] = format_lsn(position.flushed_lsn)
         return dict(self.metrics)
-
-
-def current_wal_lsn(dsn: str) -> int:
-    """The server's WAL insert position: once flushed past it, every commit made so far is
-    in the lake.
-
-    The insert position, not ``pg_current_wal_lsn()`` (the write position), because with
-    ``synchronous_commit=off`` a commit can return before its record is written.
-    """
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        row = conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
-    return parse_lsn(row[0]) if row else 0
 
 
 def run_embedded(
@@ -526,4 +422,82 @@ def run_embedded(
         >>> run_embedded(load_settings(**{"source.dsn": dsn}), stop=stop)  # doctest: +SKIP
         {'snapshot_rows': 1000, 'events': 52, 'rows_written': 1052, ...}
     """
-    return EmbeddedPipeline(settings, stop=stop, progress=progress).run()
+    return CapturePipeline(settings, stop=stop, progress=progress).run()
+
+
+def _database_name(dsn: str) -> str:
+    """The name of the database ``dsn`` connects to, as the server reports it."""
+    try:
+        with psycopg.connect(session_conninfo(dsn), autocommit=True) as conn:
+            return str(conn.info.dbname)
+    except psycopg.OperationalError as e:
+        raise SourceConnectionError(f"cannot connect to the source: {e}") from e
+
+
+def run_capture(
+    settings: Settings,
+    *,
+    stop: threading.Event | None = None,
+    progress: SnapshotProgress | None = None,
+) -> dict[str, Any]:
+    """Capture ``settings.source`` into Kafka topics until ``stop`` is set.
+
+    Set-up, snapshot and streaming are the embedded pipeline's (see
+    :func:`cdc.pipeline.run_embedded`); events go to ``<prefix>.<schema>.<table>`` topics,
+    table shapes to ``<prefix>.__schemas`` and the slot-and-snapshot state to
+    ``<prefix>.__capture``. Returns metrics: snapshot_rows, events, rows_written (events
+    acknowledged by Kafka), reconnects, flushed_lsn.
+
+    Hazard: the slot keeps WAL on the server until capture confirms it; a capture that
+    stays stopped makes PostgreSQL keep WAL without bound.
+
+    Example:
+        >>> settings = load_settings(**{"source.dsn": dsn, "kafka.bootstrap": "k:9092"})  # doctest: +SKIP
+        >>> run_capture(settings, stop=stop)  # doctest: +SKIP
+        {'snapshot_rows': 1000, 'events': 52, 'rows_written': 1052, ...}
+    """
+    bootstrap = settings.kafka_bootstrap()
+    dsn = settings.source_dsn()
+    kafka = settings.kafka
+    config = producer_config(settings)
+    database = _database_name(dsn)
+    registry = KafkaSchemaRegistry(
+        bootstrap,
+        prefix=settings.topic_prefix,
+        client=kafka.client,
+        producer=kafka.producer,
+        consumer=kafka.consumer,
+    )
+    store = KafkaPositionStore(
+        bootstrap,
+        prefix=settings.topic_prefix,
+        pipeline=settings.name,
+        client=kafka.client,
+        producer=kafka.producer,
+        consumer=kafka.consumer,
+        replication_factor=kafka.replication_factor,
+    )
+    try:
+        try:
+            registry.create_topic(replication_factor=kafka.replication_factor)
+        except CatalogError as e:
+            raise wrap_kafka_error(e, "cannot create the schema registry topic") from e
+        sink = KafkaProducerSink(
+            config,
+            prefix=settings.topic_prefix,
+            database=database,
+            registry=registry,
+            format=kafka.format,
+            partitions=kafka.partitions,
+            replication_factor=kafka.replication_factor,
+            tombstones=kafka.tombstones,
+            batch=settings.batch,
+        )
+        pipeline = CapturePipeline(settings, stop=stop, progress=progress, sink=sink, store=store)
+        try:
+            return pipeline.run()
+        finally:
+            sink.close()
+    finally:
+        store.close()
+        registry.close()

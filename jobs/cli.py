@@ -41,7 +41,7 @@ TableOption = Annotated[
 
 
 def _lake(lake: str | None) -> tuple[str, dict[str, str] | None]:
-    from cdc.config import load_settings
+    from cdc.core.settings import load_settings
 
     settings = load_settings(**{"lake.path": lake})
     return settings.lake.path, settings.lake.storage_options or None
@@ -196,7 +196,7 @@ def schedule(
     Logs every run with its metrics. SIGTERM or Ctrl-C stops it after the running jobs
     finish; a second one exits at once (safe: every job commits atomically).
     """
-    from cdc.config import load_settings
+    from cdc.core.settings import load_settings
     from jobs.schedule import load_schedule, run_schedule
 
     plan = load_schedule(config)

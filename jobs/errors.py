@@ -14,16 +14,18 @@ original cause stays visible.
 
 from __future__ import annotations
 
+from cdc.core.errors import CdcError, TerminalError, TransientError
 
-class JobError(Exception):
+
+class JobError(CdcError):
     """Root of every error raised by the ``jobs`` package."""
 
 
-class TransientJobError(JobError):
+class TransientJobError(JobError, TransientError):
     """Retrying the job may succeed."""
 
 
-class TerminalJobError(JobError):
+class TerminalJobError(JobError, TerminalError):
     """Retrying cannot help; the message says what to change."""
 
 

@@ -1,32 +1,68 @@
-"""The sink contract: what capture (or a Kafka consumer) hands change events to.
+"""The one sink contract: what capture (or a Kafka consumer worker) hands change events to,
+and where capture keeps its position.
 
-Modelled on small sink APIs such as quixstreams': :meth:`Sink.setup` once, :meth:`Sink.add`
-per event (kept in batches per destination), :meth:`Sink.flush` to make everything added so
-far durable. A sink whose buffers are full raises :class:`~sinks.errors.SinkBackpressure`
-from ``add``; the caller flushes and adds the event again.
+Modelled on small sink APIs such as quixstreams': :meth:`Sink.add` per event (kept in
+batches per destination), :meth:`Sink.flush` to make everything added so far durable. A
+sink whose buffers are full raises :class:`~sinks.errors.SinkBackpressureError` from ``add``
+or ``add_snapshot``; the caller flushes and adds the same data again.
+
+Two sinks implement it: :class:`~sinks.delta_changelog.DeltaChangelogSink` (``cdc run``,
+and the Kafka consumer workers) and :class:`~cdc.kafka.producer.KafkaProducerSink` (``cdc
+capture``). Capture confirms an LSN to PostgreSQL only when :attr:`Sink.pending_rows` is 0
+after a flush, so a sink must count a row as pending until it is durable downstream.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from datetime import datetime
+from typing import Any, Protocol
 
-from cdc.events import ChangeEvent
+import pyarrow as pa
+
+from cdc.core.events import ChangeEvent
+from cdc.core.position import CapturePosition
+from cdc.core.table_schema import TableSchema
 
 
 class Sink(ABC):
-    """Receives change events and makes them durable on :meth:`flush`."""
+    """Receives change events and snapshot batches and makes them durable on :meth:`flush`."""
 
-    def setup(self) -> None:  # noqa: B027 - optional hook
-        """Prepare destinations (open tables, read watermarks). Called once before ``add``."""
+    @abstractmethod
+    def ensure_table(self, table: TableSchema) -> None:
+        """Make ``table``'s destination exist (an empty table is still a table)."""
 
     @abstractmethod
     def add(self, event: ChangeEvent) -> None:
-        """Buffer one event. Raises SinkBackpressure when the buffers are full."""
+        """Buffer one event. Raises SinkBackpressureError when the buffers are full."""
+
+    @abstractmethod
+    def add_snapshot(
+        self,
+        table: TableSchema,
+        batch: pa.RecordBatch | pa.Table,
+        *,
+        lsn: int,
+        first_seq: int,
+        read_at: datetime,
+    ) -> None:
+        """Buffer snapshot rows (op ``r``) in Arrow form, positioned at ``(lsn, first_seq..)``.
+
+        Raises SinkBackpressureError when the buffers are full."""
+
+    @abstractmethod
+    def discard_snapshot(
+        self, tables: list[tuple[str, str]], lsn: int, *, slot_dropped: bool = False
+    ) -> None:
+        """Undo the rows an interrupted snapshot at ``lsn`` wrote, before it is redone.
+
+        ``slot_dropped``: the snapshot's slot is gone, so no change after ``lsn`` will ever
+        correct what the partial copy holds (the initial snapshot's case).
+        """
 
     @abstractmethod
     def flush(self) -> dict[str, Any]:
-        """Make every buffered event durable; returns metrics of what was written."""
+        """Make every buffered row durable; returns metrics (``rows``, ``commits``, ...)."""
 
     @abstractmethod
     def flush_due(self) -> bool:
@@ -35,7 +71,34 @@ class Sink(ABC):
     @property
     @abstractmethod
     def pending_rows(self) -> int:
-        """Events added but not yet flushed."""
+        """Rows added but not yet durable."""
+
+    @abstractmethod
+    def latest_schema(self, qualified_name: str) -> TableSchema | None:
+        """The table's last registered shape (``None``: never seen), so that capture can
+        compare the first change after a restart with it."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources. Does not flush."""
+
+
+class SnapshotProgress(Protocol):
+    """Receives snapshot progress (the CLI draws a progress bar from it)."""
+
+    def table_started(self, name: str, estimated_rows: int | None) -> None: ...
+    def rows_copied(self, name: str, rows: int) -> None: ...
+    def table_done(self, name: str, rows: int) -> None: ...
+
+
+class PositionStore(Protocol):
+    """Keeps the slot-and-snapshot part of a :class:`~cdc.core.position.CapturePosition`.
+
+    :class:`~sinks.position_store.LakePositionStore` keeps it in the lake (``cdc run``),
+    :class:`~cdc.kafka.position_store.KafkaPositionStore` in a compacted topic (``cdc
+    capture``). ``path`` names where, for messages.
+    """
+
+    path: str
+
+    def load(self) -> CapturePosition | None: ...
+    def save(self, position: CapturePosition) -> None: ...

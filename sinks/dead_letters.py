@@ -31,9 +31,9 @@ from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from deltalake.exceptions import CommitFailedError, DeltaError
 
 from catalog import lake_layout as layout
-from cdc.kafka_events import is_retriable
-from sinks.delta_changelog import StreamFencedError, stream_app_id
-from sinks.errors import TerminalSinkError, TransientSinkError
+from cdc.core.kafka_format import is_retriable
+from sinks.delta_changelog import stream_app_id
+from sinks.errors import StreamFencedError, TerminalSinkError, TransientSinkError
 
 __all__ = ["DLQ_SCHEMA", "DeadLetter", "DeadLetterSink", "dlq_uri"]
 

@@ -36,12 +36,17 @@ from deltalake.exceptions import CommitFailedError, DeltaError, SchemaMismatchEr
 
 from catalog import lake_layout as layout
 from catalog.schema_registry import SchemaRegistry
-from cdc import pgtypes
-from cdc.config import BatchSettings
-from cdc.events import ChangeEvent
-from cdc.table_schema import TableSchema
+from cdc.core import pgtypes
+from cdc.core.events import ChangeEvent
+from cdc.core.settings import BatchSettings
+from cdc.core.table_schema import TableSchema
 from sinks.base import Sink
-from sinks.errors import SinkBackpressure, TerminalSinkError, TransientSinkError
+from sinks.errors import (
+    SinkBackpressureError,
+    StreamFencedError,
+    TerminalSinkError,
+    TransientSinkError,
+)
 from sinks.schema_evolution import cast_columns, plan_evolution, widen_in_place
 
 log = logging.getLogger(__name__)
@@ -123,11 +128,6 @@ class _Rows:
             pc.cast(commit_ts, pa.date32()),
         ]
         return pa.Table.from_arrays(columns_out, schema=arrow_schema)
-
-
-class StreamFencedError(TransientSinkError):
-    """Another writer committed a stream (topic-partition) this sink was writing: the
-    caller lost the partition, must drop what it buffered and re-read from Delta."""
 
 
 def stream_app_id(app_id: str, stream: str, kind: str) -> str:
@@ -290,7 +290,7 @@ class DeltaChangelogSink(Sink):
         self, tables: list[tuple[str, str]], lsn: int, *, slot_dropped: bool = False
     ) -> None:
         """Delete the snapshot rows (op ``r`` at ``lsn``) an interrupted snapshot wrote
-        (whether or not its slot was dropped: see :class:`cdc.pipeline.CaptureSink`)."""
+        (whether or not its slot was dropped: see :meth:`sinks.base.Sink.discard_snapshot`)."""
         for schema_name, table in tables:
             uri = layout.changes_uri(self.root, f"{schema_name}.{table}")
             if DeltaTable.is_deltatable(uri, storage_options=self.storage_options):
@@ -301,7 +301,7 @@ class DeltaChangelogSink(Sink):
 
     def _check_capacity(self) -> None:
         if self._pending_rows >= self.batch.max_rows or self._pending_bytes >= self.batch.max_bytes:
-            raise SinkBackpressure(
+            raise SinkBackpressureError(
                 f"{self._pending_rows} rows / {self._pending_bytes} bytes buffered: flush first"
             )
 
@@ -375,7 +375,7 @@ class DeltaChangelogSink(Sink):
     ) -> None:
         """Buffer snapshot rows (op ``r``) already in Arrow form, typed like the table.
 
-        ``batch`` may carry a ``_cdc_fallback`` map column (see :mod:`cdc.snapshot`).
+        ``batch`` may carry a ``_cdc_fallback`` map column (see :mod:`cdc.postgres.snapshot`).
 
         Snapshot rows of one table share ``lsn`` and take consecutive ``seq`` values from
         ``first_seq``, so they are ordered and deduplicated like streamed changes.
@@ -418,6 +418,9 @@ class DeltaChangelogSink(Sink):
         buf.bytes += size
         self._pending_rows += rows
         self._pending_bytes += size
+
+    def latest_schema(self, qualified_name: str) -> TableSchema | None:
+        return self.registry.latest(qualified_name)
 
     # -- flushing ---------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""Kafka messages -> :class:`~cdc.events.ChangeEvent`. Pure: no IO.
+"""Kafka messages -> :class:`~cdc.core.events.ChangeEvent`. Pure: no IO.
 
 Three kinds of messages are understood, in this order:
 
@@ -26,7 +26,7 @@ it. Debezium's events have no such position: ``_cdc_lsn`` is ``source.lsn`` (the
 WAL position) and ``_cdc_seq`` the Kafka offset, which orders every change of one key (one
 key, one partition), and they are deduplicated by offset only.
 
-Anything that does not fit raises :class:`UndecodableMessage` with the reason; the worker
+Anything that does not fit raises :class:`UndecodableMessageError` with the reason; the worker
 sends the message to the dead-letter queue.
 """
 
@@ -45,24 +45,24 @@ import orjson
 import pyarrow as pa
 
 from catalog.errors import CatalogError
-from cdc import pgtypes
-from cdc.events import ChangeEvent
-from cdc.kafka_events import (
+from cdc.core import pgtypes
+from cdc.core.events import ChangeEvent
+from cdc.core.kafka_format import (
     HEADER_COMMIT_TS_US,
     HEADER_LSN,
     HEADER_SCHEMA_ID,
     HEADER_SEQ,
     remember_last,
 )
-from cdc.pgtypes import Oid
-from cdc.table_schema import ColumnSchema, TableSchema
-from sinks.errors import TerminalSinkError
+from cdc.core.pgtypes import Oid
+from cdc.core.table_schema import ColumnSchema, TableSchema
+from sinks.errors import UndecodableMessageError
 
 __all__ = [
     "DEBEZIUM_UNAVAILABLE",
     "Decoded",
     "EventDecoder",
-    "UndecodableMessage",
+    "UndecodableMessageError",
     "connect_column_type",
 ]
 
@@ -75,11 +75,6 @@ _EPOCH_UTC: Final = datetime(1970, 1, 1, tzinfo=UTC)
 _EPOCH_DATE: Final = date(1970, 1, 1)
 _INTERVAL_OID: Final = 1186  # Oid.INTERVAL, where the type mapping has it
 _TIMETZ_OID: Final = 1266  # Oid.TIMETZ
-
-
-class UndecodableMessage(TerminalSinkError):
-    """A message is not a change event we can read, or does not fit its schema. The
-    message says why; the worker sends it to the dead-letter queue."""
 
 
 class Decoded(NamedTuple):
@@ -576,7 +571,7 @@ def _parse_header(raw: bytes, name: str) -> int:
     try:
         return int(raw)
     except ValueError:
-        raise UndecodableMessage(f"header {name} is not an integer: {raw[:40]!r}") from None
+        raise UndecodableMessageError(f"header {name} is not an integer: {raw[:40]!r}") from None
 
 
 def _header_int(raw: bytes | None, name: str) -> int | None:
@@ -647,7 +642,7 @@ class EventDecoder:
         """The event in a message, or None for a tombstone (a null value).
 
         Raises:
-            UndecodableMessage: the message is not a change event, names an unknown
+            UndecodableMessageError: the message is not a change event, names an unknown
                 schema, or its values do not fit their columns. The text says which.
         """
         if value is None:
@@ -655,7 +650,7 @@ class EventDecoder:
         try:
             doc = orjson.loads(value)
         except orjson.JSONDecodeError as e:
-            raise UndecodableMessage(f"value is not JSON: {e}") from None
+            raise UndecodableMessageError(f"value is not JSON: {e}") from None
         value_schema = None
         if isinstance(doc, dict) and "payload" in doc and "schema" in doc:
             value_schema, doc = doc["schema"], doc["payload"]
@@ -692,18 +687,18 @@ class EventDecoder:
         shape = self._by_id.get(schema_id)
         if shape is None:
             if self._lookup is None:
-                raise UndecodableMessage(f"schema id {schema_id}: no schema registry to ask")
+                raise UndecodableMessageError(f"schema id {schema_id}: no schema registry to ask")
             try:
                 schema = self._lookup(schema_id)
             except CatalogError as e:
-                raise UndecodableMessage(f"unknown schema id {schema_id}: {e}") from None
+                raise UndecodableMessageError(f"unknown schema id {schema_id}: {e}") from None
             shape = _shape(schema, None)
             self._by_id[schema_id] = shape
         schema = shape.schema
         if schema.schema != schema_name or schema.table != table:
             qualified = f"{schema_name}.{table}"
             if schema.qualified_name != qualified:
-                raise UndecodableMessage(
+                raise UndecodableMessageError(
                     f"schema id {schema_id} is table {schema.qualified_name}, but the "
                     f"event is for {qualified}"
                 )
@@ -719,7 +714,7 @@ class EventDecoder:
         if not isinstance(row_fields, list) or not all(
             isinstance(f, dict) and isinstance(f.get("field"), str) for f in row_fields
         ):
-            raise UndecodableMessage("the Connect schema has no before/after struct")
+            raise UndecodableMessageError("the Connect schema has no before/after struct")
         key_names = _key_columns(key)
         cache_key = orjson.dumps([name, row_fields, sorted(key_names)], option=orjson.OPT_SORT_KEYS)
         shape = self._by_connect.get(cache_key)
@@ -765,11 +760,11 @@ class EventDecoder:
         self, shape: _Shape, data: Any, what: str, *, partial: bool
     ) -> tuple[tuple[Any, ...], tuple[str, ...]]:
         if not isinstance(data, dict):
-            raise UndecodableMessage(f"'{what}' is not an object: {str(data)[:80]}")
+            raise UndecodableMessageError(f"'{what}' is not an object: {str(data)[:80]}")
         values: list[Any] = [None] * len(shape.names)
         unknown = [c for c in data if c not in shape.positions]
         if unknown:
-            raise UndecodableMessage(
+            raise UndecodableMessageError(
                 f"'{what}' has columns {unknown} that table schema "
                 f"{shape.schema.qualified_name} (id {shape.schema.schema_id()}) does not have"
             )
@@ -780,7 +775,9 @@ class EventDecoder:
             try:
                 values[i] = shape.decoders[i](raw)
             except (ValueError, TypeError, OverflowError, ArithmeticError) as e:
-                raise UndecodableMessage(f"{shape.schema.qualified_name}.{column}: {e}") from None
+                raise UndecodableMessageError(
+                    f"{shape.schema.qualified_name}.{column}: {e}"
+                ) from None
         missing: list[str] = []
         if partial:
             # Columns our capture leaves out (or Debezium marks unavailable) are TOASTed
@@ -811,11 +808,11 @@ class EventDecoder:
             if after is None:
                 after, unchanged = self._row(shape, raw, "after", partial=op != "r")
         if op in ("c", "r") and after is None:
-            raise UndecodableMessage(f"op {op!r} without 'after'")
+            raise UndecodableMessageError(f"op {op!r} without 'after'")
         if op == "u" and after is None:
-            raise UndecodableMessage("op 'u' without 'after'")
+            raise UndecodableMessageError("op 'u' without 'after'")
         if op == "d" and before is None:
-            raise UndecodableMessage("op 'd' without 'before'")
+            raise UndecodableMessageError("op 'd' without 'before'")
         lsn = _optional_int(source.get("lsn"), "source.lsn")
         commit_lsn = self._headers.commit_lsn(meta[1])
         seq = _header_int(meta[2], HEADER_SEQ)
@@ -826,7 +823,7 @@ class EventDecoder:
         if fallback is not None and not (
             isinstance(fallback, dict) and all(isinstance(v, str) for v in fallback.values())
         ):
-            raise UndecodableMessage("'cdc_fallback' is not an object of texts")
+            raise UndecodableMessageError("'cdc_fallback' is not an object of texts")
         event = ChangeEvent(
             op=op,
             table=shape.schema,
@@ -867,19 +864,19 @@ class EventDecoder:
 
 def _check_envelope(doc: Any) -> dict[str, Any]:
     if not isinstance(doc, dict):
-        raise UndecodableMessage(f"not a change event: a JSON {type(doc).__name__}")
+        raise UndecodableMessageError(f"not a change event: a JSON {type(doc).__name__}")
     op = doc.get("op")
     if op not in _OPS:
-        raise UndecodableMessage(f"not a change event: 'op' is {op!r}")
+        raise UndecodableMessageError(f"not a change event: 'op' is {op!r}")
     source = doc.get("source")
     if not isinstance(source, dict):
-        raise UndecodableMessage("not a change event: no 'source' object")
+        raise UndecodableMessageError("not a change event: no 'source' object")
     schema, table = source.get("schema"), source.get("table")
     if schema.__class__ is str and table.__class__ is str and schema and table:
         return doc  # the common case, without the loop below
     for field in ("schema", "table"):
         if not isinstance(source.get(field), str) or not source[field]:
-            raise UndecodableMessage(f"not a change event: no 'source.{field}'")
+            raise UndecodableMessageError(f"not a change event: no 'source.{field}'")
     return doc
 
 
@@ -889,7 +886,7 @@ def _key_columns(key: bytes | None) -> set[str]:
     try:
         doc = orjson.loads(key)
     except orjson.JSONDecodeError:
-        raise UndecodableMessage(f"key is not JSON: {key[:60]!r}") from None
+        raise UndecodableMessageError(f"key is not JSON: {key[:60]!r}") from None
     if isinstance(doc, dict) and "payload" in doc and "schema" in doc:
         doc = doc["payload"]
     return set(doc) if isinstance(doc, dict) else set()
@@ -901,7 +898,7 @@ def _optional_int(raw: Any, what: str) -> int | None:
     try:
         return _int(raw)
     except ValueError as e:
-        raise UndecodableMessage(f"{what}: {e}") from None
+        raise UndecodableMessageError(f"{what}: {e}") from None
 
 
 def _commit_ts(micros: int | None, source: dict[str, Any]) -> datetime:
@@ -911,9 +908,9 @@ def _commit_ts(micros: int | None, source: dict[str, Any]) -> datetime:
     if micros is None:
         millis = _optional_int(source.get("ts_ms"), "source.ts_ms")
         if millis is None:
-            raise UndecodableMessage("no commit time: 'source.ts_ms' is missing")
+            raise UndecodableMessageError("no commit time: 'source.ts_ms' is missing")
         micros = millis * 1000
     try:
         return _EPOCH_UTC + timedelta(microseconds=micros)
     except OverflowError:
-        raise UndecodableMessage(f"commit time {micros} us is out of range") from None
+        raise UndecodableMessageError(f"commit time {micros} us is out of range") from None

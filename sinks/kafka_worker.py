@@ -54,9 +54,8 @@ from deltalake.exceptions import DeltaError
 from catalog import lake_layout as layout
 from catalog.errors import CatalogError, TransientCatalogError
 from catalog.kafka_schema_registry import KafkaSchemaRegistry, create_topics
-from cdc.config import Settings
-from cdc.errors import ConfigError
-from cdc.kafka_events import (
+from cdc.core.errors import ConfigError
+from cdc.core.kafka_format import (
     client_config,
     close_client,
     dlq_topic,
@@ -64,15 +63,23 @@ from cdc.kafka_events import (
     table_topics_pattern,
     topic_name,
 )
-from cdc.table_schema import TableSchema
+from cdc.core.settings import Settings
+from cdc.core.table_schema import TableSchema
 from sinks.dead_letters import DeadLetter, DeadLetterSink
 from sinks.delta_changelog import DeltaChangelogSink, stream_app_id
-from sinks.errors import SinkBackpressure, TerminalSinkError, TransientSinkError
-from sinks.event_decoding import EventDecoder, UndecodableMessage
+from sinks.errors import (
+    KafkaConsumerError,
+    KafkaConsumerUnavailableError,
+    SinkBackpressureError,
+    TerminalSinkError,
+    TransientSinkError,
+    UndecodableMessageError,
+)
+from sinks.event_decoding import EventDecoder
 
 __all__ = [
-    "KafkaSinkError",
-    "KafkaSinkUnavailable",
+    "KafkaConsumerError",
+    "KafkaConsumerUnavailableError",
     "KafkaSinkWorker",
     "consumer_config",
     "run_sink",
@@ -105,19 +112,11 @@ _PROGRESS_SECONDS = 1.0
 _GC_THRESHOLD = 50_000
 
 
-class KafkaSinkError(TerminalSinkError):
-    """Kafka refused something the worker needs, and retrying cannot help."""
-
-
-class KafkaSinkUnavailable(TransientSinkError):
-    """The Kafka cluster could not be reached, or a seek the worker relies on failed."""
-
-
 def _wrap(error: KafkaError | KafkaException, doing: str) -> TransientSinkError | TerminalSinkError:
     err = error.args[0] if isinstance(error, KafkaException) else error
     if not isinstance(err, KafkaError):
-        return KafkaSinkUnavailable(f"{doing}: {error}")
-    cls = KafkaSinkUnavailable if is_retriable(err) else KafkaSinkError
+        return KafkaConsumerUnavailableError(f"{doing}: {error}")
+    cls = KafkaConsumerUnavailableError if is_retriable(err) else KafkaConsumerError
     return cls(f"{doing}: {err.str()} ({err.name()})")
 
 
@@ -248,9 +247,9 @@ class KafkaSinkWorker:
                 replication_factor=self.settings.kafka.replication_factor,
             )
         except TransientCatalogError as e:
-            raise KafkaSinkUnavailable(f"cannot create {self.dlq_topic}: {e}") from e
+            raise KafkaConsumerUnavailableError(f"cannot create {self.dlq_topic}: {e}") from e
         except CatalogError as e:
-            raise KafkaSinkError(f"cannot create {self.dlq_topic}: {e}") from e
+            raise KafkaConsumerError(f"cannot create {self.dlq_topic}: {e}") from e
 
     # -- offsets in Delta ---------------------------------------------------------------
 
@@ -463,7 +462,7 @@ class KafkaSinkWorker:
                 headers=list(headers.items()) if isinstance(headers, dict) else headers,
                 offset=offset,
             )
-        except UndecodableMessage as e:
+        except UndecodableMessageError as e:
             self._dead_letter(message, str(e), None)
             return
         if decoded is None:
@@ -484,7 +483,7 @@ class KafkaSinkWorker:
             return
         try:
             self.sink.add(event, stream=part.stream, offset=offset, dedupe=decoded.exact_position)
-        except SinkBackpressure:
+        except SinkBackpressureError:
             if self._flush():
                 self.sink.add(
                     event, stream=part.stream, offset=offset, dedupe=decoded.exact_position

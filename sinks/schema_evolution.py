@@ -11,7 +11,7 @@ type changes follows this policy, chosen so that no value is ever rounded or dro
 2. **The lake column is text** (say ``int -> text -> int``): new values are stored as their
    text, which is lossless; the column stays text.
 3. **Anything else** (``int -> date``, ``timestamp -> timestamptz``...): the sink stops with
-   :class:`IncompatibleSchemaChange`, whose message says what to do. Nothing is written.
+   :class:`IncompatibleSchemaChangeError`, whose message says what to do. Nothing is written.
 
 The rewrite reads and writes the whole table: it is cheap for small tables and takes a while
 for large ones, and it conflicts with (and retries against) a concurrent compaction.
@@ -27,14 +27,10 @@ import pyarrow.compute as pc
 from deltalake import DeltaTable, write_deltalake
 from deltalake.exceptions import CommitFailedError
 
-from sinks.errors import TerminalSinkError, TransientSinkError
+from sinks.errors import IncompatibleSchemaChangeError, TransientSinkError
 
 _INT_ORDER = [pa.int8(), pa.int16(), pa.int32(), pa.int64()]
 _INT_DIGITS = {pa.int8(): 3, pa.int16(): 5, pa.int32(): 10, pa.int64(): 19}
-
-
-class IncompatibleSchemaChange(TerminalSinkError):
-    """A column changed to a type the lake cannot hold beside the old values."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +85,7 @@ def plan_evolution(lake: pa.Schema, incoming: pa.Schema, *, table: str) -> Evolu
             # narrowed (bigint -> int) after an earlier widening.
             cast_incoming[new_field.name] = old
         else:
-            raise IncompatibleSchemaChange(
+            raise IncompatibleSchemaChangeError(
                 f"{table}.{new_field.name} changed from {old} to {new}, which the lake cannot "
                 "hold beside the existing values without losing some of them. Nothing was "
                 "written. To go on, either revert the type change in PostgreSQL, or stop the "
@@ -106,7 +102,7 @@ def cast_columns(data: pa.Table, types: dict[str, pa.DataType]) -> pa.Table:
         try:
             data = data.set_column(i, pa.field(name, target), pc.cast(data.column(i), target))
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
-            raise IncompatibleSchemaChange(f"cannot store {name} as {target}: {e}") from e
+            raise IncompatibleSchemaChangeError(f"cannot store {name} as {target}: {e}") from e
     return data
 
 

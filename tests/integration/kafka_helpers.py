@@ -19,9 +19,9 @@ import psycopg
 from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from cdc.config import Settings, load_settings
-from cdc.kafka_producer import run_capture
-from cdc.pipeline import current_wal_lsn
+from cdc.core.settings import Settings, load_settings
+from cdc.pipeline import run_capture
+from cdc.postgres.source_queries import current_wal_lsn
 from sinks.kafka_worker import run_sink
 
 #: Consumer properties for the tests: quick failover and quick discovery of new topics.

@@ -12,11 +12,12 @@ from deltalake import DeltaTable
 
 from catalog import lake_layout as layout
 from catalog.lake import Lake
-from cdc.config import load_settings
-from cdc.errors import ConfigError, PrerequisiteError
-from cdc.pipeline import EmbeddedPipeline
-from cdc.position import PositionStore
-from cdc.slots import ensure_publication, get_slot
+from cdc.core.errors import ConfigError
+from cdc.core.settings import load_settings
+from cdc.pipeline import CapturePipeline
+from cdc.postgres.errors import PrerequisiteError
+from cdc.postgres.slots import ensure_publication, get_slot
+from sinks.position_store import LakePositionStore
 from tests.plugins.lake import (
     assert_lake_matches_postgres,
     duplicate_positions,
@@ -268,7 +269,7 @@ def test_existing_slot_without_lake_state_is_refused(
     with running_pipeline(pg_dsn, lake_dir) as pipeline:
         wait_caught_up(pipeline, pg_dsn)
     other_lake = lake_dir + "-other"
-    pipeline = EmbeddedPipeline(
+    pipeline = CapturePipeline(
         load_settings(**{"source.dsn": pg_dsn, "lake.path": other_lake, "name": "test"})
     )
     with pytest.raises(ConfigError, match="no record"):
@@ -286,7 +287,7 @@ def test_interrupted_snapshot_is_redone_from_scratch(
     settings = load_settings(
         **{"source.dsn": pg_dsn, "lake.path": lake_dir, "name": "test", "batch.max_rows": 5000}
     )
-    pipeline = EmbeddedPipeline(settings)
+    pipeline = CapturePipeline(settings)
 
     class Crash(Exception):
         pass
@@ -302,8 +303,8 @@ def test_interrupted_snapshot_is_redone_from_scratch(
     pipeline.progress = CrashInSecondTable()
     with pytest.raises(Crash):
         pipeline.prepare()
-    pipeline.catalog.close()
-    position = PositionStore(lake_dir, "test").load()
+    pipeline.source.close()
+    position = LakePositionStore(lake_dir, "test").load()
     assert position is not None and not position.snapshot_done
     # Table a was flushed (the sink's row limit forced it) before the crash.
     assert DeltaTable(layout.changes_uri(lake_dir, "public.a")).to_pyarrow_table().num_rows == 30000
@@ -361,7 +362,7 @@ def test_stop_during_the_snapshot_exits_cleanly_and_the_next_run_redoes_it(
 ) -> None:
     pg_conn.execute("CREATE TABLE a (id int PRIMARY KEY); CREATE TABLE b (id int PRIMARY KEY)")
     pg_conn.execute("INSERT INTO a SELECT generate_series(1, 100); INSERT INTO b VALUES (1)")
-    pipeline = EmbeddedPipeline(
+    pipeline = CapturePipeline(
         load_settings(**{"source.dsn": pg_dsn, "lake.path": lake_dir, "name": "test"})
     )
 
@@ -389,7 +390,7 @@ def test_missing_privileges_are_explained(
     try:
         pg_conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
         dsn = psycopg.conninfo.make_conninfo(pg_dsn, user=role)
-        pipeline = EmbeddedPipeline(
+        pipeline = CapturePipeline(
             load_settings(**{"source.dsn": dsn, "lake.path": lake_dir, "name": "test"})
         )
         with pytest.raises(PrerequisiteError, match="superuser"):
@@ -398,7 +399,7 @@ def test_missing_privileges_are_explained(
         pg_conn.execute(f"ALTER TABLE t OWNER TO {role}")
         pg_conn.execute("CREATE TABLE secret (id int PRIMARY KEY)")
         pg_conn.execute("CREATE PUBLICATION test FOR TABLE t, secret")
-        pipeline = EmbeddedPipeline(
+        pipeline = CapturePipeline(
             load_settings(
                 **{
                     "source.dsn": dsn,

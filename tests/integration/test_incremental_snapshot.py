@@ -98,8 +98,8 @@ def test_columns_added_with_a_default_and_rewritten_types_reach_existing_rows(
 def test_a_copy_interrupted_by_a_crash_is_discarded_and_redone(
     pg_dsn: str, pg_conn: psycopg.Connection, lake_dir: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from cdc import incremental_snapshot
-    from cdc.position import PositionStore
+    from cdc.postgres import incremental_snapshot
+    from sinks.position_store import LakePositionStore
 
     class Crash(Exception):
         pass
@@ -122,7 +122,7 @@ def test_a_copy_interrupted_by_a_crash_is_discarded_and_redone(
     with pytest.raises(Crash), running_pipeline(pg_dsn, lake_dir, **options) as pipeline:
         pg_conn.execute("ALTER PUBLICATION test ADD TABLE late")
         pipeline.wait_flushed(10**12, timeout=20)  # runs until the copy crashes
-    position = PositionStore(lake_dir, "test").load()
+    position = LakePositionStore(lake_dir, "test").load()
     assert position is not None and "public.late" in position.pending_snapshots
     with Lake(lake_dir) as lk:
         assert lk.sql("SELECT count(*) FROM public.late_changes").fetchone()[0] >= 4000
@@ -137,5 +137,5 @@ def test_a_copy_interrupted_by_a_crash_is_discarded_and_redone(
         assert lk.sql(
             "SELECT count(*) FROM public.late_changes WHERE _cdc_op = 'r'"
         ).fetchone() == (19990,)
-    position = PositionStore(lake_dir, "test").load()
+    position = LakePositionStore(lake_dir, "test").load()
     assert position is not None and not position.pending_snapshots

@@ -14,7 +14,7 @@ from confluent_kafka import Consumer, TopicPartition
 from catalog.kafka_schema_registry import KafkaSchemaRegistry
 from catalog.lake import Lake
 from catalog.schema_registry import SchemaRegistry
-from cdc.kafka_events import HEADER_SCHEMA_ID
+from cdc.core.kafka_format import HEADER_SCHEMA_ID
 from tests.integration.kafka_helpers import (
     background,
     capture_thread,

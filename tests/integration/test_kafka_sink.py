@@ -15,10 +15,11 @@ from deltalake import DeltaTable
 
 from catalog.kafka_schema_registry import KafkaSchemaRegistry, create_topics
 from catalog.lake import Lake
-from cdc.events import ChangeEvent
-from cdc.kafka_events import HEADER_SCHEMA_ID, EventEncoder
-from cdc.pgtypes import Oid
-from cdc.table_schema import ColumnSchema, TableSchema
+from cdc.core.events import ChangeEvent
+from cdc.core.kafka_format import HEADER_SCHEMA_ID
+from cdc.core.pgtypes import Oid
+from cdc.core.table_schema import ColumnSchema, TableSchema
+from cdc.kafka.event_encoder import EventEncoder
 from sinks.dead_letters import dlq_uri
 from sinks.delta_changelog import DeltaChangelogSink
 from sinks.errors import TransientSinkError

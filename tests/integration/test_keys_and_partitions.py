@@ -9,7 +9,7 @@ import psycopg
 import pytest
 
 from catalog.lake import Lake
-from cdc.check import check_source
+from cdc.postgres.check import check_source
 from tests.plugins.lake import (
     assert_lake_matches_postgres,
     duplicate_positions,

@@ -12,7 +12,7 @@ from deltalake import DeltaTable
 
 from catalog import lake_layout as layout
 from catalog.lake import Lake
-from sinks.schema_evolution import IncompatibleSchemaChange
+from sinks.errors import IncompatibleSchemaChangeError
 from tests.plugins.lake import assert_lake_matches_postgres, running_pipeline, wait_caught_up
 
 pytestmark = pytest.mark.postgres
@@ -92,7 +92,8 @@ def test_incompatible_type_change_stops_with_instructions_and_writes_nothing(
     pg_conn.execute("INSERT INTO t VALUES (1, '2026-01-01')")
     with (
         pytest.raises(
-            IncompatibleSchemaChange, match=r"t\.at changed from date32\[day\] to int32.*revert"
+            IncompatibleSchemaChangeError,
+            match=r"t\.at changed from date32\[day\] to int32.*revert",
         ),
         running_pipeline(pg_dsn, lake_dir) as pipeline,
     ):

@@ -12,9 +12,9 @@ import pytest
 from confluent_kafka import Consumer, KafkaError, Message, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
-import cdc.local_postgres as local_postgres
-from cdc.errors import LocalPostgresError
-from cdc.local_postgres import LocalPostgres
+import cdc.cli.local_postgres as local_postgres
+from cdc.cli.errors import LocalPostgresError
+from cdc.cli.local_postgres import LocalPostgres
 from tests.plugins.postgres import temporary_database
 
 # -- PostgreSQL ----------------------------------------------------------------------------

@@ -10,10 +10,10 @@ import pyarrow as pa
 import pytest
 
 from catalog import lake_layout as layout
-from cdc.errors import SourceConnectionError
-from cdc.introspect import describe_tables
-from cdc.snapshot import SnapshotReader
-from cdc.table_schema import TableSchema
+from cdc.core.table_schema import TableSchema
+from cdc.postgres.errors import SourceConnectionError
+from cdc.postgres.introspect import describe_tables
+from cdc.postgres.snapshot import SnapshotReader
 
 pytestmark = pytest.mark.postgres
 

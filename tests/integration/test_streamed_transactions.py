@@ -20,13 +20,13 @@ import pytest
 from psycopg import pq, sql
 
 from catalog.lake import Lake
-from cdc.assembler import TransactionCommitted
-from cdc.events import ChangeEvent
-from cdc.pipeline import current_wal_lsn
-from cdc.position import CapturePosition
-from cdc.replication import ReplicationConnection, session_conninfo
-from cdc.slots import ensure_publication
-from cdc.streaming import StreamingSource
+from cdc.core.events import ChangeEvent
+from cdc.core.position import CapturePosition
+from cdc.postgres.protocol.assembler import TransactionCommitted
+from cdc.postgres.replication import ReplicationConnection, session_conninfo
+from cdc.postgres.slots import ensure_publication
+from cdc.postgres.source_queries import current_wal_lsn
+from cdc.postgres.streaming import StreamingSource
 from tests.plugins.lake import (
     assert_lake_matches_postgres,
     duplicate_positions,

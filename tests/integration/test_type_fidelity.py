@@ -22,7 +22,7 @@ from psycopg.types.datetime import (
 )
 
 from catalog.lake import Lake
-from cdc.replication import session_conninfo
+from cdc.postgres.replication import session_conninfo
 from tests.plugins.lake import running_pipeline, wait_caught_up
 
 pytestmark = pytest.mark.postgres

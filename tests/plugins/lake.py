@@ -20,9 +20,10 @@ from deltalake import write_deltalake
 from catalog import lake_layout as layout
 from catalog.lake import Lake
 from catalog.schema_registry import SchemaRegistry
-from cdc.config import load_settings
-from cdc.pipeline import EmbeddedPipeline, current_wal_lsn
-from cdc.table_schema import ColumnSchema, TableSchema
+from cdc.core.settings import load_settings
+from cdc.core.table_schema import ColumnSchema, TableSchema
+from cdc.pipeline import CapturePipeline
+from cdc.postgres.source_queries import current_wal_lsn
 
 
 @pytest.fixture
@@ -33,7 +34,7 @@ def lake_dir(tmp_path: Path) -> str:
 @contextmanager
 def running_pipeline(
     dsn: str, lake: str, *, wait_streaming: bool = True, **overrides: Any
-) -> Iterator[EmbeddedPipeline]:
+) -> Iterator[CapturePipeline]:
     """The embedded pipeline in a background thread; stops it (flushing) on exit and
     re-raises anything it raised.
 
@@ -47,7 +48,7 @@ def running_pipeline(
         "name": "test",
     }
     values.update(overrides)
-    pipeline = EmbeddedPipeline(load_settings(**values))
+    pipeline = CapturePipeline(load_settings(**values))
     failure: list[BaseException] = []
 
     def target() -> None:
@@ -74,7 +75,7 @@ def running_pipeline(
         raise failure[0]
 
 
-def wait_caught_up(pipeline: EmbeddedPipeline, dsn: str, timeout: float = 60) -> None:
+def wait_caught_up(pipeline: CapturePipeline, dsn: str, timeout: float = 60) -> None:
     """Wait until every change committed so far in ``dsn`` is durable in the lake."""
     target = current_wal_lsn(dsn)
     assert pipeline.wait_flushed(target, timeout=timeout), (

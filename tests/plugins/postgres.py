@@ -2,7 +2,7 @@
 
 Fixtures:
 
-* ``pg_server`` (session): a started :class:`cdc.local_postgres.LocalPostgres` with
+* ``pg_server`` (session): a started :class:`cdc.cli.local_postgres.LocalPostgres` with
   ``wal_level=logical``; stopped, and its directory removed, at session end.
 * ``pg_dsn`` (function): DSN of a new, empty database ``test_<hex>`` on that server. After the
   test, replication slots on it are dropped (their walsenders terminated first, since an
@@ -24,7 +24,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from cdc.local_postgres import LocalPostgres
+from cdc.cli.local_postgres import LocalPostgres
 
 #: How long teardown waits for a terminated walsender to release its slot.
 _SLOT_RELEASE_TIMEOUT = 10.0

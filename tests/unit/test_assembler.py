@@ -6,11 +6,11 @@ from datetime import UTC, datetime
 
 import pytest
 
-from cdc import pgoutput
-from cdc.assembler import ChangeAssembler, TransactionCommitted
-from cdc.errors import DecodeError
-from cdc.pgtypes import Oid
-from cdc.table_schema import ColumnSchema, TableSchema
+from cdc.core.errors import DecodeError
+from cdc.core.pgtypes import Oid
+from cdc.core.table_schema import ColumnSchema, TableSchema
+from cdc.postgres.protocol import pgoutput
+from cdc.postgres.protocol.assembler import ChangeAssembler, TransactionCommitted
 
 TS = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from catalog.column_lineage import current_columns, renamed
-from cdc.table_schema import ColumnSchema, TableSchema
+from cdc.core.table_schema import ColumnSchema, TableSchema
 
 
 def shape(*columns: tuple[str, int]) -> TableSchema:

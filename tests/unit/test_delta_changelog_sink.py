@@ -11,12 +11,12 @@ import pytest
 from deltalake import DeltaTable
 
 from catalog import lake_layout as layout
-from cdc.config import BatchSettings
-from cdc.events import ChangeEvent
-from cdc.pgtypes import Oid
-from cdc.table_schema import ColumnSchema, TableSchema
+from cdc.core.events import ChangeEvent
+from cdc.core.pgtypes import Oid
+from cdc.core.settings import BatchSettings
+from cdc.core.table_schema import ColumnSchema, TableSchema
 from sinks.delta_changelog import DeltaChangelogSink
-from sinks.errors import SinkBackpressure
+from sinks.errors import SinkBackpressureError
 
 ITEMS = TableSchema(
     "shop", "items", (ColumnSchema("id", Oid.INT8, -1, True), ColumnSchema("name", Oid.TEXT))
@@ -107,7 +107,7 @@ def test_backpressure_and_flush_limits(tmp_path: Path) -> None:
     time.sleep(0.06)
     assert sink.flush_due()  # age
     sink.add(event(ITEMS, "c", (2, "b"), 1, 1))
-    with pytest.raises(SinkBackpressure):
+    with pytest.raises(SinkBackpressureError):
         sink.add(event(ITEMS, "c", (3, "c"), 1, 2))
     sink.flush()
     sink.add(event(ITEMS, "c", (3, "c"), 1, 2))

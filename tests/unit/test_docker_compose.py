@@ -6,7 +6,7 @@ from unittest import mock
 
 import yaml
 
-from cdc.config import Settings
+from cdc.core.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"

@@ -30,8 +30,8 @@ from catalog.duckdb_views import (
     open_duckdb,
     register_views,
 )
-from catalog.errors import DeltaExtensionNotFound, TerminalCatalogError, TransientCatalogError
-from cdc.table_schema import ColumnSchema, TableSchema
+from catalog.errors import DeltaExtensionNotFoundError, TerminalCatalogError, TransientCatalogError
+from cdc.core.table_schema import ColumnSchema, TableSchema
 
 INT8, INT4, TEXT, BYTEA, TEXT_ARRAY = 20, 23, 25, 17, 1009
 
@@ -124,7 +124,7 @@ def test_delta_extension_path_points_at_the_wheel() -> None:
 
 def test_missing_wheel_names_the_wheel_and_version(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(DeltaExtensionNotFound) as info:
+    with pytest.raises(DeltaExtensionNotFoundError) as info:
         delta_extension_path()
     assert "duckdb-extension-delta" in str(info.value)
     assert duckdb.__version__ in str(info.value)
@@ -133,7 +133,7 @@ def test_missing_wheel_names_the_wheel_and_version(monkeypatch: pytest.MonkeyPat
 def test_mismatched_duckdb_version(monkeypatch: pytest.MonkeyPatch) -> None:
     built_for = delta_extension_path().parent.name
     monkeypatch.setattr(duckdb, "__version__", "9.9.9")
-    with pytest.raises(DeltaExtensionNotFound, match=f"{built_for}.*9.9.9.*duckdb==9.9.9"):
+    with pytest.raises(DeltaExtensionNotFoundError, match=f"{built_for}.*9.9.9.*duckdb==9.9.9"):
         delta_extension_path()
 
 

@@ -7,9 +7,9 @@ from decimal import Decimal
 
 import orjson
 
-from cdc.events import ChangeEvent, debezium_envelope
-from cdc.pgtypes import Oid
-from cdc.table_schema import ColumnSchema, TableSchema
+from cdc.core.events import ChangeEvent, debezium_envelope
+from cdc.core.pgtypes import Oid
+from cdc.core.table_schema import ColumnSchema, TableSchema
 
 ORDERS = TableSchema(
     "public",

@@ -14,7 +14,7 @@ import pytest
 from deltalake import DeltaTable
 
 from catalog import lake_layout
-from cdc.table_schema import ColumnSchema
+from cdc.core.table_schema import ColumnSchema
 from jobs.common import parse_duration, parse_size, with_conflict_retries
 from jobs.compact import compact, partitions_to_compact
 from jobs.errors import CommitConflictError, TerminalJobError

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from catalog import lake_layout
 from catalog.duckdb_views import MERGE_LSN_APP_ID, MERGE_SEQ_APP_ID, connect, merge_watermark
 from catalog.lake import Lake
-from cdc.table_schema import ColumnSchema
+from cdc.core.table_schema import ColumnSchema
 from jobs.errors import CommitConflictError
 from jobs.merge import NO_WATERMARK, Watermark, _apply, fold_sql, keep_flags, merge
 from tests.plugins.lake import change, register_table, write_changes

@@ -10,13 +10,14 @@ import orjson
 import pyarrow as pa
 import pytest
 
-from catalog.schema_registry import UnknownSchemaError
-from cdc import pgtypes
-from cdc.events import ChangeEvent
-from cdc.kafka_events import EventEncoder
-from cdc.pgtypes import Oid
-from cdc.table_schema import ColumnSchema, TableSchema
-from sinks.event_decoding import EventDecoder, UndecodableMessage, connect_column_type
+from catalog.errors import UnknownSchemaError
+from cdc.core import pgtypes
+from cdc.core.events import ChangeEvent
+from cdc.core.pgtypes import Oid
+from cdc.core.table_schema import ColumnSchema, TableSchema
+from cdc.kafka.event_encoder import EventEncoder
+from sinks.errors import UndecodableMessageError
+from sinks.event_decoding import EventDecoder, connect_column_type
 from tests.unit import debezium_samples as dbz
 
 ITEMS = TableSchema(
@@ -192,7 +193,9 @@ def items_envelope(after: dict) -> dict:
     ],
 )
 def test_messages_that_cannot_be_written_say_why(message: dict, reason: str) -> None:
-    with pytest.raises(UndecodableMessage, match=reason.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(
+        UndecodableMessageError, match=reason.replace("[", r"\[").replace("]", r"\]")
+    ):
         EventDecoder(lookup).decode(offset=0, **message)
 
 

@@ -11,11 +11,12 @@ import pytest
 from deltalake import DeltaTable
 
 from catalog import lake_layout as layout
-from cdc.events import ChangeEvent
-from cdc.pgtypes import Oid
-from cdc.table_schema import ColumnSchema, TableSchema
+from cdc.core.events import ChangeEvent
+from cdc.core.pgtypes import Oid
+from cdc.core.table_schema import ColumnSchema, TableSchema
 from sinks.dead_letters import DeadLetter, DeadLetterSink, dlq_uri
-from sinks.delta_changelog import DeltaChangelogSink, StreamFencedError, stream_app_id
+from sinks.delta_changelog import DeltaChangelogSink, stream_app_id
+from sinks.errors import StreamFencedError
 
 T = TableSchema("s", "t", (ColumnSchema("id", Oid.INT4, -1, True), ColumnSchema("v", Oid.TEXT)))
 TS = datetime(2026, 3, 4, tzinfo=UTC)

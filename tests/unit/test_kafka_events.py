@@ -12,21 +12,21 @@ import orjson
 import pytest
 from confluent_kafka import KafkaError
 
-from cdc import pgtypes
-from cdc.events import ChangeEvent
-from cdc.kafka_events import (
+from cdc.core import pgtypes
+from cdc.core.events import ChangeEvent
+from cdc.core.kafka_format import (
     HEADER_COMMIT_TS_US,
     HEADER_LSN,
     HEADER_SCHEMA_ID,
     HEADER_SEQ,
-    EventEncoder,
     client_config,
     is_retriable,
     table_topics_pattern,
     topic_name,
 )
-from cdc.pgtypes import Oid
-from cdc.table_schema import ColumnSchema, TableSchema
+from cdc.core.pgtypes import Oid
+from cdc.core.table_schema import ColumnSchema, TableSchema
+from cdc.kafka.event_encoder import EventEncoder
 from sinks.event_decoding import EventDecoder
 
 NUMERIC_10_2 = ((10 << 16) | 2) + 4

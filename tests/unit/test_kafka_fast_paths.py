@@ -11,11 +11,13 @@ from typing import Any
 import orjson
 import pytest
 
-from cdc.events import ChangeEvent, debezium_envelope
-from cdc.kafka_events import HEADER_COMMIT_TS_US, HEADER_LSN, HEADER_SCHEMA_ID, EventEncoder
-from cdc.pgtypes import Oid
-from cdc.table_schema import ColumnSchema, TableSchema
-from sinks.event_decoding import EventDecoder, UndecodableMessage
+from cdc.core.events import ChangeEvent, debezium_envelope
+from cdc.core.kafka_format import HEADER_COMMIT_TS_US, HEADER_LSN, HEADER_SCHEMA_ID
+from cdc.core.pgtypes import Oid
+from cdc.core.table_schema import ColumnSchema, TableSchema
+from cdc.kafka.event_encoder import EventEncoder
+from sinks.errors import UndecodableMessageError
+from sinks.event_decoding import EventDecoder
 from tests.unit.test_kafka_events import ROW, TYPES, event
 
 KEYLESS = TableSchema(
@@ -187,7 +189,9 @@ def test_values_the_compiled_path_refuses_say_why(after: dict[str, Any], reason:
     [good] = encoder.encode(event("c", after=ROW))
     decoder = EventDecoder({TYPES.schema_id(): TYPES}.__getitem__)
     decoder.decode(key=good.key, value=good.value, headers=good.headers)  # warms the caches
-    with pytest.raises(UndecodableMessage, match=reason.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(
+        UndecodableMessageError, match=reason.replace("[", r"\[").replace("]", r"\]")
+    ):
         decoder.decode(key=good.key, value=with_after(good, **after), headers=good.headers)
 
 
@@ -222,5 +226,5 @@ def test_remembered_headers_follow_each_message() -> None:
     headers = dict(m.headers)
     for name in (HEADER_SCHEMA_ID, HEADER_LSN, HEADER_COMMIT_TS_US):
         bad = [(k, b"12x" if k == name else v) for k, v in headers.items()]
-        with pytest.raises(UndecodableMessage, match=f"header {name} is not an integer"):
+        with pytest.raises(UndecodableMessageError, match=f"header {name} is not an integer"):
             decoder.decode(key=m.key, value=m.value, headers=bad)

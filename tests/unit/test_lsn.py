@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cdc.errors import DecodeError
-from cdc.lsn import MAX_LSN, format_lsn, parse_lsn
+from cdc.core.errors import DecodeError
+from cdc.core.lsn import MAX_LSN, format_lsn, parse_lsn
 
 
 @pytest.mark.parametrize(

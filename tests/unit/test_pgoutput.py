@@ -10,9 +10,9 @@ from datetime import UTC, datetime
 
 import pytest
 
-from cdc.errors import DecodeError
-from cdc.lsn import parse_lsn
-from cdc.pgoutput import (
+from cdc.core.errors import DecodeError
+from cdc.core.lsn import parse_lsn
+from cdc.postgres.protocol.pgoutput import (
     UNCHANGED_TOAST,
     Begin,
     Commit,

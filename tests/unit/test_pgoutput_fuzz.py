@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cdc.errors import DecodeError
-from cdc.pgoutput import (
+from cdc.core.errors import DecodeError
+from cdc.postgres.protocol.pgoutput import (
     UNCHANGED_TOAST,
     Begin,
     Commit,
@@ -32,7 +32,7 @@ from cdc.pgoutput import (
     Update,
     decode_message,
 )
-from cdc.walproto import datetime_to_pg_timestamp
+from cdc.postgres.protocol.walproto import datetime_to_pg_timestamp
 from tests.unit.pgoutput_samples import ALL_SAMPLES
 
 FUZZ = settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -1,4 +1,4 @@
-"""Tests for cdc.pgtypes: PostgreSQL text -> Python/Arrow values, Debezium JSON and schemas.
+"""Tests for cdc.core.pgtypes: PostgreSQL text -> Python/Arrow values, Debezium JSON and schemas.
 
 The renderers below reproduce PostgreSQL's text output under the session settings the
 connections use (DateStyle=ISO, TimeZone=UTC, extra_float_digits=3, bytea_output=hex), so the
@@ -21,8 +21,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cdc.errors import ValueConversionError
-from cdc.pgtypes import (
+from cdc.core.errors import ValueConversionError
+from cdc.core.pgtypes import (
     OID,
     Oid,
     arrow_type,

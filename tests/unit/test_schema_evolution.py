@@ -8,12 +8,8 @@ import pyarrow as pa
 import pytest
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 
-from sinks.schema_evolution import (
-    IncompatibleSchemaChange,
-    is_widening,
-    plan_evolution,
-    widen_in_place,
-)
+from sinks.errors import IncompatibleSchemaChangeError
+from sinks.schema_evolution import is_widening, plan_evolution, widen_in_place
 
 
 @pytest.mark.parametrize(
@@ -46,7 +42,7 @@ def test_plan_widens_casts_or_refuses() -> None:
     assert plan.widen == {"id": pa.int64()}
     assert plan.cast_incoming == {"note": pa.string()}  # text -> int: stored as text
     with pytest.raises(
-        IncompatibleSchemaChange, match=r"t\.at changed from date32\[day\] to int32"
+        IncompatibleSchemaChangeError, match=r"t\.at changed from date32\[day\] to int32"
     ):
         plan_evolution(lake, pa.schema([("at", pa.int32())]), table="t")
 

@@ -9,14 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from catalog.errors import TerminalCatalogError
-from catalog.schema_registry import (
-    SchemaRegistry,
-    SchemaVersion,
-    UnknownSchemaError,
-    _write_new_local,
-)
-from cdc.table_schema import ColumnSchema, TableSchema
+from catalog.errors import TerminalCatalogError, UnknownSchemaError
+from catalog.schema_registry import SchemaRegistry, SchemaVersion, _write_new_local
+from cdc.core.table_schema import ColumnSchema, TableSchema
 
 INT8, TEXT = 20, 25
 

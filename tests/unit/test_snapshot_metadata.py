@@ -9,8 +9,8 @@ import pyarrow as pa
 from deltalake import DeltaTable
 
 from catalog import lake_layout as layout
-from cdc.pgtypes import Oid
-from cdc.table_schema import ColumnSchema, TableSchema
+from cdc.core.pgtypes import Oid
+from cdc.core.table_schema import ColumnSchema, TableSchema
 from sinks.delta_changelog import DeltaChangelogSink
 
 ITEMS = TableSchema(

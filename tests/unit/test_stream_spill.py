@@ -1,7 +1,7 @@
 """Streamed transactions (pgoutput protocol 2) spilled to disk and replayed at commit.
 
 Uses the v2 messages captured from PostgreSQL 15 in :mod:`tests.unit.pgoutput_samples`,
-played to :class:`cdc.streaming.StreamingSource` through a stand-in for the replication
+played to :class:`cdc.postgres.streaming.StreamingSource` through a stand-in for the replication
 connection, so the whole receive path runs: frame parsing, in-stream decoding, spill files,
 replay and the assembler. Other transactions are made from the samples by rewriting their
 xid fields (bytes 1-4 of in-stream messages), the one thing that tells them apart.
@@ -17,14 +17,15 @@ from typing import Any
 
 import pytest
 
-from cdc import pgoutput
-from cdc.assembler import ChangeAssembler, TransactionCommitted
-from cdc.errors import DecodeError, TransientCdcError
-from cdc.events import ChangeEvent
-from cdc.position import CapturePosition
-from cdc.stream_spill import StreamedTransactions, StreamSpillError
-from cdc.streaming import StreamingSource
-from cdc.walproto import PG_EPOCH
+from cdc.core.errors import DecodeError, TransientError
+from cdc.core.events import ChangeEvent
+from cdc.core.position import CapturePosition
+from cdc.postgres.errors import StreamSpillError
+from cdc.postgres.protocol import pgoutput
+from cdc.postgres.protocol.assembler import ChangeAssembler, TransactionCommitted
+from cdc.postgres.protocol.walproto import PG_EPOCH
+from cdc.postgres.stream_spill import StreamedTransactions
+from cdc.postgres.streaming import StreamingSource
 from tests.unit import pgoutput_samples as s
 
 XID = 745  # the captured transaction
@@ -516,7 +517,7 @@ def test_a_spill_cut_short_on_disk_is_a_transient_error_and_is_cleaned_up(
     spill.write_bytes(spill.read_bytes()[:-10])
     with pytest.raises(StreamSpillError, match="truncated or removed") as caught:
         session.send([s.STREAM_COMMIT])
-    assert isinstance(caught.value, TransientCdcError)
+    assert isinstance(caught.value, TransientError)
     source.close()
     assert list(tmp_path.iterdir()) == []
 

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cdc.errors import DecodeError
-from cdc.walproto import (
+from cdc.core.errors import DecodeError
+from cdc.postgres.protocol.walproto import (
     PG_EPOCH,
     PrimaryKeepalive,
     XLogData,

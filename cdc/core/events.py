@@ -1,7 +1,7 @@
 """The change-event model and its Debezium envelope.
 
 A :class:`ChangeEvent` is what capture hands to a sink: one row change, with its values
-already converted to Python values (see :mod:`cdc.pgtypes`) and ordered like the table's
+already converted to Python values (see :mod:`cdc.core.pgtypes`) and ordered like the table's
 columns. It is a plain slotted dataclass, not a validating model, because one is built per
 changed row on the hot path; validation happens where events come from outside (Kafka).
 
@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
-from cdc import pgtypes
-from cdc.errors import ValueConversionError
-from cdc.lsn import format_lsn
-from cdc.table_schema import TableSchema
+from cdc.core import pgtypes
+from cdc.core.errors import ValueConversionError
+from cdc.core.lsn import format_lsn
+from cdc.core.table_schema import TableSchema
 
 #: c insert, u update, d delete, r snapshot read, t truncate.
 Op = Literal["c", "u", "d", "r", "t"]
@@ -79,7 +79,7 @@ def _row_dict(
     """Encode one row image; values Debezium's encoding cannot hold (numeric NaN in a
     Connect Decimal) become null, and their text joins ``texts``.
 
-    The general path: :class:`cdc.kafka_events.EventEncoder` compiles one per table for
+    The general path: :class:`cdc.kafka.event_encoder.EventEncoder` compiles one per table for
     the common case and falls back to this one; the two must give the same JSON."""
     if values is None:
         return None

@@ -2,19 +2,16 @@
 
 The snapshot sets ``consistent_point`` and ``snapshot_done``; streaming advances
 ``received_lsn``, ``committed_lsn`` and ``flushed_lsn``. The slot-and-snapshot part is saved
-in the lake (``_cdc/pipelines/<name>.json``) so a restart knows whether an interrupted
-snapshot must be redone; the LSNs are re-read from PostgreSQL (the slot) and Delta (the
-per-table watermarks) instead, which are the sources of truth for them.
+by a position store (:class:`sinks.base.PositionStore`: in the lake, or in Kafka for ``cdc
+capture``) so a restart knows whether an interrupted snapshot must be redone;
+the LSNs are re-read from PostgreSQL (the slot) and Delta (the per-table watermarks)
+instead, which are the sources of truth for them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
-
-import orjson
-
-from catalog import lake_layout as layout
 
 
 @dataclass(slots=True)
@@ -77,25 +74,3 @@ class CapturePosition:
             snapshotted=None if data.get("snapshotted") is None else set(data["snapshotted"]),
             pending_snapshots=dict(data.get("pending_snapshots") or {}),
         )
-
-
-class PositionStore:
-    """Saves the durable part of a :class:`CapturePosition` in the lake."""
-
-    def __init__(
-        self, root: str, pipeline: str, *, storage_options: dict[str, str] | None = None
-    ) -> None:
-        self.path = layout.join(
-            layout.normalize_root(root), layout.INTERNAL_DIR, "pipelines", f"{pipeline}.json"
-        )
-        self._fs, self._fs_path = layout.filesystem(self.path, storage_options)
-
-    def load(self) -> CapturePosition | None:
-        try:
-            with self._fs.open_input_stream(self._fs_path) as f:
-                return CapturePosition.from_dict(orjson.loads(f.read()))
-        except FileNotFoundError:
-            return None
-
-    def save(self, position: CapturePosition) -> None:
-        layout.write_atomically(self._fs, self._fs_path, orjson.dumps(position.to_dict()))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 
-from cdc.errors import DecodeError
+from cdc.core.errors import DecodeError
 
 __all__ = ["MAX_LSN", "format_lsn", "parse_lsn"]
 

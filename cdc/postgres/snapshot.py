@@ -3,7 +3,7 @@
 Rows travel as COPY ... CSV bytes. A reader thread drains the COPY at the libpq level
 (PostgreSQL sends one message per row) and joins the rows into chunks of about
 ``block_bytes``; each chunk holds whole rows, so pyarrow parses it as a CSV document of its
-own, and its columns are converted vectorized (:func:`cdc.pgtypes.text_to_arrow_lossless`).
+own, and its columns are converted vectorized (:func:`cdc.core.pgtypes.text_to_arrow_lossless`).
 No per-row Python runs beyond taking the message, and the COPY keeps flowing while the
 caller converts and writes the previous chunk (pyarrow and deltalake release the GIL).
 Memory stays bounded by a few chunks, whatever the table size.
@@ -27,10 +27,10 @@ import pyarrow.csv as pacsv
 from psycopg import pq, sql
 
 from catalog import lake_layout as layout
-from cdc import pgtypes
-from cdc.errors import PrerequisiteError, SourceConnectionError
-from cdc.replication import session_conninfo
-from cdc.table_schema import TableSchema
+from cdc.core import pgtypes
+from cdc.core.table_schema import TableSchema
+from cdc.postgres.errors import PrerequisiteError, SourceConnectionError
+from cdc.postgres.replication import session_conninfo
 
 #: Bytes of CSV parsed per Arrow batch: the unit of memory use while copying.
 DEFAULT_BLOCK_BYTES = 8 * 1024 * 1024

@@ -38,7 +38,7 @@ from typing import Self
 
 import psycopg
 
-from cdc.errors import LocalPostgresError
+from cdc.cli.errors import LocalPostgresError
 
 __all__ = ["LocalPostgres", "find_pg_bin_dir"]
 
@@ -312,7 +312,7 @@ class LocalPostgres:
         )
         # Trust only over loopback and the private socket, whatever initdb's defaults are.
         hba = (
-            "# Written by cdc.local_postgres: throwaway server, trust on loopback only.\n"
+            "# Written by cdc.cli.local_postgres: throwaway server, trust on loopback only.\n"
             "local all         all              trust\n"
             "host  all         all 127.0.0.1/32 trust\n"
             "local replication all              trust\n"
@@ -401,7 +401,7 @@ class LocalPostgres:
 
     def _write_settings(self) -> None:
         lines = [
-            "# Written by cdc.local_postgres on every start; edits are overwritten.",
+            "# Written by cdc.cli.local_postgres on every start; edits are overwritten.",
             *(f"{key} = {_conf_quote(value)}" for key, value in self._settings().items()),
         ]
         self._write_server_file(self.data_dir / _SETTINGS_FILE, "\n".join(lines) + "\n")

@@ -2,8 +2,8 @@
 
 It speaks the streaming-replication commands through psycopg's libpq layer
 (``replication=database`` connection, simple-query ``exec_``, COPY BOTH via
-``get_copy_data``/``put_copy_data``). Frame parsing lives in :mod:`cdc.walproto` and message
-decoding in :mod:`cdc.pgoutput`, both free of IO.
+``get_copy_data``/``put_copy_data``). Frame parsing lives in :mod:`cdc.postgres.protocol.walproto` and message
+decoding in :mod:`cdc.postgres.protocol.pgoutput`, both free of IO.
 """
 
 from __future__ import annotations
@@ -17,11 +17,12 @@ import psycopg
 from psycopg import pq
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from cdc.errors import ConfigError, SourceConnectionError
-from cdc.lsn import format_lsn, parse_lsn
-from cdc.walproto import standby_status_update
+from cdc.core.errors import ConfigError
+from cdc.core.lsn import format_lsn, parse_lsn
+from cdc.postgres.errors import SourceConnectionError
+from cdc.postgres.protocol.walproto import standby_status_update
 
-#: Session settings that fix the text form of values, which cdc.pgtypes parses. Applied to
+#: Session settings that fix the text form of values, which cdc.core.pgtypes parses. Applied to
 #: every connection that reads row data (replication and snapshot alike).
 VALUE_FORMAT_OPTIONS = (
     "-c DateStyle=ISO -c TimeZone=UTC -c IntervalStyle=iso_8601 "
@@ -141,7 +142,7 @@ class ReplicationConnection:
 
         ``stream_in_progress`` asks for pgoutput protocol version 2 with ``streaming 'on'``:
         transactions that outgrow the server's ``logical_decoding_work_mem`` arrive in
-        blocks before they commit, and may be aborted (see :mod:`cdc.stream_spill`). The
+        blocks before they commit, and may be aborted (see :mod:`cdc.postgres.stream_spill`). The
         default (``None``) streams whenever the server supports it (PostgreSQL 14+);
         :attr:`stream_in_progress` says what was chosen.
         """

@@ -3,14 +3,14 @@ streaming, and a sink that produces to Kafka instead of writing Delta.
 
 Delivery: PostgreSQL is told an LSN is flushed only once the broker has acknowledged
 (``acks=all``, idempotent producer) every message of every change up to it.
-:class:`KafkaEventSink` counts the messages without a delivery report in
-:attr:`~KafkaEventSink.pending_rows`, and the pipeline confirms nothing while that count is
+:class:`KafkaProducerSink` counts the messages without a delivery report in
+:attr:`~KafkaProducerSink.pending_rows`, and the pipeline confirms nothing while that count is
 above zero. A capture that dies loses nothing: PostgreSQL re-sends from the confirmed LSN,
 and the sink workers drop what they already have by its ``(lsn, seq)`` position.
 
 Memory is bounded by librdkafka's queue (``queue.buffering.max.messages`` and
-``queue.buffering.max.kbytes``): when it is full, :meth:`KafkaEventSink.add` raises
-:class:`~sinks.errors.SinkBackpressure` and the pipeline waits for deliveries before
+``queue.buffering.max.kbytes``): when it is full, :meth:`KafkaProducerSink.add` raises
+:class:`~sinks.errors.SinkBackpressureError` and the pipeline waits for deliveries before
 reading more from the replication stream.
 """
 
@@ -22,41 +22,26 @@ import time
 from datetime import UTC, datetime
 from typing import Any, Final
 
-import orjson
-import psycopg
 import pyarrow as pa
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from confluent_kafka.admin import AdminClient
 
 from catalog import lake_layout as layout
-from catalog.errors import CatalogError, TransientCatalogError
-from catalog.kafka_schema_registry import CompactedTopic, KafkaSchemaRegistry, create_topics
-from cdc.config import BatchSettings, Settings
-from cdc.errors import ConfigError, SourceConnectionError, TerminalCdcError, TransientCdcError
-from cdc.events import ChangeEvent
-from cdc.kafka_events import (
-    EncodedMessage,
-    EventEncoder,
-    Format,
-    client_config,
-    close_client,
-    is_retriable,
-    state_topic,
-)
-from cdc.pipeline import EmbeddedPipeline, SnapshotProgress
-from cdc.position import CapturePosition
-from cdc.replication import session_conninfo
-from cdc.table_schema import TableSchema
+from catalog.errors import CatalogError
+from catalog.kafka_schema_registry import KafkaSchemaRegistry, create_topics
+from cdc.core.errors import ConfigError
+from cdc.core.events import ChangeEvent
+from cdc.core.kafka_format import Format, client_config, close_client, is_retriable
+from cdc.core.settings import BatchSettings, Settings
+from cdc.core.table_schema import TableSchema
+from cdc.kafka.errors import KafkaRejectedError, KafkaUnavailableError, wrap_kafka_error
+from cdc.kafka.event_encoder import EncodedMessage, EventEncoder
 from sinks.base import Sink
-from sinks.errors import SinkBackpressure, TerminalSinkError, TransientSinkError
+from sinks.errors import SinkBackpressureError, TerminalSinkError, TransientSinkError
 
 __all__ = [
-    "KafkaCaptureError",
-    "KafkaEventSink",
-    "KafkaStateStore",
-    "KafkaUnavailableError",
+    "KafkaProducerSink",
     "producer_config",
-    "run_capture",
 ]
 
 log = logging.getLogger(__name__)
@@ -75,32 +60,11 @@ DEFAULT_PRODUCER: Final[dict[str, Any]] = {
     "queue.buffering.max.kbytes": 64 * 1024,
 }
 
-#: KafkaEventSink.add serves delivery reports once per this many events.
+#: KafkaProducerSink.add serves delivery reports once per this many events.
 _POLL_EVERY: Final = 64
 
 #: Truncates that undo a partial snapshot sort after every row it sent (see discard_snapshot).
 _AFTER_ANY_SEQ: Final = 2**62
-
-
-class KafkaCaptureError(TerminalCdcError):
-    """Kafka refused something capture needs (a topic, a record) and retrying cannot help."""
-
-
-class KafkaUnavailableError(TransientCdcError):
-    """The Kafka cluster could not be reached or did not answer in time."""
-
-
-def _wrap(error: KafkaError | KafkaException | CatalogError, doing: str) -> Exception:
-    if isinstance(error, CatalogError):
-        cls: type[Exception] = (
-            KafkaUnavailableError if isinstance(error, TransientCatalogError) else KafkaCaptureError
-        )
-        return cls(f"{doing}: {error}")
-    err = error.args[0] if isinstance(error, KafkaException) else error
-    if isinstance(err, KafkaError):
-        cls = KafkaUnavailableError if is_retriable(err) else KafkaCaptureError
-        return cls(f"{doing}: {err.str()} ({err.name()})")
-    return KafkaUnavailableError(f"{doing}: {error}")
 
 
 def producer_config(settings: Settings) -> dict[str, Any]:
@@ -122,8 +86,8 @@ def producer_config(settings: Settings) -> dict[str, Any]:
         raise ConfigError(str(e)) from e
 
 
-class KafkaEventSink(Sink):
-    """Produces change events to one topic per table (see :mod:`cdc.kafka_events`).
+class KafkaProducerSink(Sink):
+    """Produces change events to one topic per table (see :mod:`cdc.kafka.event_encoder`).
 
     ``add`` hands messages to librdkafka, ``flush`` waits for every delivery report, and
     :attr:`pending_rows` counts the messages still without one. Topics are created with
@@ -150,7 +114,7 @@ class KafkaEventSink(Sink):
         admin: librdkafka properties for the admin client (defaults to ``config``).
 
     Example:
-        >>> sink = KafkaEventSink(producer_config(settings), prefix="shop", database="shop",
+        >>> sink = KafkaProducerSink(producer_config(settings), prefix="shop", database="shop",
         ...                       registry=registry)  # doctest: +SKIP
         >>> sink.add(event); sink.flush()  # doctest: +SKIP
         {'rows': 1, 'messages': 1, 'commits': 0, 'duration_s': 0.004}
@@ -217,11 +181,11 @@ class KafkaEventSink(Sink):
                     timeout=self.delivery_timeout,
                 )
             except CatalogError as e:
-                raise _wrap(e, f"cannot create the topic of {name}") from e
+                raise wrap_kafka_error(e, f"cannot create the topic of {name}") from e
             self._topics[topic] = name
             self._partition_counts[topic] = self._partition_count(topic)
         elif owner != name:
-            raise KafkaCaptureError(
+            raise KafkaRejectedError(
                 f"tables {owner} and {name} would both be sent to topic {topic} (characters "
                 "Kafka does not allow in topic names become '_'); rename one, or capture "
                 "them with different --tables and --topic-prefix"
@@ -231,7 +195,7 @@ class KafkaEventSink(Sink):
             try:
                 self.registry.register(table)
             except CatalogError as e:
-                raise _wrap(e, f"cannot register the schema of {name}") from e
+                raise wrap_kafka_error(e, f"cannot register the schema of {name}") from e
             self._registered.add(schema_id)
         self._schemas[name] = table
 
@@ -242,7 +206,7 @@ class KafkaEventSink(Sink):
             try:
                 metadata = self._producer.list_topics(topic, timeout=self.delivery_timeout)
             except KafkaException as e:
-                raise _wrap(e, f"cannot read the metadata of {topic}") from e
+                raise wrap_kafka_error(e, f"cannot read the metadata of {topic}") from e
             found = metadata.topics.get(topic)
             if found is not None and found.error is None and found.partitions:
                 return len(found.partitions)
@@ -331,7 +295,7 @@ class KafkaEventSink(Sink):
     def add(self, event: ChangeEvent) -> None:
         """Hand ``event`` (and its tombstone) to the producer.
 
-        Raises SinkBackpressure, with nothing of the event sent, when the producer's queue
+        Raises SinkBackpressureError, with nothing of the event sent, when the producer's queue
         is full: the caller waits for deliveries (``flush``) and adds the event again.
         """
         table = event.table
@@ -345,7 +309,7 @@ class KafkaEventSink(Sink):
         try:
             self._produce_raw(topic, key, value, headers, partition)
         except BufferError as e:
-            raise SinkBackpressure(
+            raise SinkBackpressureError(
                 f"{len(self._producer)} messages queued in the producer: wait for deliveries"
             ) from e
         if self.tombstones and key is not None and event.op == "d":
@@ -369,7 +333,7 @@ class KafkaEventSink(Sink):
     ) -> None:
         """Produce snapshot rows as ``r`` events at ``(lsn, first_seq + i)``.
 
-        Waits for room in the producer's queue instead of raising SinkBackpressure, because
+        Waits for room in the producer's queue instead of raising SinkBackpressureError, because
         a batch is half sent when the queue fills up and must not be sent twice.
         """
         self._prepare(table)
@@ -424,7 +388,7 @@ class KafkaEventSink(Sink):
             try:
                 table = self.registry.latest(f"{schema_name}.{table_name}")
             except CatalogError as e:
-                raise _wrap(e, "cannot read the schema registry") from e
+                raise wrap_kafka_error(e, "cannot read the schema registry") from e
             if table is None:
                 continue  # never announced, so none of its rows were sent
             event = ChangeEvent(
@@ -442,6 +406,9 @@ class KafkaEventSink(Sink):
             for message in self._encode(event, tombstones=False):
                 self._produce_waiting(message)
         self.flush()
+
+    def latest_schema(self, qualified_name: str) -> TableSchema | None:
+        return self.registry.latest(qualified_name)
 
     # -- flushing -----------------------------------------------------------------------
 
@@ -517,145 +484,3 @@ def _admin_config(producer: dict[str, Any]) -> dict[str, Any]:
     # apply to every client.
     producer_only = set(DEFAULT_PRODUCER) | set(REQUIRED_PRODUCER)
     return {k: v for k, v in producer.items() if k not in producer_only}
-
-
-class KafkaStateStore:
-    """Capture's slot-and-snapshot state, in the compacted topic ``<prefix>.__capture``.
-
-    The record's key is the pipeline name, its value :meth:`CapturePosition.to_dict`. The
-    embedded pipeline keeps the same state in the lake (:class:`cdc.position.PositionStore`);
-    ``cdc capture`` has no lake.
-
-    Hazard:
-        On a broker that forgets its topics (Tansu, or a topic deleted by hand) capture
-        finds the slot but no state, and stops rather than guess whether the snapshot
-        finished.
-    """
-
-    def __init__(
-        self,
-        bootstrap: str,
-        *,
-        prefix: str,
-        pipeline: str,
-        client: dict[str, Any] | None = None,
-        producer: dict[str, Any] | None = None,
-        consumer: dict[str, Any] | None = None,
-        replication_factor: int = -1,
-    ) -> None:
-        topic = state_topic(prefix)
-        self.path = f"Kafka topic {topic} (key {pipeline!r})"
-        self._key = pipeline.encode()
-        self._replication_factor = replication_factor
-        self._log = CompactedTopic(
-            bootstrap, topic, client=client, producer=producer, consumer=consumer
-        )
-        self._ensured = False
-        self._latest: CapturePosition | None = None
-
-    def _ensure(self) -> None:
-        if not self._ensured:
-            self._log.ensure(replication_factor=self._replication_factor)
-            self._ensured = True
-
-    def load(self) -> CapturePosition | None:
-        try:
-            self._ensure()
-            records = self._log.read_new()
-        except CatalogError as e:
-            raise _wrap(e, f"cannot read capture state from {self.path}") from e
-        for key, value, _offset in records:
-            if key == self._key:
-                self._latest = (
-                    None if value is None else CapturePosition.from_dict(orjson.loads(value))
-                )
-        return self._latest
-
-    def save(self, position: CapturePosition) -> None:
-        try:
-            self._ensure()
-            self._log.put(self._key, orjson.dumps(position.to_dict()))
-        except CatalogError as e:
-            raise _wrap(e, f"cannot save capture state to {self.path}") from e
-        self._latest = position
-
-    def close(self) -> None:
-        self._log.close()
-
-
-def _database_name(dsn: str) -> str:
-    """The name of the database ``dsn`` connects to, as the server reports it."""
-    try:
-        with psycopg.connect(session_conninfo(dsn), autocommit=True) as conn:
-            return str(conn.info.dbname)
-    except psycopg.OperationalError as e:
-        raise SourceConnectionError(f"cannot connect to the source: {e}") from e
-
-
-def run_capture(
-    settings: Settings,
-    *,
-    stop: threading.Event | None = None,
-    progress: SnapshotProgress | None = None,
-) -> dict[str, Any]:
-    """Capture ``settings.source`` into Kafka topics until ``stop`` is set.
-
-    Set-up, snapshot and streaming are the embedded pipeline's (see
-    :func:`cdc.pipeline.run_embedded`); events go to ``<prefix>.<schema>.<table>`` topics,
-    table shapes to ``<prefix>.__schemas`` and the slot-and-snapshot state to
-    ``<prefix>.__capture``. Returns metrics: snapshot_rows, events, rows_written (events
-    acknowledged by Kafka), reconnects, flushed_lsn.
-
-    Hazard: the slot keeps WAL on the server until capture confirms it; a capture that
-    stays stopped makes PostgreSQL keep WAL without bound.
-
-    Example:
-        >>> settings = load_settings(**{"source.dsn": dsn, "kafka.bootstrap": "k:9092"})  # doctest: +SKIP
-        >>> run_capture(settings, stop=stop)  # doctest: +SKIP
-        {'snapshot_rows': 1000, 'events': 52, 'rows_written': 1052, ...}
-    """
-    bootstrap = settings.kafka_bootstrap()
-    dsn = settings.source_dsn()
-    kafka = settings.kafka
-    config = producer_config(settings)
-    database = _database_name(dsn)
-    registry = KafkaSchemaRegistry(
-        bootstrap,
-        prefix=settings.topic_prefix,
-        client=kafka.client,
-        producer=kafka.producer,
-        consumer=kafka.consumer,
-    )
-    store = KafkaStateStore(
-        bootstrap,
-        prefix=settings.topic_prefix,
-        pipeline=settings.name,
-        client=kafka.client,
-        producer=kafka.producer,
-        consumer=kafka.consumer,
-        replication_factor=kafka.replication_factor,
-    )
-    try:
-        try:
-            registry.create_topic(replication_factor=kafka.replication_factor)
-        except CatalogError as e:
-            raise _wrap(e, "cannot create the schema registry topic") from e
-        sink = KafkaEventSink(
-            config,
-            prefix=settings.topic_prefix,
-            database=database,
-            registry=registry,
-            format=kafka.format,
-            partitions=kafka.partitions,
-            replication_factor=kafka.replication_factor,
-            tombstones=kafka.tombstones,
-            batch=settings.batch,
-        )
-        pipeline = EmbeddedPipeline(settings, stop=stop, progress=progress, sink=sink, store=store)
-        try:
-            return pipeline.run()
-        finally:
-            sink.close()
-    finally:
-        store.close()
-        registry.close()

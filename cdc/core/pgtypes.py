@@ -27,7 +27,7 @@ Lossless contract
 -----------------
 A value is never rounded, clamped, truncated or turned into null to fit its Arrow type. When
 the text cannot be represented exactly, the parser raises
-:class:`~cdc.errors.ValueConversionError` naming the type, the value and the reason, and the
+:class:`~cdc.core.errors.ValueConversionError` naming the type, the value and the reason, and the
 callers (the assembler while streaming, :func:`text_to_arrow_lossless` for snapshots) keep
 the exact text in the row's ``_cdc_fallback`` map instead, with NULL in the typed column.
 That happens for:
@@ -42,7 +42,7 @@ Types stored as ``string`` keep PostgreSQL's exact text and never need the fallb
 unconstrained ``numeric``, ``numeric`` wider than 38 digits, ``time`` (Delta has no time
 type), ``timetz``, ``interval``, ``uuid``, ``json``, ``jsonb``, and every type not listed in
 :class:`Oid` (enums, ranges, network, geometric and composite types, ``tsvector``...).
-Domains are resolved to their base type by :mod:`cdc.introspect` before they reach here.
+Domains are resolved to their base type by :mod:`cdc.postgres.introspect` before they reach here.
 
 ``float4`` is the one deliberate approximation: Arrow stores IEEE float32, which is what
 PostgreSQL stores too. The parser returns the nearest Python float (a double) to the text, so
@@ -54,7 +54,7 @@ Debezium JSON deviations
 ``time.precision.mode=adaptive``, ``binary.handling.mode=bytes``) as serialised by Kafka's
 ``JsonConverter``. Float ``NaN``/``Infinity``/``-Infinity`` cannot be written as standard JSON
 numbers, so they are emitted as the strings ``"NaN"``, ``"Infinity"`` and ``"-Infinity"``.
-``numeric`` ``NaN``/``Infinity`` raise :class:`~cdc.errors.ValueConversionError`, as Debezium's
+``numeric`` ``NaN``/``Infinity`` raise :class:`~cdc.core.errors.ValueConversionError`, as Debezium's
 precise mode itself refuses them.
 """
 
@@ -74,7 +74,7 @@ from typing import Any, Final, TypeAlias
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cdc.errors import ValueConversionError
+from cdc.core.errors import ValueConversionError
 
 __all__ = [
     "ARRAY_ELEMENT_OIDS",
@@ -908,7 +908,7 @@ def text_parser(type_oid: int, type_modifier: int) -> Parser:
     """A function turning one text value into the Python value matching :func:`arrow_type`.
 
     Build it once per column; it is called per value. It raises
-    :class:`~cdc.errors.ValueConversionError` for text it cannot convert exactly. It is never
+    :class:`~cdc.core.errors.ValueConversionError` for text it cannot convert exactly. It is never
     called for SQL NULL (the caller handles None).
     """
     return _spec(type_oid, type_modifier).parser
@@ -956,7 +956,7 @@ def text_to_arrow(
 
     The snapshot path: ``COPY ... CSV`` -> ``pyarrow.csv`` (all columns read as strings) ->
     here. Exact Arrow casts do the work where they exist; a chunk an Arrow cast rejects is
-    redone with :func:`text_parser`, which raises :class:`~cdc.errors.ValueConversionError`
+    redone with :func:`text_parser`, which raises :class:`~cdc.core.errors.ValueConversionError`
     for the first unconvertible value (with its row number) or converts a form Arrow does not
     parse. The result equals ``pa.array([text_parser(v) ...], type=arrow_type(...))``.
     """

@@ -23,11 +23,13 @@ import psycopg
 from rich.console import Console
 from rich.table import Table
 
-from cdc.config import load_settings
-from cdc.errors import ConfigError, SourceConnectionError
-from cdc.local_postgres import LocalPostgres
-from cdc.pipeline import EmbeddedPipeline, current_wal_lsn
-from cdc.slots import drop_slot
+from cdc.cli.local_postgres import LocalPostgres
+from cdc.core.errors import ConfigError
+from cdc.core.settings import load_settings
+from cdc.pipeline import CapturePipeline
+from cdc.postgres.errors import SourceConnectionError
+from cdc.postgres.slots import drop_slot
+from cdc.postgres.source_queries import current_wal_lsn
 
 DEMO_SCHEMA = "retail"
 PIPELINE = "cdc_demo"
@@ -220,7 +222,7 @@ def run_demo(
             }
         )
         stop = threading.Event()
-        pipeline = EmbeddedPipeline(settings, stop=stop)
+        pipeline = CapturePipeline(settings, stop=stop)
         failure: list[BaseException] = []
 
         def capture() -> None:

@@ -16,8 +16,8 @@ from collections.abc import Iterable
 import psycopg
 from psycopg import sql
 
-from cdc.pgoutput import Relation
-from cdc.table_schema import REPLICA_IDENTITY_CODES, ColumnSchema, TableSchema
+from cdc.core.table_schema import REPLICA_IDENTITY_CODES, ColumnSchema, TableSchema
+from cdc.postgres.protocol.pgoutput import Relation
 
 # Generated columns are skipped because pgoutput (PostgreSQL < 18) does not send them.
 _COLUMNS_SQL = """

@@ -1,7 +1,7 @@
 """Streaming: reads the slot through a replication connection and yields change events.
 
-The loop here is the IO half; frames are parsed by :mod:`cdc.walproto`, messages decoded by
-:mod:`cdc.pgoutput` and turned into events by :class:`cdc.assembler.ChangeAssembler`.
+The loop here is the IO half; frames are parsed by :mod:`cdc.postgres.protocol.walproto`, messages decoded by
+:mod:`cdc.postgres.protocol.pgoutput` and turned into events by :class:`cdc.postgres.protocol.assembler.ChangeAssembler`.
 
 The server must hear from us: it asks for a reply in keepalives and drops connections that
 stay silent longer than ``wal_sender_timeout`` (60 s by default), so status updates go out
@@ -9,7 +9,7 @@ on request and every ``status_interval`` seconds even while the sink is busy els
 
 On PostgreSQL 14+ replication uses pgoutput protocol version 2 with ``streaming 'on'``, so
 the server does not have to decode a huge transaction whole before sending it. Its
-in-progress blocks are spilled to disk by :class:`cdc.stream_spill.StreamedTransactions`
+in-progress blocks are spilled to disk by :class:`cdc.postgres.stream_spill.StreamedTransactions`
 and replayed at ``StreamCommit`` as if the transaction had arrived whole, a bounded number
 of items per :meth:`StreamingSource.read`, so memory does not grow with the transaction.
 """
@@ -20,14 +20,14 @@ import time
 from collections.abc import Generator
 from os import PathLike
 
-from cdc import pgoutput
-from cdc.assembler import ChangeAssembler, Describe, TransactionCommitted
-from cdc.errors import DecodeError
-from cdc.events import ChangeEvent
-from cdc.position import CapturePosition
-from cdc.replication import ReplicationConnection
-from cdc.stream_spill import CHANGE_TAGS, Replayed, StreamedTransactions
-from cdc.walproto import PrimaryKeepalive, parse_copy_frame, xlogdata_split
+from cdc.core.errors import DecodeError
+from cdc.core.events import ChangeEvent
+from cdc.core.position import CapturePosition
+from cdc.postgres.protocol import pgoutput
+from cdc.postgres.protocol.assembler import ChangeAssembler, Describe, TransactionCommitted
+from cdc.postgres.protocol.walproto import PrimaryKeepalive, parse_copy_frame, xlogdata_split
+from cdc.postgres.replication import ReplicationConnection
+from cdc.postgres.stream_spill import CHANGE_TAGS, Replayed, StreamedTransactions
 
 StreamItem = ChangeEvent | TransactionCommitted
 
@@ -36,7 +36,7 @@ class StreamingSource:
     """Change events from one slot, resuming at the slot's confirmed position.
 
     Hazard: streamed transactions occupy disk under ``spill_dir`` (default: the system
-    temporary directory) until they end; see :mod:`cdc.stream_spill`.
+    temporary directory) until they end; see :mod:`cdc.postgres.stream_spill`.
 
     Example:
         >>> source = StreamingSource(dsn, slot="shop", publication="shop",

@@ -33,15 +33,15 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from cdc.errors import SourceConnectionError
-from cdc.events import ChangeEvent
-from cdc.introspect import describe_tables
-from cdc.position import CapturePosition
-from cdc.replication import ReplicationConnection
-from cdc.slots import published_tables
-from cdc.snapshot import SnapshotReader
-from cdc.streaming import StreamingSource, StreamItem
-from cdc.table_schema import TableSchema
+from cdc.core.events import ChangeEvent
+from cdc.core.position import CapturePosition
+from cdc.core.table_schema import TableSchema
+from cdc.postgres.errors import SourceConnectionError
+from cdc.postgres.introspect import describe_tables
+from cdc.postgres.replication import ReplicationConnection
+from cdc.postgres.slots import published_tables
+from cdc.postgres.snapshot import SnapshotReader
+from cdc.postgres.streaming import StreamingSource, StreamItem
 
 log = logging.getLogger(__name__)
 

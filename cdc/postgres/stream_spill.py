@@ -11,7 +11,7 @@ memory grow with the transaction, which is exactly what streaming is meant to av
 the server sent, to one file per top-level transaction, and on ``StreamCommit`` replays the
 file as if protocol version 1 had sent the transaction at its commit: a synthesized
 ``Begin``, the messages in their original order, then ``Commit``. Whatever consumes the
-replay (:class:`cdc.assembler.ChangeAssembler`) cannot tell the two protocols apart, and
+replay (:class:`cdc.postgres.protocol.assembler.ChangeAssembler`) cannot tell the two protocols apart, and
 produces the same events with the same ``(commit LSN, seq)`` positions, so the sink's
 deduplication works across a restart that switches between streamed and whole delivery.
 
@@ -60,9 +60,10 @@ from os import PathLike
 from pathlib import Path
 from typing import IO, TypeAlias
 
-from cdc import pgoutput
-from cdc.errors import DecodeError, TransientCdcError
-from cdc.lsn import format_lsn
+from cdc.core.errors import DecodeError
+from cdc.core.lsn import format_lsn
+from cdc.postgres.errors import StreamSpillError
+from cdc.postgres.protocol import pgoutput
 
 __all__ = ["CHANGE_TAGS", "Replayed", "StreamSpillError", "StreamedTransactions"]
 
@@ -94,14 +95,6 @@ _SPILLED = (
 # Large writes and reads per system call; memory cost is one buffer per open file, and only
 # the file of the current stream block (or of the replay) is open.
 _BUFFER_SIZE = 1 << 20
-
-
-class StreamSpillError(TransientCdcError):
-    """A spill file could not be written or read (disk full, directory removed...).
-
-    Transient: nothing spilled has been confirmed to PostgreSQL, so a restarted pipeline
-    receives the transactions again once the disk has room.
-    """
 
 
 @dataclass(slots=True)
@@ -225,7 +218,7 @@ class StreamedTransactions:
     def append_change(self, payload: bytes | memoryview, lsn: int) -> None:
         """Spill an in-stream Insert, Update, Delete, Truncate or logical message without
         decoding it now: it is decoded once, at its replay, where a malformed one raises
-        its :class:`~cdc.errors.DecodeError`. Its xid is read from its first bytes.
+        its :class:`~cdc.core.errors.DecodeError`. Its xid is read from its first bytes.
 
         Raises:
             DecodeError: not inside a stream block, or the message is too short for its xid.

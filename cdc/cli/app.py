@@ -17,11 +17,8 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from catalog.errors import CatalogError, TransientCatalogError
-from cdc.errors import CdcError, TransientCdcError
+from cdc.core.errors import TerminalError, TransientError
 from jobs.cli import jobs_app
-from jobs.errors import JobError, TransientJobError
-from sinks.errors import SinkError, TransientSinkError
 
 app = typer.Typer(
     name="cdc",
@@ -139,7 +136,7 @@ def run(
     The slot keeps WAL on the server until the pipeline confirms it: drop the slot of a
     pipeline you retire, or the server's disk fills up.
     """
-    from cdc.config import load_settings
+    from cdc.core.settings import load_settings
     from cdc.pipeline import run_embedded
 
     settings = load_settings(
@@ -203,8 +200,8 @@ def capture(
     The slot keeps WAL on the server until capture confirms it: drop the slot of a
     pipeline you retire, or the server's disk fills up.
     """
-    from cdc.config import load_settings
-    from cdc.kafka_producer import run_capture
+    from cdc.core.settings import load_settings
+    from cdc.pipeline import run_capture
 
     settings = load_settings(
         **{
@@ -259,7 +256,7 @@ def sink(
     table. Reads topics written by Debezium too. Ctrl-C or SIGTERM flushes and leaves the
     group.
     """
-    from cdc.config import load_settings
+    from cdc.core.settings import load_settings
     from sinks.kafka_worker import run_sink
 
     settings = load_settings(
@@ -293,7 +290,7 @@ def query(
     metadata columns).
     """
     from catalog.lake import Lake
-    from cdc.config import load_settings
+    from cdc.core.settings import load_settings
 
     settings = load_settings(**{"lake.path": lake})
     with Lake(settings.lake.path, storage_options=settings.lake.storage_options or None) as lk:
@@ -310,7 +307,7 @@ def query(
 def tables(lake: LakeOption = None) -> None:
     """List the captured tables in the lake with their keys, size and Delta version."""
     from catalog.lake import Lake
-    from cdc.config import load_settings
+    from cdc.core.settings import load_settings
 
     settings = load_settings(**{"lake.path": lake})
     with Lake(settings.lake.path, storage_options=settings.lake.storage_options or None) as lk:
@@ -340,8 +337,8 @@ def schemas(
     follows each kind of change.
     """
     from catalog.schema_registry import SchemaRegistry
-    from cdc import pgtypes
-    from cdc.config import load_settings
+    from cdc.core import pgtypes
+    from cdc.core.settings import load_settings
 
     settings = load_settings(**{"lake.path": lake})
     registry = SchemaRegistry(
@@ -381,9 +378,9 @@ def check(
     """
     import psycopg
 
-    from cdc.check import check_source
-    from cdc.config import load_settings
-    from cdc.errors import SourceConnectionError
+    from cdc.core.settings import load_settings
+    from cdc.postgres.check import check_source
+    from cdc.postgres.errors import SourceConnectionError
 
     settings = load_settings(**{"source.dsn": source})
     try:
@@ -421,7 +418,7 @@ def demo(
     server is stopped and removed on exit, Ctrl-C included; the lake is kept so you can
     query it afterwards with `cdc query --lake PATH "SQL"`.
     """
-    from cdc.demo import run_demo
+    from cdc.cli.demo import run_demo
 
     logging.getLogger("cdc").setLevel(logging.WARNING)  # the demo prints its own story
     run_demo(source=source, lake=str(lake) if lake else None, seconds=seconds, console=console)
@@ -438,10 +435,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("deltalake").setLevel(logging.WARNING)
     try:
         app(args=argv, standalone_mode=True)
-    except (TransientCdcError, TransientSinkError, TransientCatalogError, TransientJobError) as e:
+    except TransientError as e:
         errors.print(f"[red]error (temporary, retry may help):[/] {e}")
         sys.exit(EXIT_TRANSIENT)
-    except (CdcError, SinkError, CatalogError, JobError) as e:
+    except TerminalError as e:
         errors.print(f"[red]error:[/] {e}")
         sys.exit(EXIT_TERMINAL)
     except KeyboardInterrupt:

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
-from cdc.errors import ConfigError, PrerequisiteError, SourceConnectionError
-from cdc.lsn import parse_lsn
+from cdc.core.errors import ConfigError
+from cdc.core.lsn import parse_lsn
+from cdc.postgres.errors import PrerequisiteError, SourceConnectionError
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def ensure_publication(
     Partitioned tables publish through their root (``publish_via_partition_root``), so all
     partitions land in one table. Running it again with the same tables is a no-op; tables
     asked for that the publication lacks are added to it (the pipeline then copies their
-    existing rows, see :mod:`cdc.incremental_snapshot`). Tables are never dropped from it
+    existing rows, see :mod:`cdc.postgres.incremental_snapshot`). Tables are never dropped from it
     (extra ones are logged), and switching between all tables and a list is refused.
     """
     wanted = sorted({split_table_name(t) for t in tables}) if tables is not None else None

@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from cdc.errors import ConfigError
+from cdc.core.errors import ConfigError
 
 # PostgreSQL folds unquoted names to lower case and limits names to 63 bytes; slot names
 # allow only lower-case letters, digits and underscores.

@@ -13,7 +13,7 @@ from typing import Literal
 
 import psycopg
 
-from cdc.slots import split_table_name
+from cdc.postgres.slots import split_table_name
 
 Level = Literal["error", "warning", "info"]
 

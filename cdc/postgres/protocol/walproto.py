@@ -9,7 +9,7 @@ Server to client:
 
 * ``w`` XLogData: ``Int64 data_start, Int64 wal_end, Int64 send_time, Byte* payload``.
   With ``pgoutput`` the payload is exactly one logical replication message
-  (see :mod:`cdc.pgoutput`).
+  (see :mod:`cdc.postgres.protocol.pgoutput`).
 * ``k`` Primary keepalive: ``Int64 wal_end, Int64 send_time, Byte1 reply_requested``.
   When ``reply_requested`` is set the server disconnects us after ``wal_sender_timeout``
   unless a standby status update arrives soon.
@@ -28,7 +28,7 @@ import struct
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from cdc.errors import DecodeError
+from cdc.core.errors import DecodeError
 
 __all__ = [
     "PG_EPOCH",

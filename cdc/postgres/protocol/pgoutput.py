@@ -2,7 +2,7 @@
 
 Wire format
 -----------
-Every XLogData payload (see :mod:`cdc.walproto`) holds one message. Its first byte is a
+Every XLogData payload (see :mod:`cdc.postgres.protocol.walproto`) holds one message. Its first byte is a
 tag; integers are big-endian; ``String`` is NUL-terminated; LSNs are unsigned 64-bit;
 timestamps are signed 64-bit microseconds since 2000-01-01 UTC; OIDs and xids are
 unsigned 32-bit. A transaction arrives as ``Begin``, then ``Relation``/``Type`` messages
@@ -36,7 +36,7 @@ Hazards
   TRUNCATE, a new session); always replace the cached one.
 * Text values use the connection's client_encoding; this decoder assumes UTF-8.
 
-Every malformed input raises :class:`cdc.errors.DecodeError` naming the message type,
+Every malformed input raises :class:`cdc.core.errors.DecodeError` naming the message type,
 byte offset and problem; nothing else escapes, and lengths are checked before anything is
 allocated.
 
@@ -44,7 +44,7 @@ Example:
     >>> decode_message(bytes.fromhex("4e"))
     Traceback (most recent call last):
     ...
-    cdc.errors.DecodeError: unknown pgoutput message tag b'N' at byte offset 0
+    cdc.core.errors.DecodeError: unknown pgoutput message tag b'N' at byte offset 0
 """
 
 from __future__ import annotations
@@ -55,8 +55,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import ClassVar, Final, Literal, NoReturn, TypeAlias, final
 
-from cdc.errors import DecodeError
-from cdc.walproto import PG_EPOCH
+from cdc.core.errors import DecodeError
+from cdc.postgres.protocol.walproto import PG_EPOCH
 
 __all__ = [
     "UNCHANGED_TOAST",

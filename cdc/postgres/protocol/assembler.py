@@ -1,4 +1,4 @@
-"""Turns decoded pgoutput messages into :class:`~cdc.events.ChangeEvent` objects.
+"""Turns decoded pgoutput messages into :class:`~cdc.core.events.ChangeEvent` objects.
 
 Pure: no IO. It keeps the relation cache, the open transaction and the per-table value
 converters. Table keys come from a ``describe`` callback (the catalog knows the primary key
@@ -16,13 +16,14 @@ from datetime import datetime
 from time import time_ns
 from typing import Any
 
-from cdc import pgoutput, pgtypes
-from cdc.errors import DecodeError, ValueConversionError
-from cdc.events import ChangeEvent
-from cdc.table_schema import REPLICA_IDENTITY_CODES, ColumnSchema, TableSchema
+from cdc.core import pgtypes
+from cdc.core.errors import DecodeError, ValueConversionError
+from cdc.core.events import ChangeEvent
+from cdc.core.table_schema import REPLICA_IDENTITY_CODES, ColumnSchema, TableSchema
+from cdc.postgres.protocol import pgoutput
 
 #: Given a Relation message, the table's schema with keys from the catalog and domains
-#: resolved (see :func:`cdc.introspect.describe_relation_message`), or ``None`` when the
+#: resolved (see :func:`cdc.postgres.introspect.describe_relation_message`), or ``None`` when the
 #: table is gone, in which case the message's own identity flags are used.
 Describe = Callable[[pgoutput.Relation], TableSchema | None]
 
