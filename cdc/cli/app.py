@@ -52,6 +52,15 @@ LakeOption = Annotated[
         "--lake", help="Lake root: a directory or an object-store URI (or CDC_LAKE__PATH)."
     ),
 ]
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        help="Pipeline config file (TOML, the sections of the CDC_* variables, \\[transforms] "
+        "included; or CDC_CONFIG). Options win over the environment, which wins over it.",
+        show_default=False,
+    ),
+]
 
 
 class _RichSnapshotProgress:
@@ -126,6 +135,7 @@ def run(
     flush_seconds: Annotated[
         float | None, typer.Option(help="Commit to Delta at least this often (default 0.5).")
     ] = None,
+    config: ConfigOption = None,
 ) -> None:
     """Stream PostgreSQL changes into Delta tables (capture and sink in one process).
 
@@ -140,6 +150,7 @@ def run(
     from cdc.pipeline import run_embedded
 
     settings = load_settings(
+        config,
         **{
             "source.dsn": source,
             "lake.path": lake,
@@ -147,7 +158,7 @@ def run(
             "name": name,
             "snapshot": snapshot,
             "batch.max_seconds": flush_seconds,
-        }
+        },
     )
     stop = _stop_on_signals()
     with _snapshot_progress() as progress:
@@ -188,6 +199,7 @@ def capture(
         float | None,
         typer.Option(help="Wait for Kafka's acknowledgements at least this often (default 0.5)."),
     ] = None,
+    config: ConfigOption = None,
 ) -> None:
     """Stream PostgreSQL changes into Kafka topics, one per table, for `cdc sink` workers.
 
@@ -204,6 +216,7 @@ def capture(
     from cdc.pipeline import run_capture
 
     settings = load_settings(
+        config,
         **{
             "source.dsn": source,
             "kafka.bootstrap": kafka,
@@ -214,7 +227,7 @@ def capture(
             "snapshot": snapshot,
             "kafka.partitions": partitions,
             "batch.max_seconds": flush_seconds,
-        }
+        },
     )
     settings.kafka_bootstrap()  # a missing --kafka is reported before PostgreSQL is touched
     stop = _stop_on_signals()
@@ -246,6 +259,7 @@ def sink(
     flush_seconds: Annotated[
         float | None, typer.Option(help="Commit to Delta at least this often (default 0.5).")
     ] = None,
+    config: ConfigOption = None,
 ) -> None:
     """Write change events from Kafka to the lake, as one worker of a consumer group.
 
@@ -260,6 +274,7 @@ def sink(
     from sinks.kafka_worker import run_sink
 
     settings = load_settings(
+        config,
         **{
             "kafka.bootstrap": kafka,
             "lake.path": lake,
@@ -268,7 +283,7 @@ def sink(
             "kafka.topics": _split(topics),
             "name": name,
             "batch.max_seconds": flush_seconds,
-        }
+        },
     )
     settings.kafka_bootstrap()
     metrics = run_sink(settings, stop=_stop_on_signals())
@@ -282,6 +297,7 @@ def query(
     ],
     lake: LakeOption = None,
     limit: Annotated[int, typer.Option(help="Print at most this many rows.")] = 1000,
+    config: ConfigOption = None,
 ) -> None:
     """Run SQL in DuckDB over the lake's views and print the result as a table.
 
@@ -292,7 +308,7 @@ def query(
     from catalog.lake import Lake
     from cdc.core.settings import load_settings
 
-    settings = load_settings(**{"lake.path": lake})
+    settings = load_settings(config, **{"lake.path": lake})
     with Lake(settings.lake.path, storage_options=settings.lake.storage_options or None) as lk:
         result = lk.query(sql, limit=limit + 1)
     table = Table(*result.column_names, header_style="bold")
@@ -304,12 +320,12 @@ def query(
 
 
 @app.command()
-def tables(lake: LakeOption = None) -> None:
+def tables(lake: LakeOption = None, config: ConfigOption = None) -> None:
     """List the captured tables in the lake with their keys, size and Delta version."""
     from catalog.lake import Lake
     from cdc.core.settings import load_settings
 
-    settings = load_settings(**{"lake.path": lake})
+    settings = load_settings(config, **{"lake.path": lake})
     with Lake(settings.lake.path, storage_options=settings.lake.storage_options or None) as lk:
         infos = lk.tables()
     table = Table("table", "key", "rows (changes)", "files", "version", "last commit")
@@ -329,6 +345,7 @@ def tables(lake: LakeOption = None) -> None:
 def schemas(
     table: Annotated[str | None, typer.Argument(help="schema.table; default every table.")] = None,
     lake: LakeOption = None,
+    config: ConfigOption = None,
 ) -> None:
     """List every recorded version of each table's schema (columns, types, key).
 
@@ -340,7 +357,7 @@ def schemas(
     from cdc.core import pgtypes
     from cdc.core.settings import load_settings
 
-    settings = load_settings(**{"lake.path": lake})
+    settings = load_settings(config, **{"lake.path": lake})
     registry = SchemaRegistry(
         settings.lake.path, storage_options=settings.lake.storage_options or None
     )
@@ -368,6 +385,7 @@ def check(
         str | None,
         typer.Option(help="Comma-separated tables (schema.table) to check; default all."),
     ] = None,
+    config: ConfigOption = None,
 ) -> None:
     """Check a source database for what would stop or degrade capture, and say how to fix it.
 
@@ -382,7 +400,7 @@ def check(
     from cdc.postgres.check import check_source
     from cdc.postgres.errors import SourceConnectionError
 
-    settings = load_settings(**{"source.dsn": source})
+    settings = load_settings(config, **{"source.dsn": source})
     try:
         with psycopg.connect(settings.source_dsn()) as conn:
             findings = check_source(conn, tables=_split(tables))

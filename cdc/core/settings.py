@@ -1,16 +1,28 @@
-"""Settings, read from command-line options, ``CDC_*`` environment variables and ``.env``.
+"""Settings, read from command-line options, ``CDC_*`` environment variables, ``.env`` and
+a pipeline config file.
 
 Nested settings use ``SECTION__KEY`` names: ``CDC_SOURCE__DSN``, ``CDC_LAKE__PATH``,
-``CDC_BATCH__MAX_ROWS``... Command-line options win over the environment.
+``CDC_BATCH__MAX_ROWS``... The config file (``--config FILE`` or ``CDC_CONFIG``) is TOML with
+the same sections (``[source]``, ``[lake]``, ``[batch]``, ``[kafka]``, ``[transforms]``...).
+Command-line options win over the environment, which wins over the file.
 """
 
 from __future__ import annotations
 
+import os
 import re
-from typing import Literal
+import tomllib
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
 
 from cdc.core.errors import ConfigError
 
@@ -135,6 +147,49 @@ class KafkaSettings(BaseModel):
         return value
 
 
+#: Debezium's ``skipped.operations`` letters: c insert, u update, d delete, t truncate.
+SkippableOp = Literal["c", "u", "d", "t"]
+
+
+class TransformRuleSettings(BaseModel):
+    """One ``[[transforms.rules]]`` entry; see docs/transforms.md. Checked further (mask
+    names, SQL, column names) by :func:`transforms.compile_rules` at start-up."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tables: list[str] = Field(min_length=1, description="schema.table names; * globs allowed.")
+    mask: dict[str, str] = Field(
+        default_factory=dict,
+        description="column -> hash | keep_last:N | redact | null | truncate:N.",
+    )
+    drop_columns: list[str] = Field(default_factory=list)
+    rename_columns: dict[str, str] = Field(default_factory=dict)
+    filter: str | None = Field(
+        default=None, description="SQL boolean expression over the source row (before masks)."
+    )
+    skip_operations: list[SkippableOp] = Field(default_factory=list)
+    route: str | None = Field(default=None, description="Target schema.table.")
+    add_columns: dict[str, str] = Field(
+        default_factory=dict, description="column -> SQL expression."
+    )
+
+
+class TransformSettings(BaseModel):
+    """Per-table rules applied in capture before anything is written (``[transforms]``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    hash_key: SecretStr | None = Field(
+        default=None,
+        description="HMAC-SHA256 key of the hash mask (CDC_TRANSFORMS__HASH_KEY); never logged.",
+    )
+    rules: list[TransformRuleSettings] = Field(default_factory=list)
+
+
+#: The config file being loaded, for :meth:`Settings.settings_customise_sources`.
+_CONFIG_FILE: ContextVar[Path | None] = ContextVar("cdc_config_file", default=None)
+
+
 class Settings(BaseSettings):
     """Everything a pipeline needs. See the module docstring for the environment names."""
 
@@ -154,6 +209,24 @@ class Settings(BaseSettings):
         default="initial",
         description="initial: copy existing rows before streaming; never: stream only.",
     )
+    transforms: TransformSettings = Field(default_factory=TransformSettings)
+    config_file: str | None = Field(
+        default=None, exclude=True, description="The config file these settings came from."
+    )
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Earlier sources win: the environment (and .env) over the config file.
+        path = _CONFIG_FILE.get()
+        toml = () if path is None else (TomlConfigSettingsSource(settings_cls, toml_file=path),)
+        return (init_settings, env_settings, dotenv_settings, *toml, file_secret_settings)
 
     @field_validator("name")
     @classmethod
@@ -202,18 +275,92 @@ class Settings(BaseSettings):
         return self.source.dsn.get_secret_value()
 
 
-def load_settings(**overrides: object) -> Settings:
-    """Settings from the environment, with non-None ``overrides`` (from CLI options) on top.
+def _unknown_keys(model: type[BaseModel], data: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of the keys of ``data`` that ``model`` has no field for (recursively)."""
+    unknown: list[str] = []
+    for key, value in data.items():
+        field = model.model_fields.get(key)
+        if field is None or key == "config_file":
+            unknown.append(prefix + key)
+            continue
+        inner = field.annotation
+        if isinstance(inner, type) and issubclass(inner, BaseModel):
+            if isinstance(value, dict):
+                unknown += _unknown_keys(inner, value, f"{prefix}{key}.")
+        elif key == "rules" and inner == list[TransformRuleSettings] and isinstance(value, list):
+            for i, rule in enumerate(value):
+                if isinstance(rule, dict):
+                    unknown += _unknown_keys(TransformRuleSettings, rule, f"{prefix}rules[{i}].")
+    return unknown
 
-    Overrides use dotted paths for nested values: ``{"source.dsn": "postgresql://..."}``.
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    """The TOML file's data, or a :class:`ConfigError` naming the file and what is wrong."""
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read the config file {path}: {e.strerror or e}") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from e
+    unknown = _unknown_keys(Settings, data)
+    if unknown:
+        raise ConfigError(
+            f"{path}: unknown key{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(unknown)} (see docs/transforms.md and the CDC_* variables)"
+        )
+    return data
+
+
+def _describe(error: ValidationError, file: Path | None, file_data: dict[str, Any]) -> str:
+    """One line per problem: ``key: what is wrong``, saying when the key is from the file."""
+    lines = []
+    for item in error.errors():
+        loc = item["loc"]
+        key = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in loc).replace(".[", "[")
+        node: Any = file_data
+        for part in loc:
+            try:
+                node = node[part]
+            except (KeyError, IndexError, TypeError):
+                node = None
+                break
+        where = f" (in {file})" if file is not None and node is not None else ""
+        lines.append(f"{key}{where}: {item['msg']}")
+    return "; ".join(lines)
+
+
+def _reveal(data: Any) -> Any:
+    """``data`` with every SecretStr replaced by its value, to validate it again."""
+    if isinstance(data, SecretStr):
+        return data.get_secret_value()
+    if isinstance(data, dict):
+        return {k: _reveal(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_reveal(v) for v in data]
+    return data
+
+
+def load_settings(config: str | Path | None = None, **overrides: object) -> Settings:
+    """Settings from command-line ``overrides``, the environment and the config file.
+
+    ``config`` (else ``CDC_CONFIG``) is a TOML file with the same sections as the
+    environment variables; the environment wins over it, and non-None ``overrides`` (from
+    CLI options) win over both. Overrides use dotted paths for nested values:
+    ``{"source.dsn": "postgresql://..."}``. Unknown keys in the file are errors, and every
+    error names the file and the key.
 
     Example:
         >>> load_settings(**{"lake.path": "/tmp/lake"}).lake.path
         '/tmp/lake'
     """
+    config = config or os.environ.get("CDC_CONFIG") or None
+    path = Path(config) if config else None
+    file_data = _read_config_file(path) if path is not None else {}
+    token = _CONFIG_FILE.set(path)
     try:
         settings = Settings()
-        data = settings.model_dump()
+        data = _reveal(settings.model_dump())
         for dotted, value in overrides.items():
             if value is None:
                 continue
@@ -222,8 +369,11 @@ def load_settings(**overrides: object) -> Settings:
             for part in parents:
                 node = node[part]
             node[leaf] = value
-        if "source" in data and isinstance(data["source"].get("dsn"), SecretStr):
-            data["source"]["dsn"] = data["source"]["dsn"].get_secret_value()
+        data["config_file"] = None if path is None else str(path)
         return Settings.model_validate(data)
-    except ValueError as e:  # pydantic's ValidationError is a ValueError
+    except ValidationError as e:
+        raise ConfigError(f"invalid settings: {_describe(e, path, file_data)}") from e
+    except ValueError as e:
         raise ConfigError(f"invalid settings: {e}") from e
+    finally:
+        _CONFIG_FILE.reset(token)
