@@ -341,7 +341,7 @@ def _reveal(data: Any) -> Any:
     return data
 
 
-def load_settings(config: str | Path | None = None, **overrides: object) -> Settings:
+def load_settings(config: str | Path | None = None, /, **overrides: object) -> Settings:
     """Settings from command-line ``overrides``, the environment and the config file.
 
     ``config`` (else ``CDC_CONFIG``) is a TOML file with the same sections as the
