@@ -1,0 +1,119 @@
+"""Column masks: ``hash``, ``keep_last:N``, ``redact``, ``null``, ``truncate:N``.
+
+Each mask works on the value's text: the string itself for text columns, DuckDB's
+``CAST(value AS VARCHAR)`` for other types. NULL stays NULL under every mask. The SQL
+forms (:func:`mask_sql`) run vectorized in DuckDB; :func:`mask_text` is the same function
+in Python, used only for the rare values that reach capture as text because their typed
+form cannot hold them (``numeric`` NaN...), and by the tests as the reference.
+
+``hash`` is HMAC-SHA256 (RFC 2104) with the configured ``hash_key``, as lowercase hex, so
+anyone holding the key reproduces it (``hmac.new(key, text.encode(), "sha256").hexdigest()``,
+or ``encode(hmac(...), 'hex')`` in PostgreSQL with pgcrypto), and equal inputs give equal
+outputs: joins on a hashed column still work. The key is passed to DuckDB as session
+variables (``getvariable('cdc_hmac_ipad')``), never as SQL text, so it cannot appear in an
+error message or a log line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+MaskKind = Literal["hash", "keep_last", "redact", "null", "truncate"]
+
+#: What ``redact`` writes.
+REDACTED = "***"
+
+_WITH_N = re.compile(r"^(keep_last|truncate):(\d{1,9})$")
+
+#: DuckDB session variables holding the HMAC key's inner and outer pads.
+IPAD_VARIABLE = "cdc_hmac_ipad"
+OPAD_VARIABLE = "cdc_hmac_opad"
+
+
+@dataclass(frozen=True, slots=True)
+class Mask:
+    """A parsed mask. ``n`` is the N of ``keep_last:N`` and ``truncate:N``."""
+
+    kind: MaskKind
+    n: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.n}" if self.kind in ("keep_last", "truncate") else self.kind
+
+    @property
+    def keeps_identity(self) -> bool:
+        """Whether distinct values stay distinct (so the mask may apply to a key column)."""
+        return self.kind == "hash"
+
+
+def parse_mask(text: str) -> Mask:
+    """``"keep_last:4"`` into a :class:`Mask`; ValueError naming the valid forms.
+
+    Example:
+        >>> parse_mask("keep_last:4")
+        Mask(kind='keep_last', n=4)
+    """
+    spec = text.strip()
+    if spec in ("hash", "redact", "null"):
+        return Mask(spec)  # type: ignore[arg-type]
+    match = _WITH_N.match(spec)
+    if match:
+        return Mask(match.group(1), int(match.group(2)))  # type: ignore[arg-type]
+    raise ValueError(
+        f"unknown mask {text!r}: expected hash, keep_last:N, redact, null or truncate:N"
+    )
+
+
+def hmac_pads(key: bytes) -> tuple[bytes, bytes]:
+    """RFC 2104's inner and outer padded keys for SHA-256 (block size 64)."""
+    if len(key) > 64:
+        key = hashlib.sha256(key).digest()
+    key = key.ljust(64, b"\0")
+    return bytes(b ^ 0x36 for b in key), bytes(b ^ 0x5C for b in key)
+
+
+def mask_sql(mask: Mask, column_sql: str) -> str:
+    """The DuckDB expression masking ``column_sql`` (a quoted identifier); NULL stays NULL.
+
+    ``null`` is not handled here: it needs no SQL (the caller writes NULL of the column's
+    type).
+    """
+    text = f"CAST({column_sql} AS VARCHAR)"
+    if mask.kind == "hash":
+        inner = f"unhex(sha256(getvariable('{IPAD_VARIABLE}') || encode({text})))"
+        body = f"sha256(getvariable('{OPAD_VARIABLE}') || {inner})"
+    elif mask.kind == "keep_last":
+        n = mask.n
+        body = f"repeat('*', greatest(length({text}) - {n}, 0)) || " + (
+            f"right({text}, {n})" if n else "''"
+        )
+    elif mask.kind == "redact":
+        body = f"'{REDACTED}'"
+    elif mask.kind == "truncate":
+        body = f"left({text}, {mask.n})"
+    else:
+        raise ValueError(f"mask {mask} has no SQL form")
+    return f"CASE WHEN {column_sql} IS NULL THEN NULL ELSE {body} END"
+
+
+def mask_text(mask: Mask, text: str | None, key: bytes) -> str | None:
+    """``mask`` applied to one text in Python (the reference form of :func:`mask_sql`).
+
+    Example:
+        >>> mask_text(parse_mask("keep_last:4"), "4111111111111111", b"")
+        '************1111'
+    """
+    if text is None or mask.kind == "null":
+        return None
+    if mask.kind == "hash":
+        return hmac.new(key, text.encode(), hashlib.sha256).hexdigest()
+    if mask.kind == "keep_last":
+        n = mask.n
+        return "*" * max(len(text) - n, 0) + (text[-n:] if n else "")
+    if mask.kind == "redact":
+        return REDACTED
+    return text[: mask.n]

@@ -1,0 +1,820 @@
+"""Declarative per-table rules (``[[transforms.rules]]``), compiled once per table shape.
+
+A :class:`Rule` is one config entry; :class:`Transforms` holds them all and compiles, per
+:class:`~cdc.core.table_schema.TableSchema`, a :class:`TablePlan`: the chain of the rules
+matching that table (in file order) turned into one DuckDB query over an Arrow batch, plus
+the output shape. Within one rule the steps run in this order:
+
+1. ``skip_operations`` drops the operations it lists (as they reach the rule);
+2. ``filter`` is evaluated on the rule's input row (before its masks), with PostgreSQL 15's
+   row-filter semantics: an insert or snapshot row that fails it is dropped, an update that
+   fails it becomes a delete of that key, an update that passes stays an update (an upsert
+   downstream), and deletes pass;
+3. ``mask`` replaces values (see :mod:`transforms.masks`);
+4. ``rename_columns`` renames;
+5. ``add_columns`` computes new columns from the masked, renamed row;
+6. ``drop_columns`` removes columns (named as the rule's input names them), last, so that
+   ``add_columns`` may read them;
+7. ``route`` gives the table its target ``schema.table``.
+
+Only the columns some rule reads or masks are converted to Arrow and sent to DuckDB; the
+others pass through as they are. The query runs once per batch, never per row.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from operator import itemgetter
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from cdc.core import pgtypes
+from cdc.core.events import ChangeEvent
+from cdc.core.settings import TransformRuleSettings, TransformSettings
+from cdc.core.table_schema import ColumnSchema, TableSchema
+from transforms import expressions
+from transforms.errors import TransformConfigError, TransformEvaluationError
+from transforms.masks import (
+    IPAD_VARIABLE,
+    OPAD_VARIABLE,
+    Mask,
+    hmac_pads,
+    mask_sql,
+    mask_text,
+    parse_mask,
+)
+
+log = logging.getLogger(__name__)
+
+#: The operations ``skip_operations`` accepts (Debezium's ``skipped.operations``).
+SKIPPABLE = frozenset("cudt")
+
+_TEXT = (int(pgtypes.Oid.TEXT), -1)
+_TEXT_OIDS = frozenset({pgtypes.Oid.TEXT, pgtypes.Oid.VARCHAR, pgtypes.Oid.BPCHAR})
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _split_pattern(text: str) -> tuple[str, str]:
+    """``schema.table`` (``*``/``?`` globs; double quotes keep case and dots) into its two
+    parts; unquoted parts fold to lower case, as PostgreSQL folds names."""
+    parts: list[str] = []
+    current: list[str] = []
+    quoted = False
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch == '"':
+            if quoted and text[i + 1 : i + 2] == '"':
+                current.append('"')
+                i += 1
+            else:
+                quoted = not quoted
+        elif ch == "." and not quoted:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(ch if quoted else ch.lower())
+        i += 1
+    parts.append("".join(current))
+    if quoted or not all(parts) or len(parts) > 2:
+        raise ValueError(f"invalid table name {text!r}: expected schema.table (globs allowed)")
+    return ("public", parts[0]) if len(parts) == 1 else (parts[0], parts[1])
+
+
+def _arrow_to_pg(arrow_type: pa.DataType) -> tuple[int, int] | None:
+    """The PostgreSQL type an ``add_columns`` result of ``arrow_type`` is recorded as."""
+    simple = {
+        pa.bool_(): pgtypes.Oid.BOOL,
+        pa.int8(): pgtypes.Oid.INT2,
+        pa.int16(): pgtypes.Oid.INT2,
+        pa.int32(): pgtypes.Oid.INT4,
+        pa.int64(): pgtypes.Oid.INT8,
+        pa.float32(): pgtypes.Oid.FLOAT4,
+        pa.float64(): pgtypes.Oid.FLOAT8,
+        pa.string(): pgtypes.Oid.TEXT,
+        pa.large_string(): pgtypes.Oid.TEXT,
+        pa.string_view(): pgtypes.Oid.TEXT,
+        pa.date32(): pgtypes.Oid.DATE,
+    }
+    if arrow_type in simple:
+        return int(simple[arrow_type]), -1
+    if pa.types.is_timestamp(arrow_type):
+        oid = pgtypes.Oid.TIMESTAMPTZ if arrow_type.tz else pgtypes.Oid.TIMESTAMP
+        return int(oid), -1
+    if pa.types.is_decimal(arrow_type):
+        return int(pgtypes.Oid.NUMERIC), ((arrow_type.precision << 16) | arrow_type.scale) + 4
+    return None
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One ``[[transforms.rules]]`` entry, checked (masks parsed, SQL parsed, names valid)."""
+
+    index: int
+    settings: TransformRuleSettings
+    patterns: tuple[tuple[str, str], ...]
+    masks: dict[str, Mask]
+    skip: frozenset[str]
+    route: tuple[str, str] | None
+    filter_columns: frozenset[str]
+    add_columns: dict[str, frozenset[str]]  # name -> the columns its expression reads
+    source: str | None = None
+
+    @property
+    def where(self) -> str:
+        """``transforms.rules[i] (tables ...) in FILE``, for messages."""
+        place = f" in {self.source}" if self.source else ""
+        return f"transforms.rules[{self.index}] (tables {', '.join(self.settings.tables)}){place}"
+
+    def matches(self, schema: str, table: str) -> bool:
+        return any(
+            fnmatch.fnmatchcase(schema, s) and fnmatch.fnmatchcase(table, t)
+            for s, t in self.patterns
+        )
+
+    def error(self, problem: str) -> TransformConfigError:
+        return TransformConfigError(f"{self.where}: {problem}")
+
+    def describe(self) -> dict[str, Any]:
+        """The rule as configured (no secret is part of a rule), for status and schemas."""
+        return self.settings.model_dump(exclude_defaults=True)
+
+
+def compile_rule(settings: TransformRuleSettings, index: int, *, source: str | None) -> Rule:
+    """Check one rule on its own (what does not need the table); raises
+    :class:`TransformConfigError` naming the rule and ``source`` (the config file)."""
+    rule = Rule(index, settings, (), {}, frozenset(), None, frozenset(), {}, source)
+    try:
+        patterns = tuple(_split_pattern(t) for t in settings.tables)
+    except ValueError as e:
+        raise rule.error(str(e)) from e
+    masks: dict[str, Mask] = {}
+    for column, spec in settings.mask.items():
+        try:
+            masks[column] = parse_mask(spec)
+        except ValueError as e:
+            raise rule.error(f"mask.{column}: {e}") from e
+    route = None
+    if settings.route is not None:
+        try:
+            route = _split_pattern(settings.route)
+        except ValueError as e:
+            raise rule.error(f"route: {e}") from e
+        if any(ch in "".join(route) for ch in "*?["):
+            raise rule.error(f"route: {settings.route!r} must name one table, not a pattern")
+    skip = frozenset(settings.skip_operations)
+    conn = expressions.connect()
+    try:
+        filter_columns: frozenset[str] = frozenset()
+        if settings.filter is not None:
+            try:
+                filter_columns = frozenset(expressions.referenced_columns(conn, settings.filter))
+            except ValueError as e:
+                raise rule.error(f"filter: {e}") from e
+        added: dict[str, frozenset[str]] = {}
+        for name, expression in settings.add_columns.items():
+            try:
+                added[name] = frozenset(expressions.referenced_columns(conn, expression))
+            except ValueError as e:
+                raise rule.error(f"add_columns.{name}: {e}") from e
+    finally:
+        conn.close()
+    for name in settings.drop_columns:
+        if name in settings.rename_columns:
+            raise rule.error(f"column {name!r} is both renamed and dropped")
+    return Rule(index, settings, patterns, masks, skip, route, filter_columns, added, source)
+
+
+# -- plans ---------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Col:
+    """A column while a chain is compiled: where its value comes from, and its type."""
+
+    name: str
+    prov: tuple[str, Any]  # ("src", index) | ("sql", alias) | ("null", None)
+    type_oid: int
+    type_modifier: int
+    is_key: bool
+    attnum: int | None
+
+
+@dataclass
+class TablePlan:
+    """The rules of one table shape, compiled. Use :meth:`Transforms.plan`."""
+
+    source: TableSchema
+    output: TableSchema
+    rules: tuple[Rule, ...]
+    #: Source column indexes sent to DuckDB, and the Arrow types they are built with.
+    inputs: tuple[int, ...]
+    input_schema: pa.Schema
+    query: str | None  # None: nothing to compute (only drops, renames, routes, skips)
+    computed: tuple[str, ...]  # result columns holding output values
+    keep_flags: tuple[tuple[int, str], ...]  # (rule position, result column) per filter
+    skips: tuple[frozenset[str], ...]  # per rule position
+    #: Output values: itemgetter over (passthrough values + computed values + (None,)).
+    passthrough: tuple[int, ...]
+    arrange: tuple[int, ...]
+    #: Per output column: (source name or None, mask of a text fallback or None).
+    fallback_map: dict[str, tuple[str, Mask | None]] = field(default_factory=dict)
+
+    @property
+    def identity(self) -> bool:
+        """Whether the plan changes nothing but may skip operations."""
+        return self.query is None and self.output == self.source
+
+
+class Transforms:
+    """Every rule of a pipeline, compiled per table; the pure engine capture applies.
+
+    Args:
+        settings: The ``[transforms]`` section.
+        source: The config file the rules came from, named in every error.
+
+    Example:
+        >>> t = Transforms(load_settings("cdc.toml").transforms, source="cdc.toml")  # doctest: +SKIP
+        >>> t.validate(schemas)  # doctest: +SKIP  (start-up: every rule fits its tables)
+        >>> events = t.apply(events)  # doctest: +SKIP
+    """
+
+    def __init__(self, settings: TransformSettings, *, source: str | None = None) -> None:
+        self.source = source
+        self.rules = tuple(compile_rule(r, i, source=source) for i, r in enumerate(settings.rules))
+        self._key = settings.hash_key.get_secret_value().encode() if settings.hash_key else None
+        if self._key is not None and not self._key:
+            self._key = None
+        for rule in self.rules:
+            hashed = [c for c, m in rule.masks.items() if m.kind == "hash"]
+            if hashed and self._key is None:
+                raise rule.error(
+                    f"mask.{hashed[0]} = 'hash' needs transforms.hash_key "
+                    "(or CDC_TRANSFORMS__HASH_KEY)"
+                )
+        self._conn: duckdb.DuckDBPyConnection | None = None
+        self._plans: dict[TableSchema, TablePlan | None] = {}
+        self._last: tuple[TableSchema | None, TablePlan | None] = (None, None)
+
+    def __bool__(self) -> bool:
+        return bool(self.rules)
+
+    def __repr__(self) -> str:  # the key stays out of every repr
+        return f"Transforms({len(self.rules)} rules, source={self.source!r})"
+
+    # -- set-up -----------------------------------------------------------------------------
+
+    def _connection(self) -> duckdb.DuckDBPyConnection:
+        if self._conn is None:
+            conn = expressions.connect()
+            if self._key is not None:
+                ipad, opad = hmac_pads(self._key)
+                conn.execute(f"SET VARIABLE {IPAD_VARIABLE} = ?", [ipad])
+                conn.execute(f"SET VARIABLE {OPAD_VARIABLE} = ?", [opad])
+            self._conn = conn
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def rules_for(self, schema: str, table: str) -> tuple[Rule, ...]:
+        """The rules matching ``schema.table``, in file order."""
+        return tuple(r for r in self.rules if r.matches(schema, table))
+
+    def skipped_operations(self, schema: str, table: str) -> frozenset[str]:
+        """Operations some matching rule skips before any filter could change them (the
+        ones a publication's ``publish`` list may leave out)."""
+        skipped: set[str] = set()
+        for rule in self.rules_for(schema, table):
+            skipped |= rule.skip
+            if rule.settings.filter is not None:
+                break  # later skips see deletes the filter made from updates
+        return frozenset(skipped)
+
+    def validate(self, tables: Iterable[TableSchema]) -> dict[str, TableSchema]:
+        """Compile the plan of every table (start-up): raises :class:`TransformConfigError`
+        naming the rule and the file when a rule does not fit a table, or two tables are
+        routed to one target. Returns the output shape of each transformed table."""
+        targets: dict[str, str] = {}
+        shapes: dict[str, TableSchema] = {}
+        for table in tables:
+            plan = self.plan(table)
+            if plan is None:
+                target = table.qualified_name
+            else:
+                target = plan.output.qualified_name
+                shapes[table.qualified_name] = plan.output
+            other = targets.setdefault(target, table.qualified_name)
+            if other != table.qualified_name:
+                rules = self.rules_for(table.schema, table.table)
+                where = rules[-1].where if rules else "transforms.rules"
+                raise TransformConfigError(
+                    f"{where}: {other} and {table.qualified_name} would both be written to "
+                    f"{target}; route each table to a table of its own"
+                )
+        return shapes
+
+    def output_name(self, schema: str, table: str) -> tuple[str, str]:
+        """The ``(schema, table)`` a source table is written to (its last ``route``)."""
+        target = (schema, table)
+        for rule in self.rules_for(schema, table):
+            if rule.route is not None:
+                target = rule.route
+        return target
+
+    def plan(self, table: TableSchema) -> TablePlan | None:
+        """The compiled plan of ``table``'s shape (cached); None when no rule matches."""
+        if table is self._last[0]:
+            return self._last[1]
+        try:
+            plan = self._plans[table]
+        except KeyError:
+            rules = self.rules_for(table.schema, table.table)
+            plan = self._compile(table, rules) if rules else None
+            self._plans[table] = plan
+        self._last = (table, plan)
+        return plan
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Every rule as configured (the hash key excluded), for status and logs."""
+        return [dict(index=r.index, **r.describe()) for r in self.rules]
+
+    def describe_table(self, schema: str, table: str) -> list[dict[str, Any]]:
+        """The rules that shape ``schema.table``, as recorded with its schema versions."""
+        return [dict(index=r.index, **r.describe()) for r in self.rules_for(schema, table)]
+
+    # -- compiling --------------------------------------------------------------------------
+
+    def _compile(self, table: TableSchema, rules: tuple[Rule, ...]) -> TablePlan:
+        # Pass 1 learns which source columns some rule reads; pass 2 writes the query
+        # over just those.
+        used: set[int] = set()
+        self._chain(table, rules, used, None)
+        return self._finish(table, rules, used, *self._chain(table, rules, used, set(used)))
+
+    def _chain(
+        self,
+        table: TableSchema,
+        rules: tuple[Rule, ...],
+        used: set[int],
+        materialized: set[int] | None,
+    ) -> tuple[list[_Col], list[list[tuple[str, str]]], list[tuple[int, str]], tuple[str, str]]:
+        """Walk the rules over ``table``'s columns. Returns the output columns, the query's
+        projections (each a list of (sql, name) over the previous one), the filters' flag
+        columns and the route. ``used`` collects the source columns read."""
+        cols = [
+            _Col(c.name, ("src", i), c.type_oid, c.type_modifier, c.is_key, c.attnum)
+            for i, c in enumerate(table.columns)
+        ]
+        # Where each column is found in the current relation (None: not sent to DuckDB).
+        rel: dict[int, str | None] = {
+            id(c): (c.name if materialized is not None and i in materialized else None)
+            for i, c in enumerate(cols)
+        }
+        carried: list[str] = []
+        projections: list[list[tuple[str, str]]] = []
+        keep_flags: list[tuple[int, str]] = []
+        route = (table.schema, table.table)
+        n_sql = 0
+
+        def ref(rule: Rule, name: str, what: str) -> _Col:
+            for col in cols:
+                if col.name == name:
+                    if col.prov[0] == "src":
+                        used.add(col.prov[1])
+                    return col
+            raise rule.error(f"{what}: {table.qualified_name} has no column {name!r}")
+
+        def passing() -> list[tuple[str, str]]:
+            items = [(_quote(a), a) for a in carried]
+            for col in cols:
+                where = rel[id(col)]
+                if where is not None and where not in carried:
+                    items.append((_quote(where), where))
+            return items
+
+        def expose() -> None:
+            """A projection naming every sent column by its current name, for expressions."""
+            if all(rel[id(c)] in (None, c.name) for c in cols):
+                return
+            items = [(_quote(a), a) for a in carried]
+            for col in cols:
+                where = rel[id(col)]
+                if where is not None:
+                    items.append((_quote(where), col.name))
+                    rel[id(col)] = col.name
+            projections.append(items)
+
+        for position, rule in enumerate(rules):
+            s = rule.settings
+            new: list[tuple[str, str]] = []
+            if s.filter is not None or rule.masks:
+                expose()
+            base = passing()
+            if s.filter is not None:
+                for name in sorted(rule.filter_columns):
+                    ref(rule, name, "filter")
+                alias = f"__keep{position}"
+                new.append((f"coalesce((\n{s.filter}\n), false)", alias))
+                keep_flags.append((position, alias))
+            for name, mask in rule.masks.items():
+                col = ref(rule, name, f"mask.{name}")
+                if col.is_key and not mask.keeps_identity:
+                    raise rule.error(
+                        f"mask.{name}: {name!r} identifies rows ({table.qualified_name}'s key); "
+                        f"{mask} would merge distinct rows. Only 'hash' keeps keys distinct"
+                    )
+                if mask.kind == "null":
+                    col.prov = ("null", None)
+                    rel[id(col)] = None
+                    continue
+                alias = f"__c{n_sql}"
+                n_sql += 1
+                new.append((mask_sql(mask, _quote(rel[id(col)] or col.name)), alias))
+                col.prov = ("sql", alias)
+                rel[id(col)] = alias
+                col.type_oid, col.type_modifier = _TEXT
+            if new:
+                projections.append(base + new)
+                carried += [a for _, a in new]
+            for old, new_name in s.rename_columns.items():
+                col = ref(rule, old, f"rename_columns.{old}")
+                if any(c.name == new_name for c in cols if c is not col):
+                    raise rule.error(
+                        f"rename_columns.{old}: {table.qualified_name} already has {new_name!r}"
+                    )
+                col.name = new_name
+            if s.add_columns:
+                expose()  # the expressions read the masked, renamed row
+                base = passing()
+                added: list[tuple[str, str]] = []
+                for name, expression in s.add_columns.items():
+                    for ref_name in sorted(rule.add_columns[name]):
+                        ref(rule, ref_name, f"add_columns.{name}")
+                    if any(c.name == name for c in cols):
+                        raise rule.error(
+                            f"add_columns.{name}: {table.qualified_name} already has {name!r}"
+                        )
+                    alias = f"__c{n_sql}"
+                    n_sql += 1
+                    added.append((f"(\n{expression}\n)", alias))
+                for (_, alias), name in zip(added, s.add_columns, strict=True):
+                    col = _Col(name, ("sql", alias), 0, -1, False, None)
+                    cols.append(col)
+                    rel[id(col)] = alias
+                projections.append(base + added)
+                carried += [a for _, a in added]
+            for name in s.drop_columns:
+                col = ref(rule, name, "drop_columns")
+                if col.is_key:
+                    raise rule.error(
+                        f"drop_columns: {name!r} identifies rows ({table.qualified_name}'s key); "
+                        "mask it with 'hash' instead"
+                    )
+                cols.remove(col)
+            if rule.route is not None:
+                route = rule.route
+        return cols, projections, keep_flags, route
+
+    def _finish(
+        self,
+        table: TableSchema,
+        rules: tuple[Rule, ...],
+        used: set[int],
+        cols: list[_Col],
+        projections: list[list[tuple[str, str]]],
+        keep_flags: list[tuple[int, str]],
+        route: tuple[str, str],
+    ) -> TablePlan:
+        inputs = tuple(sorted(used))
+        input_schema = pa.schema(
+            [
+                pa.field(
+                    table.columns[i].name,
+                    pgtypes.arrow_type(table.columns[i].type_oid, table.columns[i].type_modifier),
+                )
+                for i in inputs
+            ]
+        )
+        computed = tuple(c.prov[1] for c in cols if c.prov[0] == "sql")
+        flags = tuple(alias for _, alias in keep_flags)
+        query = None
+        if projections:
+            query = self._query(projections, computed + flags)
+            result = self._run(query, input_schema.empty_table(), rules, table)
+            for col in cols:
+                if col.prov[0] == "sql" and col.type_oid == 0:
+                    arrow_type = result.schema.field(col.prov[1]).type
+                    pg = _arrow_to_pg(arrow_type)
+                    if pg is None:
+                        rule = next(r for r in rules if col.name in r.settings.add_columns)
+                        raise rule.error(
+                            f"add_columns.{col.name}: its type {arrow_type} has no column "
+                            "type here; CAST it (to VARCHAR, BIGINT, DOUBLE, DECIMAL(p,s), "
+                            "BOOLEAN, DATE or TIMESTAMP[TZ])"
+                        )
+                    col.type_oid, col.type_modifier = pg
+            for position, alias in keep_flags:
+                if result.schema.field(alias).type != pa.bool_():
+                    raise rules[position].error(
+                        f"filter must be a boolean expression, not {result.schema.field(alias).type}"
+                    )
+        output = TableSchema(
+            route[0],
+            route[1],
+            tuple(
+                ColumnSchema(c.name, c.type_oid, c.type_modifier, c.is_key, c.attnum) for c in cols
+            ),
+            table.replica_identity,
+        )
+        passthrough = tuple(c.prov[1] for c in cols if c.prov[0] == "src")
+        n_pass, n_comp = len(passthrough), len(computed)
+        arrange: list[int] = []
+        pass_i = comp_i = 0
+        for c in cols:
+            if c.prov[0] == "src":
+                arrange.append(pass_i)
+                pass_i += 1
+            elif c.prov[0] == "sql":
+                arrange.append(n_pass + comp_i)
+                comp_i += 1
+            else:
+                arrange.append(n_pass + n_comp)
+        fallback_map: dict[str, tuple[str, Mask | None]] = {}
+        self._map_fallbacks(table, rules, fallback_map)
+        return TablePlan(
+            source=table,
+            output=output,
+            rules=rules,
+            inputs=inputs,
+            input_schema=input_schema,
+            query=query,
+            computed=computed,
+            keep_flags=tuple(keep_flags),
+            skips=tuple(r.skip for r in rules),
+            passthrough=passthrough,
+            arrange=tuple(arrange),
+            fallback_map=fallback_map,
+        )
+
+    @staticmethod
+    def _map_fallbacks(
+        table: TableSchema, rules: tuple[Rule, ...], out: dict[str, tuple[str, Mask | None]]
+    ) -> None:
+        """Source column name -> (output name, mask) for texts kept in ``fallback``; columns
+        dropped, nulled or replaced leave no entry."""
+        current = {c.name: (c.name, None) for c in table.columns}  # current name -> (src, mask)
+        state: dict[str, tuple[str, Mask | None]] = dict(current)
+        for rule in rules:
+            s = rule.settings
+            for name, mask in rule.masks.items():
+                if name in state:
+                    src, prior = state[name]
+                    if mask.kind == "null" or prior is not None:
+                        # masking a masked text again: keep it simple and drop the text
+                        state.pop(name)
+                    else:
+                        state[name] = (src, mask)
+            renamed: dict[str, tuple[str, Mask | None]] = {}
+            for name, value in state.items():
+                renamed[s.rename_columns.get(name, name)] = value
+            state = {k: v for k, v in renamed.items() if k not in s.drop_columns}
+        for out_name, (src, last) in state.items():
+            out[src] = (out_name, last)
+
+    @staticmethod
+    def _query(projections: list[list[tuple[str, str]]], outputs: tuple[str, ...]) -> str:
+        """Nested SELECTs, one per projection; the outer one keeps the result columns."""
+        relation = "batch"
+        for i, items in enumerate(projections):
+            select = ",\n".join(f"{sql} AS {_quote(name)}" for sql, name in items)
+            relation = f"(SELECT\n{select}\nFROM {relation}) AS __p{i}"
+        return f"SELECT {', '.join(_quote(a) for a in outputs)} FROM {relation}"
+
+    def _run(
+        self, query: str, batch: pa.Table, rules: tuple[Rule, ...], table: TableSchema
+    ) -> pa.Table:
+        conn = self._connection()
+        try:
+            return conn.from_arrow(batch).query("batch", query).to_arrow_table()
+        except duckdb.Error as e:
+            # DuckDB's message names columns and functions, never values of the batch
+            # unless a cast of one failed; keep only its first line.
+            reason = str(e).splitlines()[0]
+            if batch.num_rows == 0:
+                where = rules[0].where if len(rules) == 1 else "; ".join(r.where for r in rules)
+                raise TransformConfigError(
+                    f"{where}: does not fit {table.qualified_name}: {reason}"
+                ) from None
+            raise TransformEvaluationError(
+                f"rules of {table.qualified_name} failed on a batch: "
+                f"{type(e).__name__} ({_without_values(reason)})"
+            ) from None
+
+    # -- applying ---------------------------------------------------------------------------
+
+    def apply(self, events: Sequence[ChangeEvent]) -> list[ChangeEvent]:
+        """Transform ``events`` (any tables, in order); returns the events to write, in the
+        same order. Events are changed in place; filtered and skipped ones are left out.
+
+        Each table's images are evaluated together, in one query per table per call: pass
+        as many events at a time as arrive together (a read of the replication stream)."""
+        if not self.rules:
+            return list(events)
+        groups: dict[int, tuple[TablePlan, list[int]]] = {}
+        plans: list[TablePlan | None] = []
+        for i, event in enumerate(events):
+            plan = self.plan(event.table)
+            plans.append(plan)
+            if plan is not None:
+                entry = groups.get(id(plan))
+                if entry is None:
+                    groups[id(plan)] = (plan, [i])
+                else:
+                    entry[1].append(i)
+        keep = [True] * len(events)
+        for plan, indexes in groups.values():
+            self._apply_plan(plan, [events[i] for i in indexes], indexes, keep)
+        return [e for e, k in zip(events, keep, strict=True) if k]
+
+    def _apply_plan(
+        self, plan: TablePlan, events: list[ChangeEvent], indexes: list[int], keep: list[bool]
+    ) -> None:
+        # Rows: every event's stored image (after, or before for deletes), then the before
+        # images of updates that carry one (a key change, or REPLICA IDENTITY FULL).
+        images: list[tuple[Any, ...]] = []
+        after_row: list[int] = []
+        before_row: list[int] = []
+        for event in events:
+            if event.after is not None:
+                after_row.append(len(images))
+                images.append(event.after)
+            elif event.before is not None:
+                after_row.append(-1)
+            else:
+                after_row.append(-1)
+        for event in events:
+            if event.before is not None:
+                before_row.append(len(images))
+                images.append(event.before)
+            else:
+                before_row.append(-1)
+        computed: list[tuple[Any, ...]] = []
+        flags: dict[int, list[Any]] = {}
+        if plan.query is not None and images:
+            columns = []
+            for i, field_ in zip(plan.inputs, plan.input_schema, strict=True):
+                try:
+                    columns.append(pa.array([img[i] for img in images], type=field_.type))
+                except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as e:
+                    raise TransformEvaluationError(
+                        f"{plan.source.qualified_name}.{field_.name}: values do not fit "
+                        f"{field_.type} for the rules: {type(e).__name__}"
+                    ) from None
+            batch = pa.Table.from_arrays(columns, schema=plan.input_schema)
+            result = self._run(plan.query, batch, plan.rules, plan.source)
+            if plan.computed:
+                computed = list(
+                    zip(*(result.column(a).to_pylist() for a in plan.computed), strict=True)
+                )
+            for position, alias in plan.keep_flags:
+                flags[position] = result.column(alias).to_pylist()
+        elif plan.query is not None:
+            pass
+        take = itemgetter(*plan.passthrough) if plan.passthrough else None
+        single = len(plan.passthrough) == 1
+        arrange = itemgetter(*plan.arrange) if plan.arrange else None
+        one_out = len(plan.arrange) == 1
+        empty: tuple[Any, ...] = ()
+
+        def shape(image: tuple[Any, ...], row: int) -> tuple[Any, ...]:
+            passed = empty if take is None else ((take(image),) if single else take(image))
+            values = passed + (computed[row] if computed else empty) + (None,)
+            if arrange is None:
+                return empty
+            return (arrange(values),) if one_out else arrange(values)
+
+        key_positions = [i for i, c in enumerate(plan.output.columns) if c.is_key]
+        output = plan.output
+        skips = plan.skips
+        has_rules_logic = any(skips) or bool(plan.keep_flags)
+        for n, event in enumerate(events):
+            op: str = event.op
+            a_row, b_row = after_row[n], before_row[n]
+            if has_rules_logic:
+                for position in range(len(skips)):
+                    if op in skips[position]:
+                        op = "skip"
+                        break
+                    column = flags.get(position)
+                    if column is None or op in ("d", "t"):
+                        continue
+                    if op == "u" and a_row >= 0 and not column[a_row]:
+                        op = "d"  # left the filter: a delete of that key
+                    elif op in ("c", "r") and a_row >= 0 and not column[a_row]:
+                        op = "skip"
+                        break
+                if op == "skip":
+                    keep[indexes[n]] = False
+                    continue
+            new_after = shape(images[a_row], a_row) if a_row >= 0 else None
+            new_before = shape(images[b_row], b_row) if b_row >= 0 else None
+            if op == "d" and event.op == "u":
+                if new_before is None and new_after is not None:
+                    new_before = (
+                        tuple(v if i in key_positions else None for i, v in enumerate(new_after))
+                        if key_positions
+                        else new_after
+                    )
+                new_after = None
+                event.op = "d"
+                event.unchanged_toast = ()
+                event.fallback = None
+            event.table = output
+            event.before = new_before
+            event.after = new_after
+            if event.unchanged_toast:
+                event.unchanged_toast = tuple(
+                    plan.fallback_map[name][0]
+                    for name in event.unchanged_toast
+                    if name in plan.fallback_map
+                )
+            if event.fallback:
+                event.fallback = self._fallbacks(plan, event.fallback)
+
+    def _fallbacks(self, plan: TablePlan, fallback: dict[str, str]) -> dict[str, str] | None:
+        out: dict[str, str] = {}
+        for name, text in fallback.items():
+            target = plan.fallback_map.get(name)
+            if target is None:
+                continue
+            out_name, mask = target
+            masked = text if mask is None else mask_text(mask, text, self._key or b"")
+            if masked is not None:
+                out[out_name] = masked
+        return out or None
+
+    def apply_snapshot(
+        self, table: TableSchema, batch: pa.Table | pa.RecordBatch, *, fallback_column: str
+    ) -> tuple[TableSchema, pa.Table]:
+        """Transform snapshot rows (op ``r``) in Arrow form: filter, masks, renames, added
+        and dropped columns, route. ``fallback_column`` is the name of the optional map
+        column of exact texts (see :mod:`cdc.postgres.snapshot`)."""
+        plan = self.plan(table)
+        data = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
+        if plan is None:
+            return table, data
+        if any("r" in s for s in plan.skips):
+            return plan.output, data.schema.empty_table()
+        columns: list[pa.Array | pa.ChunkedArray] = []
+        result = None
+        if plan.query is not None:
+            inputs = data.select(list(plan.inputs)).cast(plan.input_schema)
+            result = self._run(plan.query, inputs, plan.rules, plan.source)
+        comp_iter = iter(plan.computed)
+        for col, prov_index in zip(plan.output.columns, plan.arrange, strict=True):
+            target = pgtypes.arrow_type(col.type_oid, col.type_modifier)
+            if prov_index < len(plan.passthrough):
+                columns.append(data.column(plan.passthrough[prov_index]))
+            elif prov_index < len(plan.passthrough) + len(plan.computed):
+                assert result is not None
+                columns.append(result.column(next(comp_iter)).cast(target))
+            else:
+                columns.append(pa.nulls(data.num_rows, type=target))
+        names = list(plan.output.column_names)
+        if fallback_column in data.column_names:
+            texts = data.column(fallback_column).to_pylist()
+            mapped = [None if row is None else self._fallbacks(plan, dict(row)) for row in texts]
+            columns.append(pa.array(mapped, type=data.schema.field(fallback_column).type))
+            names.append(fallback_column)
+        out = pa.Table.from_arrays(columns, names=names)
+        if plan.keep_flags and result is not None:
+            mask = None
+            for _, alias in plan.keep_flags:
+                flag = result.column(alias)
+                mask = flag if mask is None else pc.and_(mask, flag)
+            out = out.filter(mask)
+        return plan.output, out
+
+
+def _without_values(reason: str) -> str:
+    """DuckDB's conversion errors quote the failing value (``Could not convert string
+    'abc' to INT32``): cut quoted parts, so that no row value reaches a message or a log."""
+    parts = reason.split("'")
+    return "'…'".join(parts[::2]) if len(parts) > 2 else reason
+
+
+def replace_schema(table: TableSchema, **changes: Any) -> TableSchema:
+    """``dataclasses.replace`` for a table schema (re-exported for callers)."""
+    return replace(table, **changes)
