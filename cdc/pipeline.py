@@ -47,7 +47,9 @@ from cdc.postgres.slots import (
     drop_slot,
     ensure_publication,
     get_slot,
+    publication_pushdown,
     publishes_all_tables,
+    push_down_transforms,
 )
 from cdc.postgres.snapshot import SnapshotReader
 from cdc.postgres.source_queries import SourceQueries
@@ -56,6 +58,8 @@ from sinks.base import PositionStore, Sink, SnapshotProgress
 from sinks.delta_changelog import DeltaChangelogSink
 from sinks.errors import SinkBackpressureError, TransientSinkError
 from sinks.position_store import LakePositionStore
+from sinks.transformed import TransformingSink
+from transforms import Transforms
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +98,13 @@ class CapturePipeline:
             batch=settings.batch,
             storage_options=self.storage_options,
         )
+        # Rules are checked here, before anything connects; each is checked against its
+        # tables in prepare(). Behind the wrapper, no sink ever sees an untransformed value.
+        self.transforms: Transforms | None = None
+        self.transform_status: dict[str, Any] = {"rules": [], "pushdown": None}
+        if settings.transforms.rules:
+            self.transforms = Transforms(settings.transforms, source=settings.config_file)
+            self.sink = TransformingSink(self.sink, self.transforms)
         self.store: PositionStore = store or LakePositionStore(
             self.lake, settings.name, storage_options=self.storage_options
         )
@@ -136,6 +147,8 @@ class CapturePipeline:
         check_prerequisites(conn)
         tables = ensure_publication(conn, settings.publication_name, tables=settings.source.tables)
         self._all_tables = publishes_all_tables(conn, settings.publication_name)
+        if self.transforms is not None:
+            self._prepare_transforms(conn, tables)
         slot = get_slot(conn, settings.slot_name)
         if slot is not None:
             check_slot_usable(slot, conn)
@@ -170,6 +183,30 @@ class CapturePipeline:
                 f"delete {self.store.path} and the pipeline's tables in the lake"
             )
         return self._create_slot_and_snapshot(tables)
+
+    def _prepare_transforms(self, conn: psycopg.Connection, tables: list[tuple[str, str]]) -> None:
+        """Check every rule against the captured tables' shapes (a rule naming a missing
+        column stops start-up), push down what the publication can leave out, log both."""
+        assert self.transforms is not None
+        schemas = describe_tables(conn, tables)
+        self.transforms.validate(schemas.values())
+        pushdown: dict[str, Any] = {"skipped": "the publication is not the pipeline's own"}
+        if self.settings.source.publication is None:
+            # Only operations every table skips can leave the publication's publish list.
+            skipped = set("cudt")
+            drops: dict[tuple[str, str], list[str]] = {}
+            for key, schema in schemas.items():
+                skipped &= self.transforms.skipped_operations(*key)
+                plan = self.transforms.plan(schema)
+                if plan is not None and plan.unread_drops:
+                    drops[key] = list(plan.unread_drops)
+            pushdown = push_down_transforms(
+                conn, self.settings.publication_name, skipped_ops=skipped, column_drops=drops
+            )
+        self.transform_status = {"rules": self.transforms.describe(), "pushdown": pushdown}
+        for rule in self.transforms.rules:
+            log.info("transform rule %s: %s", rule.where, rule.describe())
+        log.info("transforms pushed down to the publication: %s", pushdown)
 
     def _create_slot_and_snapshot(
         self, tables: list[tuple[str, str]]
@@ -423,6 +460,29 @@ def run_embedded(
         {'snapshot_rows': 1000, 'events': 52, 'rows_written': 1052, ...}
     """
     return CapturePipeline(settings, stop=stop, progress=progress).run()
+
+
+def transforms_status(settings: Settings) -> dict[str, Any]:
+    """The configured rules (hash key left out) and what the publication leaves out for
+    them (operations, columns), read from PostgreSQL; for ``cdc status``.
+
+    Example:
+        >>> transforms_status(load_settings("cdc.toml"))  # doctest: +SKIP
+        {'rules': [{'index': 0, 'tables': ['crm.*'], ...}], 'pushdown': {'publish': [...], ...}}
+    """
+    rules = (
+        Transforms(settings.transforms, source=settings.config_file).describe()
+        if settings.transforms.rules
+        else []
+    )
+    try:
+        with psycopg.connect(session_conninfo(settings.source_dsn()), autocommit=True) as conn:
+            pushdown = publication_pushdown(conn, settings.publication_name)
+    except psycopg.Error as e:
+        raise SourceConnectionError(
+            f"cannot read publication {settings.publication_name}: {e}"
+        ) from e
+    return {"rules": rules, "pushdown": pushdown}
 
 
 def _database_name(dsn: str) -> str:

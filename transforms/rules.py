@@ -228,6 +228,9 @@ class TablePlan:
     arrange: tuple[int, ...]
     #: Per output column: (source name or None, mask of a text fallback or None).
     fallback_map: dict[str, tuple[str, Mask | None]] = field(default_factory=dict)
+    #: Source columns dropped without any rule reading them: a publication's column list
+    #: may leave them out (pushdown).
+    unread_drops: tuple[str, ...] = ()
 
     @property
     def identity(self) -> bool:
@@ -264,6 +267,9 @@ class Transforms:
         self._conn: duckdb.DuckDBPyConnection | None = None
         self._plans: dict[TableSchema, TablePlan | None] = {}
         self._last: tuple[TableSchema | None, TablePlan | None] = (None, None)
+        # Off while validating against the catalog's shapes; on once running, when a
+        # column list may have kept a dropped column from arriving at all.
+        self._tolerate_missing = True
 
     def __bool__(self) -> bool:
         return bool(self.rules)
@@ -309,7 +315,11 @@ class Transforms:
         targets: dict[str, str] = {}
         shapes: dict[str, TableSchema] = {}
         for table in tables:
-            plan = self.plan(table)
+            self._tolerate_missing = False
+            try:
+                plan = self.plan(table)
+            finally:
+                self._tolerate_missing = True
             if plan is None:
                 target = table.qualified_name
             else:
@@ -369,7 +379,9 @@ class Transforms:
         rules: tuple[Rule, ...],
         used: set[int],
         materialized: set[int] | None,
-    ) -> tuple[list[_Col], list[list[tuple[str, str]]], list[tuple[int, str]], tuple[str, str]]:
+    ) -> tuple[
+        list[_Col], list[list[tuple[str, str]]], list[tuple[int, str]], tuple[str, str], set[int]
+    ]:
         """Walk the rules over ``table``'s columns. Returns the output columns, the query's
         projections (each a list of (sql, name) over the previous one), the filters' flag
         columns and the route. ``used`` collects the source columns read."""
@@ -387,6 +399,7 @@ class Transforms:
         keep_flags: list[tuple[int, str]] = []
         route = (table.schema, table.table)
         n_sql = 0
+        dropped: set[int] = set()
 
         def ref(rule: Rule, name: str, what: str) -> _Col:
             for col in cols:
@@ -476,7 +489,14 @@ class Transforms:
                 projections.append(base + added)
                 carried += [a for _, a in added]
             for name in s.drop_columns:
-                col = ref(rule, name, "drop_columns")
+                found = [c for c in cols if c.name == name]
+                if not found and self._tolerate_missing:
+                    continue  # left out of the publication's column list (pushdown)
+                if not found:
+                    raise rule.error(f"drop_columns: {table.qualified_name} has no column {name!r}")
+                col = found[0]
+                if col.prov[0] == "src":
+                    dropped.add(col.prov[1])
                 if col.is_key:
                     raise rule.error(
                         f"drop_columns: {name!r} identifies rows ({table.qualified_name}'s key); "
@@ -485,7 +505,7 @@ class Transforms:
                 cols.remove(col)
             if rule.route is not None:
                 route = rule.route
-        return cols, projections, keep_flags, route
+        return cols, projections, keep_flags, route, dropped
 
     def _finish(
         self,
@@ -496,6 +516,7 @@ class Transforms:
         projections: list[list[tuple[str, str]]],
         keep_flags: list[tuple[int, str]],
         route: tuple[str, str],
+        dropped: set[int],
     ) -> TablePlan:
         inputs = tuple(sorted(used))
         input_schema = pa.schema(
@@ -566,6 +587,7 @@ class Transforms:
             passthrough=passthrough,
             arrange=tuple(arrange),
             fallback_map=fallback_map,
+            unread_drops=tuple(table.columns[i].name for i in sorted(dropped - used)),
         )
 
     @staticmethod

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -203,3 +204,137 @@ def drop_slot(conn: psycopg.Connection, name: str) -> bool:
     except psycopg.errors.ObjectInUse as e:
         raise SourceConnectionError(f"slot {name!r} is still in use: {e}") from e
     return row is not None
+
+
+#: Debezium operation letters -> the publication's ``publish`` parameter values.
+_PUBLISH = {"c": "insert", "u": "update", "d": "delete", "t": "truncate"}
+
+
+def push_down_transforms(
+    conn: psycopg.Connection,
+    publication: str,
+    *,
+    skipped_ops: set[str],
+    column_drops: dict[tuple[str, str], list[str]],
+) -> dict[str, Any]:
+    """Make the publication leave out what the transforms would drop anyway, so those
+    values never leave PostgreSQL: the operations every table skips (its ``publish`` list)
+    and columns no rule reads (per-table column lists). PostgreSQL 15+ only; idempotent,
+    and undone when the rules no longer ask for it.
+
+    Column lists need a publication of listed tables (not ``FOR ALL TABLES``), and cannot
+    leave out replica-identity columns, so ``REPLICA IDENTITY FULL`` tables keep every
+    column. Returns what was pushed down: ``{"publish": [...], "columns": {"s.t":
+    [dropped...]}, "skipped": reason or None}``.
+
+    Example:
+        >>> push_down_transforms(conn, "cdc", skipped_ops={"d"}, column_drops={})  # doctest: +SKIP
+        {'publish': ['insert', 'update', 'truncate'], 'columns': {}, 'skipped': None}
+    """
+    result: dict[str, Any] = {"publish": None, "columns": {}, "skipped": None}
+    if conn.info.server_version < 150000:
+        result["skipped"] = "PostgreSQL 15 or later is needed"
+        return result
+    row = conn.execute(
+        "SELECT puballtables, pubinsert, pubupdate, pubdelete, pubtruncate "
+        "FROM pg_publication WHERE pubname = %s",
+        [publication],
+    ).fetchone()
+    if row is None:
+        result["skipped"] = f"publication {publication!r} does not exist"
+        return result
+    all_tables = bool(row[0])
+    have = {op for op, on in zip("cudt", row[1:], strict=True) if on}
+    want = set("cudt") - skipped_ops
+    if not want:
+        want = set("cudt")  # an empty list would publish nothing at all: filter in-process
+    if want != have:
+        conn.execute(
+            sql.SQL("ALTER PUBLICATION {} SET (publish = {})").format(
+                sql.Identifier(publication),
+                sql.Literal(", ".join(_PUBLISH[op] for op in "cudt" if op in want)),
+            )
+        )
+        log.info("publication %s now publishes only %s", publication, sorted(want))
+    result["publish"] = [_PUBLISH[op] for op in "cudt" if op in want]
+    if all_tables:
+        if column_drops:
+            result["skipped"] = "column lists need a publication of listed tables"
+        return result
+    rows = conn.execute(
+        """
+        SELECT t.schemaname, t.tablename, t.attnames, c.relreplident,
+               array(SELECT a.attname FROM pg_attribute a
+                     WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+                       AND a.attgenerated = '' ORDER BY a.attnum)
+        FROM pg_publication_tables t
+        JOIN pg_namespace n ON n.nspname = t.schemaname
+        JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = t.tablename
+        WHERE t.pubname = %s ORDER BY 1, 2
+        """,
+        [publication],
+    ).fetchall()
+    entries: list[sql.Composable] = []
+    changed = False
+    for schema, table, attnames, identity, columns in rows:
+        drops = set(column_drops.get((schema, table), ()))
+        if identity == "f":
+            drops = set()  # every column identifies the row
+        keep = [c for c in columns if c not in drops]
+        wanted_list = keep if len(keep) < len(columns) else None
+        current = list(attnames) if attnames is not None else None
+        if current is not None and sorted(current) == sorted(columns):
+            current = None  # a list of every column is no list
+        if (sorted(current) if current else None) != (sorted(wanted_list) if wanted_list else None):
+            changed = True
+        ident = sql.Identifier(schema, table)
+        if wanted_list:
+            result["columns"][f"{schema}.{table}"] = sorted(drops & set(columns))
+            entries.append(
+                sql.SQL("{} ({})").format(
+                    ident, sql.SQL(", ").join(sql.Identifier(c) for c in wanted_list)
+                )
+            )
+        else:
+            entries.append(ident)
+    if changed and entries:
+        conn.execute(
+            sql.SQL("ALTER PUBLICATION {} SET TABLE {}").format(
+                sql.Identifier(publication), sql.SQL(", ").join(entries)
+            )
+        )
+        log.info("publication %s column lists: %s", publication, result["columns"] or "none")
+    return result
+
+
+def publication_pushdown(conn: psycopg.Connection, publication: str) -> dict[str, Any] | None:
+    """What ``publication`` leaves out (read-only): its ``publish`` list and, per table,
+    the columns its column list omits; ``None`` when it does not exist."""
+    row = conn.execute(
+        "SELECT pubinsert, pubupdate, pubdelete, pubtruncate FROM pg_publication "
+        "WHERE pubname = %s",
+        [publication],
+    ).fetchone()
+    if row is None:
+        return None
+    columns: dict[str, list[str]] = {}
+    if conn.info.server_version >= 150000:
+        rows = conn.execute(
+            """
+            SELECT t.schemaname, t.tablename,
+                   array(SELECT a.attname FROM pg_attribute a
+                         WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+                           AND a.attgenerated = '' AND a.attname <> ALL (t.attnames)
+                         ORDER BY a.attnum)
+            FROM pg_publication_tables t
+            JOIN pg_namespace n ON n.nspname = t.schemaname
+            JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = t.tablename
+            WHERE t.pubname = %s AND t.attnames IS NOT NULL ORDER BY 1, 2
+            """,
+            [publication],
+        ).fetchall()
+        columns = {f"{s}.{t}": list(left) for s, t, left in rows if left}
+    return {
+        "publish": [_PUBLISH[op] for op, on in zip("cudt", row, strict=True) if on],
+        "columns": columns,
+    }
