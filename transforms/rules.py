@@ -439,7 +439,8 @@ class Transforms:
                 for name in sorted(rule.filter_columns):
                     ref(rule, name, "filter")
                 alias = f"__keep{position}"
-                new.append((f"coalesce((\n{s.filter}\n), false)", alias))
+                # NULL counts as false (PostgreSQL row filters): see _apply_plan.
+                new.append((f"(\n{s.filter}\n)", alias))
                 keep_flags.append((position, alias))
             for name, mask in rule.masks.items():
                 col = ref(rule, name, f"mask.{name}")
