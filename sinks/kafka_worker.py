@@ -75,7 +75,8 @@ from sinks.errors import (
     TransientSinkError,
     UndecodableMessageError,
 )
-from sinks.event_decoding import EventDecoder
+from sinks.event_decoding import Decoded, EventDecoder
+from transforms import Transforms
 
 __all__ = [
     "KafkaConsumerError",
@@ -190,6 +191,12 @@ class KafkaSinkWorker:
             consumer=kafka.consumer,
         )
         self.decoder = EventDecoder(self.registry.get, known=self._known_schema)
+        # Rules for topics capture did not write (Debezium's); ours arrive transformed.
+        self.transforms = (
+            Transforms(settings.transforms, source=settings.config_file)
+            if settings.transforms.rules
+            else None
+        )
         self.sink = self._new_sink()
         self.dlq = DeadLetterSink(
             self.root,
@@ -409,10 +416,13 @@ class KafkaSinkWorker:
                 except KafkaException as e:
                     raise _wrap(e, "consuming failed") from e
                 epoch = self._epoch
-                for message in messages:
-                    self._handle(message)
-                    if self._epoch != epoch:
-                        break  # sought back to Delta's offsets: the rest comes again
+                if self.transforms is not None:
+                    self._handle_transformed(messages, epoch)
+                else:
+                    for message in messages:
+                        self._handle(message)
+                        if self._epoch != epoch:
+                            break  # sought back to Delta's offsets: the rest comes again
                 if self._flush_due():
                     self._flush()
                 elif not self.sink.pending_rows and not self.dlq.pending:
@@ -434,6 +444,25 @@ class KafkaSinkWorker:
         return dict(self.metrics)
 
     def _handle(self, message: Message) -> None:
+        item = self._decode(message)
+        if item is not None:
+            self._add(*item)
+
+    def _handle_transformed(self, messages: list[Message], epoch: int) -> None:
+        """Decode a whole consumed batch, transform the events of foreign topics (those
+        that are not ``cdc capture``'s, which are transformed already) in one go, then add
+        them in order."""
+        assert self.transforms is not None
+        items = [item for item in map(self._decode, messages) if item is not None]
+        foreign = [decoded.event for _, decoded, _ in items if not decoded.exact_position]
+        kept = {id(e) for e in self.transforms.apply(foreign)} if foreign else set()
+        for part, decoded, offset in items:
+            if decoded.exact_position or id(decoded.event) in kept:
+                self._add(part, decoded, offset)
+            if self._epoch != epoch:
+                return  # sought back to Delta's offsets: the rest comes again
+
+    def _decode(self, message: Message) -> tuple[_Partition, Decoded, int] | None:
         error = message.error()
         if error is not None:
             if error.fatal():
@@ -444,13 +473,13 @@ class KafkaSinkWorker:
                 log.debug("consumer: %s", error.str())
             elif error.code() != KafkaError._PARTITION_EOF:
                 log.warning("consumer: %s", error.str())
-            return
+            return None
         topic, partition, offset = message.topic(), message.partition(), message.offset()
         if topic is None or partition is None or offset is None:
-            return
+            return None
         part = self._owned.get((topic, partition))
         if part is None or offset < part.next_offset:
-            return  # revoked meanwhile, or fetched before a seek back
+            return None  # revoked meanwhile, or fetched before a seek back
         part.next_offset = offset + 1
         self.metrics["messages"] += 1
         try:
@@ -464,10 +493,10 @@ class KafkaSinkWorker:
             )
         except UndecodableMessageError as e:
             self._dead_letter(message, str(e), None)
-            return
+            return None
         if decoded is None:
             self.metrics["tombstones"] += 1
-            return
+            return None
         event = decoded.event
         name = event.table.qualified_name
         if part.table is None:
@@ -480,7 +509,11 @@ class KafkaSinkWorker:
                 "be written with it (one table per topic)",
                 name,
             )
-            return
+            return None
+        return part, decoded, offset
+
+    def _add(self, part: _Partition, decoded: Decoded, offset: int) -> None:
+        event = decoded.event
         try:
             self.sink.add(event, stream=part.stream, offset=offset, dedupe=decoded.exact_position)
         except SinkBackpressureError:
