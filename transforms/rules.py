@@ -31,6 +31,7 @@ from operator import itemgetter
 from typing import Any
 
 import duckdb
+import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -559,6 +560,10 @@ class Transforms:
                 ColumnSchema(c.name, c.type_oid, c.type_modifier, c.is_key, c.attnum) for c in cols
             ),
             table.replica_identity,
+            # Recorded with the schema version: other rules, another version.
+            transforms=orjson.dumps(
+                [dict(index=r.index, **r.describe()) for r in rules], option=orjson.OPT_SORT_KEYS
+            ).decode(),
         )
         passthrough = tuple(c.prov[1] for c in cols if c.prov[0] == "src")
         n_pass, n_comp = len(passthrough), len(computed)

@@ -14,6 +14,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -341,6 +342,17 @@ def tables(lake: LakeOption = None, config: ConfigOption = None) -> None:
     console.print(table)
 
 
+def _describe_rules(rules: list[dict[str, Any]]) -> str:
+    """``rules[0] (tables crm.*): mask email=hash; drop notes`` per rule, one a line."""
+    lines = []
+    for rule in rules:
+        parts = [f"{k} {v}" for k, v in rule.items() if k not in ("index", "tables")]
+        lines.append(
+            f"rules[{rule.get('index')}] ({', '.join(rule.get('tables', []))}): " + "; ".join(parts)
+        )
+    return escape("\n".join(lines)) or "-"
+
+
 @app.command()
 def schemas(
     table: Annotated[str | None, typer.Argument(help="schema.table; default every table.")] = None,
@@ -350,8 +362,9 @@ def schemas(
     """List every recorded version of each table's schema (columns, types, key).
 
     A new version is recorded whenever PostgreSQL's table shape changes mid-stream (a column
-    added, dropped, renamed or retyped); docs/schema-changes.md describes how the lake
-    follows each kind of change.
+    added, dropped, renamed or retyped), or the table's transform rules change;
+    docs/schema-changes.md describes how the lake follows each kind of change. The rules
+    column shows the transform rules (docs/transforms.md) that shaped a version.
     """
     from catalog.schema_registry import SchemaRegistry
     from cdc.core import pgtypes
@@ -361,7 +374,9 @@ def schemas(
     registry = SchemaRegistry(
         settings.lake.path, storage_options=settings.lake.storage_options or None
     )
-    out = Table("table", "version", "schema id", "registered", "columns", header_style="bold")
+    out = Table(
+        "table", "version", "schema id", "registered", "columns", "rules", header_style="bold"
+    )
     for name in [table] if table else registry.tables():
         for v in registry.versions(name):
             columns = ", ".join(
@@ -374,6 +389,7 @@ def schemas(
                 str(v.schema_id),
                 f"{v.registered_at:%Y-%m-%d %H:%M:%S}",
                 columns,
+                _describe_rules(v.schema.transform_rules),
             )
     console.print(out)
 

@@ -56,6 +56,15 @@ class TableSchema:
     table: str
     columns: tuple[ColumnSchema, ...]
     replica_identity: ReplicaIdentity = "default"
+    #: The pipeline rules that produced this shape from the source table's, as canonical
+    #: JSON (see :mod:`transforms`); None for a source shape. Part of the fingerprint, so
+    #: changing a table's rules records a new schema version.
+    transforms: str | None = None
+
+    @property
+    def transform_rules(self) -> list[dict[str, Any]]:
+        """The rules of :attr:`transforms`, decoded (empty for a source shape)."""
+        return orjson.loads(self.transforms) if self.transforms else []
 
     @property
     def qualified_name(self) -> str:
@@ -70,6 +79,13 @@ class TableSchema:
         return tuple(c.name for c in self.columns if c.is_key)
 
     def to_dict(self) -> dict[str, Any]:
+        data = self._to_dict()
+        if self.transforms is not None:
+            # Only when set, so that source shapes keep their fingerprints and ids.
+            data["transforms"] = orjson.loads(self.transforms)
+        return data
+
+    def _to_dict(self) -> dict[str, Any]:
         return {
             "schema": self.schema,
             "table": self.table,
@@ -88,10 +104,14 @@ class TableSchema:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TableSchema:
+        rules = data.get("transforms")
         return cls(
             schema=data["schema"],
             table=data["table"],
             replica_identity=data.get("replica_identity", "default"),
+            transforms=None
+            if rules is None
+            else orjson.dumps(rules, option=orjson.OPT_SORT_KEYS).decode(),
             columns=tuple(
                 ColumnSchema(
                     name=c["name"],

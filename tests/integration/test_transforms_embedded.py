@@ -267,3 +267,50 @@ def test_unknown_key_in_rule_fails_before_connecting(tmp_path: Path) -> None:
     ) as info:
         load_settings(path)
     assert str(path) in str(info.value)
+
+
+def test_changing_a_tables_rules_records_a_new_schema_version(
+    pg_dsn: str,
+    pg_conn: psycopg.Connection,
+    lake_dir: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from catalog.schema_registry import SchemaRegistry
+    from tests.integration.test_cli import run_cdc
+
+    pg_conn.execute("CREATE TABLE people (id int PRIMARY KEY, email text, city text)")
+    pg_conn.execute(f"INSERT INTO people VALUES (1, '{MARK}@1', 'Oslo')")
+    path = tmp_path / "cdc.toml"
+    monkeypatch.setenv("CDC_CONFIG", str(path))
+    path.write_text(
+        f'[transforms]\nhash_key = "{HASH_KEY}"\n[[transforms.rules]]\ntables = ["public.people"]\nmask = {{ email = "hash" }}\n'
+    )
+    with running_pipeline(pg_dsn, lake_dir) as pipeline:
+        wait_caught_up(pipeline, pg_dsn)
+    # Same shape, other rules: the city is now redacted too.
+    path.write_text(
+        f'[transforms]\nhash_key = "{HASH_KEY}"\n[[transforms.rules]]\ntables = ["public.people"]\n'
+        'mask = { email = "hash", city = "redact" }\n'
+    )
+    with running_pipeline(pg_dsn, lake_dir) as pipeline:
+        pg_conn.execute(f"INSERT INTO people VALUES (2, '{MARK}@2', 'Rome')")
+        wait_caught_up(pipeline, pg_dsn)
+    versions = SchemaRegistry(lake_dir).versions("public.people")
+    assert [v.version for v in versions] == [1, 2]
+    assert [c.type_oid for c in versions[0].schema.columns] == [
+        c.type_oid for c in versions[1].schema.columns
+    ]
+    assert [r["mask"] for r in versions[0].schema.transform_rules] == [{"email": "hash"}]
+    assert [r["mask"] for r in versions[1].schema.transform_rules] == [
+        {"email": "hash", "city": "redact"}
+    ]
+    with Lake(lake_dir) as lk:
+        assert sorted(lk.sql("SELECT id, city FROM public.people").fetchall()) == [
+            (1, "Oslo"),
+            (2, "***"),
+        ]
+    shown = run_cdc("schemas", "public.people", "--lake", lake_dir)
+    assert shown.returncode == 0, shown.stderr
+    assert "'city': 'redact'" in shown.stdout
+    assert "rules[0]" in shown.stdout and HASH_KEY not in shown.stdout
