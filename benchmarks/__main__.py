@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import _common as c
-from benchmarks import capture, capture_memory, freshness, kafka_path, snapshot
+from benchmarks import capture, capture_memory, freshness, kafka_path, snapshot, transforms
 from cdc.cli.local_postgres import LocalPostgres
 
-MEASURES = ("capture", "snapshot", "kafka", "freshness", "memory")
+MEASURES = ("capture", "snapshot", "kafka", "freshness", "memory", "transforms")
 
 
 def met(result: dict[str, Any]) -> bool | None:
@@ -159,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                 pg.dsn, w, seconds=args.seconds, bootstrap=broker.bootstrap
             ),
             "memory": lambda w: capture_memory.run(pg.dsn, w),
+            "transforms": lambda w: transforms.run(pg.dsn, w, args.rows),
         }
         for name in MEASURES:
             if name in chosen:

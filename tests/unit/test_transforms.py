@@ -344,3 +344,73 @@ def test_snapshot_batches_and_events_agree(
     assert output.qualified_name == "lake.people"
     assert table.column_names == list(output.column_names)
     assert [tuple(r.values()) for r in table.to_pylist()] == via_events
+
+
+# -- the docs ---------------------------------------------------------------------------------
+
+
+def test_the_docs_recipe_loads_and_fits_its_tables(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pathlib import Path
+
+    from cdc.core.settings import load_settings
+
+    text = (Path(__file__).parents[2] / "docs" / "transforms.md").read_text()
+    recipe = text.split("## Recipe", 1)[1].split("```toml\n", 1)[1].split("```", 1)[0]
+    path = tmp_path / "recipe.toml"
+    path.write_text(recipe)
+    monkeypatch.setenv("CDC_TRANSFORMS__HASH_KEY", KEY)
+    settings = load_settings(path)
+    t = Transforms(settings.transforms, source=str(path))
+
+    def cols(*names: str, types: dict[str, int] | None = None) -> tuple[ColumnSchema, ...]:
+        return tuple(
+            ColumnSchema(n, (types or {}).get(n, 25), is_key=(n == "id"), attnum=i + 1)
+            for i, n in enumerate(names)
+        )
+
+    customers = TableSchema(
+        "crm",
+        "customers",
+        cols(
+            "id",
+            "email",
+            "phone",
+            "card_number",
+            "national_id",
+            "birth_date",
+            "password_hash",
+            "notes",
+            "test_account",
+            types={"id": 20, "birth_date": 1082, "test_account": 16},
+        ),
+    )
+    tickets = TableSchema("crm", "tickets", cols("id", "email", "body"))
+    audit = TableSchema("crm", "audit_log", cols("id", "what"))
+    t._tolerate_missing = False
+    shapes = t.validate([customers, tickets, audit])
+    out = shapes["crm.customers"]
+    assert out.qualified_name == "crm_public.customers"
+    assert "password_hash" not in out.column_names and "birth_year" in out.column_names
+    (e,) = t.apply(
+        [
+            event(
+                "c",
+                (
+                    1,
+                    "a@x",
+                    "5551234",
+                    "4111111111111111",
+                    "X1",
+                    datetime(1990, 5, 1).date(),
+                    "h",
+                    "n",
+                    False,
+                ),
+                table=customers,
+            )
+        ]
+    )
+    assert e.after == (1, digest("a@x"), "*****34", "************1111", "***", None, False, 1990)
+    assert t.skipped_operations("crm", "audit_log") == {"u", "d", "t"}
