@@ -55,6 +55,7 @@ class TransformingSink(Sink):
         self._raw: list[ChangeEvent] = []
         self._ready: deque[ChangeEvent] = deque()
         self._sources: dict[str, TableSchema] = {}  # source name -> its shape last seen
+        self._last_table: TableSchema | None = None
 
     def _drain(self) -> None:
         """Transform what is held and add it to ``inner``. Raises SinkBackpressureError with
@@ -78,7 +79,10 @@ class TransformingSink(Sink):
         if len(self._raw) >= self.max_buffer:
             self._drain()  # before taking the event: on backpressure, it is added again
         self._raw.append(event)
-        self._sources[event.table.qualified_name] = event.table
+        table = event.table
+        if table is not self._last_table:  # most events share their table's shape object
+            self._last_table = table
+            self._sources[table.qualified_name] = table
 
     def add_snapshot(
         self,

@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from operator import itemgetter
+from itertools import repeat
+from operator import add, itemgetter
 from typing import Any
 
 import duckdb
@@ -679,27 +680,26 @@ class Transforms:
     def _apply_plan(
         self, plan: TablePlan, events: list[ChangeEvent], indexes: list[int], keep: list[bool]
     ) -> None:
-        # Rows: every event's stored image (after, or before for deletes), then the before
-        # images of updates that carry one (a key change, or REPLICA IDENTITY FULL).
-        images: list[tuple[Any, ...]] = []
+        # Rows: every event's after image, then the before images (deletes, and updates
+        # that carry one: a key change, or REPLICA IDENTITY FULL).
+        images: list[tuple[Any, ...]] = [e.after for e in events if e.after is not None]
         after_row: list[int] = []
-        before_row: list[int] = []
-        for event in events:
-            if event.after is not None:
-                after_row.append(len(images))
-                images.append(event.after)
-            elif event.before is not None:
-                after_row.append(-1)
+        n = 0
+        for e in events:
+            if e.after is not None:
+                after_row.append(n)
+                n += 1
             else:
                 after_row.append(-1)
-        for event in events:
-            if event.before is not None:
+        before_row: list[int] = []
+        for e in events:
+            if e.before is not None:
                 before_row.append(len(images))
-                images.append(event.before)
+                images.append(e.before)
             else:
                 before_row.append(-1)
-        computed: list[tuple[Any, ...]] = []
-        flags: dict[int, list[Any]] = {}
+        computed: list[list[Any]] = []
+        flags: list[list[Any] | None] = [None] * len(plan.rules)
         if plan.query is not None and images:
             columns = []
             for i, field_ in zip(plan.inputs, plan.input_schema, strict=True):
@@ -712,71 +712,69 @@ class Transforms:
                     ) from None
             batch = pa.Table.from_arrays(columns, schema=plan.input_schema)
             result = self._run(plan.query, batch, plan.rules, plan.source)
-            if plan.computed:
-                computed = list(
-                    zip(*(result.column(a).to_pylist() for a in plan.computed), strict=True)
-                )
+            computed = [result.column(a).to_pylist() for a in plan.computed]
             for position, alias in plan.keep_flags:
                 flags[position] = result.column(alias).to_pylist()
-        elif plan.query is not None:
-            pass
-        take = itemgetter(*plan.passthrough) if plan.passthrough else None
-        single = len(plan.passthrough) == 1
-        arrange = itemgetter(*plan.arrange) if plan.arrange else None
-        one_out = len(plan.arrange) == 1
-        empty: tuple[Any, ...] = ()
-
-        def shape(image: tuple[Any, ...], row: int) -> tuple[Any, ...]:
-            passed = empty if take is None else ((take(image),) if single else take(image))
-            values = passed + (computed[row] if computed else empty) + (None,)
-            if arrange is None:
-                return empty
-            return (arrange(values),) if one_out else arrange(values)
-
-        key_positions = [i for i, c in enumerate(plan.output.columns) if c.is_key]
+        # Output rows, built column-wise by C-level itemgetters: (passthrough values +
+        # computed values + (None,)) rearranged into the output column order.
+        rows = list(
+            map(
+                _getter(plan.arrange),
+                map(
+                    add,
+                    map(_getter(plan.passthrough), images),
+                    zip(*computed, repeat(None, len(images)), strict=True),
+                ),
+            )
+        )
         output = plan.output
+        key_positions = [i for i, c in enumerate(output.columns) if c.is_key]
         skips = plan.skips
-        has_rules_logic = any(skips) or bool(plan.keep_flags)
+        checks = any(skips) or bool(plan.keep_flags)
+        renames = plan.fallback_map
         for n, event in enumerate(events):
-            op: str = event.op
             a_row, b_row = after_row[n], before_row[n]
-            if has_rules_logic:
-                for position in range(len(skips)):
-                    if op in skips[position]:
+            if checks:
+                op: str = event.op
+                for position, skip in enumerate(skips):
+                    if op in skip:
                         op = "skip"
                         break
-                    column = flags.get(position)
-                    if column is None or op in ("d", "t"):
+                    passed = flags[position]
+                    if passed is None or a_row < 0 or op in ("d", "t") or passed[a_row]:
                         continue
-                    if op == "u" and a_row >= 0 and not column[a_row]:
+                    if op == "u":
                         op = "d"  # left the filter: a delete of that key
-                    elif op in ("c", "r") and a_row >= 0 and not column[a_row]:
+                    else:
                         op = "skip"
                         break
                 if op == "skip":
                     keep[indexes[n]] = False
                     continue
-            new_after = shape(images[a_row], a_row) if a_row >= 0 else None
-            new_before = shape(images[b_row], b_row) if b_row >= 0 else None
-            if op == "d" and event.op == "u":
-                if new_before is None and new_after is not None:
-                    new_before = (
-                        tuple(v if i in key_positions else None for i, v in enumerate(new_after))
-                        if key_positions
-                        else new_after
-                    )
-                new_after = None
-                event.op = "d"
-                event.unchanged_toast = ()
-                event.fallback = None
+                if op == "d" and event.op == "u":
+                    new_after = rows[a_row]
+                    event.op = "d"
+                    if b_row >= 0:
+                        event.before = rows[b_row]
+                    elif key_positions:
+                        event.before = tuple(
+                            v if i in key_positions else None for i, v in enumerate(new_after)
+                        )
+                    else:
+                        event.before = new_after
+                    event.after = None
+                    event.unchanged_toast = ()
+                    event.fallback = None
+                    event.table = output
+                    continue
             event.table = output
-            event.before = new_before
-            event.after = new_after
+            if a_row >= 0:
+                event.after = rows[a_row]
+            if b_row >= 0:
+                event.before = rows[b_row]
             if event.unchanged_toast:
                 event.unchanged_toast = tuple(
-                    plan.fallback_map[name][0]
-                    for name in event.unchanged_toast
-                    if name in plan.fallback_map
+                    renames[name][0] for name in event.unchanged_toast if name in renames
                 )
             if event.fallback:
                 event.fallback = self._fallbacks(plan, event.fallback)
@@ -834,6 +832,16 @@ class Transforms:
                 mask = flag if mask is None else pc.and_(mask, flag)
             out = out.filter(mask)
         return plan.output, out
+
+
+def _getter(indexes: tuple[int, ...]) -> Callable[[Sequence[Any]], tuple[Any, ...]]:
+    """``itemgetter(*indexes)``, returning a tuple for any number of indexes."""
+    if len(indexes) > 1:
+        return itemgetter(*indexes)
+    if len(indexes) == 1:
+        i = indexes[0]
+        return lambda values: (values[i],)
+    return lambda values: ()
 
 
 def _without_values(reason: str) -> str:
