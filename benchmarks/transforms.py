@@ -37,7 +37,7 @@ from benchmarks import _common as c
 from cdc.cli.local_postgres import LocalPostgres
 
 TARGET = 0.90
-ROUNDS = 2
+ROUNDS = 3
 TABLE = "public.tf"
 PUBLICATION = "bench_tf"
 LOADS = ("insert", "update")

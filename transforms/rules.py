@@ -37,9 +37,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cdc.core import pgtypes
+from cdc.core.errors import ConfigError
 from cdc.core.events import ChangeEvent
 from cdc.core.settings import TransformRuleSettings, TransformSettings
-from cdc.core.table_schema import ColumnSchema, TableSchema
+from cdc.core.table_schema import ColumnSchema, TableSchema, split_table_name
 from transforms import expressions
 from transforms.errors import TransformConfigError, TransformEvaluationError
 from transforms.masks import (
@@ -66,30 +67,11 @@ def _quote(name: str) -> str:
 
 
 def _split_pattern(text: str) -> tuple[str, str]:
-    """``schema.table`` (``*``/``?`` globs; double quotes keep case and dots) into its two
-    parts; unquoted parts fold to lower case, as PostgreSQL folds names."""
-    parts: list[str] = []
-    current: list[str] = []
-    quoted = False
-    i = 0
-    while i < len(text):
-        ch = text[i]
-        if ch == '"':
-            if quoted and text[i + 1 : i + 2] == '"':
-                current.append('"')
-                i += 1
-            else:
-                quoted = not quoted
-        elif ch == "." and not quoted:
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(ch if quoted else ch.lower())
-        i += 1
-    parts.append("".join(current))
-    if quoted or not all(parts) or len(parts) > 2:
-        raise ValueError(f"invalid table name {text!r}: expected schema.table (globs allowed)")
-    return ("public", parts[0]) if len(parts) == 1 else (parts[0], parts[1])
+    """``schema.table`` (globs allowed) into its parts; ValueError when malformed."""
+    try:
+        return split_table_name(text)
+    except ConfigError as e:
+        raise ValueError(f"{e} (globs allowed)") from None
 
 
 def _arrow_to_pg(arrow_type: pa.DataType) -> tuple[int, int] | None:

@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 import orjson
 
+from cdc.core.errors import ConfigError
+
 ReplicaIdentity = Literal["default", "nothing", "full", "index"]
 
 #: pgoutput's one-letter replica identity codes.
@@ -136,3 +138,34 @@ class TableSchema:
         shape without coordinating through a counter.
         """
         return int(self.fingerprint()[:15], 16)
+
+
+def split_table_name(name: str) -> tuple[str, str]:
+    """``"schema.table"`` or ``"table"`` (schema ``public``) into its two parts.
+
+    Unquoted names fold to lower case, as PostgreSQL folds them; double quotes keep dots
+    and case: ``'"My.Schema"."T"'`` is (``My.Schema``, ``T``). Glob characters (``*``,
+    ``?``) are kept as they are, for patterns.
+    """
+    parts: list[str] = []
+    current: list[str] = []
+    quoted = False
+    i = 0
+    while i < len(name):
+        ch = name[i]
+        if ch == '"':
+            if quoted and i + 1 < len(name) and name[i + 1] == '"':
+                current.append('"')
+                i += 1
+            else:
+                quoted = not quoted
+        elif ch == "." and not quoted:
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(ch if quoted else ch.lower())
+        i += 1
+    parts.append("".join(current))
+    if quoted or not all(parts) or len(parts) > 2:
+        raise ConfigError(f"invalid table name {name!r}: expected table or schema.table")
+    return ("public", parts[0]) if len(parts) == 1 else (parts[0], parts[1])

@@ -17,38 +17,10 @@ from psycopg import sql
 
 from cdc.core.errors import ConfigError
 from cdc.core.lsn import parse_lsn
+from cdc.core.table_schema import split_table_name as split_table_name  # re-exported
 from cdc.postgres.errors import PrerequisiteError, SourceConnectionError
 
 log = logging.getLogger(__name__)
-
-
-def split_table_name(name: str) -> tuple[str, str]:
-    """``"schema.table"`` or ``"table"`` (schema ``public``) into its two parts.
-
-    Double quotes keep dots and case: ``'"My.Schema"."T"'`` is (``My.Schema``, ``T``).
-    """
-    parts: list[str] = []
-    current: list[str] = []
-    quoted = False
-    i = 0
-    while i < len(name):
-        ch = name[i]
-        if ch == '"':
-            if quoted and i + 1 < len(name) and name[i + 1] == '"':
-                current.append('"')
-                i += 1
-            else:
-                quoted = not quoted
-        elif ch == "." and not quoted:
-            parts.append("".join(current))
-            current = []
-        else:
-            current.append(ch if quoted else ch.lower())
-        i += 1
-    parts.append("".join(current))
-    if quoted or not all(parts) or len(parts) > 2:
-        raise ConfigError(f"invalid table name {name!r}: expected table or schema.table")
-    return ("public", parts[0]) if len(parts) == 1 else (parts[0], parts[1])
 
 
 def check_prerequisites(conn: psycopg.Connection) -> None:
