@@ -314,3 +314,26 @@ def test_changing_a_tables_rules_records_a_new_schema_version(
     assert shown.returncode == 0, shown.stderr
     assert "'city': 'redact'" in shown.stdout
     assert "rules[0]" in shown.stdout and HASH_KEY not in shown.stdout
+
+
+def test_cdc_run_with_a_bad_rule_exits_1_naming_rule_and_file(
+    pg_dsn: str, pg_conn: psycopg.Connection, lake_dir: str, tmp_path: Path
+) -> None:
+    from tests.integration.test_cli import run_cdc
+
+    pg_conn.execute(SCHEMA)
+    path = tmp_path / "pipeline.toml"
+    path.write_text(
+        f'[source]\ndsn = "{pg_dsn}"\n\n[[transforms.rules]]\n'
+        'tables = [\'crm."Customers"\']\ndrop_columns = ["nosuch"]\n'
+    )
+    done = run_cdc("run", "--config", str(path), "--lake", lake_dir, "--name", "badcli")
+    assert done.returncode == 1, done.stderr
+    message = " ".join(done.stderr.split())  # rich wraps long lines
+    assert "transforms.rules[0]" in message and "nosuch" in message
+    assert str(path) in message.replace(" ", "") or path.name in message
+    # An unknown key stops the command before it connects anywhere.
+    path.write_text("[batch]\nmax_rowz = 5\n")
+    done = run_cdc("run", "--config", str(path), "--lake", lake_dir)
+    assert done.returncode == 1
+    assert "unknown key batch.max_rowz" in " ".join(done.stderr.split())
