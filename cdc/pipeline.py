@@ -104,7 +104,9 @@ class CapturePipeline:
         self.transform_status: dict[str, Any] = {"rules": [], "pushdown": None}
         if settings.transforms.rules:
             self.transforms = Transforms(settings.transforms, source=settings.config_file)
-            self.sink = TransformingSink(self.sink, self.transforms)
+            self.sink = TransformingSink(
+                self.sink, self.transforms, max_seconds=settings.batch.max_seconds
+            )
         self.store: PositionStore = store or LakePositionStore(
             self.lake, settings.name, storage_options=self.storage_options
         )

@@ -6,16 +6,20 @@ downstream of it (Delta files, topics, the dead-letter table, their error messag
 holds a value before its rules ran.
 
 Batching: :meth:`add` only appends the event to a list; the list is transformed in one go
-(one DuckDB query per table, see :class:`transforms.Transforms`) when capture next asks
-:meth:`flush_due` (after each read of the replication stream), flushes, adds snapshot rows,
-or when the list reaches ``max_buffer`` events. Everything keeps its arrival order, and the
-held events count in :attr:`pending_rows`, so capture confirms no LSN before they are
-durable downstream.
+(one DuckDB query per table, see :class:`transforms.Transforms`) when it reaches
+``max_buffer`` events, or capture flushes (which it does when :meth:`flush_due` says the
+oldest event held has waited ``max_seconds``, the same limit the sink behind applies), or
+adds snapshot rows. A query costs about a millisecond however few rows it has, and the
+replication stream often delivers a few hundred changes per read, so transforming per read
+would cost more than the rules themselves. Everything keeps its arrival order, and the held
+events count in :attr:`pending_rows`, so capture confirms no LSN before they are durable
+downstream.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from datetime import datetime
 from typing import Any
@@ -45,13 +49,25 @@ class TransformingSink(Sink):
     filtered, reshaped, routed) before ``inner`` sees them.
 
     Example:
-        >>> sink = TransformingSink(DeltaChangelogSink(lake, app_id=...), Transforms(rules))  # doctest: +SKIP
+        >>> inner = DeltaChangelogSink(lake, app_id=..., batch=batch)  # doctest: +SKIP
+        >>> sink = TransformingSink(inner, Transforms(rules), max_seconds=batch.max_seconds)  # doctest: +SKIP
     """
 
-    def __init__(self, inner: Sink, transforms: Transforms, *, max_buffer: int = 5000) -> None:
+    def __init__(
+        self,
+        inner: Sink,
+        transforms: Transforms,
+        *,
+        max_seconds: float,
+        max_buffer: int = 5000,
+    ) -> None:
         self.inner = inner
         self.transforms = transforms
+        self.max_seconds = max_seconds
         self.max_buffer = max_buffer
+        # When the oldest event added since the last flush arrived: it bounds how long any
+        # event waits, here and in ``inner``, as ``inner`` alone would.
+        self._oldest: float | None = None
         self._raw: list[ChangeEvent] = []
         self._ready: deque[ChangeEvent] = deque()
         self._sources: dict[str, TableSchema] = {}  # source name -> its shape last seen
@@ -78,6 +94,8 @@ class TransformingSink(Sink):
     def add(self, event: ChangeEvent) -> None:
         if len(self._raw) >= self.max_buffer:
             self._drain()  # before taking the event: on backpressure, it is added again
+        if self._oldest is None:
+            self._oldest = time.monotonic()
         self._raw.append(event)
         table = event.table
         if table is not self._last_table:  # most events share their table's shape object
@@ -112,14 +130,13 @@ class TransformingSink(Sink):
             except SinkBackpressureError:
                 _add_metrics(total, self.inner.flush())
         _add_metrics(total, self.inner.flush())
+        self._oldest = None
         return total
 
     def flush_due(self) -> bool:
-        """Transforms what is held (capture asks after each read, so one read is one batch),
-        then asks ``inner``."""
-        try:
-            self._drain()
-        except SinkBackpressureError:
+        """Whether the oldest event added since the last flush has waited ``max_seconds``,
+        or ``inner`` has reached one of its limits."""
+        if self._oldest is not None and time.monotonic() - self._oldest >= self.max_seconds:
             return True
         return self.inner.flush_due()
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from itertools import repeat
 from operator import add, itemgetter
 from typing import Any
@@ -215,11 +215,6 @@ class TablePlan:
     #: Source columns dropped without any rule reading them: a publication's column list
     #: may leave them out (pushdown).
     unread_drops: tuple[str, ...] = ()
-
-    @property
-    def identity(self) -> bool:
-        """Whether the plan changes nothing but may skip operations."""
-        return self.query is None and self.output == self.source
 
 
 class Transforms:
@@ -783,8 +778,6 @@ class Transforms:
         data = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
         if plan is None:
             return table, data
-        if any("r" in s for s in plan.skips):
-            return plan.output, data.schema.empty_table()
         columns: list[pa.Array | pa.ChunkedArray] = []
         result = None
         if plan.query is not None:
@@ -831,8 +824,3 @@ def _without_values(reason: str) -> str:
     'abc' to INT32``): cut quoted parts, so that no row value reaches a message or a log."""
     parts = reason.split("'")
     return "'…'".join(parts[::2]) if len(parts) > 2 else reason
-
-
-def replace_schema(table: TableSchema, **changes: Any) -> TableSchema:
-    """``dataclasses.replace`` for a table schema (re-exported for callers)."""
-    return replace(table, **changes)
