@@ -237,6 +237,11 @@ class KafkaSinkWorker:
         )
 
     def _known_schema(self, qualified_name: str) -> TableSchema | None:
+        if self.transforms is not None and "." in qualified_name:
+            # A routed table is in the lake under its target name (its shape there is
+            # the transformed one, which the rules leave as it is).
+            target = self.transforms.output_name(*qualified_name.split(".", 1))
+            qualified_name = ".".join(target)
         try:
             return self.sink.registry.latest(qualified_name)
         except CatalogError:

@@ -323,14 +323,15 @@ class Transforms:
         return target
 
     def plan(self, table: TableSchema) -> TablePlan | None:
-        """The compiled plan of ``table``'s shape (cached); None when no rule matches."""
+        """The compiled plan of ``table``'s shape (cached); None when no rule matches, or
+        the shape is already a transformed one (rules never apply twice)."""
         if table is self._last[0]:
             return self._last[1]
         try:
             plan = self._plans[table]
         except KeyError:
             rules = self.rules_for(table.schema, table.table)
-            plan = self._compile(table, rules) if rules else None
+            plan = self._compile(table, rules) if rules and table.transforms is None else None
             self._plans[table] = plan
         self._last = (table, plan)
         return plan
