@@ -24,6 +24,7 @@ others pass through as they are. The query runs once per batch, never per row.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -186,7 +187,8 @@ class _Col:
     """A column while a chain is compiled: where its value comes from, and its type."""
 
     name: str
-    prov: tuple[str, Any]  # ("src", index) | ("sql", alias) | ("null", None)
+    # ("src", index) | ("sql", alias) | ("py", hash number) | ("null", None)
+    prov: tuple[str, Any]
     type_oid: int
     type_modifier: int
     is_key: bool
@@ -207,7 +209,8 @@ class TablePlan:
     computed: tuple[str, ...]  # result columns holding output values
     keep_flags: tuple[tuple[int, str], ...]  # (rule position, result column) per filter
     skips: tuple[frozenset[str], ...]  # per rule position
-    #: Output values: itemgetter over (passthrough values + computed values + (None,)).
+    #: Output values: itemgetter over (passthrough values + computed values + hashed values
+    #: + (None,)).
     passthrough: tuple[int, ...]
     arrange: tuple[int, ...]
     #: Per output column: (source name or None, mask of a text fallback or None).
@@ -215,6 +218,11 @@ class TablePlan:
     #: Source columns dropped without any rule reading them: a publication's column list
     #: may leave them out (pushdown).
     unread_drops: tuple[str, ...] = ()
+    #: Text source columns the ``hash`` mask applies to directly, hashed with hashlib (the
+    #: OpenSSL SHA-256 is several times faster than DuckDB's); the ones an expression reads
+    #: afterwards are sent to DuckDB as ``__h<k>``.
+    hashed: tuple[int, ...] = ()
+    hashed_inputs: tuple[int, ...] = ()
 
 
 class Transforms:
@@ -244,6 +252,8 @@ class Transforms:
                     "(or CDC_TRANSFORMS__HASH_KEY)"
                 )
         self._conn: duckdb.DuckDBPyConnection | None = None
+        ipad, opad = hmac_pads(self._key or b"")
+        self._pads = (hashlib.sha256(ipad), hashlib.sha256(opad))
         self._plans: dict[TableSchema, TablePlan | None] = {}
         self._last: tuple[TableSchema | None, TablePlan | None] = (None, None)
         # Off while validating against the catalog's shapes; on once running, when a
@@ -350,44 +360,63 @@ class Transforms:
         # Pass 1 learns which source columns some rule reads; pass 2 writes the query
         # over just those.
         used: set[int] = set()
-        self._chain(table, rules, used, None)
-        return self._finish(table, rules, used, *self._chain(table, rules, used, set(used)))
+        hashed_used: set[int] = set()
+        self._chain(table, rules, used, hashed_used, None)
+        materialized = (set(used), set(hashed_used))
+        chain = self._chain(table, rules, used, hashed_used, materialized)
+        return self._finish(table, rules, used, hashed_used, *chain)
 
     def _chain(
         self,
         table: TableSchema,
         rules: tuple[Rule, ...],
         used: set[int],
-        materialized: set[int] | None,
+        hashed_used: set[int],
+        materialized: tuple[set[int], set[int]] | None,
     ) -> tuple[
-        list[_Col], list[list[tuple[str, str]]], list[tuple[int, str]], tuple[str, str], set[int]
+        list[_Col],
+        list[list[tuple[str, str]]],
+        list[tuple[int, str]],
+        tuple[str, str],
+        set[int],
+        list[int],
     ]:
         """Walk the rules over ``table``'s columns. Returns the output columns, the query's
         projections (each a list of (sql, name) over the previous one), the filters' flag
-        columns and the route. ``used`` collects the source columns read."""
+        columns, the route, the dropped source columns and the source columns hashed in
+        Python. ``used`` and ``hashed_used`` collect what expressions read."""
         cols = [
             _Col(c.name, ("src", i), c.type_oid, c.type_modifier, c.is_key, c.attnum)
             for i, c in enumerate(table.columns)
         ]
         # Where each column is found in the current relation (None: not sent to DuckDB).
         rel: dict[int, str | None] = {
-            id(c): (c.name if materialized is not None and i in materialized else None)
+            id(c): (c.name if materialized is not None and i in materialized[0] else None)
             for i, c in enumerate(cols)
         }
-        carried: list[str] = []
+        hashed: list[int] = []
+        # Hashed values an expression reads come with the batch, so every projection
+        # carries them from the start.
+        carried = [f"__h{k}" for k in sorted(materialized[1])] if materialized else []
         projections: list[list[tuple[str, str]]] = []
         keep_flags: list[tuple[int, str]] = []
         route = (table.schema, table.table)
         n_sql = 0
         dropped: set[int] = set()
 
-        def ref(rule: Rule, name: str, what: str) -> _Col:
+        def find(rule: Rule, name: str, what: str) -> _Col:
             for col in cols:
                 if col.name == name:
-                    if col.prov[0] == "src":
-                        used.add(col.prov[1])
                     return col
             raise rule.error(f"{what}: {table.qualified_name} has no column {name!r}")
+
+        def ref(rule: Rule, name: str, what: str) -> _Col:
+            col = find(rule, name, what)
+            if col.prov[0] == "src":
+                used.add(col.prov[1])
+            elif col.prov[0] == "py":
+                hashed_used.add(col.prov[1])
+            return col
 
         def passing() -> list[tuple[str, str]]:
             items = [(_quote(a), a) for a in carried]
@@ -423,7 +452,7 @@ class Transforms:
                 new.append((f"(\n{s.filter}\n)", alias))
                 keep_flags.append((position, alias))
             for name, mask in rule.masks.items():
-                col = ref(rule, name, f"mask.{name}")
+                col = find(rule, name, f"mask.{name}")
                 if col.is_key and not mask.keeps_identity:
                     raise rule.error(
                         f"mask.{name}: {name!r} identifies rows ({table.qualified_name}'s key); "
@@ -433,6 +462,15 @@ class Transforms:
                     col.prov = ("null", None)
                     rel[id(col)] = None
                     continue
+                if mask.kind == "hash" and col.prov[0] == "src" and col.type_oid in _TEXT_OIDS:
+                    k = len(hashed)
+                    hashed.append(col.prov[1])
+                    col.prov = ("py", k)
+                    sent = materialized is not None and k in materialized[1]
+                    rel[id(col)] = f"__h{k}" if sent else None
+                    col.type_oid, col.type_modifier = _TEXT
+                    continue
+                ref(rule, name, f"mask.{name}")
                 alias = f"__c{n_sql}"
                 n_sql += 1
                 new.append((mask_sql(mask, _quote(rel[id(col)] or col.name)), alias))
@@ -486,20 +524,23 @@ class Transforms:
                 cols.remove(col)
             if rule.route is not None:
                 route = rule.route
-        return cols, projections, keep_flags, route, dropped
+        return cols, projections, keep_flags, route, dropped, hashed
 
     def _finish(
         self,
         table: TableSchema,
         rules: tuple[Rule, ...],
         used: set[int],
+        hashed_used: set[int],
         cols: list[_Col],
         projections: list[list[tuple[str, str]]],
         keep_flags: list[tuple[int, str]],
         route: tuple[str, str],
         dropped: set[int],
+        hashed: list[int],
     ) -> TablePlan:
         inputs = tuple(sorted(used))
+        hashed_inputs = tuple(sorted(hashed_used))
         input_schema = pa.schema(
             [
                 pa.field(
@@ -508,6 +549,7 @@ class Transforms:
                 )
                 for i in inputs
             ]
+            + [pa.field(f"__h{k}", pa.string()) for k in hashed_inputs]
         )
         computed = tuple(c.prov[1] for c in cols if c.prov[0] == "sql")
         flags = tuple(alias for _, alias in keep_flags)
@@ -555,8 +597,10 @@ class Transforms:
             elif c.prov[0] == "sql":
                 arrange.append(n_pass + comp_i)
                 comp_i += 1
+            elif c.prov[0] == "py":
+                arrange.append(n_pass + n_comp + c.prov[1])
             else:
-                arrange.append(n_pass + n_comp)
+                arrange.append(n_pass + n_comp + len(hashed))
         fallback_map: dict[str, tuple[str, Mask | None]] = {}
         self._map_fallbacks(table, rules, fallback_map)
         return TablePlan(
@@ -573,7 +617,26 @@ class Transforms:
             arrange=tuple(arrange),
             fallback_map=fallback_map,
             unread_drops=tuple(table.columns[i].name for i in sorted(dropped - used)),
+            hashed=tuple(hashed),
+            hashed_inputs=hashed_inputs,
         )
+
+    def _hash(self, values: list[Any]) -> list[str | None]:
+        """The ``hash`` mask of text values: HMAC-SHA256 (RFC 2104) with the key's pads
+        hashed once, copied per value."""
+        inner, outer = self._pads
+        out: list[str | None] = []
+        append = out.append
+        for value in values:
+            if value is None:
+                append(None)
+                continue
+            h = inner.copy()
+            h.update(value.encode())
+            o = outer.copy()
+            o.update(h.digest())
+            append(o.hexdigest())
+        return out
 
     @staticmethod
     def _map_fallbacks(
@@ -640,16 +703,22 @@ class Transforms:
         if not self.rules:
             return list(events)
         groups: dict[int, tuple[TablePlan, list[int]]] = {}
-        plans: list[TablePlan | None] = []
+        last_table: TableSchema | None = None
+        members: list[int] | None = None
         for i, event in enumerate(events):
-            plan = self.plan(event.table)
-            plans.append(plan)
-            if plan is not None:
-                entry = groups.get(id(plan))
-                if entry is None:
-                    groups[id(plan)] = (plan, [i])
+            table = event.table
+            if table is not last_table:  # runs of one table are the common case
+                last_table = table
+                plan = self.plan(table)
+                if plan is None:
+                    members = None
                 else:
-                    entry[1].append(i)
+                    entry = groups.get(id(plan))
+                    if entry is None:
+                        entry = groups[id(plan)] = (plan, [])
+                    members = entry[1]
+            if members is not None:
+                members.append(i)
         keep = [True] * len(events)
         for plan, indexes in groups.values():
             self._apply_plan(plan, [events[i] for i in indexes], indexes, keep)
@@ -678,9 +747,10 @@ class Transforms:
                 before_row.append(-1)
         computed: list[list[Any]] = []
         flags: list[list[Any] | None] = [None] * len(plan.rules)
+        hashed = [self._hash([img[i] for img in images]) for i in plan.hashed]
         if plan.query is not None and images:
-            columns = []
-            for i, field_ in zip(plan.inputs, plan.input_schema, strict=True):
+            columns: list[pa.Array] = []
+            for i, field_ in zip(plan.inputs, plan.input_schema, strict=False):
                 try:
                     columns.append(pa.array([img[i] for img in images], type=field_.type))
                 except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError) as e:
@@ -688,6 +758,7 @@ class Transforms:
                         f"{plan.source.qualified_name}.{field_.name}: values do not fit "
                         f"{field_.type} for the rules: {type(e).__name__}"
                     ) from None
+            columns += [pa.array(hashed[k], type=pa.string()) for k in plan.hashed_inputs]
             batch = pa.Table.from_arrays(columns, schema=plan.input_schema)
             result = self._run(plan.query, batch, plan.rules, plan.source)
             computed = [result.column(a).to_pylist() for a in plan.computed]
@@ -701,24 +772,23 @@ class Transforms:
                 map(
                     add,
                     map(_getter(plan.passthrough), images),
-                    zip(*computed, repeat(None, len(images)), strict=True),
+                    zip(*computed, *hashed, repeat(None, len(images)), strict=True),
                 ),
             )
         )
         output = plan.output
         key_positions = [i for i, c in enumerate(output.columns) if c.is_key]
-        skips = plan.skips
-        checks = any(skips) or bool(plan.keep_flags)
+        # Only the rules that skip or filter decide anything per event.
+        checks = [(skip, flags[p]) for p, skip in enumerate(plan.skips) if skip or flags[p]]
         renames = plan.fallback_map
         for n, event in enumerate(events):
             a_row, b_row = after_row[n], before_row[n]
             if checks:
                 op: str = event.op
-                for position, skip in enumerate(skips):
+                for skip, passed in checks:
                     if op in skip:
                         op = "skip"
                         break
-                    passed = flags[position]
                     if passed is None or a_row < 0 or op in ("d", "t") or passed[a_row]:
                         continue
                     if op == "u":
@@ -781,17 +851,23 @@ class Transforms:
             return table, data
         columns: list[pa.Array | pa.ChunkedArray] = []
         result = None
+        hashed = [
+            pa.array(self._hash(data.column(i).to_pylist()), type=pa.string()) for i in plan.hashed
+        ]
         if plan.query is not None:
-            inputs = data.select(list(plan.inputs)).cast(plan.input_schema)
-            result = self._run(plan.query, inputs, plan.rules, plan.source)
-        comp_iter = iter(plan.computed)
-        for col, prov_index in zip(plan.output.columns, plan.arrange, strict=True):
+            sent = [data.column(i) for i in plan.inputs] + [hashed[k] for k in plan.hashed_inputs]
+            inputs = pa.Table.from_arrays(sent, names=plan.input_schema.names)
+            result = self._run(plan.query, inputs.cast(plan.input_schema), plan.rules, plan.source)
+        n_pass, n_comp = len(plan.passthrough), len(plan.computed)
+        for col, at in zip(plan.output.columns, plan.arrange, strict=True):
             target = pgtypes.arrow_type(col.type_oid, col.type_modifier)
-            if prov_index < len(plan.passthrough):
-                columns.append(data.column(plan.passthrough[prov_index]))
-            elif prov_index < len(plan.passthrough) + len(plan.computed):
+            if at < n_pass:
+                columns.append(data.column(plan.passthrough[at]))
+            elif at < n_pass + n_comp:
                 assert result is not None
-                columns.append(result.column(next(comp_iter)).cast(target))
+                columns.append(result.column(plan.computed[at - n_pass]).cast(target))
+            elif at < n_pass + n_comp + len(hashed):
+                columns.append(hashed[at - n_pass - n_comp])
             else:
                 columns.append(pa.nulls(data.num_rows, type=target))
         names = list(plan.output.column_names)

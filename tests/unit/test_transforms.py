@@ -422,3 +422,36 @@ def test_rules_never_apply_twice() -> None:
     # the lake's shape) passes as it is.
     (again,) = t.apply([event("c", once.after, table=once.table)])
     assert again.after == once.after and again.table == once.table
+
+
+def test_a_hash_read_by_later_rules_is_the_hash() -> None:
+    t = engine(
+        {"tables": ["crm.*"], "filter": "score > 0"},
+        {"tables": ["crm.*"], "mask": {"email": "hash"}, "rename_columns": {"email": "h"}},
+        {"tables": ["crm.*"], "filter": f"h = '{digest('a@x')}'", "add_columns": {"h2": "h"}},
+    )
+    events = [
+        event("c", row(1)),
+        event("c", row(2, email="b@x"), seq=1),
+        event("c", row(3, score=0), seq=2),
+    ]
+    out = t.apply(events)
+    assert [(e.after[1], e.after[2], e.after[-1]) for e in out] == [
+        (1, digest("a@x"), digest("a@x"))
+    ]  # type: ignore[index]
+    arrow_schema = pa.schema(
+        [
+            ("region", pa.string()),
+            ("Id", pa.int64()),
+            ("email", pa.string()),
+            ("score", pa.int32()),
+            ("price", pa.decimal128(10, 2)),
+            ("note", pa.string()),
+        ]
+    )
+    rows = [row(1), row(2, email="b@x"), row(3, score=0)]
+    batch = pa.Table.from_pylist(
+        [dict(zip(arrow_schema.names, r, strict=True)) for r in rows], arrow_schema
+    )
+    _, table = t.apply_snapshot(PEOPLE, batch, fallback_column="_cdc_fallback")
+    assert table.column("h2").to_pylist() == [digest("a@x")]
