@@ -481,7 +481,7 @@ class Transforms:
                 projections.append(base + new)
                 carried += [a for _, a in new]
             for old, new_name in s.rename_columns.items():
-                col = ref(rule, old, f"rename_columns.{old}")
+                col = find(rule, old, f"rename_columns.{old}")
                 if any(c.name == new_name for c in cols if c is not col):
                     raise rule.error(
                         f"rename_columns.{old}: {table.qualified_name} already has {new_name!r}"
