@@ -778,13 +778,21 @@ class Transforms:
         )
         output = plan.output
         key_positions = [i for i, c in enumerate(output.columns) if c.is_key]
-        # Only the rules that skip or filter decide anything per event.
+        # Only the rules that skip or filter decide anything per event. Without skips, an
+        # event's fate depends only on whether its new row passed every filter.
         checks = [(skip, flags[p]) for p, skip in enumerate(plan.skips) if skip or flags[p]]
+        passed_all: list[Any] | None = None
+        if checks and not any(skip for skip, _ in checks):
+            lists = [passed for _, passed in checks]
+            passed_all = lists[0] if len(lists) == 1 else list(map(all, zip(*lists, strict=True)))
         renames = plan.fallback_map
-        for n, event in enumerate(events):
-            a_row, b_row = after_row[n], before_row[n]
-            if checks:
+        for event, a_row, b_row, index in zip(events, after_row, before_row, indexes, strict=True):
+            if passed_all is not None:
                 op: str = event.op
+                if a_row >= 0 and not passed_all[a_row] and op != "d" and op != "t":
+                    op = "d" if op == "u" else "skip"
+            elif checks:
+                op = event.op
                 for skip, passed in checks:
                     if op in skip:
                         op = "skip"
@@ -796,25 +804,27 @@ class Transforms:
                     else:
                         op = "skip"
                         break
-                if op == "skip":
-                    keep[indexes[n]] = False
-                    continue
-                if op == "d" and event.op == "u":
-                    new_after = rows[a_row]
-                    event.op = "d"
-                    if b_row >= 0:
-                        event.before = rows[b_row]
-                    elif key_positions:
-                        event.before = tuple(
-                            v if i in key_positions else None for i, v in enumerate(new_after)
-                        )
-                    else:
-                        event.before = new_after
-                    event.after = None
-                    event.unchanged_toast = ()
-                    event.fallback = None
-                    event.table = output
-                    continue
+            else:
+                op = ""
+            if op == "skip":
+                keep[index] = False
+                continue
+            if op == "d" and event.op == "u":
+                new_after = rows[a_row]
+                event.op = "d"
+                if b_row >= 0:
+                    event.before = rows[b_row]
+                elif key_positions:
+                    event.before = tuple(
+                        v if i in key_positions else None for i, v in enumerate(new_after)
+                    )
+                else:
+                    event.before = new_after
+                event.after = None
+                event.unchanged_toast = ()
+                event.fallback = None
+                event.table = output
+                continue
             event.table = output
             if a_row >= 0:
                 event.after = rows[a_row]
