@@ -130,12 +130,14 @@ def postgres_error(
     doing: str,
     dsn: str,
     sqlstate: str | None = None,
+    grant: str | None = None,
 ) -> PostgresError:
     """The error of ours that says what PostgreSQL answered while ``doing``, of the right
     kind (see the module docstring). Raise it ``from e``.
 
     ``e`` may be the text of a libpq error (replication commands run below psycopg's
-    exceptions), with its ``sqlstate`` if the server sent one.
+    exceptions), with its ``sqlstate`` if the server sent one. ``grant`` is the fix a
+    privilege error calls for, when the caller knows it better than the general hint.
 
     Example:
         >>> try:
@@ -155,7 +157,7 @@ def postgres_error(
         hint = "check the role, its password and pg_hba.conf; retrying will not help"
         return cls(f"{doing}: PostgreSQL refused the login of {who}: {text} ({hint})")
     if cls is SourcePrivilegeError:
-        hint = (
+        hint = grant or (
             "grant it (ALTER ROLE ... WITH REPLICATION for replication, table ownership or "
             "a superuser for publications, GRANT SELECT for snapshots)"
         )

@@ -65,9 +65,17 @@ def _classified(what: str, dsn: str) -> Iterator[None]:
         raise postgres_error(e, doing=what, dsn=dsn) from e
 
 
-#: START_REPLICATION failing with these means the slot is not there (42704, undefined
-#: object) or can no longer be read (55000, e.g. invalidated by max_slot_wal_keep_size).
-_SLOT_GONE_STATES = frozenset({"42704", "55000"})
+def _slot_is_gone(sqlstate: str | None, message: str) -> bool:
+    """START_REPLICATION failed because the slot is not there (42704, undefined object) or
+    can no longer be read (55000, invalidated by max_slot_wal_keep_size). 55000 also means
+    other unmet prerequisites (wal_level), so the text decides."""
+    if sqlstate == "42704":
+        return "slot" in message
+    if sqlstate == "55000":
+        return "invalidated" in message or "can no longer get changes" in message
+    return False
+
+
 #: The slot is held by another walsender (55006): often our own previous connection, not
 #: yet gone after a reconnect.
 _SLOT_BUSY_STATE = "55006"
@@ -183,7 +191,7 @@ class ReplicationConnection:
             message = (result.error_message.decode(errors="replace") if result else "").strip()
             raw_state = result.error_field(pq.DiagnosticField.SQLSTATE) if result else None
             sqlstate = raw_state.decode() if raw_state else None
-            if sqlstate in _SLOT_GONE_STATES and self._pgconn.status == pq.ConnStatus.OK:
+            if _slot_is_gone(sqlstate, message) and self._pgconn.status == pq.ConnStatus.OK:
                 raise SlotLostError(
                     f"replication slot {slot!r} cannot be streamed from: {message} "
                     f"[SQLSTATE {sqlstate}]"

@@ -213,8 +213,12 @@ class SnapshotReader:
             with self._conn.cursor().copy(query):
                 yield from self._in_thread(batches(), stop)
         except psycopg.Error as e:
+            name = table.qualified_name
             raise postgres_error(
-                e, doing=f"snapshot of {table.qualified_name} failed", dsn=self._dsn
+                e,
+                doing=f"snapshot of {name} failed",
+                dsn=self._dsn,
+                grant=f"grant it: GRANT SELECT ON {name} TO <replication user>",
             ) from e
 
     @staticmethod

@@ -8,6 +8,8 @@ Fixtures:
   ``pg_hba.conf`` and removed afterwards). Skips when the server's ``pg_hba.conf`` is not
   ours to edit (an existing server given to the test run).
 * ``no_replication_role`` (function): a LOGIN role without REPLICATION (trust auth).
+* ``down_object_store`` (function): a :class:`RecordingEndpoint`, an S3 endpoint that
+  answers 503 and counts who connected.
 
 Helpers: :func:`cdc_command`, :func:`start_cdc`, :func:`dsn_as`, :func:`wait_slot_active`,
 :func:`backend_pids`.
@@ -15,9 +17,12 @@ Helpers: :func:`cdc_command`, :func:`start_cdc`, :func:`dsn_as`, :func:`wait_slo
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -167,3 +172,47 @@ def drop_slot_now(conn: psycopg.Connection, slot: str, *, timeout: float = 30) -
         except psycopg.errors.ObjectInUse:
             assert time.monotonic() < deadline, f"could not drop slot {slot}"
             time.sleep(0.01)
+
+
+class RecordingEndpoint:
+    """A loopback HTTP endpoint that answers every request with 503 and counts the
+    connections it got: an object store that is down, and proof of who tried to reach it."""
+
+    def __init__(self) -> None:
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self._server.settimeout(0.2)
+        self.url = f"http://127.0.0.1:{self._server.getsockname()[1]}"
+        self.connections = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._server.accept()
+            except TimeoutError:
+                continue
+            self.connections += 1
+            with conn:
+                conn.settimeout(1)
+                with contextlib.suppress(OSError):
+                    conn.recv(65536)
+                    conn.sendall(
+                        b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
+                        b"Connection: close\r\n\r\n"
+                    )
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._server.close()
+
+
+@pytest.fixture
+def down_object_store() -> Iterator[RecordingEndpoint]:
+    endpoint = RecordingEndpoint()
+    try:
+        yield endpoint
+    finally:
+        endpoint.close()
