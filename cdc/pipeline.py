@@ -168,10 +168,8 @@ class CapturePipeline:
 
     def _slot_lost(self, what: str) -> SlotLostError:
         """The error for a slot that is gone, saying how to start over."""
-        names = sorted(
-            {f"{s}.{t}" for s, t in self._tables}
-            | set(self.position.snapshotted or () if self.position else ())
-        )
+        copied = (self.position.snapshotted if self.position else None) or set()
+        names = sorted({f"{s}.{t}" for s, t in self._tables} | copied)
         if isinstance(self.sink, DeltaChangelogSink):
             tables = ", ".join(layout.table_dir(self.lake, n) for n in names)
         else:
