@@ -76,7 +76,7 @@ class ReplicationConnection:
     def __init__(self, dsn: str) -> None:
         try:
             self._pgconn = pq.PGconn.connect(session_conninfo(dsn, replication="database").encode())
-        except Exception as e:  # invalid conninfo syntax
+        except psycopg.ProgrammingError as e:  # invalid conninfo syntax (conninfo_to_dict)
             raise ConfigError(f"invalid source DSN: {e}") from e
         if self._pgconn.status != pq.ConnStatus.OK:
             message = self._error_text()
