@@ -281,7 +281,10 @@ def run_schedule(
             error = e
             level = logging.ERROR if isinstance(e, TerminalJobError) else logging.WARNING
             log.log(level, "job %s failed after %.2fs: %s", label, time.monotonic() - t0, e)
-        except Exception as e:  # a bug in one job must not end the schedule
+        except Exception as e:
+            # Catch-all on purpose: this is the scheduler's thread boundary. A bug in one job
+            # must not end the schedule; it is logged with its traceback, counted as a
+            # failure and handed to on_run, so it is reported rather than hidden.
             error = e
             log.exception("job %s crashed", label)
         with lock:

@@ -93,7 +93,7 @@ class ReplicationConnection:
         self._dsn = dsn
         try:
             conninfo = session_conninfo(dsn, replication="database")
-        except psycopg.Error as e:  # invalid conninfo syntax
+        except psycopg.ProgrammingError as e:  # invalid conninfo syntax (conninfo_to_dict)
             raise ConfigError(f"invalid source DSN: {redact(str(e), dsn)}") from e
         self._pgconn = pq.PGconn.connect(conninfo.encode())
         if self._pgconn.status != pq.ConnStatus.OK:

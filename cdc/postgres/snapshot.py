@@ -45,10 +45,11 @@ class _End:
 
 
 def _drain_copy(
-    pgconn: pq.abc.PGconn, block_bytes: int, stop: threading.Event
+    pgconn: pq.abc.PGconn, encoding: str, block_bytes: int, stop: threading.Event
 ) -> Iterator[bytearray]:
     """Yield the rows of the COPY OUT in progress on ``pgconn``, joined into chunks of whole
-    rows of about ``block_bytes``; then read the COPY's final result (raising its error).
+    rows of about ``block_bytes``; then read the COPY's final result (raising its error,
+    its message decoded with ``encoding``, the connection's Python codec name).
 
     Runs in the reader thread: waits for the socket with ``select`` (which releases the
     GIL), never inside libpq. Stops early, leaving the COPY in progress, when ``stop`` is
@@ -82,7 +83,7 @@ def _drain_copy(
     error: psycopg.Error | None = None
     while (result := pgconn.get_result()) is not None:
         if result.status != pq.ExecStatus.COMMAND_OK and error is None:
-            error = psycopg.errors.error_from_result(result, encoding=pgconn._encoding)
+            error = psycopg.errors.error_from_result(result, encoding=encoding)
     if error is not None:
         raise error
 
@@ -205,8 +206,10 @@ class SnapshotReader:
         positional = [f"c{i}" for i in range(len(names))]
         stop = threading.Event()
 
+        encoding = self._conn.info.encoding  # read here, not while the thread drains
+
         def batches() -> Iterator[pa.Table]:  # runs in the reader thread
-            for chunk in _drain_copy(self._conn.pgconn, self.block_bytes, stop):
+            for chunk in _drain_copy(self._conn.pgconn, encoding, self.block_bytes, stop):
                 yield _typed_batch(table, _parse_chunk(chunk, positional))
 
         try:
