@@ -47,7 +47,8 @@ import pyarrow.compute as pc
 from deltalake import write_deltalake
 
 from catalog import lake_layout as layout
-from catalog.duckdb_views import current_view_sql, open_duckdb, quote_literal, register_views
+from catalog.current_state import current_state_sql, quote_literal
+from catalog.duckdb_views import open_duckdb, register_views
 from catalog.schema_registry import SchemaRegistry
 from cdc.core.table_schema import ColumnSchema, TableSchema
 from jobs.merge import merge
@@ -172,7 +173,7 @@ def measure(lake: str, sizes: tuple[int, ...], repeat: int) -> list[dict[str, An
                 f"DESCRIBE SELECT * FROM delta_scan({quote_literal(info.changes_uri)})"
             ).fetchall()
         }
-        changelog_only = current_view_sql(info.changes_view, types, info.key_columns)
+        changelog_only = current_state_sql(info.changes_view, types, info.key_columns)
         before = _time(_fetch(con, changelog_only), repeat)
 
         started = time.perf_counter()
