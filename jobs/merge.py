@@ -35,6 +35,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 from deltalake import CommitProperties, DeltaTable, Schema, Transaction, write_deltalake
+from deltalake.exceptions import CommitFailedError, DeltaError
 
 from catalog import lake_layout
 from catalog.current_state import (
@@ -45,6 +46,7 @@ from catalog.current_state import (
     batch_stats_sql,
     fold_sql,
     keep_flags,
+    key_match_sql,
     quote_ident,
 )
 from jobs.common import (
@@ -57,7 +59,7 @@ from jobs.common import (
 )
 from jobs.errors import TerminalJobError, TransientJobError
 
-__all__ = ["CURRENT_METADATA_COLUMNS", "merge"]
+__all__ = ["CURRENT_METADATA_COLUMNS", "delta_failure", "merge"]
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +69,42 @@ CURRENT_METADATA_COLUMNS: tuple[str, ...] = (
     lake_layout.SEQ,
     lake_layout.COMMIT_TS,
 )
+
+# Words in deltalake's messages for failures of the store or the network, where running the
+# job again may succeed. deltalake raises object-store errors as OSError, but DataFusion wraps
+# the ones it meets while scanning files into its own generic errors.
+_TRANSIENT_MARKERS = (
+    "object store",
+    "objectstore",
+    "io error",
+    "timed out",
+    "timeout",
+    "connection",
+    "temporarily",
+    "too many requests",
+    "slowdown",
+    "service unavailable",
+)
+
+
+def delta_failure(what: str, error: DeltaError) -> TransientJobError | TerminalJobError:
+    """The job error for a deltalake error that is neither a commit conflict nor an
+    ``OSError``: transient when its message shows a store or network failure, terminal
+    otherwise (a planning or type error in a MERGE, a protocol or schema violation: a bug
+    or bad input, which fails the same way on every retry).
+
+    Example:
+        >>> from deltalake.exceptions import DeltaError
+        >>> type(delta_failure("merge", DeltaError("type_coercion"))).__name__
+        'TerminalJobError'
+    """
+    text = str(error).lower()
+    if any(marker in text for marker in _TRANSIENT_MARKERS):
+        return TransientJobError(f"{what} failed, retry may help: {error}")
+    return TerminalJobError(
+        f"{what} failed: {error}. This is not a temporary failure: it repeats on every run "
+        "until the table or the software is fixed (please report it)"
+    )
 
 
 def merge(
@@ -78,8 +116,14 @@ def merge(
 ) -> dict[str, Any]:
     """Fold the changes after each table's merge watermark into ``<table>/current``.
 
-    Keyless tables are skipped (their rows cannot be matched by key), with the reason in
-    the metrics. A table whose merge commit keeps conflicting (e.g. with a compaction of
+    Keys may be composite, of any type the type mapping produces, and hold NULLs (matched
+    NULL to NULL, as the view's ``GROUP BY`` groups them). Two kinds of table are skipped,
+    with ``status: skipped`` and the reason in the metrics, and keep their current state
+    computed from the changelog by the view (so ``cdc jobs retention`` keeps their whole
+    changelog too): keyless tables (no primary key, REPLICA IDENTITY DEFAULT or NOTHING),
+    whose updates and deletes cannot be matched to rows; and tables keyed by every column
+    (REPLICA IDENTITY FULL without a primary key), where identical rows are distinct rows
+    that a merge by key would collapse into one. A table whose merge commit keeps conflicting (e.g. with a compaction of
     its merged table, or a second merge job) is retried ``attempts`` times, re-reading
     everything each time.
 
@@ -102,6 +146,11 @@ def merge(
         * Deleting ``<table>/current`` makes the next merge rebuild it from the whole
           changelog, which is only complete if ``cdc jobs retention`` never ran; refresh
           open DuckDB connections afterwards.
+
+    Raises:
+        TerminalJobError: a failure that repeats on every run (a changelog or merged table
+            that cannot be read as written, a planning error in the Delta MERGE).
+        TransientJobError: the store failed, or commits kept conflicting.
 
     Example:
         >>> merge("./lake")["tables"]["public.orders"]["status"]  # doctest: +SKIP
@@ -198,13 +247,18 @@ def _merge_once(table: LakeTable, *, storage_options: dict[str, str] | None) -> 
             )
         ).to_arrow_table()
         flags = keep_flags(column_types, table.key_columns)
-    except duckdb.Error as e:
+    except (duckdb.IOException, duckdb.HTTPException) as e:
         raise TransientJobError(f"reading the changes of {table.qualified_name}: {e}") from e
+    except duckdb.Error as e:
+        # Anything else (a binder, conversion or internal error) is a bug or a changelog
+        # we cannot read as written: retrying reads the same files and fails the same way.
+        raise TerminalJobError(
+            f"{table.qualified_name}: the merge cannot read its changelog: {e}"
+        ) from e
     finally:
         con.close()
 
     target_schema = _current_schema(pa.schema(changes_dt.schema().to_arrow()))
-    current_dt = _ensure_current_table(table, current_dt, target_schema, storage_options)
     props = CommitProperties(
         app_transactions=[
             Transaction(MERGE_LSN_APP_ID, after.lsn),
@@ -212,19 +266,26 @@ def _merge_once(table: LakeTable, *, storage_options: dict[str, str] | None) -> 
         ],
         custom_metadata={"cdc.changes_version": str(changes_dt.version())},
     )
-    counts = _apply(current_dt, fold, target_schema, table.key_columns, flags, truncate, props)
-    if _watermark(current_dt) != after:
-        # Nothing changed in the merged table (only deletes of keys it never had, say), so
-        # deltalake made no commit. Record the watermark with an empty commit; it carries
-        # the same app ids, so it conflicts with a concurrent merge like a real one would.
-        write_deltalake(
-            current_dt,
-            target_schema.empty_table(),
-            mode="append",
-            commit_properties=props,
-            storage_options=storage_options,
-        )
-        current_dt.update_incremental()
+    try:
+        current_dt = _ensure_current_table(table, current_dt, target_schema, storage_options)
+        counts = _apply(current_dt, fold, target_schema, table.key_columns, flags, truncate, props)
+        if _watermark(current_dt) != after:
+            # Nothing changed in the merged table (only deletes of keys it never had, say),
+            # so deltalake made no commit. Record the watermark with an empty commit; it
+            # carries the same app ids, so it conflicts with a concurrent merge like a real
+            # one would.
+            write_deltalake(
+                current_dt,
+                target_schema.empty_table(),
+                mode="append",
+                commit_properties=props,
+                storage_options=storage_options,
+            )
+            current_dt.update_incremental()
+    except (CommitFailedError, OSError):
+        raise  # a conflict is retried by with_conflict_retries, IO is transient there
+    except DeltaError as e:
+        raise delta_failure(f"merge of {table.qualified_name} into {table.current_uri}", e) from e
     ops = fold.column(lake_layout.OP).to_pylist() if fold.num_rows else []
     deletes = sum(1 for o in ops if o == "d")
     return {
@@ -303,9 +364,7 @@ def _apply(
         f"(target.{lsn} = source.{lsn} AND target.{seq} < source.{seq}))"
     )
     is_delete = f"source.{quote_ident(lake_layout.OP)} = 'd'"
-    on = " AND ".join(
-        f"target.{quote_ident(k)} IS NOT DISTINCT FROM source.{quote_ident(k)}" for k in key_columns
-    )
+    on = key_match_sql("target", "source", key_columns)
     updates: dict[str, str] = {}
     inserts: dict[str, str] = {}
     for name in schema.names:
