@@ -28,14 +28,20 @@ from dataclasses import dataclass
 from catalog import lake_layout
 
 __all__ = [
+    "BASE_LSN_APP_ID",
+    "BASE_SEQ_APP_ID",
+    "HISTORY_COLUMNS",
+    "HORIZON_APP_ID",
     "MERGE_LSN_APP_ID",
     "MERGE_SEQ_APP_ID",
     "MIN_BIGINT",
     "NO_WATERMARK",
     "Watermark",
     "batch_stats_sql",
+    "changes_up_to_sql",
     "current_state_sql",
     "fold_sql",
+    "history_sql",
     "keep_flags",
     "key_match_sql",
     "position_sql",
@@ -48,6 +54,14 @@ __all__ = [
 #: a ``<table>/current`` table, the ``(_cdc_lsn, _cdc_seq)`` of the newest change folded in.
 MERGE_LSN_APP_ID = "cdc-jobs:merge:lsn"
 MERGE_SEQ_APP_ID = "cdc-jobs:merge:seq"
+
+#: App-transaction ids of the retention base ``<table>/base`` (the state as of the newest
+#: change ``cdc jobs retention`` dropped): its ``(lsn, seq)`` watermark, and the horizon, the
+#: newest commit time folded in, in microseconds since the epoch. Time travel before the
+#: horizon is impossible: the changes that would tell are gone.
+BASE_LSN_APP_ID = "cdc-jobs:retention:lsn"
+BASE_SEQ_APP_ID = "cdc-jobs:retention:seq"
+HORIZON_APP_ID = "cdc-jobs:retention:horizon-us"
 
 #: Smallest BIGINT: "no watermark yet" in generated SQL (every LSN is larger). Written as
 #: ``(-9223372036854775808)::BIGINT``: without the parentheses ``::`` binds first and the
@@ -624,4 +638,130 @@ def fold_sql(
         f"  WHERE {where}\n"
         f"), _cdc_per_key AS (\n{per_key.sql})\n"
         f"SELECT {', '.join(projections)} FROM _cdc_per_key"
+    )
+
+
+def changes_up_to_sql(changes: str, *, commit_ts: str | None = None, lsn: str | None = None) -> str:
+    """``changes`` restricted to the changes committed at or before a moment: a commit
+    time (``commit_ts``, an SQL expression of type TIMESTAMPTZ) or a commit LSN (``lsn``, an
+    SQL BIGINT expression). Feed it to :func:`current_state_sql` for time travel.
+
+    Example:
+        >>> changes_up_to_sql('"s"."t_changes"', lsn="42")
+        '(SELECT * FROM "s"."t_changes" WHERE "_cdc_lsn" <= (42)::BIGINT)'
+    """
+    if (commit_ts is None) == (lsn is None):
+        raise ValueError("give exactly one of commit_ts and lsn")
+    if commit_ts is not None:
+        bound = f"{quote_ident(lake_layout.COMMIT_TS)} <= ({commit_ts})::TIMESTAMPTZ"
+    else:
+        bound = f"{quote_ident(lake_layout.LSN)} <= ({lsn})::BIGINT"
+    return f"(SELECT * FROM {changes} WHERE {bound})"
+
+
+#: Columns of the history view besides the table's own, in this order.
+HISTORY_COLUMNS: tuple[str, ...] = ("_valid_from", "_valid_to", lake_layout.OP, lake_layout.LSN)
+
+
+def history_sql(
+    changes: str,
+    column_types: dict[str, str],
+    key_columns: Sequence[str],
+    *,
+    base: str | None = None,
+    base_types: dict[str, str] | None = None,
+    base_watermark: tuple[int, int] | None = None,
+) -> str:
+    """The ``SELECT`` of the row-history view (SCD type 2) of a keyed table.
+
+    One row per version of each row: every ``c``/``r``/``u`` change, with its unchanged-TOAST
+    columns filled like :func:`current_state_sql` fills them, then the columns of
+    :data:`HISTORY_COLUMNS`: ``_valid_from`` (the change's commit time), ``_valid_to`` (the
+    commit time of the key's next change, of the next truncate, whichever comes first;
+    NULL while the version is live: so a deleted row's last version ends at the delete's
+    commit time), ``_cdc_op`` and ``_cdc_lsn`` of the change. Deletes and truncates end
+    versions and are not versions themselves. Two changes of one key in one transaction give
+    a version with ``_valid_from = _valid_to``.
+
+    ``base`` (with its column types and ``(lsn, seq)`` watermark) is the state as of the
+    retention horizon, written by ``cdc jobs retention`` before it drops old changes: each of
+    its rows is one version (the latest before the horizon; earlier ones are gone), and only
+    the changes after its watermark are read.
+
+    Example:
+        >>> sql = history_sql('"s"."t_changes"', {"id": "BIGINT", "_cdc_op": "VARCHAR",
+        ...     "_cdc_lsn": "BIGINT", "_cdc_seq": "BIGINT", "_cdc_commit_ts": "TIMESTAMPTZ"},
+        ...     ["id"])
+        >>> "_valid_to" in sql and 'PARTITION BY "id"' in sql
+        True
+    """
+    source_columns = _source_columns(column_types)
+    fallback = lake_layout.FALLBACK if lake_layout.FALLBACK in column_types else None
+    row_columns = [*source_columns, *([fallback] if fallback else [])]
+    op, lsn, seq, ts = (
+        quote_ident(c)
+        for c in (lake_layout.OP, lake_layout.LSN, lake_layout.SEQ, lake_layout.COMMIT_TS)
+    )
+    toast = quote_ident(lake_layout.UNCHANGED_TOAST)
+    has_toast_list = lake_layout.UNCHANGED_TOAST in column_types
+    backfilled = _backfilled(column_types, key_columns)
+    columns = ", ".join(quote_ident(c) for c in row_columns)
+    unchanged = f", {toast}" if has_toast_list else ""
+    changes_sql = f"SELECT {columns}, {op}, {lsn}, {seq}, {ts}{unchanged} FROM {changes}"
+    rows = changes_sql
+    if base is not None:
+        watermark = Watermark(*base_watermark) if base_watermark else NO_WATERMARK
+        have = base_types or {}
+
+        def base_column(name: str) -> str:
+            col = quote_ident(name)
+            if name not in have:
+                return f"NULL::{column_types[name]} AS {col}"
+            if have[name] != column_types[name]:
+                return f"CAST({col} AS {column_types[name]}) AS {col}"
+            return col
+
+        base_op = op if lake_layout.OP in have else f"'r' AS {op}"
+        base_unchanged = f", NULL::VARCHAR[] AS {toast}" if has_toast_list else ""
+        rows = (
+            f"SELECT {', '.join(base_column(c) for c in row_columns)}, {base_op}, {lsn}, "
+            f"{seq}, {ts}{base_unchanged} FROM {base}\n"
+            f"  UNION ALL\n  {changes_sql} WHERE {watermark.after_sql()}"
+        )
+    keys = ", ".join(quote_ident(k) for k in key_columns)
+    values: list[str] = []
+    for name in row_columns:
+        col = quote_ident(name)
+        if name in backfilled:
+            # "Last value sent", as a window: NULL structs (not sent) are skipped, a real
+            # NULL is a struct holding NULL; a delete sends NULL for every column.
+            values.append(
+                f"(last_value(CASE WHEN {_sent_sql(name)} THEN {_sent_value_sql(name)} END "
+                f"IGNORE NULLS) OVER _cdc_w).v AS {col}"
+            )
+        else:
+            values.append(col)
+    out = ", ".join(quote_ident(c) for c in row_columns)
+    return (
+        f"WITH _cdc_rows AS (\n  {rows}\n),\n"
+        "_cdc_truncates AS (\n"
+        f"  SELECT {position_sql()} AS _cdc_tpos, {ts} AS _cdc_tts\n"
+        f"  FROM _cdc_rows WHERE {op} = 't'\n"
+        "),\n"
+        "_cdc_versions AS (\n"
+        f"  SELECT {', '.join(values)}, {op}, {lsn}, {ts}, {position_sql()} AS _cdc_pos,\n"
+        f"    lead({ts}) OVER _cdc_w AS _cdc_next_ts\n"
+        f"  FROM _cdc_rows WHERE {op} <> 't'\n"
+        f"  WINDOW _cdc_w AS (PARTITION BY {keys} ORDER BY {position_sql()}\n"
+        "    ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)\n"
+        ")\n"
+        f"SELECT {out}, v.{ts} AS _valid_from,\n"
+        "  CASE WHEN t._cdc_tts IS NULL THEN v._cdc_next_ts\n"
+        "    WHEN v._cdc_next_ts IS NULL THEN t._cdc_tts\n"
+        "    ELSE least(v._cdc_next_ts, t._cdc_tts) END AS _valid_to,\n"
+        f"  v.{op}, v.{lsn}\n"
+        "FROM _cdc_versions AS v\n"
+        # The first truncate after the version (ASOF with < matches the nearest larger).
+        "ASOF LEFT JOIN _cdc_truncates AS t ON v._cdc_pos < t._cdc_tpos\n"
+        f"WHERE v.{op} IN ('c', 'r', 'u')"
     )

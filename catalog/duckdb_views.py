@@ -27,6 +27,7 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import duckdb
@@ -37,10 +38,16 @@ from deltalake.exceptions import DeltaError, TableNotFoundError
 from catalog import lake_layout
 from catalog.column_lineage import current_columns
 from catalog.current_state import (
+    BASE_LSN_APP_ID,
+    BASE_SEQ_APP_ID,
+    HISTORY_COLUMNS,
+    HORIZON_APP_ID,
     MERGE_LSN_APP_ID,
     MERGE_SEQ_APP_ID,
     MIN_BIGINT,
+    changes_up_to_sql,
     current_state_sql,
+    history_sql,
     quote_ident,
     quote_literal,
     toastable,
@@ -61,6 +68,7 @@ __all__ = [
     "quote_ident",
     "quote_literal",
     "register_views",
+    "retention_base",
     "toastable",
 ]
 
@@ -68,6 +76,10 @@ _log = logging.getLogger(__name__)
 
 #: Suffix of the changelog view's name: ``<table>_changes``.
 CHANGES_SUFFIX = "_changes"
+#: Suffixes of the time-travel macros and the row-history view.
+AS_OF_SUFFIX = "_as_of"
+AS_OF_LSN_SUFFIX = "_as_of_lsn"
+HISTORY_SUFFIX = "_history"
 
 _WHEEL = "duckdb-extension-delta"
 
@@ -125,6 +137,13 @@ class ViewInfo:
     key_columns: tuple[str, ...]
     current_uri: str | None = None
     merge_watermark: tuple[int, int] | None = None
+    #: The retention base (``<table>/base``), its watermark and the retention horizon, when
+    #: ``cdc jobs retention`` has dropped changes; read when the views were created.
+    base_uri: str | None = None
+    base_watermark: tuple[int, int] | None = None
+    horizon: datetime | None = None
+    #: Whether the ``<table>_history`` view exists (keyed tables not keyed by every column).
+    has_history: bool = False
 
     @property
     def current_view(self) -> str:
@@ -135,6 +154,21 @@ class ViewInfo:
     def changes_view(self) -> str:
         """Quoted ``"schema"."table_changes"``: the changelog view."""
         return f"{quote_ident(self.schema)}.{quote_ident(self.table + CHANGES_SUFFIX)}"
+
+    @property
+    def as_of_macro(self) -> str:
+        """Quoted ``"schema"."table_as_of"``: the time-travel table macro (a commit time)."""
+        return f"{quote_ident(self.schema)}.{quote_ident(self.table + AS_OF_SUFFIX)}"
+
+    @property
+    def as_of_lsn_macro(self) -> str:
+        """Quoted ``"schema"."table_as_of_lsn"``: the time-travel table macro (an LSN)."""
+        return f"{quote_ident(self.schema)}.{quote_ident(self.table + AS_OF_LSN_SUFFIX)}"
+
+    @property
+    def history_view(self) -> str:
+        """Quoted ``"schema"."table_history"``: the row-history (SCD2) view."""
+        return f"{quote_ident(self.schema)}.{quote_ident(self.table + HISTORY_SUFFIX)}"
 
 
 def discover_tables(lake: str, *, storage_options: dict[str, str] | None = None) -> list[str]:
@@ -307,6 +341,7 @@ def register_views(
     infos: list[ViewInfo] = []
     column_types: dict[str, dict[str, str]] = {}
     merged_types: dict[str, dict[str, str]] = {}
+    base_types: dict[str, dict[str, str]] = {}
     shapes: dict[str, list[TableSchema]] = {}
     for qualified_name in found:
         shapes[qualified_name] = [v.schema for v in registry.versions(qualified_name)]
@@ -346,6 +381,12 @@ def register_views(
                 )
                 if types_of_current is not None:
                     merged_types[qualified_name] = types_of_current
+                info, types_of_base = _with_base(con, info, lake, storage_options=storage_options)
+                if types_of_base is not None:
+                    base_types[qualified_name] = types_of_base
+                versions = shapes[qualified_name]
+                every_column_key = bool(versions) and set(keys) == set(versions[-1].column_names)
+                info = replace(info, has_history=not every_column_key)
         except (duckdb.Error, TerminalCatalogError, TransientCatalogError) as exc:
             if tables is not None:  # explicitly asked for: fail loudly
                 if isinstance(exc, TerminalCatalogError | TransientCatalogError):
@@ -370,6 +411,9 @@ def register_views(
             )
             types = column_types[info.qualified_name]
             versions = shapes[info.qualified_name]
+            every_column_key = bool(versions) and set(info.key_columns) == set(
+                versions[-1].column_names
+            )
             state = current_state_sql(
                 info.changes_view,
                 types,
@@ -381,11 +425,18 @@ def register_views(
                 ),
                 merged_types=merged_types.get(info.qualified_name),
                 merge_watermark=info.merge_watermark,
-                every_column_key=bool(versions)
-                and set(info.key_columns) == set(versions[-1].column_names),
+                every_column_key=every_column_key,
             )
             con.execute(
                 f"CREATE OR REPLACE VIEW {info.current_view} AS {_current_columns(state, types, versions)}"
+            )
+            _create_time_travel(
+                con,
+                info,
+                types,
+                versions,
+                base_types=base_types.get(info.qualified_name),
+                every_column_key=every_column_key,
             )
         con.execute("COMMIT")
     except BaseException:
@@ -398,9 +449,15 @@ def register_views(
     return infos
 
 
-def _current_columns(state_sql: str, types: dict[str, str], versions: list[TableSchema]) -> str:
+def _current_columns(
+    state_sql: str,
+    types: dict[str, str],
+    versions: list[TableSchema],
+    extra: Sequence[str] = (),
+) -> str:
     """``state_sql`` narrowed to the table's columns of today: dropped columns left out,
-    renamed ones shown once under their new name (see :mod:`catalog.column_lineage`)."""
+    renamed ones shown once under their new name (see :mod:`catalog.column_lineage`);
+    ``extra`` columns of ``state_sql`` are kept at the end."""
     metadata = set(lake_layout.METADATA_COLUMNS)
     source = [c for c in types if c not in metadata]
     lineages = current_columns(versions, source)
@@ -409,7 +466,128 @@ def _current_columns(state_sql: str, types: dict[str, str], versions: list[Table
     columns = [lin.sql() for lin in lineages]
     if lake_layout.FALLBACK in types:
         columns.append(quote_ident(lake_layout.FALLBACK))
+    columns += [quote_ident(c) for c in extra]
     return f"SELECT {', '.join(columns)} FROM ({state_sql}) AS _cdc_state"
+
+
+def _create_time_travel(
+    con: duckdb.DuckDBPyConnection,
+    info: ViewInfo,
+    types: dict[str, str],
+    versions: list[TableSchema],
+    *,
+    base_types: dict[str, str] | None,
+    every_column_key: bool,
+) -> None:
+    """The ``<table>_as_of(ts)`` and ``<table>_as_of_lsn(lsn)`` table macros and, for keyed
+    tables, the ``<table>_history`` view; see :func:`connect`."""
+    base = f"delta_scan({quote_literal(info.base_uri)})" if info.base_uri else None
+    # Macro parameters start with _cdc_ (reserved for metadata) so they never shadow a
+    # source column of the same name.
+    moment = "_cdc_moment"
+    if info.horizon is not None and info.base_watermark is not None:
+        horizon = info.horizon.isoformat()
+        ts_bound = (
+            f"CASE WHEN {moment}::TIMESTAMPTZ < {quote_literal(horizon)}::TIMESTAMPTZ "
+            f"THEN error({quote_literal(_before_horizon(info, horizon))} || {moment}::VARCHAR) "
+            f"ELSE {moment}::TIMESTAMPTZ END"
+        )
+        lsn_bound = (
+            f"CASE WHEN {moment}::BIGINT < ({info.base_watermark[0]})::BIGINT "
+            f"THEN error({quote_literal(_before_horizon(info, horizon))} || {moment}::VARCHAR) "
+            f"ELSE {moment}::BIGINT END"
+        )
+    else:
+        ts_bound, lsn_bound = moment, moment
+    for macro, bounded in (
+        (info.as_of_macro, changes_up_to_sql(info.changes_view, commit_ts=ts_bound)),
+        (info.as_of_lsn_macro, changes_up_to_sql(info.changes_view, lsn=lsn_bound)),
+    ):
+        state = current_state_sql(
+            bounded,
+            types,
+            info.key_columns,
+            merged=base,
+            merged_types=base_types,
+            merge_watermark=info.base_watermark,
+            every_column_key=every_column_key,
+        )
+        con.execute(
+            f"CREATE OR REPLACE MACRO {macro}({moment}) AS TABLE "
+            f"{_current_columns(state, types, versions)}"
+        )
+    if info.has_history:
+        history = history_sql(
+            info.changes_view,
+            types,
+            info.key_columns,
+            base=base,
+            base_types=base_types,
+            base_watermark=info.base_watermark,
+        )
+        con.execute(
+            f"CREATE OR REPLACE VIEW {info.history_view} AS "
+            f"{_current_columns(history, types, versions, HISTORY_COLUMNS)}"
+        )
+
+
+def _before_horizon(info: ViewInfo, horizon: str) -> str:
+    assert info.base_watermark is not None
+    return (
+        f"{info.qualified_name}: time travel reaches back to the retention horizon {horizon} "
+        f"(LSN {info.base_watermark[0]}) only; `cdc jobs retention` dropped the changes "
+        "before it. Asked for: "
+    )
+
+
+def retention_base(
+    base_uri: str, *, storage_options: dict[str, str] | None = None
+) -> tuple[tuple[int, int], datetime] | None:
+    """The ``(lsn, seq)`` watermark and the horizon (newest commit time folded in) of the
+    retention base at ``base_uri``; ``None`` when ``cdc jobs retention`` has dropped nothing
+    of the table yet.
+
+    Raises:
+        TransientCatalogError: the base exists but its Delta log cannot be read.
+
+    Example:
+        >>> retention_base("/data/lake/public.orders/base")  # doctest: +SKIP
+        ((23871520, 4), datetime.datetime(2024, 5, 1, 23, 59, 58, tzinfo=datetime.timezone.utc))
+    """
+    try:
+        if not DeltaTable.is_deltatable(base_uri, storage_options=storage_options):
+            return None
+        dt = DeltaTable(base_uri, storage_options=storage_options)
+        lsn = dt.transaction_version(BASE_LSN_APP_ID)
+        seq = dt.transaction_version(BASE_SEQ_APP_ID)
+        horizon_us = dt.transaction_version(HORIZON_APP_ID)
+    except TableNotFoundError:
+        return None
+    except (DeltaError, OSError) as exc:
+        raise TransientCatalogError(f"cannot read the Delta log of {base_uri}: {exc}") from exc
+    if lsn is None or horizon_us is None:
+        return None
+    horizon = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=horizon_us)
+    return (lsn, seq if seq is not None else MIN_BIGINT), horizon
+
+
+def _with_base(
+    con: duckdb.DuckDBPyConnection,
+    info: ViewInfo,
+    lake: str,
+    *,
+    storage_options: dict[str, str] | None,
+) -> tuple[ViewInfo, dict[str, str] | None]:
+    """``info`` with the retention base, plus the base's column types; ``(info, None)``
+    when retention has not dropped anything of the table yet."""
+    uri = _scan_uri(lake, info.qualified_name, lake_layout.BASE_DIR)
+    found = retention_base(uri, storage_options=storage_options)
+    if found is None:
+        return info, None
+    watermark, horizon = found
+    described = con.execute(f"DESCRIBE SELECT * FROM delta_scan({quote_literal(uri)})").fetchall()
+    types = {str(row[0]): str(row[1]) for row in described}
+    return replace(info, base_uri=uri, base_watermark=watermark, horizon=horizon), types
 
 
 def merge_watermark(
@@ -475,6 +653,8 @@ def _scan_uri(lake: str, qualified_name: str, which: str = "changes") -> str:
         lake = os.path.abspath(os.path.expanduser(lake))
     if which == "current":
         return lake_layout.current_uri(lake, qualified_name)
+    if which == lake_layout.BASE_DIR:
+        return lake_layout.base_uri(lake, qualified_name)
     return lake_layout.changes_uri(lake, qualified_name)
 
 
@@ -482,7 +662,7 @@ def _check_collisions(infos: Sequence[ViewInfo]) -> None:
     # DuckDB resolves identifiers case-insensitively, so compare folded names.
     owners: dict[tuple[str, str], str] = {}
     for info in infos:
-        for view in (info.table, info.table + CHANGES_SUFFIX):
+        for view in (info.table, info.table + CHANGES_SUFFIX, info.table + HISTORY_SUFFIX):
             slot = (info.schema.casefold(), view.casefold())
             other = owners.get(slot)
             if other is not None and other != info.qualified_name:

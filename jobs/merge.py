@@ -30,6 +30,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import duckdb
@@ -39,6 +41,9 @@ from deltalake.exceptions import CommitFailedError, DeltaError
 
 from catalog import lake_layout
 from catalog.current_state import (
+    BASE_LSN_APP_ID,
+    BASE_SEQ_APP_ID,
+    HORIZON_APP_ID,
     MERGE_LSN_APP_ID,
     MERGE_SEQ_APP_ID,
     NO_WATERMARK,
@@ -59,12 +64,13 @@ from jobs.common import (
 )
 from jobs.errors import TerminalJobError, TransientJobError
 
-__all__ = ["CURRENT_METADATA_COLUMNS", "delta_failure", "merge"]
+__all__ = ["CURRENT_METADATA_COLUMNS", "delta_failure", "fold_into_base", "merge"]
 
 log = logging.getLogger(__name__)
 
 #: Metadata columns the merged table keeps from the change that produced each row.
 CURRENT_METADATA_COLUMNS: tuple[str, ...] = (
+    lake_layout.OP,
     lake_layout.LSN,
     lake_layout.SEQ,
     lake_layout.COMMIT_TS,
@@ -186,13 +192,65 @@ def merge(
     }
 
 
+@dataclass(frozen=True, slots=True)
+class _Target:
+    """Where a fold goes: the merged table, or the retention base; and the app ids of its
+    watermark (and horizon)."""
+
+    uri: str
+    lsn_app_id: str
+    seq_app_id: str
+    horizon_app_id: str | None = None
+
+
+def _current_target(table: LakeTable) -> _Target:
+    return _Target(table.current_uri, MERGE_LSN_APP_ID, MERGE_SEQ_APP_ID)
+
+
+def _base_target(table: LakeTable) -> _Target:
+    uri = table.current_uri.rsplit("/", 1)[0] + "/" + lake_layout.BASE_DIR
+    return _Target(uri, BASE_LSN_APP_ID, BASE_SEQ_APP_ID, HORIZON_APP_ID)
+
+
+def fold_into_base(
+    table: LakeTable,
+    *,
+    upto: Watermark,
+    storage_options: dict[str, str] | None = None,
+    attempts: int = DEFAULT_ATTEMPTS,
+) -> dict[str, Any]:
+    """Fold the changes up to ``upto`` into the retention base ``<table>/base``: the state of
+    the table as of the newest change ``cdc jobs retention`` drops, which time travel and the
+    history view start from once older changes are gone. The base records its watermark and
+    the horizon (the newest commit time folded in, as microseconds since the epoch) as app
+    transactions (:data:`~catalog.current_state.BASE_LSN_APP_ID`,
+    :data:`~catalog.current_state.HORIZON_APP_ID`), atomically with its rows.
+
+    Same rules and table layout as the merged table (:func:`merge`); call it only with an
+    ``upto`` at or below the merge watermark, so every change up to it has landed.
+
+    Example:
+        >>> fold_into_base(table, upto=Watermark(1000, 3))["status"]  # doctest: +SKIP
+        'merged'
+    """
+    started = time.monotonic()
+    result, conflicts = with_conflict_retries(
+        f"retention base of {table.qualified_name}",
+        lambda: _merge_once(table, _base_target(table), storage_options=storage_options, upto=upto),
+        attempts=attempts,
+    )
+    result["conflicts"] = conflicts
+    result["duration_s"] = elapsed(started)
+    return result
+
+
 def _merge_table(
     table: LakeTable, *, storage_options: dict[str, str] | None, attempts: int
 ) -> dict[str, Any]:
     started = time.monotonic()
     result, conflicts = with_conflict_retries(
         f"merge of {table.qualified_name}",
-        lambda: _merge_once(table, storage_options=storage_options),
+        lambda: _merge_once(table, _current_target(table), storage_options=storage_options),
         attempts=attempts,
     )
     result["conflicts"] = conflicts
@@ -201,12 +259,18 @@ def _merge_table(
     return result
 
 
-def _merge_once(table: LakeTable, *, storage_options: dict[str, str] | None) -> dict[str, Any]:
+def _merge_once(
+    table: LakeTable,
+    target: _Target,
+    *,
+    storage_options: dict[str, str] | None,
+    upto: Watermark | None = None,
+) -> dict[str, Any]:
     changes_dt = open_table(table.changes_uri, storage_options=storage_options)
     if changes_dt is None:
         raise TerminalJobError(f"{table.changes_uri} is not a Delta table")
-    current_dt = open_table(table.current_uri, storage_options=storage_options)
-    before = _watermark(current_dt)
+    current_dt = open_table(target.uri, storage_options=storage_options)
+    before = _watermark(current_dt, target)
 
     con = duckdb.connect(config={"autoinstall_known_extensions": False})
     try:
@@ -215,9 +279,9 @@ def _merge_once(table: LakeTable, *, storage_options: dict[str, str] | None) -> 
         # appending. DuckDB pushes the _cdc_lsn range into the dataset scan, which skips
         # files and row groups by their statistics.
         con.register("_cdc_changes", changes_dt.to_pyarrow_dataset())
-        stats = con.execute(batch_stats_sql("_cdc_changes", before)).fetchone()
+        stats = con.execute(batch_stats_sql("_cdc_changes", before, upto=upto)).fetchone()
         assert stats is not None
-        n, last_lsn, last_seq, t_lsn, t_seq, _ = stats
+        n, last_lsn, last_seq, t_lsn, t_seq, last_ts = stats
         if not n:
             return {
                 "status": "up_to_date",
@@ -244,6 +308,7 @@ def _merge_once(table: LakeTable, *, storage_options: dict[str, str] | None) -> 
                 table.key_columns,
                 after=before,
                 truncate=truncate,
+                upto=upto,
             )
         ).to_arrow_table()
         flags = keep_flags(column_types, table.key_columns)
@@ -259,17 +324,28 @@ def _merge_once(table: LakeTable, *, storage_options: dict[str, str] | None) -> 
         con.close()
 
     target_schema = _current_schema(pa.schema(changes_dt.schema().to_arrow()))
+    transactions = [
+        Transaction(target.lsn_app_id, after.lsn),
+        Transaction(target.seq_app_id, after.seq),
+    ]
+    horizon: datetime | None = None
+    if target.horizon_app_id is not None:
+        horizon = max(
+            (t for t in (last_ts, _horizon(current_dt, target)) if t is not None),
+            default=None,
+        )
+        if horizon is not None:
+            transactions.append(Transaction(target.horizon_app_id, _epoch_us(horizon)))
     props = CommitProperties(
-        app_transactions=[
-            Transaction(MERGE_LSN_APP_ID, after.lsn),
-            Transaction(MERGE_SEQ_APP_ID, after.seq),
-        ],
+        app_transactions=transactions,
         custom_metadata={"cdc.changes_version": str(changes_dt.version())},
     )
     try:
-        current_dt = _ensure_current_table(table, current_dt, target_schema, storage_options)
+        current_dt = _ensure_current_table(
+            table, target.uri, current_dt, target_schema, storage_options
+        )
         counts = _apply(current_dt, fold, target_schema, table.key_columns, flags, truncate, props)
-        if _watermark(current_dt) != after:
+        if _watermark(current_dt, target) != after:
             # Nothing changed in the merged table (only deletes of keys it never had, say),
             # so deltalake made no commit. Record the watermark with an empty commit; it
             # carries the same app ids, so it conflicts with a concurrent merge like a real
@@ -285,7 +361,7 @@ def _merge_once(table: LakeTable, *, storage_options: dict[str, str] | None) -> 
     except (CommitFailedError, OSError):
         raise  # a conflict is retried by with_conflict_retries, IO is transient there
     except DeltaError as e:
-        raise delta_failure(f"merge of {table.qualified_name} into {table.current_uri}", e) from e
+        raise delta_failure(f"merge of {table.qualified_name} into {target.uri}", e) from e
     ops = fold.column(lake_layout.OP).to_pylist() if fold.num_rows else []
     deletes = sum(1 for o in ops if o == "d")
     return {
@@ -296,19 +372,36 @@ def _merge_once(table: LakeTable, *, storage_options: dict[str, str] | None) -> 
         "truncated": truncate is not None,
         "watermark_before": before.as_list(),
         "watermark_after": after.as_list(),
+        **({"horizon": horizon.isoformat()} if horizon is not None else {}),
         **counts,
         "current_version": current_dt.version(),
     }
 
 
-def _watermark(dt: DeltaTable | None) -> Watermark:
+def _watermark(dt: DeltaTable | None, target: _Target) -> Watermark:
     if dt is None:
         return NO_WATERMARK
-    lsn = dt.transaction_version(MERGE_LSN_APP_ID)
-    seq = dt.transaction_version(MERGE_SEQ_APP_ID)
+    lsn = dt.transaction_version(target.lsn_app_id)
+    seq = dt.transaction_version(target.seq_app_id)
     if lsn is None:
         return NO_WATERMARK
     return Watermark(lsn, seq if seq is not None else NO_WATERMARK.seq)
+
+
+def _horizon(dt: DeltaTable | None, target: _Target) -> datetime | None:
+    if dt is None or target.horizon_app_id is None:
+        return None
+    us = dt.transaction_version(target.horizon_app_id)
+    return None if us is None else _EPOCH + timedelta(microseconds=us)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _epoch_us(ts: datetime) -> int:
+    if ts.tzinfo is None:
+        ts = ts.replace(tzinfo=UTC)
+    return (ts - _EPOCH) // timedelta(microseconds=1)
 
 
 def _current_schema(changelog: pa.Schema) -> pa.Schema:
@@ -324,6 +417,7 @@ def _current_schema(changelog: pa.Schema) -> pa.Schema:
 
 def _ensure_current_table(
     table: LakeTable,
+    uri: str,
     current_dt: DeltaTable | None,
     schema: pa.Schema,
     storage_options: dict[str, str] | None,
@@ -331,12 +425,12 @@ def _ensure_current_table(
     """Create the merged table, or add the columns the source gained since the last merge."""
     if current_dt is None:
         return DeltaTable.create(
-            table.current_uri,
+            uri,
             schema=schema,
             mode="ignore",  # a concurrent merge may have created it a moment ago
             storage_options=storage_options,
-            name=f"{table.qualified_name}_current",
-            description=f"current state of {table.qualified_name}, written by cdc jobs merge",
+            name=f"{table.qualified_name}_{uri.rsplit('/', 1)[-1]}",
+            description=f"state of {table.qualified_name}, written by cdc jobs merge/retention",
         )
     have = set(pa.schema(current_dt.schema().to_arrow()).names)
     new = [f for f in schema if f.name not in have]
@@ -356,7 +450,7 @@ def _apply(
     props: CommitProperties,
 ) -> dict[str, int]:
     """One MERGE of the folded batch into the merged table; returns Delta's row counts."""
-    source = _cast(fold, schema, extra=[lake_layout.OP, *flags.values()])
+    source = _cast(fold, schema, extra=list(flags.values()))
     lsn, seq = quote_ident(lake_layout.LSN), quote_ident(lake_layout.SEQ)
     # Only a newer change may touch a merged row: a late event never overwrites a newer one.
     newer = (
