@@ -36,6 +36,7 @@ __all__ = [
     "MERGE_SEQ_APP_ID",
     "MIN_BIGINT",
     "NO_WATERMARK",
+    "PARTITIONS_APP_ID",
     "Watermark",
     "batch_stats_sql",
     "changes_up_to_sql",
@@ -44,6 +45,7 @@ __all__ = [
     "history_sql",
     "keep_flags",
     "key_match_sql",
+    "partition_app_id",
     "position_sql",
     "quote_ident",
     "quote_literal",
@@ -62,6 +64,25 @@ MERGE_SEQ_APP_ID = "cdc-jobs:merge:seq"
 BASE_LSN_APP_ID = "cdc-jobs:retention:lsn"
 BASE_SEQ_APP_ID = "cdc-jobs:retention:seq"
 HORIZON_APP_ID = "cdc-jobs:retention:horizon-us"
+
+#: Kafka mode: app-transaction ids the sink workers record in a changelog table with every
+#: commit, so that ``cdc jobs merge`` can tell how far the table is complete: the number of
+#: partitions of the table's topic, and each partition's ``(lsn, seq)`` mark (the newest
+#: position of that partition committed to the table). See :func:`partition_app_id`.
+PARTITIONS_APP_ID = "cdc-kafka:partitions"
+
+
+def partition_app_id(partition: int, kind: str) -> str:
+    """The app-transaction id of a Kafka partition's ``lsn`` or ``seq`` mark in its table.
+
+    A partition feeds exactly one table (its topic's), so the partition number names it.
+
+    Example:
+        >>> partition_app_id(2, "lsn")
+        'cdc-kafka:partition:2:lsn'
+    """
+    return f"cdc-kafka:partition:{partition}:{kind}"
+
 
 #: Smallest BIGINT: "no watermark yet" in generated SQL (every LSN is larger). Written as
 #: ``(-9223372036854775808)::BIGINT``: without the parentheses ``::`` binds first and the
@@ -172,7 +193,7 @@ def key_match_sql(left: str, right: str, key_columns: Sequence[str]) -> str:
     )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, order=True)
 class Watermark:
     """A ``(lsn, seq)`` position in a changelog."""
 

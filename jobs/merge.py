@@ -47,11 +47,13 @@ from catalog.current_state import (
     MERGE_LSN_APP_ID,
     MERGE_SEQ_APP_ID,
     NO_WATERMARK,
+    PARTITIONS_APP_ID,
     Watermark,
     batch_stats_sql,
     fold_sql,
     keep_flags,
     key_match_sql,
+    partition_app_id,
     quote_ident,
 )
 from jobs.common import (
@@ -64,7 +66,7 @@ from jobs.common import (
 )
 from jobs.errors import TerminalJobError, TransientJobError
 
-__all__ = ["CURRENT_METADATA_COLUMNS", "delta_failure", "fold_into_base", "merge"]
+__all__ = ["CURRENT_METADATA_COLUMNS", "delta_failure", "fold_into_base", "merge", "stream_cap"]
 
 log = logging.getLogger(__name__)
 
@@ -140,12 +142,12 @@ def merge(
     merged table's version, ``conflicts`` and ``duration_s``.
 
     Hazards:
-        * The merge relies on every changelog being appended in ``(lsn, seq)`` order: a
-          commit never adds a change at or below a position already committed. The embedded
-          sink guarantees it (it drops everything at or below its watermark). A writer that
-          did not (say, several Kafka-mode workers committing different partitions of one
-          table independently) could land a change below the merge watermark after a merge;
-          neither the next merge nor the current-state view would see it.
+        * The merge never folds a change that a slower writer could still overtake: a
+          changelog written by Kafka sink workers is not appended in position order (each
+          partition commits on its own), so its merge stops at the oldest partition's
+          committed mark (:func:`stream_cap`; ``capped_at`` in the metrics). An idle
+          partition holds that cap back (see :func:`stream_cap`). Embedded mode appends in
+          position order and needs no cap.
         * Merging rewrites the merged files that hold updated or deleted keys
           (copy-on-write): run it often enough that each batch stays small, and compact the
           merged table now and then (``cdc jobs compact`` does both tables).
@@ -271,6 +273,13 @@ def _merge_once(
         raise TerminalJobError(f"{table.changes_uri} is not a Delta table")
     current_dt = open_table(target.uri, storage_options=storage_options)
     before = _watermark(current_dt, target)
+    cap, unmarked = stream_cap(changes_dt)
+    capped: dict[str, Any] = {}
+    if cap is not None:
+        upto = cap if upto is None else min(upto, cap)
+        capped = {"capped_at": cap.as_list()}
+        if unmarked:
+            capped["partitions_without_mark"] = unmarked
 
     con = duckdb.connect(config={"autoinstall_known_extensions": False})
     try:
@@ -288,6 +297,7 @@ def _merge_once(
                 "changes": 0,
                 "watermark_before": before.as_list(),
                 "watermark_after": before.as_list(),
+                **capped,
             }
         after = Watermark(last_lsn, last_seq)
         truncate = Watermark(t_lsn, t_seq) if t_lsn is not None else None
@@ -373,9 +383,47 @@ def _merge_once(
         "watermark_before": before.as_list(),
         "watermark_after": after.as_list(),
         **({"horizon": horizon.isoformat()} if horizon is not None else {}),
+        **capped,
         **counts,
         "current_version": current_dt.version(),
     }
+
+
+def stream_cap(changes: DeltaTable) -> tuple[Watermark | None, list[int]]:
+    """How far a changelog written by Kafka sink workers is complete: the smallest of its
+    partitions' committed ``(lsn, seq)`` marks, and the partitions that have no mark yet
+    (each of which caps it at :data:`NO_WATERMARK`: nothing can be merged). ``(None, [])``
+    for a changelog written in position order (embedded mode), which needs no cap.
+
+    Each partition delivers its events in position order, so a change that has not landed
+    yet lies after its partition's mark, hence after the smallest mark; below the cap the
+    changelog is complete and a merge there can never be overtaken by a late change.
+
+    Hazard: a partition with no new events (few keys, or none of its keys changing) holds
+    the cap at its last mark, and a partition that never received an event of the table
+    holds it at nothing: merges then fold nothing new (``up_to_date``, with ``capped_at``
+    and ``partitions_without_mark`` in the metrics), and the view keeps reading the
+    changelog after the merged table's watermark (correct, only slower).
+
+    Example:
+        >>> stream_cap(DeltaTable("./lake/public.orders/changes"))  # doctest: +SKIP
+        (Watermark(lsn=23871520, seq=4), [])
+    """
+    count = changes.transaction_version(PARTITIONS_APP_ID)
+    if count is None:
+        return None, []
+    cap: Watermark | None = None
+    unmarked: list[int] = []
+    for partition in range(count):
+        lsn = changes.transaction_version(partition_app_id(partition, "lsn"))
+        seq = changes.transaction_version(partition_app_id(partition, "seq"))
+        if lsn is None:
+            unmarked.append(partition)
+            cap = NO_WATERMARK
+            continue
+        mark = Watermark(lsn, seq if seq is not None else NO_WATERMARK.seq)
+        cap = mark if cap is None else min(cap, mark)
+    return cap, unmarked
 
 
 def _watermark(dt: DeltaTable | None, target: _Target) -> Watermark:
