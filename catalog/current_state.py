@@ -398,24 +398,20 @@ def current_state_sql(
     # The fallback map travels like a column of the latest row (never back-filled).
     row_columns = [*source_columns, *([fallback] if fallback else [])]
     op = quote_ident(lake_layout.OP)
-    has_toast_list = lake_layout.UNCHANGED_TOAST in column_types
     if every_column_key:
         merged = None
 
-    untouched = ""
     if merged is not None and key_columns:
-        live, untouched = _merged_live_sql(
+        return _merged_state_sql(
             changes,
             merged,
-            source_columns=row_columns,
+            row_columns=row_columns,
             column_types=column_types,
             merged_types=merged_types or {},
             key_columns=key_columns,
             watermark_lsn=merge_watermark[0] if merge_watermark else MIN_BIGINT,
-            has_toast_list=has_toast_list,
         )
-    else:
-        live = "WITH " + _live_after_truncate_sql(changes) + "\n"
+    live = "WITH " + _live_after_truncate_sql(changes) + "\n"
 
     if not key_columns:
         select = ", ".join(quote_ident(c) for c in row_columns)
@@ -447,7 +443,6 @@ def current_state_sql(
         f"{live}, _cdc_per_key AS (\n{per_key.sql})\n"
         f"SELECT {', '.join(projections)}\n"
         "FROM _cdc_per_key WHERE _cdc_latest.op IN ('c', 'r', 'u')"
-        f"{untouched}"
     )
 
 
@@ -470,21 +465,33 @@ def _live_after_truncate_sql(changes: str) -> str:
     )
 
 
-def _merged_live_sql(
+def _merged_state_sql(
     changes: str,
     merged: str,
     *,
-    source_columns: Sequence[str],
+    row_columns: Sequence[str],
     column_types: dict[str, str],
     merged_types: dict[str, str],
     key_columns: Sequence[str],
     watermark_lsn: int,
-    has_toast_list: bool,
-) -> tuple[str, str]:
-    """The ``_cdc_live`` CTEs of the merged form, and its closing ``UNION ALL`` of the
-    untouched merged rows. See :func:`current_state_sql`."""
+) -> str:
+    """The merged form of :func:`current_state_sql`: the merged rows ``FULL OUTER JOIN`` the
+    per-key aggregate of the changes after the watermark.
+
+    One streaming scan of the merged table probes a hash table of the (few) keys changed
+    since the merge; nothing of the merged table is materialised or aggregated, so the view
+    costs a plain scan of the merged table plus the tail. Per key:
+
+    * no change since the merge: the merged row;
+    * the merged row is at or after the key's latest change read (the watermark is taken
+      at LSN granularity, so a few folded changes are read again): the merged row;
+    * otherwise the latest change decides (a delete drops the key), and a column no change
+      since the merge sent (unchanged TOAST) keeps the merged row's value.
+
+    A truncate after the watermark drops the merged rows before it and the changes before
+    it, like :func:`fold_sql` does.
+    """
     op, lsn, seq = (quote_ident(c) for c in (lake_layout.OP, lake_layout.LSN, lake_layout.SEQ))
-    toast = quote_ident(lake_layout.UNCHANGED_TOAST)
 
     def merged_column(name: str) -> str:
         # A column added to the source after the last merge is NULL in the merged rows, as
@@ -498,13 +505,36 @@ def _merged_live_sql(
             return f"CAST(m.{col} AS {wanted}) AS {col}"
         return f"m.{col}"
 
-    columns = ", ".join(quote_ident(c) for c in source_columns)
-    merged_columns = ", ".join(merged_column(c) for c in source_columns)
-    keys = ", ".join(quote_ident(k) for k in key_columns)
-    on = key_match_sql("m", "k", key_columns)
-    unchanged = f", {toast}" if has_toast_list else ""
-    merged_unchanged = f", NULL::VARCHAR[] AS {toast}" if has_toast_list else ""
-    live = (
+    per_key = _per_key(
+        "_cdc_live",
+        row_columns,
+        key_columns,
+        _backfilled(column_types, key_columns),
+        latest_fields=[("lsn", lsn), ("seq", seq)],
+    )
+    merged_columns = ", ".join(merged_column(c) for c in row_columns)
+    # The merged row wins when the key has no change since the merge, or none newer.
+    # Compared as (lsn, seq) BIGINTs: no HUGEINT position per merged row.
+    use_merged = (
+        f"(p._cdc_latest IS NULL OR m.{lsn} > p._cdc_latest.lsn"
+        f" OR (m.{lsn} = p._cdc_latest.lsn AND m.{seq} >= p._cdc_latest.seq))"
+    )
+    projections = []
+    for name in row_columns:
+        col = quote_ident(name)
+        if name in key_columns:
+            value = f"CASE WHEN p._cdc_latest IS NULL THEN m.{col} ELSE p.{col} END"
+        elif name in per_key.toast_aliases:
+            # Not sent by any change since the merge (NULL struct): the merged value.
+            alias = per_key.toast_aliases[name]
+            value = (
+                f"CASE WHEN {use_merged} OR p.{alias} IS NULL THEN m.{col} "
+                f"ELSE p.{per_key.values[name]} END"
+            )
+        else:
+            value = f"CASE WHEN {use_merged} THEN m.{col} ELSE p.{per_key.values[name]} END"
+        projections.append(f"{value} AS {col}")
+    return (
         # Only the changes from the watermark's LSN on. The literal is a filter DuckDB hands
         # to the Delta scan before planning: files whose log statistics lie below it are
         # never opened, and row groups below it are skipped in the files that are.
@@ -512,37 +542,28 @@ def _merged_live_sql(
         f"  SELECT c.*, {position_sql('c.')} AS _cdc_pos FROM {changes} AS c\n"
         f"  WHERE c.{lsn} >= ({watermark_lsn})::BIGINT\n"
         "),\n"
-        # The latest truncate after the watermark, as (lsn, seq) BIGINTs for the merged
-        # rows (cheaper than a HUGEINT per merged row); the smallest BIGINT when none.
+        # The latest truncate after the watermark; as (lsn, seq) BIGINTs for the merged
+        # rows (cheaper than a HUGEINT per merged row), the smallest BIGINT when none.
         "_cdc_last_truncate AS (\n"
         "  SELECT max(_cdc_pos) AS pos,\n"
         f"    coalesce(arg_max({lsn}, _cdc_pos), ({MIN_BIGINT})::BIGINT) AS lsn,\n"
         f"    coalesce(arg_max({seq}, _cdc_pos), ({MIN_BIGINT})::BIGINT) AS seq\n"
         f"  FROM _cdc_new WHERE {op} = 't'\n"
         "),\n"
-        "_cdc_touched AS (\n"
-        f"  SELECT DISTINCT {keys}, true AS _cdc_mark FROM _cdc_new WHERE {op} <> 't'\n"
-        "),\n"
-        # One scan of the merged table, split below into the keys touched after the
-        # watermark (aggregated with their changes) and the rest (returned as they are).
-        "_cdc_merged AS MATERIALIZED (\n"
-        f"  SELECT {merged_columns}, m.{lsn}, m.{seq},\n"
-        "    k._cdc_mark IS NOT NULL AS _cdc_touched\n"
-        f"  FROM {merged} AS m CROSS JOIN _cdc_last_truncate AS t\n"
-        f"  LEFT JOIN _cdc_touched AS k ON {on}\n"
-        f"  WHERE m.{lsn} > t.lsn OR (m.{lsn} = t.lsn AND m.{seq} > t.seq)\n"
-        "),\n"
         "_cdc_live AS (\n"
-        f"  SELECT {columns}, {op}{unchanged}, _cdc_pos\n"
-        "  FROM _cdc_new, _cdc_last_truncate AS t\n"
-        f"  WHERE {op} <> 't' AND (t.pos IS NULL OR _cdc_pos > t.pos)\n"
-        "  UNION ALL\n"
-        f"  SELECT {columns}, 'u'{merged_unchanged}, {position_sql()}\n"
-        "  FROM _cdc_merged WHERE _cdc_touched\n"
+        "  SELECT n.* FROM _cdc_new AS n, _cdc_last_truncate AS t\n"
+        f"  WHERE n.{op} <> 't' AND (t.pos IS NULL OR n._cdc_pos > t.pos)\n"
+        "),\n"
+        f"_cdc_per_key AS (\n{per_key.sql}),\n"
+        "_cdc_merged AS (\n"
+        f"  SELECT {merged_columns}, m.{lsn}, m.{seq}\n"
+        f"  FROM {merged} AS m, _cdc_last_truncate AS t\n"
+        f"  WHERE m.{lsn} > t.lsn OR (m.{lsn} = t.lsn AND m.{seq} > t.seq)\n"
         ")\n"
+        f"SELECT {', '.join(projections)}\n"
+        f"FROM _cdc_merged AS m FULL OUTER JOIN _cdc_per_key AS p ON {key_match_sql('m', 'p', key_columns)}\n"
+        f"WHERE {use_merged} OR p._cdc_latest.op IN ('c', 'r', 'u')"
     )
-    untouched = f"\nUNION ALL\nSELECT {columns} FROM _cdc_merged WHERE NOT _cdc_touched"
-    return live, untouched
 
 
 def keep_flags(column_types: dict[str, str], key_columns: Sequence[str]) -> dict[str, str]:

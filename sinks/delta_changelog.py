@@ -508,11 +508,11 @@ class DeltaChangelogSink(Sink):
                     txns.append(Transaction(partition_app_id(int(partition), "lsn"), lsn))
                     txns.append(Transaction(partition_app_id(int(partition), "seq"), seq))
                     counts.add(self._partition_counts[topic])
-        if counts:
-            txns.append(Transaction(PARTITIONS_APP_ID, max(counts)))
             if mark.offset_accepted is not None and mark.offset_accepted != mark.offset_written:
                 offset_app = stream_app_id(self.app_id, stream, "offset")
                 txns.append(Transaction(offset_app, mark.offset_accepted))
+        if counts:
+            txns.append(Transaction(PARTITIONS_APP_ID, max(counts)))
         return txns
 
     def _fenced_target(self, buf: _TableBuffer) -> str | DeltaTable:
