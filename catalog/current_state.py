@@ -236,6 +236,25 @@ def _source_columns(column_types: dict[str, str]) -> list[str]:
     return [c for c in column_types if c not in metadata]
 
 
+def _row_columns(column_types: dict[str, str]) -> list[str]:
+    """The source columns, then the fallback map when the changelog has one: it travels like
+    a column of the latest row (never back-filled)."""
+    fallback = [lake_layout.FALLBACK] if lake_layout.FALLBACK in column_types else []
+    return [*_source_columns(column_types), *fallback]
+
+
+def _stored_column(name: str, wanted: str, have: str | None, alias: str) -> str:
+    """Column ``name`` of a stored state table (merged table, retention base) as the
+    changelog's type ``wanted``: a column added to the source after the table was written
+    is NULL there, as it is in the changelog rows written before it existed."""
+    col = quote_ident(name)
+    if have is None:
+        return f"NULL::{wanted} AS {col}"
+    if have != wanted:
+        return f"CAST({alias}{col} AS {wanted}) AS {col}"
+    return f"{alias}{col}"
+
+
 def _sent_sql(name: str) -> str:
     """SQL: the change sent column ``name`` (it is not in the unchanged-TOAST list). A delete
     counts as sending NULL for every column: the back-fill stops at the key's latest delete
@@ -378,9 +397,9 @@ def current_state_sql(
         * A merged row counts as a row that sent every column, at its ``(lsn, seq)``; the
           truncate rule applies to it too (dropped if before the latest truncate after
           ``W``), and the TOAST back-fill of later changes can take its values.
-        * Keys without changes after ``W`` come straight from the merged table (one scan,
-          no aggregation); only the keys touched after ``W`` go through the per-key
-          aggregate together with their merged rows.
+        * The changes after ``W`` are aggregated per key, and one streaming scan of the
+          merged table is joined to that aggregate (see :func:`_merged_state_sql`): the
+          merged table is neither copied nor aggregated.
 
     Limitation: the back-fill looks only at earlier rows *of the same key*. When an UPDATE
     changes the key and leaves a TOASTed column untouched, PostgreSQL marks that column
@@ -493,18 +512,6 @@ def _merged_state_sql(
     """
     op, lsn, seq = (quote_ident(c) for c in (lake_layout.OP, lake_layout.LSN, lake_layout.SEQ))
 
-    def merged_column(name: str) -> str:
-        # A column added to the source after the last merge is NULL in the merged rows, as
-        # it is in the changelog rows written before it existed.
-        col = quote_ident(name)
-        wanted = column_types[name]
-        have = merged_types.get(name)
-        if have is None:
-            return f"NULL::{wanted} AS {col}"
-        if have != wanted:
-            return f"CAST(m.{col} AS {wanted}) AS {col}"
-        return f"m.{col}"
-
     per_key = _per_key(
         "_cdc_live",
         row_columns,
@@ -512,7 +519,9 @@ def _merged_state_sql(
         _backfilled(column_types, key_columns),
         latest_fields=[("lsn", lsn), ("seq", seq)],
     )
-    merged_columns = ", ".join(merged_column(c) for c in row_columns)
+    merged_columns = ", ".join(
+        _stored_column(c, column_types[c], merged_types.get(c), "m.") for c in row_columns
+    )
     # The merged row wins when the key has no change since the merge, or none newer.
     # Compared as (lsn, seq) BIGINTs: no HUGEINT position per merged row.
     use_merged = (
@@ -639,9 +648,7 @@ def fold_sql(
         >>> "_cdc_keep_1" in sql and 'GROUP BY "id"' in sql
         True
     """
-    source_columns = _source_columns(column_types)
-    fallback = lake_layout.FALLBACK if lake_layout.FALLBACK in column_types else None
-    row_columns = [*source_columns, *([fallback] if fallback else [])]
+    row_columns = _row_columns(column_types)
     op, lsn, seq, ts = (
         quote_ident(c)
         for c in (lake_layout.OP, lake_layout.LSN, lake_layout.SEQ, lake_layout.COMMIT_TS)
@@ -737,9 +744,7 @@ def history_sql(
         >>> "_valid_to" in sql and 'PARTITION BY "id"' in sql
         True
     """
-    source_columns = _source_columns(column_types)
-    fallback = lake_layout.FALLBACK if lake_layout.FALLBACK in column_types else None
-    row_columns = [*source_columns, *([fallback] if fallback else [])]
+    row_columns = _row_columns(column_types)
     op, lsn, seq, ts = (
         quote_ident(c)
         for c in (lake_layout.OP, lake_layout.LSN, lake_layout.SEQ, lake_layout.COMMIT_TS)
@@ -755,18 +760,10 @@ def history_sql(
         watermark = Watermark(*base_watermark) if base_watermark else NO_WATERMARK
         have = base_types or {}
 
-        def base_column(name: str) -> str:
-            col = quote_ident(name)
-            if name not in have:
-                return f"NULL::{column_types[name]} AS {col}"
-            if have[name] != column_types[name]:
-                return f"CAST({col} AS {column_types[name]}) AS {col}"
-            return col
-
         base_op = op if lake_layout.OP in have else f"'r' AS {op}"
         base_unchanged = f", NULL::VARCHAR[] AS {toast}" if has_toast_list else ""
         rows = (
-            f"SELECT {', '.join(base_column(c) for c in row_columns)}, {base_op}, {lsn}, "
+            f"SELECT {', '.join(_stored_column(c, column_types[c], have.get(c), '') for c in row_columns)}, {base_op}, {lsn}, "
             f"{seq}, {ts}{base_unchanged} FROM {base}\n"
             f"  UNION ALL\n  {changes_sql} WHERE {watermark.after_sql()}"
         )

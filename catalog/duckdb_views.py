@@ -1,7 +1,7 @@
 """DuckDB connections that expose the lake's changelog tables as views.
 
 For every changelog table ``<lake>/<schema>.<table>/changes`` (a Delta table), the connection
-gets a DuckDB schema named after the source schema holding two views:
+gets a DuckDB schema named after the source schema holding these views and table macros:
 
 ``<schema>.<table>_changes``
     The changelog itself: every landed change with all metadata columns.
@@ -10,6 +10,19 @@ gets a DuckDB schema named after the source schema holding two views:
     The current state of the source table, computed from the changelog on every query; once
     ``cdc jobs merge`` has folded history into ``<table>/current``, from that merged table
     plus only the changes after its watermark.
+
+``<schema>.<table>_as_of(ts)`` and ``<schema>.<table>_as_of_lsn(lsn)``
+    Table macros: the state as of commit time ``ts`` (TIMESTAMPTZ; a string is read in the
+    session's ``TimeZone``) or commit LSN ``lsn`` (BIGINT): every change committed at or
+    before it, deletes and truncates applied, unchanged TOAST filled. Exact from the
+    retention horizon on; before it they fail with an error naming the horizon.
+
+``<schema>.<table>_history``
+    Keyed tables only: one row per version of each row (SCD type 2), the table's columns
+    then ``_valid_from``, ``_valid_to`` (NULL for the live version, the delete's commit
+    time for a deleted row), ``_cdc_op`` and ``_cdc_lsn``.
+
+All of them are built from :mod:`catalog.current_state`.
 
 The delta extension is loaded from the ``duckdb-extension-delta`` wheel by file path: no
 network access is needed, and none is attempted (extension autoload/autoinstall are off).
@@ -216,14 +229,20 @@ def connect(
 
     For each table ``schema.table`` found under ``lake`` this creates the DuckDB schema
     ``schema`` with the views ``schema.table_changes`` (the changelog) and ``schema.table``
-    (the current state; see :func:`catalog.current_state.current_state_sql`), and puts every source schema on the
-    ``search_path`` after ``main`` so unqualified names work.
+    (the current state; see :func:`catalog.current_state.current_state_sql`), the time-travel
+    macros ``schema.table_as_of(ts)`` and ``schema.table_as_of_lsn(lsn)`` and, for keyed
+    tables, the history view ``schema.table_history`` (see the module docstring), and puts
+    every source schema on the ``search_path`` after ``main`` so unqualified names work.
 
     Every query re-reads the Delta log, so the views see commits made after ``connect``.
     Tables *created* after ``connect`` (and columns added to a table) appear only after
     :func:`register_views` runs again (``Lake.refresh()``).
 
     Hazards:
+        * The time-travel macros check the retention horizon read when they were created;
+          after ``cdc jobs retention`` moves it, refresh (``Lake.current(as_of=...)``
+          re-reads it itself), or a moment between the old and the new horizon reads an
+          incomplete state.
         * Until ``cdc jobs merge`` has created ``<table>/current``, the current view scans
           and aggregates the whole changelog on every query: its cost grows with history.
           Afterwards it reads the merged table plus the changes after the merge watermark
