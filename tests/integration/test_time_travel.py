@@ -217,7 +217,8 @@ def test_as_of_equals_postgres_at_recorded_moments_and_history_is_consistent(
         for r in history:
             by_key.setdefault(tuple(r[c] for c in KEY), []).append(r)
         for versions in by_key.values():
-            versions.sort(key=lambda r: (r["_cdc_lsn"], r["_valid_from"]))
+            # Versions of one transaction share an LSN; all but its last end at its commit.
+            versions.sort(key=lambda r: (r["_cdc_lsn"], r["_valid_to"] is None, r["_valid_to"]))
             for a, b in itertools.pairwise(versions):
                 assert a["_valid_to"] is not None and a["_valid_to"] <= b["_valid_from"]
             assert all(r["_valid_from"] <= (r["_valid_to"] or r["_valid_from"]) for r in versions)
