@@ -17,9 +17,12 @@ demo: $(STAMP)
 	$(BIN)/cdc demo
 
 ## notebook: install, plus JupyterLab (the `notebook` extra), then open
-## notebooks/retail_analysis.ipynb (it runs the demo itself unless CDC_NOTEBOOK_LAKE=PATH)
+## notebooks/retail_analysis.ipynb (it runs the demo itself unless CDC_NOTEBOOK_LAKE=PATH);
+## JUPYTER_ARGS passes options, e.g. --no-browser --ip 0.0.0.0
+# Jupyter refuses to start as root (containers, CI machines) without --allow-root.
 notebook: $(VENV)/.notebook-installed
-	$(BIN)/jupyter lab notebooks/retail_analysis.ipynb
+	$(BIN)/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root) $(JUPYTER_ARGS) \
+		notebooks/retail_analysis.ipynb
 
 $(VENV)/.notebook-installed: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[notebook]'

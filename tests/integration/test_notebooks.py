@@ -7,6 +7,7 @@ as a newcomer opens it, starting the demo itself (a throwaway PostgreSQL of its 
 from __future__ import annotations
 
 import re
+import shutil
 from pathlib import Path
 
 import nbformat
@@ -90,9 +91,14 @@ def test_retail_notebook_starts_the_demo_without_a_lake(monkeypatch: pytest.Monk
     monkeypatch.delenv("CDC_NOTEBOOK_LAKE", raising=False)
     monkeypatch.setenv("CDC_NOTEBOOK_DEMO_SECONDS", "3")
     nb = execute(RETAIL)
-    check_retail(nb)
     setup = "".join(text_output(c) for c in nb.cells[:4])
-    assert "rows per table, PostgreSQL / lake" in setup, setup
+    written = re.search(r"^lake: (/.*cdc-demo-lake-\S+)$", setup, re.MULTILINE)
+    assert written, f"the notebook did not say which lake the demo wrote:\n{setup}"
+    try:
+        check_retail(nb)
+        assert "rows per table, PostgreSQL / lake" in setup, setup
+    finally:
+        shutil.rmtree(written.group(1))
 
 
 def test_a_failing_cell_fails_the_test(tmp_path: Path) -> None:
