@@ -4,6 +4,7 @@ Layout (``root`` is a local path or an object-store URI)::
 
     <root>/<schema>.<table>/changes   changelog Delta table, partitioned by _cdc_date
     <root>/<schema>.<table>/current   current-state Delta table (written by `cdc jobs merge`)
+    <root>/<schema>.<table>/base      state at the retention horizon (`cdc jobs retention`)
     <root>/_cdc/schemas/...           embedded-mode schema registry
     <root>/_cdc/pipelines/<name>.json pipeline state (snapshot progress)
     <root>/_dlq                       dead letters
@@ -18,7 +19,7 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-from catalog.errors import TerminalCatalogError
+from catalog.errors import TerminalCatalogError, TransientCatalogError
 
 #: Metadata columns of every changelog table, in the order they are written.
 OP = "_cdc_op"  # c, u, d, r (snapshot read), t (truncate)
@@ -65,6 +66,14 @@ def changes_uri(root: str, qualified_name: str) -> str:
 def current_uri(root: str, qualified_name: str) -> str:
     """The merged current-state table of ``schema.table``."""
     return join(root, qualified_name, "current")
+
+
+BASE_DIR = "base"
+
+
+def base_uri(root: str, qualified_name: str) -> str:
+    """The retention base of ``schema.table``: its state as of the newest dropped change."""
+    return join(root, qualified_name, BASE_DIR)
 
 
 def normalize_root(root: str) -> str:
@@ -135,16 +144,28 @@ def write_atomically(fs: pafs.FileSystem, path: str, data: bytes) -> None:
 
     Local files are written beside the target and renamed over it; on object stores a
     single PUT is already atomic.
+
+    Raises:
+        TransientCatalogError: the write failed (the old content, if any, is intact).
     """
     parent = path.rsplit("/", 1)[0]
-    fs.create_dir(parent, recursive=True)
-    if isinstance(fs, pafs.LocalFileSystem):
-        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    else:
-        with fs.open_output_stream(path) as out:
-            out.write(data)
+    try:
+        fs.create_dir(parent, recursive=True)
+        if isinstance(fs, pafs.LocalFileSystem):
+            tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        else:
+            with fs.open_output_stream(path) as out:
+                out.write(data)
+    except OSError as exc:
+        # A full disk, a permission changed under us, an object store that did not
+        # answer: the old content is intact and writing again may succeed.
+        raise TransientCatalogError(f"cannot write {path}: {exc}") from exc

@@ -15,16 +15,6 @@ from confluent_kafka.admin import AdminClient
 
 from catalog.kafka_schema_registry import create_topics
 from catalog.lake import Lake
-from tests.integration.kafka_helpers import (
-    background,
-    capture_thread,
-    settings,
-    sink_thread,
-    unique,
-    wait_captured,
-    wait_streaming,
-    wait_sunk,
-)
 from tests.integration.test_kafka_sink import produce
 from tests.integration.test_transforms_embedded import (
     CONFIG,
@@ -36,7 +26,17 @@ from tests.integration.test_transforms_embedded import (
     every_value_in,
     insert,
 )
-from tests.unit import debezium_samples as dbz
+from tests.plugins import debezium_samples as dbz
+from tests.plugins.kafka_pipeline import (
+    background,
+    capture_thread,
+    settings,
+    sink_thread,
+    unique,
+    wait_captured,
+    wait_streaming,
+    wait_sunk,
+)
 
 pytestmark = [pytest.mark.kafka, pytest.mark.postgres]
 
