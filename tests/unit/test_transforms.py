@@ -60,6 +60,21 @@ def row(n: int, email: str | None = "a@x", score: int | None = 1, note: str = "n
     return ("eu", n, email, score, Decimal("1.50"), note)
 
 
+def snapshot_batch(rows: list[tuple]) -> pa.Table:
+    """``rows`` of PEOPLE as the snapshot reader hands them over: typed Arrow columns."""
+    schema = pa.schema(
+        [
+            ("region", pa.string()),
+            ("Id", pa.int64()),
+            ("email", pa.string()),
+            ("score", pa.int32()),
+            ("price", pa.decimal128(10, 2)),
+            ("note", pa.string()),
+        ]
+    )
+    return pa.Table.from_pylist([dict(zip(schema.names, r, strict=True)) for r in rows], schema)
+
+
 def digest(text: str) -> str:
     return hmac.new(KEY.encode(), text.encode(), hashlib.sha256).hexdigest()
 
@@ -326,19 +341,7 @@ def test_snapshot_batches_and_events_agree(
     via_events = [
         e.after for e in engine(rules).apply([event("r", r, seq=i) for i, r in enumerate(rows)])
     ]
-    arrow_schema = pa.schema(
-        [
-            ("region", pa.string()),
-            ("Id", pa.int64()),
-            ("email", pa.string()),
-            ("score", pa.int32()),
-            ("price", pa.decimal128(10, 2)),
-            ("note", pa.string()),
-        ]
-    )
-    batch = pa.Table.from_pylist(
-        [dict(zip(arrow_schema.names, r, strict=True)) for r in rows], arrow_schema
-    )
+    batch = snapshot_batch(rows)
     output, table = engine(rules).apply_snapshot(PEOPLE, batch, fallback_column="_cdc_fallback")
     assert output.qualified_name == "lake.people"
     assert table.column_names == list(output.column_names)
@@ -439,19 +442,7 @@ def test_a_hash_read_by_later_rules_is_the_hash() -> None:
     assert [(e.after[1], e.after[2], e.after[-1]) for e in out] == [
         (1, digest("a@x"), digest("a@x"))
     ]  # type: ignore[index]
-    arrow_schema = pa.schema(
-        [
-            ("region", pa.string()),
-            ("Id", pa.int64()),
-            ("email", pa.string()),
-            ("score", pa.int32()),
-            ("price", pa.decimal128(10, 2)),
-            ("note", pa.string()),
-        ]
-    )
     rows = [row(1), row(2, email="b@x"), row(3, score=0)]
-    batch = pa.Table.from_pylist(
-        [dict(zip(arrow_schema.names, r, strict=True)) for r in rows], arrow_schema
-    )
+    batch = snapshot_batch(rows)
     _, table = t.apply_snapshot(PEOPLE, batch, fallback_column="_cdc_fallback")
     assert table.column("h2").to_pylist() == [digest("a@x")]
