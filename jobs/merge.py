@@ -475,8 +475,11 @@ def _apply(
         f"(target.{lsn} = source.{lsn} AND target.{seq} < source.{seq}))"
     )
     is_delete = f"source.{quote_ident(lake_layout.OP)} = 'd'"
+    # Parenthesised: delta-rs's SQL parser reads `a IS NOT DISTINCT FROM b AND c ...` as
+    # `a IS NOT DISTINCT FROM (b AND c)`, which breaks every composite key.
     on = " AND ".join(
-        f"target.{quote_ident(k)} IS NOT DISTINCT FROM source.{quote_ident(k)}" for k in key_columns
+        f"(target.{quote_ident(k)} IS NOT DISTINCT FROM source.{quote_ident(k)})"
+        for k in key_columns
     )
     updates: dict[str, str] = {}
     inserts: dict[str, str] = {}

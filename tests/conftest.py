@@ -1,1 +1,6 @@
-pytest_plugins = ["tests.plugins.postgres", "tests.plugins.kafka", "tests.plugins.lake"]
+pytest_plugins = [
+    "tests.plugins.postgres",
+    "tests.plugins.kafka",
+    "tests.plugins.lake",
+    "tests.plugins.s3",
+]
