@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 from pathlib import Path
@@ -15,7 +16,7 @@ from catalog.lake import Lake
 from tests.integration.kafka_helpers import wait_captured, wait_streaming
 from tests.plugins.cli import cdc, run_cdc
 from tests.plugins.lake import assert_lake_matches_postgres
-from tests.plugins.s3 import S3Lake
+from tests.plugins.s3 import ConditionIgnoringProxy, S3Lake
 
 pytestmark = [pytest.mark.postgres, pytest.mark.s3]
 
@@ -99,3 +100,31 @@ def test_cdc_run_on_s3_and_every_command_reads_the_lake(
         assert names == ["Sales.Order Lines", "public.events"]
         assert lake.current("public.events").num_rows == 2 * 5  # keyless: insert-only
         assert [v.version for v in lake.schema_versions("Sales.Order Lines")] == [1]
+
+
+def test_writers_refuse_a_store_that_ignores_conditional_writes(
+    s3_lake: S3Lake, pg_dsn: str
+) -> None:
+    from catalog.commit_safety import commit_safety
+
+    assert commit_safety(s3_lake.uri, s3_lake.storage_options).safe  # moto honours them
+    assert commit_safety("/some/dir").safe and commit_safety("gs://b/lake").safe
+    with ConditionIgnoringProxy(s3_lake.server) as proxy:
+        unsafe = {**s3_lake.storage_options, "AWS_ENDPOINT_URL": proxy.endpoint}
+        env = {**s3_lake.env(), "CDC_LAKE__STORAGE_OPTIONS": json.dumps(unsafe)}
+        for args in (
+            ("run", "--source", pg_dsn, "--name", "unsafe"),
+            ("sink", "--kafka", "127.0.0.1:1", "--name", "unsafe"),
+            ("jobs", "merge"),
+        ):
+            result = run_cdc(*args, env=env)
+            assert result.returncode == 1, (args, result.stderr[-2000:])
+            message = " ".join(result.stderr.split())
+            assert "offers no safe commit" in message, message
+            assert "conditional_put=etag" in message and "AWS_S3_ALLOW_UNSAFE_RENAME" in message
+        # The user may accept the risk for a single writer, by name; never set for them.
+        accepted = {**unsafe, "AWS_S3_ALLOW_UNSAFE_RENAME": "true"}
+        env["CDC_LAKE__STORAGE_OPTIONS"] = json.dumps(accepted)
+        result = run_cdc("jobs", "checkpoint", env=env)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert "Only ONE writer" in " ".join(result.stderr.split())

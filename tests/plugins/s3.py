@@ -194,3 +194,67 @@ def _port_open(port: int) -> bool:
             return True
     except OSError:
         return False
+
+
+class ConditionIgnoringProxy:
+    """An HTTP proxy in front of an S3 server that drops ``If-None-Match``/``If-Match``
+    headers: an S3-compatible store that ignores conditional writes, on which concurrent
+    Delta commits can overwrite each other.
+
+    Example:
+        >>> with ConditionIgnoringProxy(server) as proxy:  # doctest: +SKIP
+        ...     options = {**server.storage_options(), "AWS_ENDPOINT_URL": proxy.endpoint}
+    """
+
+    _DROPPED = frozenset({"if-none-match", "if-match"})
+
+    def __init__(self, server: MotoServer) -> None:
+        import http.client
+        import http.server
+        import threading
+
+        target = ("127.0.0.1", server.port)
+        dropped = self._DROPPED
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _forward(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in dropped}
+                upstream = http.client.HTTPConnection(*target, timeout=30)
+                try:
+                    upstream.request(self.command, self.path, body=body, headers=headers)
+                    response = upstream.getresponse()
+                    payload = response.read()
+                finally:
+                    upstream.close()
+                self.send_response(response.status, response.reason)
+                for k, v in response.getheaders():
+                    if k.lower() not in ("transfer-encoding", "content-length", "connection"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(payload)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self._httpd.server_address[1]}"
+
+    def __enter__(self) -> ConditionIgnoringProxy:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
