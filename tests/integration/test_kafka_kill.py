@@ -25,7 +25,7 @@ from tests.integration.kafka_helpers import (
     wait_streaming,
     wait_sunk,
 )
-from tests.integration.test_cli import Workload, create_bank
+from tests.plugins.cli import Workload, create_bank
 from tests.plugins.lake import assert_lake_matches_postgres, duplicate_positions
 
 pytestmark = [pytest.mark.postgres, pytest.mark.kafka, pytest.mark.slow]
