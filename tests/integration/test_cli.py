@@ -12,13 +12,14 @@ import psycopg
 import pytest
 
 from catalog.lake import Lake
-from tests.plugins.cli import Workload, cdc_run, create_bank, run_cdc
+from tests.plugins.cli import cdc_run, run_cdc
 from tests.plugins.lake import (
     assert_lake_matches_postgres,
     duplicate_positions,
     running_pipeline,
     wait_caught_up,
 )
+from tests.plugins.workload import Workload, create_bank
 
 pytestmark = pytest.mark.postgres
 

@@ -13,7 +13,7 @@ import psycopg
 import pytest
 
 from catalog.lake import Lake
-from tests.integration.kafka_helpers import (
+from tests.plugins.kafka_pipeline import (
     background,
     capture_thread,
     cdc_process,
@@ -25,8 +25,8 @@ from tests.integration.kafka_helpers import (
     wait_streaming,
     wait_sunk,
 )
-from tests.plugins.cli import Workload, create_bank
 from tests.plugins.lake import assert_lake_matches_postgres, duplicate_positions
+from tests.plugins.workload import Workload, create_bank
 
 pytestmark = [pytest.mark.postgres, pytest.mark.kafka, pytest.mark.slow]
 

@@ -16,7 +16,8 @@ import psycopg
 import pytest
 
 from catalog.lake import Lake
-from tests.integration.kafka_helpers import (
+from tests.plugins.cli import cdc, run_cdc
+from tests.plugins.kafka_pipeline import (
     background,
     capture_thread,
     cdc_process,
@@ -28,9 +29,9 @@ from tests.integration.kafka_helpers import (
     wait_streaming,
     wait_sunk,
 )
-from tests.plugins.cli import Workload, cdc, create_bank, run_cdc
 from tests.plugins.lake import assert_lake_matches_postgres, duplicate_positions, postgres_rows
 from tests.plugins.s3 import ConditionIgnoringProxy, S3Lake
+from tests.plugins.workload import Workload, create_bank
 
 pytestmark = [pytest.mark.postgres, pytest.mark.s3]
 

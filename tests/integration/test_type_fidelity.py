@@ -25,7 +25,7 @@ from psycopg.types.datetime import (
 
 from catalog.lake import Lake
 from cdc.postgres.replication import session_conninfo
-from tests.integration.kafka_helpers import running_through_kafka
+from tests.plugins.kafka_pipeline import running_through_kafka
 from tests.plugins.lake import running_pipeline, wait_caught_up
 
 pytestmark = pytest.mark.postgres
