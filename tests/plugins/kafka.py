@@ -21,6 +21,7 @@ Tansu behaviour worth knowing when writing tests against it:
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import tempfile
@@ -73,6 +74,16 @@ class TansuBroker:
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
+    def pause(self) -> None:
+        """SIGSTOP the broker: a network cut as clients see it (connections stay open,
+        nothing answers), without losing what it holds in memory, as a restart would."""
+        assert self._process is not None, "the broker is not running"
+        self._process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self._process is not None, "the broker is not running"
+        self._process.send_signal(signal.SIGCONT)
+
     def start(self, timeout: float = 30.0) -> None:
         """Start the broker and wait until it answers a metadata request.
 
@@ -103,6 +114,7 @@ class TansuBroker:
         """
         process, self._process = self._process, None
         if process is not None and process.poll() is None:
+            process.send_signal(signal.SIGCONT)  # a paused broker cannot handle SIGTERM
             process.terminate()
             try:
                 process.wait(timeout)
