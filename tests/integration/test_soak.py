@@ -1,5 +1,6 @@
-"""The soak: ``cdc run`` for a long time under a steady writer. Its memory (RSS) must stay
-flat, and at the end the lake must equal PostgreSQL.
+"""The soak: ``cdc run`` for a long time under a steady writer, with ``cdc jobs compact`` and
+``checkpoint`` beside it as a deployment runs them. Its memory (RSS) must stay flat, and at
+the end the lake must equal PostgreSQL.
 
 Run by ``make soak`` (20 minutes), never in CI: it is skipped unless ``CDC_SOAK_SECONDS``
 says how long to run (``make soak CDC_SOAK_SECONDS=90`` for a short proof; the slope is
@@ -20,7 +21,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.plugins.cli import cdc_run
+from tests.plugins.cli import cdc_run, run_cdc
 from tests.plugins.kafka_pipeline import wait_captured, wait_streaming
 from tests.plugins.lake import assert_lake_matches_postgres, duplicate_positions
 from tests.plugins.workload import create_bank
@@ -82,6 +83,16 @@ def steady_writer(dsn: str, stop: threading.Event, counter: list[int]) -> None:
             time.sleep(max(0.0, next_at - time.monotonic()))
 
 
+def maintenance(lake: str, stop: threading.Event, every: float, failures: list[str]) -> None:
+    """`cdc jobs compact` and `checkpoint` every ``every`` seconds, as a deployment runs them:
+    without them the live file count, and every Delta snapshot with it, grows without end."""
+    while not stop.wait(every):
+        for job in ("compact", "checkpoint"):
+            result = run_cdc("jobs", job, "--lake", lake, timeout=300)
+            if result.returncode not in (0, 75):  # 75: lost its conflict retries; next round
+                failures.append(result.stderr[-2000:])
+
+
 def test_cdc_run_memory_stays_flat_under_a_steady_writer(
     pg_dsn: str, pg_conn: psycopg.Connection, lake_dir: str, tmp_path: Path
 ) -> None:
@@ -95,10 +106,15 @@ def test_cdc_run_memory_stays_flat_under_a_steady_writer(
     stop = threading.Event()
     written = [0]
     writer = threading.Thread(target=steady_writer, args=(pg_dsn, stop, written), daemon=True)
+    job_failures: list[str] = []
+    jobs = threading.Thread(
+        target=maintenance, args=(lake_dir, stop, max(30.0, SECONDS / 20), job_failures)
+    )
     samples: list[tuple[float, float]] = []
     try:
         wait_streaming(pg_dsn, "test", timeout=90)
         writer.start()
+        jobs.start()
         started = time.monotonic()
         interval = max(1.0, min(10.0, SECONDS / 60))
         while (elapsed := time.monotonic() - started) < SECONDS:
@@ -108,6 +124,7 @@ def test_cdc_run_memory_stays_flat_under_a_steady_writer(
             time.sleep(interval)
         stop.set()
         writer.join(30)
+        jobs.join(300)
         wait_captured(pg_dsn, "test", timeout=120)
     finally:
         stop.set()
@@ -132,6 +149,7 @@ def test_cdc_run_memory_stays_flat_under_a_steady_writer(
     )
     print(f"\nsoak: {json.dumps({k: v for k, v in report.items() if k != 'samples'})}")
     assert written[0] > RATE * SECONDS * 0.5, "the writer fell far behind its rate"
+    assert not job_failures, job_failures[0]
     if SECONDS >= JUDGED_FROM_SECONDS:
         assert slope < MAX_SLOPE_MIB_PER_MIN, report
     for table, columns in (

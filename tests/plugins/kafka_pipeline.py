@@ -161,9 +161,22 @@ def wait_sunk(
             for topic in table_topics(bootstrap, prefix)
             for p in metadata.topics[topic].partitions
         ]
+        assert partitions, f"no table topics with prefix {prefix!r} on {bootstrap}"
         deadline = time.monotonic() + timeout
         while True:
             committed = consumer.committed(partitions, timeout=10)
+            # A reading that sees nothing within its idle time is no proof on its own (a
+            # broker busy after a pause answers late): the committed offset must also have
+            # reached the reported high watermark, which is at or before the real end.
+            behind = _behind_high_watermark(consumer, committed)
+            if behind is not None:
+                for w in workers:
+                    w.check()
+                assert time.monotonic() < deadline, (
+                    f"sinks still behind after {timeout}s: {behind} is not handled"
+                )
+                time.sleep(0.3)
+                continue
             consumer.assign(
                 [
                     TopicPartition(c.topic, c.partition, c.offset if c.offset >= 0 else -2)
@@ -182,6 +195,20 @@ def wait_sunk(
             time.sleep(0.3)
     finally:
         consumer.close()
+
+
+def _behind_high_watermark(
+    consumer: Consumer, committed: list[TopicPartition]
+) -> tuple[str, int, int] | None:
+    """(topic, partition, committed offset) of a partition whose committed offset is short
+    of its high watermark, or None."""
+    for c in committed:
+        _low, high = consumer.get_watermark_offsets(
+            TopicPartition(c.topic, c.partition), timeout=10
+        )
+        if high > 0 and c.offset < high:
+            return (c.topic, c.partition, c.offset)
+    return None
 
 
 def _first_message(consumer: Consumer, idle: float) -> tuple[str, int, int] | None:

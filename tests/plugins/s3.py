@@ -22,20 +22,16 @@ moto behaviour worth knowing:
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
 import pytest
+
+from tests.plugins.processes import ServerProcess, free_port, port_open
 
 #: Fixed test credentials: moto accepts any.
 _CREDENTIALS = {
@@ -53,19 +49,12 @@ class MotoServer:
     """A ``moto_server`` process on 127.0.0.1."""
 
     def __init__(self, port: int | None = None) -> None:
-        self.port = port if port is not None else _free_port()
-        self._process: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
-        self._log_path: Path | None = None
+        self.port = port if port is not None else free_port()
+        self._server = ServerProcess("moto")
 
     @property
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int:
-        assert self._process is not None, "moto_server is not running"
-        return self._process.pid
 
     def storage_options(self) -> dict[str, str]:
         """deltalake-style storage options for this server, with safe concurrent commits."""
@@ -78,52 +67,29 @@ class MotoServer:
 
     def start(self, timeout: float = 30.0) -> None:
         binary = Path(sys.executable).with_name("moto_server")
-        fd, name = tempfile.mkstemp(prefix="moto-", suffix=".log")
-        self._log_path = Path(name)
-        self._log = os.fdopen(fd, "w+b")
         try:
-            self._process = subprocess.Popen(
-                [str(binary), "-H", "127.0.0.1", "-p", str(self.port)],
-                stdin=subprocess.DEVNULL,
-                stdout=self._log,
-                stderr=subprocess.STDOUT,
-            )
+            self._server.spawn([str(binary), "-H", "127.0.0.1", "-p", str(self.port)])
         except OSError as e:
-            self.stop()
             raise MotoStartError(
                 f"cannot run {binary}: {e}; pip install -e '.[test]' brings moto[server]"
             ) from e
         deadline = time.monotonic() + timeout
-        while not _port_open(self.port):
-            if self._process.poll() is not None or time.monotonic() > deadline:
-                output = self.output_tail()
+        while not port_open(self.port):
+            if not self._server.running or time.monotonic() > deadline:
+                output = self._server.output_tail()
                 self.stop()
                 raise MotoStartError(f"moto_server did not listen on {self.endpoint}\n{output}")
             time.sleep(0.05)
 
     def stop(self) -> None:
-        process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            process.send_signal(signal.SIGCONT)  # a paused process cannot handle SIGTERM
-            process.terminate()
-            try:
-                process.wait(5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        if self._log_path is not None:
-            self._log_path.unlink(missing_ok=True)
-            self._log_path = None
+        self._server.stop()
 
     def pause(self) -> None:
         """SIGSTOP the server: connections are accepted by the kernel, nothing answers."""
-        os.kill(self.pid, signal.SIGSTOP)
+        self._server.pause()
 
     def resume(self) -> None:
-        os.kill(self.pid, signal.SIGCONT)
+        self._server.resume()
 
     def create_bucket(self, name: str) -> None:
         import boto3
@@ -136,14 +102,6 @@ class MotoServer:
             region_name=_CREDENTIALS["AWS_REGION"],
         )
         client.create_bucket(Bucket=name)
-
-    def output_tail(self, lines: int = 30) -> str:
-        if self._log is None:
-            return "(no moto_server output)"
-        self._log.flush()
-        self._log.seek(0)
-        text = self._log.read().decode("utf-8", errors="replace")
-        return "\n".join(text.splitlines()[-lines:])
 
 
 @dataclass(frozen=True)
@@ -179,21 +137,6 @@ def s3_lake(s3_server: MotoServer) -> S3Lake:
     bucket = f"lake-{uuid.uuid4().hex[:12]}"
     s3_server.create_bucket(bucket)
     return S3Lake(s3_server, f"s3://{bucket}/lake", s3_server.storage_options())
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 class ConditionIgnoringProxy:
