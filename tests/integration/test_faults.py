@@ -205,6 +205,9 @@ def test_a_paused_object_store_stops_confirmation_then_resumes_without_loss(
         wait_caught_up(pipeline, pg_dsn, timeout=120)
     said = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
     assert said, [r.getMessage() for r in caplog.records][-10:]
+    # It says why: the table on the store that failed.
+    bucket = s3_lake.uri.split("/")[2]
+    assert any(bucket in m for m in said), said[:3]
     assert_bank(pg_dsn, s3_lake.uri, s3_lake.storage_options)
 
 
