@@ -372,6 +372,11 @@ class CapturePipeline:
                         source.start(first)
                         connected = True
                         delay = 0.5
+                        log.info(
+                            "streaming from slot %s at %s",
+                            self.settings.slot_name,
+                            format_lsn(position.flushed_lsn),
+                        )
                     items, self._held = self._held or source.read(timeout=0.2), []
                     for item in items:
                         self._handle(item)
