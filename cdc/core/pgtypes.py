@@ -54,8 +54,9 @@ Debezium JSON deviations
 ``time.precision.mode=adaptive``, ``binary.handling.mode=bytes``) as serialised by Kafka's
 ``JsonConverter``, except for ``interval``: it is the ISO 8601 text of Debezium's
 ``interval.handling.mode=string`` (``io.debezium.time.Interval``), because the default
-microsecond count is approximate and overflows int64 for values PostgreSQL accepts. Float ``NaN``/``Infinity``/``-Infinity`` cannot be written as standard JSON
-numbers, so they are emitted as the strings ``"NaN"``, ``"Infinity"`` and ``"-Infinity"``.
+microsecond count is approximate and overflows int64 for values PostgreSQL accepts. Float
+``NaN``/``Infinity``/``-Infinity`` cannot be written as standard JSON numbers, so they are
+emitted as the strings ``"NaN"``, ``"Infinity"`` and ``"-Infinity"``.
 ``numeric`` ``NaN``/``Infinity`` raise :class:`~cdc.core.errors.ValueConversionError`, as Debezium's
 precise mode itself refuses them.
 """
