@@ -21,6 +21,7 @@ from cdc.cli.local_postgres import LocalPostgres
 from cdc.core.lsn import parse_lsn
 from tests.plugins.kafka import TansuBroker
 from tests.plugins.kafka_pipeline import (
+    Background,
     background,
     capture_thread,
     settings,
@@ -118,16 +119,70 @@ def assert_bank(dsn: str, lake: str, storage_options: dict[str, str] | None = No
         assert duplicate_positions(lake, table, storage_options=storage_options) == []
 
 
+class CrashablePostgres:
+    """A private PostgreSQL server (the session's is shared) that can crash and restart on
+    the same port and data directory."""
+
+    def __init__(self) -> None:
+        self.base = Path(tempfile.mkdtemp(prefix="cdc-pg-crash-"))
+        self.servers = [LocalPostgres(base_dir=self.base)]
+
+    @property
+    def dsn(self) -> str:
+        return self.servers[0].dsn
+
+    def crash_and_restart(self) -> None:
+        crash_postgres(self.servers[-1])
+        time.sleep(1)
+        restarted = LocalPostgres(base_dir=self.base, port=self.servers[0].port)
+        self.servers.append(restarted)
+        restarted.start()
+
+    def __enter__(self) -> CrashablePostgres:
+        self.servers[0].start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for server in reversed(self.servers):
+            server.stop()
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+def crash_under(writer: ResilientWriter, postgres: CrashablePostgres, *workers: Background) -> None:
+    """Crash and restart PostgreSQL under ``writer``, then wait until the writer committed
+    again and stop it."""
+    time.sleep(2)
+    postgres.crash_and_restart()
+    committed = writer.committed
+    deadline = time.monotonic() + 60
+    while writer.committed < committed + 50:
+        assert time.monotonic() < deadline, "the writer did not reconnect"
+        for w in workers:
+            w.check()
+        time.sleep(0.1)
+    writer.stop.set()
+    writer.thread.join(30)
+    assert writer.errors >= 1  # it did see the crash
+
+
+def test_postgres_crash_and_restart_under_cdc_run_and_a_writer(lake_dir: str) -> None:
+    with CrashablePostgres() as postgres:
+        dsn = postgres.dsn
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            create_bank(conn)
+        with running_pipeline(dsn, lake_dir) as pipeline, ResilientWriter(dsn) as writer:
+            crash_under(writer, postgres)
+            wait_caught_up(pipeline, dsn, timeout=120)
+            assert pipeline.metrics["reconnects"] >= 1
+        assert_bank(dsn, lake_dir)
+
+
 @pytest.mark.kafka
 def test_postgres_crash_and_restart_under_kafka_capture_and_a_writer(
     kafka_broker: str, tmp_path: Path
 ) -> None:
-    base = Path(tempfile.mkdtemp(prefix="cdc-pg-crash-"))
-    server = LocalPostgres(base_dir=base)
-    restarted: LocalPostgres | None = None
-    server.start()
-    try:
-        dsn = server.dsn
+    with CrashablePostgres() as postgres:
+        dsn = postgres.dsn
         with psycopg.connect(dsn, autocommit=True) as conn:
             create_bank(conn)
         prefix, name, lake = unique("pgc"), unique("pgc"), str(tmp_path / "lake")
@@ -139,29 +194,11 @@ def test_postgres_crash_and_restart_under_kafka_capture_and_a_writer(
         with background(capture):
             wait_streaming(dsn, name, capture)
             with background(sink), ResilientWriter(dsn) as writer:
-                time.sleep(2)
-                crash_postgres(server)
-                time.sleep(1)
-                restarted = LocalPostgres(base_dir=base, port=server.port)
-                restarted.start()
-                committed = writer.committed
-                deadline = time.monotonic() + 60
-                while writer.committed < committed + 50:  # the writer is back too
-                    assert time.monotonic() < deadline, "the writer did not reconnect"
-                    capture.check()
-                    time.sleep(0.1)
-                writer.stop.set()
-                writer.thread.join(30)
-                assert writer.errors >= 1  # it did see the crash
+                crash_under(writer, postgres, capture, sink)
                 wait_captured(dsn, name, capture, sink, timeout=120)
                 wait_sunk(kafka_broker, prefix, group, capture, sink)
         assert capture.result is not None and capture.result["reconnects"] >= 1
         assert_bank(dsn, lake)
-    finally:
-        for s in (restarted, server):
-            if s is not None:
-                s.stop()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.mark.s3
