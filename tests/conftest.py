@@ -9,5 +9,6 @@ pytest_plugins = [
     "tests.plugins.kafka",
     "tests.plugins.lake",
     "tests.plugins.failures",
+    "tests.plugins.demo_lake",
     "tests.plugins.s3",
 ]
