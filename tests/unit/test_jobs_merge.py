@@ -518,19 +518,3 @@ def test_large_random_history_in_several_merges(lake: str) -> None:
         assert state(lake) == expected
         merge(lake)
         assert state(lake) == expected == merged_rows(lake)
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="jobs merge takes only changes above its (lsn, seq) watermark; in Kafka mode each "
-    "partition commits on its own, so a change can land after a merge passed its LSN",
-)
-def test_merge_takes_changes_landing_below_its_watermark(lake: str) -> None:
-    # Partition A's sink commits LSN 5, a merge runs, then partition B's sink commits the
-    # older LSN 3 of another key (it was slower, or restarted after a kill -9).
-    write_changes(lake, NAME, [change("c", 5, id=1, qty=1, note="a")], ORDERS)
-    merge(lake)
-    write_changes(lake, NAME, [change("c", 3, id=2, qty=2, note="b")], ORDERS)
-    merge(lake)
-    assert merged_rows(lake) == [(1, 1, "a"), (2, 2, "b")]
-    assert state(lake) == [(1, 1, "a"), (2, 2, "b")]
