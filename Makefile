@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo notebook test bench lint format typecheck check clean
+.PHONY: demo notebook test soak bench lint format typecheck check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,13 @@ $(VENV)/.notebook-installed: $(STAMP)
 ## test: install, then run the whole test suite (starts its own PostgreSQL and Kafka broker)
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+## soak: install, then run `cdc run` for 20 minutes under a steady writer and report the
+## slope of its memory (RSS); not part of CI. Shorter: `make soak CDC_SOAK_SECONDS=90`.
+CDC_SOAK_SECONDS ?= 1200
+soak: $(STAMP)
+	CDC_SOAK_SECONDS=$(CDC_SOAK_SECONDS) $(BIN)/python -m pytest -m soak -s -p no:cacheprovider \
+		tests/integration/test_soak.py $(PYTEST_ARGS)
 
 ## bench: install, then run every benchmark against its physical limit (~7 min);
 ## writes benchmarks/results/latest.json and latest.png

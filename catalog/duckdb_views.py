@@ -24,8 +24,9 @@ gets a DuckDB schema named after the source schema holding these views and table
 
 All of them are built from :mod:`catalog.current_state`.
 
-The delta extension is loaded from the ``duckdb-extension-delta`` wheel by file path: no
-network access is needed, and none is attempted (extension autoload/autoinstall are off).
+The delta extension is loaded from the ``duckdb-extension-delta`` wheel by file path (and, for
+object-store lakes, httpfs from ``duckdb-extension-httpfs``, see :mod:`catalog.duckdb_storage`):
+no network access is needed for extensions, and none is attempted (autoload/autoinstall off).
 
 Example:
     >>> con = connect("/data/lake")  # doctest: +SKIP
@@ -35,7 +36,6 @@ Example:
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 from collections.abc import Sequence
@@ -65,6 +65,7 @@ from catalog.current_state import (
     quote_literal,
     toastable,
 )
+from catalog.duckdb_storage import configure_object_store, extension_path, load_extension
 from catalog.errors import DeltaExtensionNotFoundError, TerminalCatalogError, TransientCatalogError
 from catalog.schema_registry import SchemaRegistry
 from cdc.core.table_schema import TableSchema
@@ -94,8 +95,6 @@ AS_OF_SUFFIX = "_as_of"
 AS_OF_LSN_SUFFIX = "_as_of_lsn"
 HISTORY_SUFFIX = "_history"
 
-_WHEEL = "duckdb-extension-delta"
-
 
 def delta_extension_path() -> Path:
     """The delta extension file shipped by the ``duckdb-extension-delta`` wheel.
@@ -110,27 +109,7 @@ def delta_extension_path() -> Path:
         >>> delta_extension_path().name  # doctest: +SKIP
         'delta.duckdb_extension'
     """
-    version = duckdb.__version__
-    pin = f"pip install 'duckdb=={version}' '{_WHEEL}=={version}'"
-    spec = importlib.util.find_spec("duckdb_extension_delta")
-    if spec is None or not spec.submodule_search_locations:
-        raise DeltaExtensionNotFoundError(
-            f"the {_WHEEL} wheel is not installed; DuckDB {version} cannot download the "
-            f"delta extension here. Install the wheel matching DuckDB: {pin}"
-        )
-    available: list[str] = []
-    for location in spec.submodule_search_locations:
-        extensions = Path(location) / "extensions"
-        candidate = extensions / f"v{version}" / "delta.duckdb_extension"
-        if candidate.is_file():
-            return candidate
-        if extensions.is_dir():
-            available.extend(p.name for p in extensions.iterdir())
-    built_for = ", ".join(sorted(available)) or "no DuckDB version"
-    raise DeltaExtensionNotFoundError(
-        f"the installed {_WHEEL} wheel ships the delta extension for {built_for}, but DuckDB "
-        f"is {version}. Pin both to the same version: {pin}"
-    )
+    return extension_path("delta", error=DeltaExtensionNotFoundError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,15 +240,16 @@ def connect(
           schema on the search path (alphabetical), without an error: qualify such names.
         * ``search_path`` is a per-connection setting: cursors from ``con.cursor()`` do not
           inherit it.
-        * Object-store lakes need DuckDB credentials for the delta extension (a DuckDB
-          secret); ``storage_options`` is only used to list tables and read the registry.
+        * Object-store lakes: DuckDB gets a secret made from ``storage_options`` (see
+          :mod:`catalog.duckdb_storage`); the same options list tables and read the registry.
 
     Args:
         lake: lake root, a local path or an object-store URI.
         database: DuckDB database file, or ``":memory:"``. Views in a file database persist,
             but reopening it still needs this function (or ``LOAD``) for the extension.
         tables: register only these qualified names (default: every changelog table).
-        storage_options: deltalake-style options for listing the lake and the registry.
+        storage_options: deltalake-style options of an object-store lake (credentials,
+            endpoint), for DuckDB's secret, listing the lake and the registry.
 
     Raises:
         DeltaExtensionNotFoundError: the delta extension wheel is missing or mismatched.
@@ -283,7 +263,7 @@ def connect(
         >>> con.sql("SELECT * FROM orders WHERE id = 7").fetchall()  # doctest: +SKIP
         [(7, 'shipped')]
     """
-    con = open_duckdb(database)
+    con = open_duckdb(database, lake=lake, storage_options=storage_options)
     try:
         register_views(con, lake, tables=tables, storage_options=storage_options)
     except BaseException:
@@ -292,32 +272,40 @@ def connect(
     return con
 
 
-def open_duckdb(database: str = ":memory:") -> duckdb.DuckDBPyConnection:
+def open_duckdb(
+    database: str = ":memory:",
+    *,
+    lake: str | None = None,
+    storage_options: dict[str, str] | None = None,
+) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection with the delta extension loaded from the wheel, and no views.
 
-    Extension autoinstall/autoload are disabled, so DuckDB never tries the network.
+    With an object-store ``lake`` (``s3://``, ``gs://``, ``az://``) it also loads the
+    extension that reads the store and creates a DuckDB secret from ``storage_options``
+    (see :mod:`catalog.duckdb_storage`). Extension autoinstall/autoload are disabled, so
+    DuckDB never tries the network for extensions.
 
     Raises:
         DeltaExtensionNotFoundError: the delta extension wheel is missing, mismatched, or does
             not load on this platform.
+        DuckDBExtensionNotFoundError: the object store's extension wheel is missing.
+        ObjectStoreConfigError: the storage options cannot be made into a DuckDB secret.
 
     Example:
         >>> open_duckdb().sql("SELECT 1").fetchone()  # doctest: +SKIP
         (1,)
     """
-    extension = delta_extension_path()
     con = duckdb.connect(
         database,
         config={"autoinstall_known_extensions": False, "autoload_known_extensions": False},
     )
     try:
-        con.execute(f"LOAD {quote_literal(str(extension))}")
-    except duckdb.Error as exc:
+        load_extension(con, "delta", error=DeltaExtensionNotFoundError)
+        if lake is not None:
+            configure_object_store(con, lake, storage_options)
+    except BaseException:
         con.close()
-        raise DeltaExtensionNotFoundError(
-            f"DuckDB {duckdb.__version__} could not load {extension}: {exc}. Reinstall "
-            f"'{_WHEEL}=={duckdb.__version__}' for this platform"
-        ) from exc
+        raise
     return con
 
 

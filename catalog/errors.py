@@ -20,8 +20,16 @@ class TerminalCatalogError(CatalogError, TerminalError):
     """Retrying cannot help; the message says what to change."""
 
 
-class DeltaExtensionNotFoundError(TerminalCatalogError):
+class DuckDBExtensionNotFoundError(TerminalCatalogError):
+    """A DuckDB extension the lake needs is not installed for this DuckDB version."""
+
+
+class DeltaExtensionNotFoundError(DuckDBExtensionNotFoundError):
     """DuckDB's delta extension is not installed for this DuckDB version."""
+
+
+class ObjectStoreConfigError(TerminalCatalogError):
+    """The lake's object store cannot be used as configured; the message names the setting."""
 
 
 class UnknownSchemaError(TerminalCatalogError):

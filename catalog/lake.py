@@ -108,7 +108,7 @@ class Lake:
             >>> lake.connection.sql("SHOW ALL TABLES").fetchall()  # doctest: +SKIP
         """
         if self._con is None:
-            con = open_duckdb()
+            con = open_duckdb(lake=self._root, storage_options=self._storage_options)
             try:
                 self._views = {
                     v.qualified_name: v

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import psycopg
 
 from catalog import lake_layout as layout
+from catalog.commit_safety import require_safe_commits
 from catalog.errors import CatalogError
 from catalog.kafka_schema_registry import KafkaSchemaRegistry
 from cdc.core.errors import ConfigError, TransientError
@@ -91,6 +92,8 @@ class CapturePipeline:
         self.progress = progress
         self.lake = layout.normalize_root(settings.lake.path)
         self.storage_options = settings.lake.storage_options or None
+        if sink is None:
+            require_safe_commits(self.lake, self.storage_options, writer="cdc run")
         self.sink: Sink = sink or DeltaChangelogSink(
             self.lake,
             app_id=f"cdc-lakehouse:{settings.name}",

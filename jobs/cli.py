@@ -41,10 +41,14 @@ TableOption = Annotated[
 
 
 def _lake(lake: str | None) -> tuple[str, dict[str, str] | None]:
+    from catalog.commit_safety import require_safe_commits
     from cdc.core.settings import load_settings
 
     settings = load_settings(**{"lake.path": lake})
-    return settings.lake.path, settings.lake.storage_options or None
+    options = settings.lake.storage_options or None
+    # Every job commits beside the sinks: on a store without safe commits it would lose some.
+    require_safe_commits(settings.lake.path, options, writer="cdc jobs")
+    return settings.lake.path, options
 
 
 def _duration(value: str) -> Any:

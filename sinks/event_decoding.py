@@ -17,9 +17,11 @@ Three kinds of messages are understood, in this order:
 Debezium's default encodings are decoded: ``precise`` decimals (base64 unscaled integers,
 ``VariableScaleDecimal``), ``adaptive`` times (``Date``, ``Time``, ``MicroTime``,
 ``Timestamp``, ``MicroTimestamp``, ``NanoTimestamp``, ``ZonedTimestamp``), ``bytes`` as
-base64, ``NaN``/``Infinity`` as strings. ``MicroDuration`` becomes an ISO 8601 duration of
-the exact microseconds (``PT90061.5S``): months have no fixed length, so Debezium's number
-cannot give back PostgreSQL's ``P1Y2M`` text.
+base64, ``NaN``/``Infinity`` as strings. Intervals: ``io.debezium.time.Interval`` (Debezium's
+``interval.handling.mode=string``, which our capture writes) is ISO 8601 text and kept as it
+is; ``MicroDuration`` (Debezium's default) becomes an ISO 8601 duration of the exact
+microseconds (``PT90061.5S``): months have no fixed length, so Debezium's number cannot give
+back PostgreSQL's ``P1Y2M`` text.
 
 Positions: events of type 1 carry capture's ``(commit_lsn, seq)`` and are deduplicated by
 it. Debezium's events have no such position: ``_cdc_lsn`` is ``source.lsn`` (the change's
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -217,6 +220,12 @@ def _duration_text(raw: Any) -> str:
     return f"PT{sign}{seconds}{fraction}S"
 
 
+def _interval_text(raw: Any) -> str:
+    # Our capture wrote microseconds (MicroDuration) before it wrote ISO text: messages of
+    # that time still sit in topics and name a schema id whose interval is now text.
+    return raw if isinstance(raw, str) else _duration_text(raw)
+
+
 def _connect_decoder(schema: dict[str, Any]) -> _Decode:
     """The decoder of one Connect field schema: JSON value -> natural Python value."""
     name = schema.get("name")
@@ -244,6 +253,8 @@ def _connect_decoder(schema: dict[str, Any]) -> _Decode:
         return _zoned_timestamp
     if name == "io.debezium.time.MicroDuration":
         return _duration_text
+    if name == "io.debezium.time.Interval":
+        return _interval_text
     if kind in ("int8", "int16", "int32", "int64"):
         return _int
     if kind in ("float", "float32", "double", "float64"):
@@ -379,6 +390,7 @@ _NAMED_TYPES: Final[dict[str, tuple[int, int]]] = {
     "io.debezium.time.ZonedTimestamp": (Oid.TIMESTAMPTZ, -1),
     "io.debezium.time.ZonedTime": (_TIMETZ_OID, -1),
     "io.debezium.time.MicroDuration": (_INTERVAL_OID, -1),
+    "io.debezium.time.Interval": (_INTERVAL_OID, -1),
     "io.debezium.data.Json": (Oid.JSONB, -1),
     "io.debezium.data.Uuid": (Oid.UUID, -1),
     "io.debezium.data.VariableScaleDecimal": (Oid.NUMERIC, -1),
@@ -461,6 +473,8 @@ class _Shape:
     # its decoder refuses; the general path then reports it.
     fast: Callable[[Any], tuple[Any, ...] | None] | None = None
     qualified: str = ""  # schema.qualified_name, for the shapes of registered schemas
+    # Positions of the columns the lake stores as text, by name (see _restore_texts).
+    text_columns: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 # What a column's decoder does with values of the usual JSON type, so the compiled row
@@ -473,7 +487,9 @@ def _fast_condition(decode: _Decode, arrow: pa.DataType, i: int, ns: dict[str, A
             lo, hi = 0, 2**bits - 1
         ns[f"lo{i}"], ns[f"hi{i}"] = lo, hi
         return f"v.__class__ is int and lo{i} <= v <= hi{i}"
-    if decode is _str and (pa.types.is_string(arrow) or pa.types.is_large_string(arrow)):
+    if (decode is _str or decode is _interval_text) and (
+        pa.types.is_string(arrow) or pa.types.is_large_string(arrow)
+    ):
         return "v.__class__ is str and v != U"
     if decode is _float and pa.types.is_floating(arrow):
         return "v.__class__ is float"
@@ -541,7 +557,16 @@ def _shape(schema: TableSchema, field_schemas: Sequence[dict[str, Any]] | None) 
         True,
         fast,
         schema.qualified_name,
+        _text_columns(schema),
     )
+
+
+def _text_columns(schema: TableSchema) -> dict[str, int]:
+    return {
+        c.name: i
+        for i, c in enumerate(schema.columns)
+        if pa.types.is_string(pgtypes.arrow_type(c.type_oid, c.type_modifier))
+    }
 
 
 def _compose(decode: _Decode, adapt: _Decode) -> _Decode:
@@ -760,7 +785,14 @@ class EventDecoder:
             _adapter(pgtypes.arrow_type(c.type_oid, c.type_modifier)) for c in schema.columns
         )
         names = schema.column_names
-        shape = _Shape(schema, names, {n: i for i, n in enumerate(names)}, decoders, False)
+        shape = _Shape(
+            schema,
+            names,
+            {n: i for i, n in enumerate(names)},
+            decoders,
+            False,
+            text_columns=_text_columns(schema),
+        )
         self._inferred[name] = shape
         return shape
 
@@ -834,6 +866,11 @@ class EventDecoder:
             isinstance(fallback, dict) and all(isinstance(v, str) for v in fallback.values())
         ):
             raise UndecodableMessageError("'cdc_fallback' is not an object of texts")
+        if fallback and shape.text_columns:
+            if op == "d":
+                before, fallback = _restore_texts(shape, before, fallback)
+            else:
+                after, fallback = _restore_texts(shape, after, fallback)
         event = ChangeEvent(
             op=op,
             table=shape.schema,
@@ -870,6 +907,29 @@ class EventDecoder:
             self._commit_ts = (header, value)
             return value
         return _commit_ts(None, source)
+
+
+def _restore_texts(
+    shape: _Shape, values: tuple[Any, ...] | None, fallback: dict[str, str]
+) -> tuple[tuple[Any, ...] | None, dict[str, str]]:
+    """Put fallback texts of columns the lake stores as text back into the row.
+
+    An event carries a value its Debezium encoding cannot hold (``numeric`` ``NaN`` in a
+    Connect Decimal) as null plus its text in ``cdc_fallback``; where the lake's column is
+    text anyway (unconstrained or wide ``numeric``), the embedded path stores that text in
+    the column itself, and so must the sink, or the same value would land in two forms.
+    """
+    if values is None:
+        return values, fallback
+    restored = list(values)
+    rest: dict[str, str] = {}
+    for name, text in fallback.items():
+        i = shape.text_columns.get(name)
+        if i is None or restored[i] is not None:
+            rest[name] = text
+        else:
+            restored[i] = text
+    return tuple(restored), rest
 
 
 def _check_envelope(doc: Any) -> dict[str, Any]:

@@ -52,6 +52,7 @@ from deltalake import DeltaTable
 from deltalake.exceptions import DeltaError
 
 from catalog import lake_layout as layout
+from catalog.commit_safety import require_safe_commits
 from catalog.errors import CatalogError, TransientCatalogError
 from catalog.kafka_schema_registry import KafkaSchemaRegistry, create_topics
 from cdc.core.errors import ConfigError
@@ -162,6 +163,7 @@ class KafkaSinkWorker:
         self.bootstrap = settings.kafka_bootstrap()
         self.root = layout.normalize_root(settings.lake.path)
         self.storage_options = settings.lake.storage_options or None
+        require_safe_commits(self.root, self.storage_options, writer="cdc sink")
         self.prefix = settings.topic_prefix
         self.app_id = f"cdc-lakehouse:{settings.name}"
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{id(self) & 0xFFFF:04x}"

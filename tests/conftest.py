@@ -10,4 +10,5 @@ pytest_plugins = [
     "tests.plugins.lake",
     "tests.plugins.failures",
     "tests.plugins.demo_lake",
+    "tests.plugins.s3",
 ]

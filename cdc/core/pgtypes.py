@@ -52,8 +52,11 @@ Debezium JSON deviations
 ------------------------
 :func:`debezium_value` follows Debezium's defaults (``decimal.handling.mode=precise``,
 ``time.precision.mode=adaptive``, ``binary.handling.mode=bytes``) as serialised by Kafka's
-``JsonConverter``. Float ``NaN``/``Infinity``/``-Infinity`` cannot be written as standard JSON
-numbers, so they are emitted as the strings ``"NaN"``, ``"Infinity"`` and ``"-Infinity"``.
+``JsonConverter``, except for ``interval``: it is the ISO 8601 text of Debezium's
+``interval.handling.mode=string`` (``io.debezium.time.Interval``), because the default
+microsecond count is approximate and overflows int64 for values PostgreSQL accepts. Float
+``NaN``/``Infinity``/``-Infinity`` cannot be written as standard JSON numbers, so they are
+emitted as the strings ``"NaN"``, ``"Infinity"`` and ``"-Infinity"``.
 ``numeric`` ``NaN``/``Infinity`` raise :class:`~cdc.core.errors.ValueConversionError`, as Debezium's
 precise mode itself refuses them.
 """
@@ -717,26 +720,20 @@ _ISO_INTERVAL: Final = re.compile(
     r"P(?:(?P<years>-?\d+)Y)?(?:(?P<months>-?\d+)M)?(?:(?P<days>-?\d+)D)?"
     r"(?:T(?:(?P<hours>-?\d+)H)?(?:(?P<minutes>-?\d+)M)?(?:(?P<seconds>-?\d+(?:\.\d+)?)S)?)?"
 )
-# Debezium's MicroDuration counts a month as the average 365.25 / 12 days.
-_MICROS_PER_DAY: Final = 86_400_000_000
-_MICROS_PER_MONTH: Final = Decimal("365.25") / 12 * _MICROS_PER_DAY
-
-
-def _encode_interval(value: str) -> int:
-    """io.debezium.time.MicroDuration: an approximation by design (months have no fixed
-    length); the lake keeps the exact ISO text."""
-    m = _ISO_INTERVAL.fullmatch(value)
-    if m is None:
-        raise _error("interval", value, "not ISO 8601 interval output (IntervalStyle=iso_8601)")
-    f = {k: Decimal(v) if v else Decimal(0) for k, v in m.groupdict().items()}
-    micros = (f["years"] * 12 + f["months"]) * _MICROS_PER_MONTH + f["days"] * _MICROS_PER_DAY
-    micros += (f["hours"] * 3600 + f["minutes"] * 60 + f["seconds"]) * 1_000_000
-    return int(micros.to_integral_value())
 
 
 def _parse_interval(text: str) -> str:
-    _encode_interval(text)  # validates the form; the value itself stays exact text
+    # Validates the form only: the value itself stays exact text, in the lake and in events.
+    if _ISO_INTERVAL.fullmatch(text) is None:
+        raise _error("interval", text, "not ISO 8601 interval output (IntervalStyle=iso_8601)")
     return text
+
+
+#: Debezium's ``interval.handling.mode=string``: the interval as ISO 8601 text. Its default,
+#: ``numeric`` (``MicroDuration``, microseconds counting a month as 365.25/12 days), is
+#: approximate and overflows int64 for intervals beyond about 292,000 years, which
+#: PostgreSQL accepts (``-178000000 years``).
+_INTERVAL_SCHEMA: Final = {"type": "string", "name": "io.debezium.time.Interval", "version": 1}
 
 
 # Array types whose elements have a mapping of their own: array OID -> element OID
@@ -856,13 +853,7 @@ _FIXED_SPECS: Final[dict[int, _Spec]] = {
         pa.decimal128(19, 2), _parse_money, _vec_money, _fixed_decimal_encoder(2), _MONEY_SCHEMA
     ),
     # Delta has no interval or time-with-zone type: the exact ISO / PostgreSQL text is kept.
-    Oid.INTERVAL: _Spec(
-        pa.string(),
-        _parse_interval,
-        None,
-        _encode_interval,
-        _named("int64", "io.debezium.time.MicroDuration"),
-    ),
+    Oid.INTERVAL: _Spec(pa.string(), _parse_interval, None, _encode_str, _INTERVAL_SCHEMA),
     Oid.TIMETZ: _string_spec(_named("string", "io.debezium.time.ZonedTime")),
 }
 

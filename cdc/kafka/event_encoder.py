@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
+import logging
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
@@ -34,6 +35,8 @@ __all__ = [
     "key_connect_schema",
     "keyless_partition",
 ]
+
+_log = logging.getLogger(__name__)
 
 # -- Kafka Connect schemas ------------------------------------------------------------------------
 
@@ -358,6 +361,17 @@ class EventEncoder:
             # Values without a typed form (their text goes to cdc_fallback), or an error
             # for debezium_envelope to report.
             envelope = debezium_envelope(event, server_name=self.prefix, database=self.database)
+        try:
+            return self._dump(codec, envelope, micros)
+        except orjson.JSONEncodeError:
+            # An encoded value JSON cannot carry (an integer beyond 64 bits...): one value
+            # must not stop capture, so it takes the fallback, as it does in the lake.
+            event = _with_unencodable_as_fallback(event)
+            envelope = debezium_envelope(event, server_name=self.prefix, database=self.database)
+            return self._dump(codec, envelope, micros)
+
+    @staticmethod
+    def _dump(codec: _TableCodec, envelope: dict[str, Any], micros: int) -> bytes:
         source = envelope["source"]
         # Debezium 2.6+ carries the commit time in microseconds too; the lake keeps them.
         source["ts_us"] = micros
@@ -416,6 +430,49 @@ class EventEncoder:
         if tombstones and event.op == "d" and key is not None:
             messages.append(EncodedMessage(topic, key, None, []))
         return messages
+
+
+def _unencodable(table: TableSchema, values: tuple[Any, ...] | None) -> dict[str, str]:
+    """Column -> text of the values in ``values`` whose Debezium encoding JSON cannot hold."""
+    bad: dict[str, str] = {}
+    for column, value in zip(table.columns, values or (), strict=False):
+        if value is None:
+            continue
+        try:
+            orjson.dumps(pgtypes.debezium_value(value, column.type_oid, column.type_modifier))
+        except (orjson.JSONEncodeError, ValueConversionError):
+            bad[column.name] = value if isinstance(value, str) else str(value)
+    return bad
+
+
+def _with_unencodable_as_fallback(event: ChangeEvent) -> ChangeEvent:
+    """``event`` with every stored-image value whose Debezium encoding JSON cannot hold
+    moved to its ``fallback`` texts (null in the row, exact text in ``cdc_fallback``), as
+    the embedded path keeps values its Delta type cannot hold.
+
+    Only the stored image (``after``; ``before`` for a delete) has fallback texts. Such a
+    value in an update's ``before`` image (which the lake does not keep) becomes null there,
+    with a warning, as a column PostgreSQL did not send.
+    """
+    stored_is_before = event.op == "d"
+    texts = dict(event.fallback or {})
+    stored = event.before if stored_is_before else event.after
+    for name, text in _unencodable(event.table, stored).items():
+        texts.setdefault(name, text)
+    before = event.before
+    if not stored_is_before and before is not None:
+        dropped = _unencodable(event.table, before)
+        if dropped:
+            _log.warning(
+                "%s: the before image's %s cannot be encoded as JSON; sent as null",
+                event.table.qualified_name,
+                ", ".join(sorted(dropped)),
+            )
+            before = tuple(
+                None if c.name in dropped else v
+                for c, v in zip(event.table.columns, before, strict=True)
+            )
+    return replace(event, before=before, fallback=texts or None)
 
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)

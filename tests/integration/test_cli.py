@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import subprocess
-import sys
 import time
 
 import psycopg
 import pytest
 
 from catalog.lake import Lake
+from tests.plugins.cli import cdc_run, run_cdc
 from tests.plugins.lake import (
     assert_lake_matches_postgres,
     duplicate_positions,
@@ -23,30 +22,6 @@ from tests.plugins.lake import (
 from tests.plugins.workload import Workload, create_bank
 
 pytestmark = pytest.mark.postgres
-
-
-def cdc(*args: str) -> list[str]:
-    return [sys.executable, "-m", "cdc", *args]
-
-
-def cdc_run(dsn: str, lake: str, *, flush_seconds: float) -> list[str]:
-    """``cdc run`` of the pipeline named ``test`` (the name the in-process helpers use)."""
-    return cdc(
-        "run",
-        "--source",
-        dsn,
-        "--lake",
-        lake,
-        "--name",
-        "test",
-        "--flush-seconds",
-        str(flush_seconds),
-    )
-
-
-def run_cdc(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "COLUMNS": "200"}
-    return subprocess.run(cdc(*args), capture_output=True, text=True, timeout=timeout, env=env)
 
 
 @pytest.mark.slow

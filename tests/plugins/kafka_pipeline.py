@@ -161,6 +161,7 @@ def wait_sunk(
             for topic in table_topics(bootstrap, prefix)
             for p in metadata.topics[topic].partitions
         ]
+        assert partitions, f"no table topics with prefix {prefix!r} on {bootstrap}"
         deadline = time.monotonic() + timeout
         while True:
             committed = consumer.committed(partitions, timeout=10)
@@ -251,3 +252,30 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float = 60) -> tuple[st
     errors = (err or b"").decode()  # empty when stderr went to a log file
     assert proc.returncode == 0, errors
     return out.decode(), errors
+
+
+@contextmanager
+def running_through_kafka(
+    dsn: str, bootstrap: str, lake: str, **overrides: Any
+) -> Iterator[Callable[[], None]]:
+    """Capture and one sink worker in threads, PostgreSQL -> Kafka -> ``lake``; yields a
+    function that waits until every change committed so far is in the lake.
+
+    It yields once capture streams (the snapshot is in Kafka), so changes made inside the
+    block are streamed rather than copied.
+    """
+    prefix, name = unique("k"), unique("k")
+    group = f"{prefix}-sinks"
+    capture = capture_thread(settings(bootstrap, prefix, name, **{"source.dsn": dsn}, **overrides))
+    sink = sink_thread(
+        settings(bootstrap, prefix, name, **{"lake.path": lake, "kafka.group": group}, **overrides)
+    )
+    with background(capture):
+        wait_streaming(dsn, name, capture)
+        with background(sink):
+
+            def caught_up() -> None:
+                wait_captured(dsn, name, capture, sink)
+                wait_sunk(bootstrap, prefix, group, capture, sink)
+
+            yield caught_up

@@ -111,30 +111,46 @@ def postgres_rows(dsn: str, table: str, columns: list[str], key: list[str]) -> l
     return [tuple(_normalize(v) for v in row) for row in rows]
 
 
-def lake_rows(lake: str, table: str, columns: list[str], key: list[str]) -> list[tuple]:
+def lake_rows(
+    lake: str,
+    table: str,
+    columns: list[str],
+    key: list[str],
+    *,
+    storage_options: dict[str, str] | None = None,
+) -> list[tuple]:
     """Rows of the current-state view of ``table`` in the lake."""
     select = ", ".join(f'"{c}"' for c in columns)
     order = ", ".join(f'"{k}"' for k in key)
-    with Lake(lake) as lk:
+    with Lake(lake, storage_options=storage_options) as lk:
         rows = lk.sql(f"SELECT {select} FROM {table} ORDER BY {order}").fetchall()
     return [tuple(_normalize(v) for v in row) for row in rows]
 
 
 def assert_lake_matches_postgres(
-    dsn: str, lake: str, table: str, columns: list[str], key: list[str]
+    dsn: str,
+    lake: str,
+    table: str,
+    columns: list[str],
+    key: list[str],
+    *,
+    storage_options: dict[str, str] | None = None,
 ) -> int:
-    """The lake's current state of ``table`` equals PostgreSQL's, row by row."""
+    """The lake's current state of ``table`` equals PostgreSQL's, row by row (so the row
+    count and a checksum over all columns agree too)."""
     expected = postgres_rows(dsn, table, columns, key)
-    actual = lake_rows(lake, table, columns, key)
+    actual = lake_rows(lake, table, columns, key, storage_options=storage_options)
     assert len(actual) == len(expected), f"{table}: lake {len(actual)} rows, pg {len(expected)}"
     for want, got in zip(expected, actual, strict=True):
         assert got == want, f"{table}: lake row {got} != postgres row {want}"
     return len(expected)
 
 
-def duplicate_positions(lake: str, table: str) -> list[tuple]:
+def duplicate_positions(
+    lake: str, table: str, *, storage_options: dict[str, str] | None = None
+) -> list[tuple]:
     """(lsn, seq) pairs that occur more than once in the changelog of ``table``."""
-    with Lake(lake) as lk:
+    with Lake(lake, storage_options=storage_options) as lk:
         return lk.sql(
             f"SELECT _cdc_lsn, _cdc_seq, count(*) FROM {table}_changes "
             "GROUP BY ALL HAVING count(*) > 1"

@@ -299,6 +299,48 @@ def test_odd_identifiers(tmp_path: Path) -> None:
     assert con.execute('SELECT * FROM "My Schema"."Or""ders"').fetchall() == [(1, "bye", "big")]
 
 
+def test_composite_keys_of_mixed_types_with_nulls(tmp_path: Path) -> None:
+    # Each key column's comparison is parenthesised in the MERGE predicate: delta-rs reads
+    # `a IS NOT DISTINCT FROM b AND c ...` as `a IS NOT DISTINCT FROM (b AND c)`.
+    lake = str(tmp_path / "lake")
+    name = "Sales.Order Lines"
+    source = pa.schema([("Order", pa.int64()), ("line", pa.string()), ("qty", pa.int32())])
+    register_table(
+        lake,
+        name,
+        [
+            ColumnSchema("Order", INT8, is_key=True),
+            ColumnSchema("line", TEXT, is_key=True),
+            ColumnSchema("qty", INT4),
+        ],
+    )
+    write_changes(
+        lake,
+        name,
+        [
+            change("c", 1, 0, Order=1, line="a", qty=1),
+            change("c", 1, 1, Order=1, line="b", qty=2),
+            change("c", 1, 2, Order=2, line="a", qty=None),
+        ],
+        source,
+    )
+    merge(lake)
+    write_changes(
+        lake,
+        name,
+        [
+            change("u", 2, 0, Order=1, line="b", qty=20),
+            change("d", 2, 1, Order=2, line="a"),
+            change("c", 2, 2, Order=2, line="b", qty=None),
+        ],
+        source,
+    )
+    merge(lake)
+    dt = DeltaTable(lake_layout.current_uri(lake, name))
+    rows = dt.to_pyarrow_table(columns=["Order", "line", "qty"]).to_pylist()
+    assert sorted(tuple(r.values()) for r in rows) == [(1, "a", 1), (1, "b", 20), (2, "b", None)]
+
+
 def test_concurrent_merges_do_not_double_apply(lake: str) -> None:
     rows = [change("c", 1, i, id=i, qty=0, note="n") for i in range(200)]
     write_changes(lake, NAME, rows, ORDERS)

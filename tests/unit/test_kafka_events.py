@@ -25,7 +25,7 @@ from cdc.core.pgtypes import Oid
 from cdc.core.table_schema import ColumnSchema, TableSchema
 from cdc.kafka.event_encoder import EventEncoder
 from sinks.event_decoding import EventDecoder
-from tests.plugins.samples import COMMIT_TS, ROW, TYPES, event
+from tests.plugins.samples import COMMIT_TS, NUMERIC_10_2, ROW, TYPES, event
 
 
 def headers_of(message) -> dict[str, bytes]:
@@ -210,3 +210,104 @@ def test_messages_without_a_key_get_a_partition_from_their_position() -> None:
     assert truncate.key is None and truncate.partition is not None
     keyed = encoder.encode(event("c", after=ROW), partitions=4)[0]
     assert keyed.partition is None  # the key decides, through the producer's partitioner
+
+
+SPANS = TableSchema(
+    "public",
+    "spans",
+    (
+        ColumnSchema("id", Oid.INT4, -1, True),
+        ColumnSchema("span", Oid.INTERVAL),
+        ColumnSchema("spans", 1187),  # interval[]
+        ColumnSchema("big", Oid.INT8),
+    ),
+)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["P-178000000Y", "P178000000Y11M", "P1Y2M3DT4H5M6.5S", "P-1DT2H", "PT0S", "P-2147483648D"],
+)
+@pytest.mark.parametrize("fmt", ["json", "json-with-schema"])
+def test_intervals_travel_as_their_exact_iso_text_however_large(text: str, fmt: str) -> None:
+    # -178000000 years in microseconds is beyond int64: Debezium's default MicroDuration
+    # number crashed the JSON encoder. interval.handling.mode=string carries the text.
+    encoder = EventEncoder(prefix="p", database="d", format=fmt)  # type: ignore[arg-type]
+    row = (1, text, [text, None], 5)
+    [message] = encoder.encode(event("c", after=row, table=SPANS))
+    value = orjson.loads(message.value)
+    payload = value["payload"] if fmt == "json-with-schema" else value
+    assert payload["after"]["span"] == text and payload["after"]["spans"] == [text, None]
+    assert "cdc_fallback" not in payload
+    decoded = EventDecoder({SPANS.schema_id(): SPANS}.__getitem__).decode(
+        key=message.key, value=message.value, headers=message.headers
+    )
+    assert decoded is not None and decoded.event.after == row
+
+
+def test_old_microsecond_intervals_in_topics_still_decode() -> None:
+    # Messages written before intervals became text carry MicroDuration numbers.
+    encoder = EventEncoder(prefix="p", database="d")
+    [message] = encoder.encode(event("c", after=(1, "P1D", None, None), table=SPANS))
+    old = orjson.loads(message.value)
+    old["after"]["span"] = 90_061_500_000
+    decoded = EventDecoder({SPANS.schema_id(): SPANS}.__getitem__).decode(
+        key=message.key, value=orjson.dumps(old), headers=message.headers
+    )
+    assert decoded is not None and decoded.event.after == (1, "PT90061.5S", None, None)
+
+
+def test_a_value_json_cannot_hold_takes_the_fallback_instead_of_stopping_capture() -> None:
+    # No parser produces an int8 beyond 64 bits; a future encoder bug must still not stop
+    # capture: the value's text goes to cdc_fallback, exactly as the lake keeps it.
+    encoder = EventEncoder(prefix="p", database="d")
+    huge = 2**70
+    [insert] = encoder.encode(event("c", after=(1, "P1D", None, huge), table=SPANS))
+    value = orjson.loads(insert.value)
+    assert value["after"]["big"] is None and value["cdc_fallback"] == {"big": str(huge)}
+    assert value["after"]["span"] == "P1D"
+    decoded = EventDecoder({SPANS.schema_id(): SPANS}.__getitem__).decode(
+        key=insert.key, value=insert.value, headers=insert.headers
+    )
+    assert decoded is not None
+    assert decoded.event.after == (1, "P1D", None, None)
+    assert decoded.event.fallback == {"big": str(huge)}
+    # A delete stores its before image: the fallback belongs to it.
+    deleted = orjson.loads(encoder.value(event("d", before=(1, None, None, huge), table=SPANS)))
+    assert deleted["before"]["big"] is None and deleted["cdc_fallback"] == {"big": str(huge)}
+    # An update's before image is not stored: the value is sent as null there.
+    updated = orjson.loads(
+        encoder.value(
+            event("u", before=(1, None, None, huge), after=(1, None, None, 3), table=SPANS)
+        )
+    )
+    assert updated["before"]["big"] is None and updated["after"]["big"] == 3
+    assert "cdc_fallback" not in updated
+
+
+def test_text_stored_values_without_a_debezium_form_land_as_text_like_embedded() -> None:
+    # numeric NaN has no Connect Decimal form: the event carries null plus cdc_fallback. An
+    # unconstrained numeric is text in the lake, where the embedded path keeps 'NaN' in the
+    # column; the sink must too. A numeric(10,2) NaN stays a fallback (decimal column).
+    table = TableSchema(
+        "public",
+        "nums",
+        (
+            ColumnSchema("id", Oid.INT4, -1, True),
+            ColumnSchema("free", Oid.NUMERIC),
+            ColumnSchema("fixed", Oid.NUMERIC, NUMERIC_10_2),
+        ),
+    )
+    encoder = EventEncoder(prefix="p", database="d")
+    decoder = EventDecoder({table.schema_id(): table}.__getitem__)
+    for op, before, after in [("c", None, (1, "NaN", None)), ("d", (1, "-Infinity", None), None)]:
+        fallback = {"fixed": "NaN"} if op == "c" else None
+        [message, *_] = encoder.encode(
+            event(op, before=before, after=after, table=table, fallback=fallback)
+        )
+        value = orjson.loads(message.value)
+        assert value["cdc_fallback"]["free"] in ("NaN", "-Infinity")
+        decoded = decoder.decode(key=message.key, value=message.value, headers=message.headers)
+        assert decoded is not None
+        assert (decoded.event.after if op == "c" else decoded.event.before) == (after or before)
+        assert decoded.event.fallback == fallback

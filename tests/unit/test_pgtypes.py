@@ -633,9 +633,11 @@ TS_MICROS = 1767261600123456
         ("6ba7b810-9dad-11d1-80b4-00c04fd430c8", Oid.UUID, -1, "6ba7b810-9dad-11d1-80b4-00c04fd430c8"),
         (uuid.UUID(int=1), Oid.UUID, -1, "00000000-0000-0000-0000-000000000001"),
         ('{"a": 1}', Oid.JSONB, -1, '{"a": 1}'),
-        ("P1D", Oid.INTERVAL, -1, 86_400_000_000),  # MicroDuration
-        ("P1M", Oid.INTERVAL, -1, 2_629_800_000_000),  # a month is 365.25/12 days
-        ("P-1DT2H", Oid.INTERVAL, -1, -79_200_000_000),
+        # interval.handling.mode=string: the exact ISO 8601 text, however large.
+        ("P1D", Oid.INTERVAL, -1, "P1D"),
+        ("P1Y2M3DT4H5M6.5S", Oid.INTERVAL, -1, "P1Y2M3DT4H5M6.5S"),
+        ("P-1DT2H", Oid.INTERVAL, -1, "P-1DT2H"),
+        ("P-178000000Y", Oid.INTERVAL, -1, "P-178000000Y"),
         (Decimal("1.50"), Oid.MONEY, -1, "AJY="),
         ([1, None, 3], 1007, -1, [1, None, 3]),
         ([date(2026, 1, 1)], 1182, -1, [20454]),
@@ -764,7 +766,7 @@ def test_debezium_encoder_is_per_column_function() -> None:
             },
         ),
         (869, -1, {"type": "string"}),
-        (Oid.INTERVAL, -1, {"type": "int64", "name": "io.debezium.time.MicroDuration", "version": 1}),
+        (Oid.INTERVAL, -1, {"type": "string", "name": "io.debezium.time.Interval", "version": 1}),
         (1007, -1, {"type": "array", "items": {"type": "int32", "optional": True}}),
     ],
 )  # fmt: skip
