@@ -277,7 +277,7 @@ def test_changing_a_tables_rules_records_a_new_schema_version(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from catalog.schema_registry import SchemaRegistry
-    from tests.integration.test_cli import run_cdc
+    from tests.plugins.cli import run_cdc
 
     pg_conn.execute("CREATE TABLE people (id int PRIMARY KEY, email text, city text)")
     pg_conn.execute(f"INSERT INTO people VALUES (1, '{MARK}@1', 'Oslo')")
@@ -319,7 +319,7 @@ def test_changing_a_tables_rules_records_a_new_schema_version(
 def test_cdc_run_with_a_bad_rule_exits_1_naming_rule_and_file(
     pg_dsn: str, pg_conn: psycopg.Connection, lake_dir: str, tmp_path: Path
 ) -> None:
-    from tests.integration.test_cli import run_cdc
+    from tests.plugins.cli import run_cdc
 
     pg_conn.execute(SCHEMA)
     path = tmp_path / "pipeline.toml"
