@@ -471,10 +471,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, standalone_mode=True)
     except TransientError as e:
-        errors.print(f"[red]error (temporary, retry may help):[/] {e}")
+        errors.print(f"[red]error (temporary, retry may help):[/] {escape(str(e))}")
         sys.exit(EXIT_TRANSIENT)
     except TerminalError as e:
-        errors.print(f"[red]error:[/] {e}")
+        errors.print(f"[red]error:[/] {escape(str(e))}")
         sys.exit(EXIT_TERMINAL)
     except KeyboardInterrupt:
         errors.print("interrupted")
