@@ -24,6 +24,7 @@ from catalog import lake_layout as layout
 from catalog.errors import CatalogError
 from catalog.kafka_schema_registry import KafkaSchemaRegistry
 from cdc.core.errors import ConfigError
+from cdc.core.events import ChangeEvent
 from cdc.core.lsn import format_lsn
 from cdc.core.position import CapturePosition
 from cdc.core.settings import Settings
@@ -31,6 +32,8 @@ from cdc.core.table_schema import TableSchema
 from cdc.kafka.errors import wrap_kafka_error
 from cdc.kafka.position_store import KafkaPositionStore
 from cdc.kafka.producer import KafkaProducerSink, producer_config
+from cdc.metrics import EventCounts, Metrics
+from cdc.operations import Operations, lost_slot_message
 from cdc.postgres.errors import (
     PrerequisiteError,
     SlotLostError,
@@ -48,6 +51,7 @@ from cdc.postgres.slots import (
     ensure_publication,
     get_slot,
     publishes_all_tables,
+    slot_status,
 )
 from cdc.postgres.snapshot import SnapshotReader
 from cdc.postgres.source_queries import SourceQueries
@@ -79,9 +83,11 @@ class CapturePipeline:
         progress: SnapshotProgress | None = None,
         sink: Sink | None = None,
         store: PositionStore | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         """``sink`` and ``store`` default to the lake's Delta changelog writer and the lake's
-        pipeline state; ``cdc capture`` passes Kafka ones instead."""
+        pipeline state; ``cdc capture`` passes Kafka ones instead. ``metrics`` receives the
+        Prometheus metrics (see :mod:`cdc.metrics`)."""
         self.settings = settings
         self.dsn = settings.source_dsn()
         self.stop = stop or threading.Event()
@@ -109,6 +115,18 @@ class CapturePipeline:
             "commits": 0,
             "reconnects": 0,
         }
+        # Operations (cdc.operations, cdc.metrics): per-table event counts kept in _handle
+        # at the cost of an identity check, and the commit time of the newest change of
+        # each table not yet flushed.
+        self.prometheus = metrics
+        self.event_counts = EventCounts()
+        if metrics is not None:
+            metrics.event_counts.append(self.event_counts)
+        self._counted: Any = None
+        self._op_counts: dict[str, int] = {}
+        self._last_event: Any = None
+        self._unflushed_commits: dict[str, datetime] = {}
+        self._flushed_counts: dict[str, int] = {}
 
     # -- start-up ---------------------------------------------------------------------------
 
@@ -140,6 +158,20 @@ class CapturePipeline:
         if slot is not None:
             check_slot_usable(slot, conn)
         position = self.store.load()
+        state = slot_status(conn, settings.slot_name) if slot is not None else None
+        if state is not None and state.lost:
+            if self.prometheus is not None:
+                self.prometheus.slot_lost.inc()
+            if settings.ops.on_slot_lost != "resnapshot":
+                raise SlotLostError(lost_slot_message(settings.slot_name))
+            log.warning(
+                "slot %s is lost; dropping it to copy every table again (--on-slot-lost "
+                "resnapshot)",
+                settings.slot_name,
+                extra={"slot": settings.slot_name},
+            )
+            drop_slot(conn, settings.slot_name)
+            slot = None
 
         if position is not None and not position.snapshot_done:
             # The previous run died while creating the slot or copying: start that over.
@@ -164,6 +196,10 @@ class CapturePipeline:
             return position, None
 
         if position is not None and position.snapshot_done:
+            if settings.ops.on_slot_lost == "resnapshot" and settings.snapshot == "initial":
+                # The gap cannot be streamed: each table's changelog gets a truncate, then
+                # a fresh copy, so the current state is right and history says what happened.
+                return self._create_slot_and_snapshot(tables, resnapshot=True)
             raise SlotLostError(
                 f"slot {settings.slot_name!r} was dropped after this pipeline streamed from it; "
                 "changes made since then are not recoverable from PostgreSQL. To start over, "
@@ -172,7 +208,7 @@ class CapturePipeline:
         return self._create_slot_and_snapshot(tables)
 
     def _create_slot_and_snapshot(
-        self, tables: list[tuple[str, str]]
+        self, tables: list[tuple[str, str]], *, resnapshot: bool = False
     ) -> tuple[CapturePosition, ReplicationConnection]:
         settings = self.settings
         position = CapturePosition(slot=settings.slot_name)
@@ -193,7 +229,7 @@ class CapturePipeline:
         log.info("created slot %s at %s", settings.slot_name, format_lsn(created.consistent_point))
         if settings.snapshot == "initial":
             try:
-                self._snapshot(tables, created.snapshot_name, position)
+                self._snapshot(tables, created.snapshot_name, position, resnapshot=resnapshot)
             except BaseException:
                 repl.close()
                 raise
@@ -203,7 +239,12 @@ class CapturePipeline:
         return position, repl
 
     def _snapshot(
-        self, tables: list[tuple[str, str]], snapshot_name: str | None, position: CapturePosition
+        self,
+        tables: list[tuple[str, str]],
+        snapshot_name: str | None,
+        position: CapturePosition,
+        *,
+        resnapshot: bool = False,
     ) -> None:
         schemas = describe_tables(self.source.connection(), tables)
         read_at = datetime.now(UTC)
@@ -215,6 +256,8 @@ class CapturePipeline:
                     continue  # dropped since the publication was read
                 name = schema.qualified_name
                 self.sink.ensure_table(schema)
+                if resnapshot:
+                    self._record_gap(schema, lsn, read_at)
                 if self.progress:
                     self.progress.table_started(name, reader.estimate_rows(schema))
                 copied = 0
@@ -228,7 +271,35 @@ class CapturePipeline:
                 if self.progress:
                     self.progress.table_done(name, copied)
                 self.metrics["snapshot_rows"] += copied
+                if self.prometheus is not None:
+                    self.prometheus.snapshot_rows.labels(name).inc(copied)
         self._flush()
+
+    def _record_gap(self, schema: TableSchema, snapshot_lsn: int, read_at: datetime) -> None:
+        """A truncate just before a re-snapshot's rows (at ``snapshot_lsn``): rows deleted
+        while the slot was lost leave the current state, and the changelog shows where
+        streamed history has a gap. ``snapshot_lsn - 1`` is past every change the lost slot
+        delivered (they committed before the new slot's consistent point)."""
+        lsn = snapshot_lsn - 1
+        self.sink.add(
+            ChangeEvent(
+                op="t",
+                table=schema,
+                before=None,
+                after=None,
+                commit_lsn=lsn,
+                seq=0,
+                txid=None,
+                commit_ts=read_at,
+                lsn=lsn,
+            )
+        )
+        log.warning(
+            "%s: recorded the gap of the lost slot as a truncate at %s before copying it again",
+            schema.qualified_name,
+            format_lsn(lsn),
+            extra={"table": schema.qualified_name, "lsn": format_lsn(lsn)},
+        )
 
     def _add_snapshot(self, schema: TableSchema, batch: Any, **kwargs: Any) -> None:
         try:
@@ -262,13 +333,43 @@ class CapturePipeline:
                 continue
             self.metrics["rows_written"] += result["rows"]
             self.metrics["commits"] += result["commits"]
+            self._flushed(result)
             return
+
+    def _flushed(self, result: dict[str, Any]) -> None:
+        """Metrics of one successful flush: rows per table and the newest commit landed."""
+        if self._last_event is not None:
+            self._unflushed_commits[self._counted.qualified_name] = self._last_event.commit_ts
+        landed, self._unflushed_commits = self._unflushed_commits, {}
+        if "tables" not in result:
+            # A sink that does not count per table (Kafka): the events handed to it since
+            # the previous flush are what it made durable.
+            counts = self.event_counts.by_table()
+            result = dict(result)
+            result["tables"] = {t: n - self._flushed_counts.get(t, 0) for t, n in counts.items()}
+            self._flushed_counts = counts
+        m = self.prometheus
+        if m is not None:
+            m.flushed(result, seconds=float(result.get("duration_s") or 0.0))
+            for table, commit_ts in landed.items():
+                m.landed(table, commit_ts.timestamp())
+
+    def _count(self, table: Any) -> None:
+        """Make ``table`` the one _handle counts (it changed since the previous event)."""
+        if self._last_event is not None:
+            # The previous event was the newest of its table so far.
+            self._unflushed_commits[self._counted.qualified_name] = self._last_event.commit_ts
+        self._counted = table
+        self._op_counts = self.event_counts.switch(table)
 
     def _handle(self, item: StreamItem) -> None:
         """Hand one stream item to the sink."""
         if isinstance(item, TransactionCommitted):
             return
-        self.metrics["events"] += 1
+        if item.table is not self._counted:
+            self._count(item.table)
+        self._op_counts[item.op] += 1
+        self._last_event = item
         if item.unchanged_toast and item.op == "c":
             # Only a key change produces these: the new key has no earlier row to take the
             # unchanged values from.
@@ -338,6 +439,13 @@ class CapturePipeline:
         )
         initial_rows = self.metrics["snapshot_rows"]
         self._snapshots = snapshots
+        ops = Operations(
+            self.settings,
+            connection=self.source.connection,
+            metrics=self.prometheus,
+            queue_snapshot=snapshots.queued.setdefault,
+        )
+        self.operations = ops
         delay = 0.5
         connected = False
         try:
@@ -355,15 +463,28 @@ class CapturePipeline:
                     if self.sink.flush_due():
                         self._flush()
                     snapshots.poll_publication()
+                    ops.tick(source)
                     if snapshots.queued:
+                        copied, queued = snapshots.copied_rows, set(snapshots.queued)
                         self._held = snapshots.run(source, self._handle)
                         self.metrics["snapshot_rows"] = snapshots.copied_rows + initial_rows
+                        if self.prometheus is not None:
+                            # One table per run unless several finished: then their sum.
+                            done = sorted(queued - set(snapshots.queued))
+                            self.prometheus.snapshot_rows.labels(",".join(done)).inc(
+                                snapshots.copied_rows - copied
+                            )
                     source.confirm(self._durable_lsn(source))
                 except SourceConnectionError as e:
                     connected = False
                     source.close()
                     self.source.close()
                     self.metrics["reconnects"] += 1
+                    if self.prometheus is not None:
+                        self.prometheus.reconnects.inc()
+                    # A slot invalidated meanwhile refuses every START_REPLICATION: say so
+                    # instead of retrying for ever.
+                    ops.check_slot()
                     log.warning("source connection lost (%s); reconnecting in %.1fs", e, delay)
                     # What was received is made durable now, so the replay after the
                     # reconnect is filtered instead of re-buffered.
@@ -386,17 +507,26 @@ class CapturePipeline:
         return False
 
     def run(self) -> dict[str, Any]:
-        try:
-            position, conn = self.prepare()
-        except _Stopped:
-            log.warning("stopped during the initial snapshot; the next run starts it again")
-            self.source.close()
-            return dict(self.metrics, snapshot_interrupted=True)
-        self.position = position
-        try:
-            self.stream(position, conn)
-        finally:
-            self.source.close()
+        while True:
+            try:
+                position, conn = self.prepare()
+            except _Stopped:
+                log.warning("stopped during the initial snapshot; the next run starts it again")
+                self.source.close()
+                return dict(self.metrics, snapshot_interrupted=True)
+            self.position = position
+            try:
+                self.stream(position, conn)
+            except SlotLostError:
+                if self.settings.ops.on_slot_lost != "resnapshot" or self.stop.is_set():
+                    raise
+                # prepare() sees the lost slot, drops it and copies every table again.
+                log.warning("slot %s was lost while streaming", self.settings.slot_name)
+                continue
+            finally:
+                self.source.close()
+            break
+        self.metrics["events"] = self.event_counts.total()
         self.metrics["flushed_lsn"] = format_lsn(position.flushed_lsn)
         return dict(self.metrics)
 
@@ -406,6 +536,7 @@ def run_embedded(
     *,
     stop: threading.Event | None = None,
     progress: SnapshotProgress | None = None,
+    metrics: Metrics | None = None,
 ) -> dict[str, Any]:
     """Capture ``settings.source`` into Delta tables under ``settings.lake`` until ``stop``.
 
@@ -422,7 +553,7 @@ def run_embedded(
         >>> run_embedded(load_settings(**{"source.dsn": dsn}), stop=stop)  # doctest: +SKIP
         {'snapshot_rows': 1000, 'events': 52, 'rows_written': 1052, ...}
     """
-    return CapturePipeline(settings, stop=stop, progress=progress).run()
+    return CapturePipeline(settings, stop=stop, progress=progress, metrics=metrics).run()
 
 
 def _database_name(dsn: str) -> str:
@@ -439,6 +570,7 @@ def run_capture(
     *,
     stop: threading.Event | None = None,
     progress: SnapshotProgress | None = None,
+    metrics: Metrics | None = None,
 ) -> dict[str, Any]:
     """Capture ``settings.source`` into Kafka topics until ``stop`` is set.
 
@@ -493,7 +625,9 @@ def run_capture(
             tombstones=kafka.tombstones,
             batch=settings.batch,
         )
-        pipeline = CapturePipeline(settings, stop=stop, progress=progress, sink=sink, store=store)
+        pipeline = CapturePipeline(
+            settings, stop=stop, progress=progress, sink=sink, store=store, metrics=metrics
+        )
         try:
             return pipeline.run()
         finally:

@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cdc.core.errors import ConfigError
+from cdc.core.secrets import dsn_password, is_secret_property, register_secrets
 
 # PostgreSQL folds unquoted names to lower case and limits names to 63 bytes; slot names
 # allow only lower-case letters, digits and underscores.
@@ -135,6 +136,43 @@ class KafkaSettings(BaseModel):
         return value
 
 
+class OpsSettings(BaseModel):
+    """Operating a running pipeline: metrics, heartbeats, the slot guard and log format
+    (``CDC_OPS__METRICS_PORT``, ``CDC_OPS__HEARTBEAT_SECONDS``...)."""
+
+    metrics_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="Serve Prometheus metrics on this port at /metrics; off when unset.",
+    )
+    metrics_host: str = Field(default="0.0.0.0", description="Address the metrics server binds.")
+    heartbeat_seconds: float | None = Field(
+        default=None,
+        gt=0,
+        description="Emit a non-transactional logical message through the slot's database "
+        "this often, so the slot advances while the published tables are quiet, and "
+        "measure end-to-end latency with it; off when unset.",
+    )
+    lag_warn_bytes: int = Field(
+        default=1024**3,
+        gt=0,
+        description="Warn (log and cdc_slot_lag_warning) when the slot's lag passes this many bytes.",
+    )
+    slot_check_seconds: float = Field(
+        default=15.0, gt=0, description="How often a running pipeline reads its slot's state."
+    )
+    on_slot_lost: Literal["stop", "resnapshot"] = Field(
+        default="stop",
+        description="When PostgreSQL invalidates the slot (wal_status 'lost'): stop with an "
+        "error, or drop it, create a new one and copy every table again (the changelog "
+        "records a truncate followed by the copy).",
+    )
+    log_format: Literal["rich", "json"] = Field(
+        default="rich", description="rich: for people; json: one object per line for log shippers."
+    )
+
+
 class Settings(BaseSettings):
     """Everything a pipeline needs. See the module docstring for the environment names."""
 
@@ -150,10 +188,19 @@ class Settings(BaseSettings):
     lake: LakeSettings = Field(default_factory=LakeSettings)
     batch: BatchSettings = Field(default_factory=BatchSettings)
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    ops: OpsSettings = Field(default_factory=OpsSettings)
     snapshot: Literal["initial", "never"] = Field(
         default="initial",
         description="initial: copy existing rows before streaming; never: stream only.",
     )
+
+    def model_post_init(self, context: object, /) -> None:
+        # Whatever the process prints later (logs, errors) masks these values.
+        if self.source.dsn is not None:
+            register_secrets(dsn_password(self.source.dsn.get_secret_value()))
+        k = self.kafka
+        for props in (k.client, k.producer, k.consumer):
+            register_secrets(*(str(v) for n, v in props.items() if is_secret_property(n)))
 
     @field_validator("name")
     @classmethod

@@ -31,6 +31,9 @@ from cdc.postgres.stream_spill import CHANGE_TAGS, Replayed, StreamedTransaction
 
 StreamItem = ChangeEvent | TransactionCommitted
 
+#: Logical messages with this prefix are the pipeline's own (heartbeats, signals).
+MESSAGE_PREFIX = "cdc-"
+
 
 class StreamingSource:
     """Change events from one slot, resuming at the slot's confirmed position.
@@ -69,6 +72,9 @@ class StreamingSource:
         # None: whenever the server can (see ReplicationConnection.start_replication).
         self.stream_in_progress = stream_in_progress
         self._conn: ReplicationConnection | None = None
+        #: Non-transactional logical messages whose prefix starts with ``cdc-`` (heartbeats,
+        #: signals), in arrival order; the consumer takes them out.
+        self.messages: list[pgoutput.LogicalMessage] = []
         self._last_status = 0.0
         # The streamed transaction being handed on after its StreamCommit; no frame is read
         # until it is exhausted, because everything after the commit must follow it.
@@ -178,6 +184,10 @@ class StreamingSource:
             return []
         if isinstance(message, pgoutput.StreamCommit):
             self._replay = streams.commit(message)
+            return []
+        if isinstance(message, pgoutput.LogicalMessage):
+            if not message.transactional and message.prefix.startswith(MESSAGE_PREFIX):
+                self.messages.append(message)
             return []
         return self.assembler.feed(message, lsn=lsn, size=len(payload))
 
