@@ -226,7 +226,12 @@ class CapturePipeline:
         position.consistent_point = created.consistent_point
         position.flushed_lsn = created.consistent_point
         self.store.save(position)
-        log.info("created slot %s at %s", settings.slot_name, format_lsn(created.consistent_point))
+        log.info(
+            "created slot %s at %s",
+            settings.slot_name,
+            format_lsn(created.consistent_point),
+            extra={"slot": settings.slot_name, "lsn": format_lsn(created.consistent_point)},
+        )
         if settings.snapshot == "initial":
             try:
                 self._snapshot(tables, created.snapshot_name, position, resnapshot=resnapshot)
@@ -528,6 +533,18 @@ class CapturePipeline:
             break
         self.metrics["events"] = self.event_counts.total()
         self.metrics["flushed_lsn"] = format_lsn(position.flushed_lsn)
+        log.info(
+            "stopped at %s: %d events, %d rows written",
+            self.metrics["flushed_lsn"],
+            self.metrics["events"],
+            self.metrics["rows_written"],
+            extra={
+                "lsn": self.metrics["flushed_lsn"],
+                "events": self.metrics["events"],
+                "rows_written": self.metrics["rows_written"],
+                "snapshot_rows": self.metrics["snapshot_rows"],
+            },
+        )
         return dict(self.metrics)
 
 
