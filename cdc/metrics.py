@@ -111,7 +111,7 @@ class Metrics:
     Example:
         >>> m = Metrics()
         >>> m.flushed({"tables": {"public.t": 3}}, seconds=0.01)
-        >>> m.rows_written.labels("public.t")._value.get()
+        >>> m.registry.get_sample_value("cdc_rows_written_total", {"table": "public.t"})
         3.0
     """
 

@@ -127,6 +127,7 @@ class CapturePipeline:
         self._last_event: Any = None
         self._unflushed_commits: dict[str, datetime] = {}
         self._flushed_counts: dict[str, int] = {}
+        self._snapshot_unflushed: dict[str, int] = {}
 
     # -- start-up ---------------------------------------------------------------------------
 
@@ -276,8 +277,6 @@ class CapturePipeline:
                 if self.progress:
                     self.progress.table_done(name, copied)
                 self.metrics["snapshot_rows"] += copied
-                if self.prometheus is not None:
-                    self.prometheus.snapshot_rows.labels(name).inc(copied)
         self._flush()
 
     def _record_gap(self, schema: TableSchema, snapshot_lsn: int, read_at: datetime) -> None:
@@ -307,6 +306,11 @@ class CapturePipeline:
         )
 
     def _add_snapshot(self, schema: TableSchema, batch: Any, **kwargs: Any) -> None:
+        # Counted per batch (initial and incremental snapshots both come through here).
+        name, rows = schema.qualified_name, batch.num_rows
+        self._snapshot_unflushed[name] = self._snapshot_unflushed.get(name, 0) + rows
+        if self.prometheus is not None:
+            self.prometheus.snapshot_rows.labels(name).inc(rows)
         try:
             self.sink.add_snapshot(schema, batch, **kwargs)
         except SinkBackpressureError:
@@ -346,12 +350,15 @@ class CapturePipeline:
         if self._last_event is not None:
             self._unflushed_commits[self._counted.qualified_name] = self._last_event.commit_ts
         landed, self._unflushed_commits = self._unflushed_commits, {}
+        copied, self._snapshot_unflushed = self._snapshot_unflushed, {}
         if "tables" not in result:
-            # A sink that does not count per table (Kafka): the events handed to it since
-            # the previous flush are what it made durable.
+            # A sink that does not count per table (Kafka): the events and snapshot rows
+            # handed to it since the previous flush are what it made durable.
             counts = self.event_counts.by_table()
-            result = dict(result)
-            result["tables"] = {t: n - self._flushed_counts.get(t, 0) for t, n in counts.items()}
+            tables = {t: n - self._flushed_counts.get(t, 0) for t, n in counts.items()}
+            for t, n in copied.items():
+                tables[t] = tables.get(t, 0) + n
+            result = dict(result, tables=tables)
             self._flushed_counts = counts
         m = self.prometheus
         if m is not None:
@@ -470,15 +477,8 @@ class CapturePipeline:
                     snapshots.poll_publication()
                     ops.tick(source)
                     if snapshots.queued:
-                        copied, queued = snapshots.copied_rows, set(snapshots.queued)
                         self._held = snapshots.run(source, self._handle)
                         self.metrics["snapshot_rows"] = snapshots.copied_rows + initial_rows
-                        if self.prometheus is not None:
-                            # One table per run unless several finished: then their sum.
-                            done = sorted(queued - set(snapshots.queued))
-                            self.prometheus.snapshot_rows.labels(",".join(done)).inc(
-                                snapshots.copied_rows - copied
-                            )
                     source.confirm(self._durable_lsn(source))
                 except SourceConnectionError as e:
                     connected = False
