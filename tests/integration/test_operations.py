@@ -5,6 +5,7 @@ no secret in any output."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -22,6 +23,8 @@ from deltalake import DeltaTable
 from catalog import lake_layout
 from cdc.cli.local_postgres import LocalPostgres
 from cdc.core.settings import load_settings
+from cdc.metrics import Metrics
+from cdc.operations import Operations
 from cdc.pipeline import CapturePipeline
 from cdc.postgres.errors import SlotLostError
 from cdc.postgres.slots import slot_status
@@ -383,3 +386,34 @@ def test_slot_list_drop_and_snapshot_signal(
     dropped = cdc("slot", "drop", "sig", "--source", pg_dsn)
     assert dropped.returncode == 0, dropped.stderr
     assert slot_status(pg_conn, "sig") is None
+
+
+def test_lag_warning_from_the_slot_guard(
+    pg_dsn: str, pg_conn: psycopg.Connection, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A slot nobody reads falls behind: the guard warns once, and the metrics say so."""
+    pg_conn.execute("SELECT pg_create_logical_replication_slot('stalled', 'pgoutput')")
+    pg_conn.execute(
+        "CREATE TABLE filler AS SELECT repeat('x', 100) AS v FROM generate_series(1, 5000)"
+    )
+    settings = load_settings(
+        **{"source.dsn": pg_dsn, "name": "stalled", "ops.lag_warn_bytes": 100_000}
+    )
+    metrics = Metrics()
+    ops = Operations(
+        settings,
+        connection=lambda: pg_conn,
+        metrics=metrics,
+        queue_snapshot=lambda name, key: None,
+    )
+    with caplog.at_level(logging.WARNING, logger="cdc.operations"):
+        slot = ops.check_slot()
+        ops.check_slot()
+    assert slot is not None and slot.lag_bytes is not None and slot.lag_bytes > 100_000
+    warnings = [r for r in caplog.records if "lags" in r.getMessage()]
+    assert len(warnings) == 1  # once, not on every check
+    assert warnings[0].lag_bytes == slot.lag_bytes  # type: ignore[attr-defined]
+    get = metrics.registry.get_sample_value
+    assert get("cdc_slot_lag_warning") == 1
+    assert (get("cdc_replication_lag_bytes") or 0) >= slot.lag_bytes
+    assert (get("cdc_slot_retained_wal_bytes") or 0) >= slot.lag_bytes
