@@ -29,7 +29,13 @@ from cdc.core.lsn import format_lsn
 from cdc.core.settings import Settings
 from cdc.metrics import Metrics
 from cdc.postgres.errors import SlotLostError
-from cdc.postgres.slots import SlotStatus, emit_message, slot_status, split_table_name
+from cdc.postgres.slots import (
+    SlotStatus,
+    emit_message,
+    published_tables,
+    slot_status,
+    split_table_name,
+)
 from cdc.postgres.streaming import StreamingSource
 
 __all__ = [
@@ -136,11 +142,19 @@ class Operations:
             if self.metrics is not None:
                 self.metrics.heartbeat_latency.set(self.heartbeat_latency)
         elif prefix == SIGNAL_PREFIX and data.get("action") == "snapshot":
+            published = set(published_tables(self._connection(), self.settings.publication_name))
             for name in data.get("tables") or []:
                 try:
                     key = split_table_name(str(name))
                 except ConfigError as e:
                     log.warning("snapshot signal: %s", e)
+                    continue
+                if key not in published:
+                    log.warning(
+                        "snapshot signal: %s.%s is not in publication %s; not copied",
+                        *key,
+                        self.settings.publication_name,
+                    )
                     continue
                 log.info(
                     "snapshot signal at %s: copying %s.%s again",

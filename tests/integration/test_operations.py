@@ -346,7 +346,7 @@ def test_lost_slot_stops_then_resnapshots(
 
 
 def test_slot_list_drop_and_snapshot_signal(
-    pg_dsn: str, pg_conn: psycopg.Connection, lake_dir: str
+    pg_dsn: str, pg_conn: psycopg.Connection, lake_dir: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     create_tables(pg_conn)
     with running_pipeline(pg_dsn, lake_dir, name="sig") as pipeline:
@@ -363,7 +363,7 @@ def test_slot_list_drop_and_snapshot_signal(
         signal_ = cdc(
             "snapshot",
             "--tables",
-            '"Order Lines",public.events',
+            '"Order Lines",public.events,public.not_there',
             "--source",
             pg_dsn,
             "--name",
@@ -382,6 +382,9 @@ def test_slot_list_drop_and_snapshot_signal(
             )
 
         wait_for(copied_twice, what="the signalled re-copy of both tables")
+        assert any(
+            "public.not_there is not in publication" in r.getMessage() for r in caplog.records
+        )
         assert_lake_matches_postgres(pg_dsn, lake_dir, TABLE, COLUMNS, ["order_id", "line"])
     dropped = cdc("slot", "drop", "sig", "--source", pg_dsn)
     assert dropped.returncode == 0, dropped.stderr
