@@ -18,9 +18,49 @@ from deltalake.exceptions import DeltaError, TableNotFoundError
 
 from catalog import lake_layout
 from catalog.duckdb_views import discover_tables, merge_watermark
-from catalog.errors import TransientCatalogError
+from catalog.errors import TerminalCatalogError, TransientCatalogError
 
-__all__ = ["TableFreshness", "table_freshness"]
+__all__ = ["DeltaLogFacts", "TableFreshness", "delta_log_facts", "table_freshness"]
+
+
+@dataclass(frozen=True, slots=True)
+class DeltaLogFacts:
+    """What one read of a Delta table's log tells: its live files (with their statistics),
+    row count (``None`` if a file lacks statistics) and the time of the newest commit."""
+
+    table: DeltaTable
+    adds: pa.Table
+    rows: int | None
+    files: int
+    last_write_at: datetime | None
+
+
+def delta_log_facts(uri: str, *, storage_options: dict[str, str] | None = None) -> DeltaLogFacts:
+    """Read the Delta log at ``uri`` (not its data files).
+
+    Raises:
+        TerminalCatalogError: there is no Delta table at ``uri``.
+        TransientCatalogError: the log cannot be read now.
+    """
+    try:
+        dt = DeltaTable(uri, storage_options=storage_options)
+        adds = pa.table(dt.get_add_actions(flatten=True))
+        history = dt.history(1)
+    except TableNotFoundError as e:
+        raise TerminalCatalogError(f"{uri} is not a Delta table: {e}") from e
+    except (DeltaError, OSError) as e:
+        raise TransientCatalogError(f"cannot read the Delta log of {uri}: {e}") from e
+    rows: int | None = None
+    if "num_records" in adds.column_names:
+        records = adds.column("num_records")
+        if records.null_count == 0:
+            rows = int(pc.sum(records).as_py() or 0)
+    elif adds.num_rows == 0:
+        rows = 0
+    last_write = None
+    if history and history[0].get("timestamp") is not None:
+        last_write = datetime.fromtimestamp(history[0]["timestamp"] / 1000, tz=UTC)
+    return DeltaLogFacts(dt, adds, rows, adds.num_rows, last_write)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,44 +121,32 @@ def _one(
     root: str, name: str, storage_options: dict[str, str] | None, now: datetime
 ) -> TableFreshness:
     uri = lake_layout.changes_uri(root, name)
+    facts = delta_log_facts(uri, storage_options=storage_options)
+    watermark = merge_watermark(
+        lake_layout.current_uri(root, name), storage_options=storage_options
+    )
+    unmerged_filter = None
+    if watermark is not None:
+        lsn, seq = ds.field(lake_layout.LSN), ds.field(lake_layout.SEQ)
+        w_lsn, w_seq = watermark
+        unmerged_filter = (lsn > w_lsn) | ((lsn == w_lsn) & (seq > w_seq))
     try:
-        dt = DeltaTable(uri, storage_options=storage_options)
-        adds = pa.table(dt.get_add_actions(flatten=True))
-        history = dt.history(1)
-        watermark = merge_watermark(
-            lake_layout.current_uri(root, name), storage_options=storage_options
-        )
-        if watermark is None:
-            unmerged_filter = None
-        else:
-            lsn, seq = ds.field(lake_layout.LSN), ds.field(lake_layout.SEQ)
-            w_lsn, w_seq = watermark
-            unmerged_filter = (lsn > w_lsn) | ((lsn == w_lsn) & (seq > w_seq))
-        unmerged = dt.to_pyarrow_dataset().count_rows(filter=unmerged_filter)
-    except TableNotFoundError as e:
-        raise TransientCatalogError(f"{uri} disappeared while being read: {e}") from e
+        unmerged = facts.table.to_pyarrow_dataset().count_rows(filter=unmerged_filter)
     except (DeltaError, OSError) as e:
-        raise TransientCatalogError(f"cannot read the Delta log of {uri}: {e}") from e
-    rows: int | None = 0
-    if "num_records" in adds.column_names and adds.column("num_records").null_count == 0:
-        rows = int(pc.sum(adds.column("num_records")).as_py() or 0)
-    elif adds.num_rows:
-        rows = None
+        raise TransientCatalogError(f"cannot count the unmerged changes of {uri}: {e}") from e
+    adds = facts.adds
     newest = _stat_max(adds, lake_layout.COMMIT_TS)
     if isinstance(newest, datetime) and newest.tzinfo is None:
         newest = newest.replace(tzinfo=UTC)
-    last_write = None
-    if history and history[0].get("timestamp") is not None:
-        last_write = datetime.fromtimestamp(history[0]["timestamp"] / 1000, tz=UTC)
     return TableFreshness(
         table=name,
         newest_commit_at=newest,
         age_seconds=round((now - newest).total_seconds(), 3) if newest else None,
         lsn_watermark=_stat_max(adds, lake_layout.LSN),
-        rows=rows,
-        files=adds.num_rows,
-        delta_version=dt.version(),
-        last_write_at=last_write,
+        rows=facts.rows,
+        files=facts.files,
+        delta_version=facts.table.version(),
+        last_write_at=facts.last_write_at,
         merge_watermark=list(watermark) if watermark else None,
         unmerged_changes=unmerged,
     )

@@ -617,15 +617,7 @@ def run_capture(
         producer=kafka.producer,
         consumer=kafka.consumer,
     )
-    store = KafkaPositionStore(
-        bootstrap,
-        prefix=settings.topic_prefix,
-        pipeline=settings.name,
-        client=kafka.client,
-        producer=kafka.producer,
-        consumer=kafka.consumer,
-        replication_factor=kafka.replication_factor,
-    )
+    store = KafkaPositionStore.for_settings(settings)
     try:
         try:
             registry.create_topic(replication_factor=kafka.replication_factor)

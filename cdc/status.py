@@ -105,15 +105,7 @@ def _kafka(settings: Settings) -> dict[str, Any]:
 
 def _snapshot(settings: Settings, *, kafka: bool) -> dict[str, Any] | None:
     if kafka:
-        k = settings.kafka
-        store: Any = KafkaPositionStore(
-            settings.kafka_bootstrap(),
-            prefix=settings.topic_prefix,
-            pipeline=settings.name,
-            client=k.client,
-            producer=k.producer,
-            consumer=k.consumer,
-        )
+        store: Any = KafkaPositionStore.for_settings(settings)
     else:
         store = LakePositionStore(
             settings.lake.path, settings.name, storage_options=settings.lake.storage_options or None
