@@ -26,7 +26,8 @@ from cdc.core.settings import load_settings
 from cdc.metrics import Metrics
 from cdc.operations import Operations
 from cdc.pipeline import CapturePipeline
-from cdc.postgres.errors import SlotLostError
+from cdc.postgres.errors import SlotLostError, SourceConnectionError
+from cdc.postgres.replication import ReplicationConnection
 from cdc.postgres.slots import slot_status
 from tests.plugins.lake import (
     assert_lake_matches_postgres,
@@ -420,3 +421,47 @@ def test_lag_warning_from_the_slot_guard(
     assert get("cdc_slot_lag_warning") == 1
     assert (get("cdc_replication_lag_bytes") or 0) >= slot.lag_bytes
     assert (get("cdc_slot_retained_wal_bytes") or 0) >= slot.lag_bytes
+
+
+def steal_slot(dsn: str, slot: str) -> ReplicationConnection:
+    """End the walsender that streams ``slot`` and hold the slot with a connection that
+    never confirms anything (retried: the pipeline reconnects within a second)."""
+    deadline = time.monotonic() + 30
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        while True:
+            conn.execute(
+                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
+                "WHERE slot_name = %s AND active_pid IS NOT NULL",
+                [slot],
+            )
+            thief = ReplicationConnection(dsn)
+            try:
+                thief.start_replication(slot, slot)
+                return thief
+            except SourceConnectionError:
+                thief.close()
+                assert time.monotonic() < deadline, "could not take the slot over"
+                time.sleep(0.05)
+
+
+def test_slot_lost_while_running_is_resnapshotted(
+    small_wal_server: LocalPostgres, lake_dir: str
+) -> None:
+    with temporary_database(small_wal_server) as dsn, psycopg.connect(dsn, autocommit=True) as conn:
+        create_tables(conn)
+        overrides = {"ops.on_slot_lost": "resnapshot", "ops.slot_check_seconds": 0.2}
+        with running_pipeline(dsn, lake_dir, name="mid", **overrides) as pipeline:
+            wait_caught_up(pipeline, dsn)
+            thief = steal_slot(dsn, "mid")  # the pipeline keeps reconnecting meanwhile
+            try:
+                conn.execute(f"DELETE FROM {TABLE} WHERE order_id = 6")
+                lose_slot(dsn, "mid")  # the server also ends the thief's walsender
+            finally:
+                thief.close()
+            wait_for(lambda: pipeline.metrics["snapshot_rows"] >= 30 + 27, what="re-snapshot")
+            conn.execute(f"UPDATE {TABLE} SET sku = 'after' WHERE order_id = 7")
+            wait_caught_up(pipeline, dsn)
+        assert_lake_matches_postgres(dsn, lake_dir, TABLE, COLUMNS, ["order_id", "line"])
+        changes = DeltaTable(lake_layout.changes_uri(lake_dir, "public.Order Lines"))
+        ops = changes.to_pyarrow_table(columns=["_cdc_op"]).column("_cdc_op").to_pylist()
+        assert ops.count("t") == 1
