@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-from catalog.errors import TerminalCatalogError
+from catalog.errors import TerminalCatalogError, TransientCatalogError
 
 #: Metadata columns of every changelog table, in the order they are written.
 OP = "_cdc_op"  # c, u, d, r (snapshot read), t (truncate)
@@ -135,16 +135,28 @@ def write_atomically(fs: pafs.FileSystem, path: str, data: bytes) -> None:
 
     Local files are written beside the target and renamed over it; on object stores a
     single PUT is already atomic.
+
+    Raises:
+        TransientCatalogError: the write failed (the old content, if any, is intact).
     """
     parent = path.rsplit("/", 1)[0]
-    fs.create_dir(parent, recursive=True)
-    if isinstance(fs, pafs.LocalFileSystem):
-        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    else:
-        with fs.open_output_stream(path) as out:
-            out.write(data)
+    try:
+        fs.create_dir(parent, recursive=True)
+        if isinstance(fs, pafs.LocalFileSystem):
+            tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        else:
+            with fs.open_output_stream(path) as out:
+                out.write(data)
+    except OSError as exc:
+        # A full disk, a permission changed under us, an object store that did not
+        # answer: the old content is intact and writing again may succeed.
+        raise TransientCatalogError(f"cannot write {path}: {exc}") from exc

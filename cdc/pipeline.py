@@ -15,15 +15,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 
 from catalog import lake_layout as layout
 from catalog.errors import CatalogError
 from catalog.kafka_schema_registry import KafkaSchemaRegistry
-from cdc.core.errors import ConfigError
+from cdc.core.errors import ConfigError, TransientError
 from cdc.core.events import ChangeEvent
 from cdc.core.lsn import format_lsn
 from cdc.core.position import CapturePosition
@@ -33,13 +34,8 @@ from cdc.kafka.errors import wrap_kafka_error
 from cdc.kafka.position_store import KafkaPositionStore
 from cdc.kafka.producer import KafkaProducerSink, producer_config
 from cdc.metrics import EventCounts, Metrics
-from cdc.operations import Operations, lost_slot_message
-from cdc.postgres.errors import (
-    PrerequisiteError,
-    SlotLostError,
-    SourceConnectionError,
-    SourceError,
-)
+from cdc.operations import Operations
+from cdc.postgres.errors import SlotLostError, SourceConnectionError, postgres_error
 from cdc.postgres.incremental_snapshot import IncrementalSnapshots
 from cdc.postgres.introspect import describe_tables
 from cdc.postgres.protocol.assembler import TransactionCommitted
@@ -58,12 +54,15 @@ from cdc.postgres.source_queries import SourceQueries
 from cdc.postgres.streaming import StreamingSource, StreamItem
 from sinks.base import PositionStore, Sink, SnapshotProgress
 from sinks.delta_changelog import DeltaChangelogSink
-from sinks.errors import SinkBackpressureError, TransientSinkError
+from sinks.errors import SinkBackpressureError
 from sinks.position_store import LakePositionStore
 
 log = logging.getLogger(__name__)
 
-#: How long a failing Delta commit is retried before the pipeline stops with the error.
+_T = TypeVar("_T")
+
+#: How long a failing Delta commit (or position-store write) is retried before the
+#: pipeline stops with the error.
 FLUSH_RETRY_SECONDS = 120.0
 
 
@@ -108,12 +107,14 @@ class CapturePipeline:
         self._held: list[StreamItem] = []
         self._snapshots: IncrementalSnapshots | None = None
         self._all_tables = False
+        self._tables: list[tuple[str, str]] = []
         self.metrics: dict[str, Any] = {
             "snapshot_rows": 0,
             "events": 0,
             "rows_written": 0,
             "commits": 0,
             "reconnects": 0,
+            "retries": 0,
         }
         # Operations (cdc.operations, cdc.metrics): per-table event counts kept in _handle
         # at the cost of an identity check, and the commit time of the newest change of
@@ -139,32 +140,31 @@ class CapturePipeline:
         """
         try:
             return self._prepare()
-        except psycopg.OperationalError as e:
-            raise SourceConnectionError(f"lost the source during set-up: {e}") from e
-        except psycopg.errors.InsufficientPrivilege as e:
-            raise PrerequisiteError(
-                f"the connecting role lacks a privilege: {e}. Publications FOR ALL TABLES need "
-                "a superuser; per-table publications need table ownership (or --tables)"
-            ) from e
         except psycopg.Error as e:
-            raise SourceError(f"set-up failed: {e}") from e
+            # Publications FOR ALL TABLES need a superuser, per-table ones table ownership:
+            # a privilege error names the role (postgres_error).
+            raise postgres_error(e, doing="setting up capture", dsn=self.dsn) from e
 
     def _prepare(self) -> tuple[CapturePosition, ReplicationConnection | None]:
         settings = self.settings
         conn = self.source.connection()
         check_prerequisites(conn)
         tables = ensure_publication(conn, settings.publication_name, tables=settings.source.tables)
+        self._tables = tables
         self._all_tables = publishes_all_tables(conn, settings.publication_name)
         slot = get_slot(conn, settings.slot_name)
         if slot is not None:
             check_slot_usable(slot, conn)
-        position = self.store.load()
+        position = self._retry(self.store.load, f"reading the pipeline state {self.store.path}")
         state = slot_status(conn, settings.slot_name) if slot is not None else None
         if state is not None and state.lost:
             if self.prometheus is not None:
                 self.prometheus.slot_lost.inc()
             if settings.ops.on_slot_lost != "resnapshot":
-                raise SlotLostError(lost_slot_message(settings.slot_name))
+                raise self._slot_lost(
+                    "is lost (wal_status 'lost'): PostgreSQL removed WAL it still needed "
+                    "(max_slot_wal_keep_size)"
+                )
             log.warning(
                 "slot %s is lost; dropping it to copy every table again (--on-slot-lost "
                 "resnapshot)",
@@ -198,15 +198,32 @@ class CapturePipeline:
 
         if position is not None and position.snapshot_done:
             if settings.ops.on_slot_lost == "resnapshot" and settings.snapshot == "initial":
-                # The gap cannot be streamed: each table's changelog gets a truncate, then
-                # a fresh copy, so the current state is right and history says what happened.
+                # Asked for: the gap cannot be streamed, so each table's changelog gets a
+                # truncate, then a fresh copy; the current state is right and history says
+                # what happened (never silently, see _record_gap).
                 return self._create_slot_and_snapshot(tables, resnapshot=True)
-            raise SlotLostError(
-                f"slot {settings.slot_name!r} was dropped after this pipeline streamed from it; "
-                "changes made since then are not recoverable from PostgreSQL. To start over, "
-                f"delete {self.store.path} and the pipeline's tables in the lake"
-            )
+            # Never re-created otherwise: a new slot starts at the current WAL position, so
+            # the changes made since the last confirmed one would be skipped in silence.
+            raise self._slot_lost("was dropped after this pipeline streamed from it")
         return self._create_slot_and_snapshot(tables)
+
+    def _slot_lost(self, what: str) -> SlotLostError:
+        """The error for a slot that is gone, saying how to start over."""
+        copied = (self.position.snapshotted if self.position else None) or set()
+        names = sorted({f"{s}.{t}" for s, t in self._tables} | copied)
+        if isinstance(self.sink, DeltaChangelogSink):
+            tables = ", ".join(layout.table_dir(self.lake, n) for n in names)
+        else:
+            tables = ", ".join(names)
+        return SlotLostError(
+            f"replication slot {self.settings.slot_name!r} {what}; the changes it held are "
+            "not recoverable from PostgreSQL, and the pipeline does not re-create it on its "
+            "own, since that would skip them in silence. To start over with a fresh "
+            f"snapshot, stop the pipeline, delete its state {self.store.path} and its tables "
+            f"in the lake ({tables or 'none yet'}), then run it again; or run it with "
+            "--on-slot-lost resnapshot, which drops the slot, creates a new one and copies "
+            "every table again, recording the gap in each changelog as a truncate"
+        )
 
     def _create_slot_and_snapshot(
         self, tables: list[tuple[str, str]], *, resnapshot: bool = False
@@ -214,7 +231,7 @@ class CapturePipeline:
         settings = self.settings
         position = CapturePosition(slot=settings.slot_name)
         # Saved before the slot exists, so a crash right after creating it is recognised.
-        self.store.save(position)
+        self._save(position)
         repl = ReplicationConnection(self.dsn)
         created = repl.create_slot(
             settings.slot_name, export_snapshot=settings.snapshot == "initial"
@@ -226,7 +243,7 @@ class CapturePipeline:
             )
         position.consistent_point = created.consistent_point
         position.flushed_lsn = created.consistent_point
-        self.store.save(position)
+        self._save(position)
         log.info(
             "created slot %s at %s",
             settings.slot_name,
@@ -241,7 +258,7 @@ class CapturePipeline:
                 raise
             position.snapshotted = {f"{schema}.{table}" for schema, table in tables}
         position.snapshot_done = True
-        self.store.save(position)
+        self._save(position)
         return position, repl
 
     def _snapshot(
@@ -252,7 +269,8 @@ class CapturePipeline:
         *,
         resnapshot: bool = False,
     ) -> None:
-        schemas = describe_tables(self.source.connection(), tables)
+        with self.source.lookup("describing the tables to snapshot") as conn:
+            schemas = describe_tables(conn, tables)
         read_at = datetime.now(UTC)
         lsn = position.snapshot_lsn
         with SnapshotReader(self.dsn, snapshot_name) as reader:
@@ -322,28 +340,36 @@ class CapturePipeline:
 
     # -- streaming --------------------------------------------------------------------------
 
-    def _flush(self) -> None:
-        """Flush the sink, retrying transient failures for up to ``FLUSH_RETRY_SECONDS``.
+    def _retry(self, call: Callable[[], _T], doing: str) -> _T:
+        """``call()``, retrying transient failures with backoff for up to
+        ``FLUSH_RETRY_SECONDS``; terminal ones, and the last transient one, are raised.
 
-        Giving up is safe: nothing unflushed was confirmed to PostgreSQL, so a restarted
-        pipeline receives it again.
+        Stops retrying at once when the pipeline is asked to stop. Giving up is safe:
+        nothing unflushed was confirmed to PostgreSQL, so a restarted pipeline receives it
+        again.
         """
         delay = 0.2
         give_up_at = time.monotonic() + FLUSH_RETRY_SECONDS
         while True:
             try:
-                result = self.sink.flush()
-            except TransientSinkError as e:
-                if time.monotonic() + delay > give_up_at:
+                return call()
+            except TransientError as e:
+                if time.monotonic() + delay > give_up_at or self.stop.is_set():
                     raise
-                log.warning("flush failed, retrying in %.1fs: %s", delay, e)
+                self.metrics["retries"] += 1
+                log.warning("%s failed, retrying in %.1fs: %s", doing, delay, e)
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
-                continue
-            self.metrics["rows_written"] += result["rows"]
-            self.metrics["commits"] += result["commits"]
-            self._flushed(result)
-            return
+
+    def _save(self, position: CapturePosition) -> None:
+        self._retry(lambda: self.store.save(position), f"saving {self.store.path}")
+
+    def _flush(self) -> None:
+        """Flush the sink, retrying transient failures (see :meth:`_retry`)."""
+        result = self._retry(self.sink.flush, "flush")
+        self.metrics["rows_written"] += result["rows"]
+        self.metrics["commits"] += result["commits"]
+        self._flushed(result)
 
     def _flushed(self, result: dict[str, Any]) -> None:
         """Metrics of one successful flush: rows per table and the newest commit landed."""
@@ -441,11 +467,11 @@ class CapturePipeline:
             slot=self.settings.slot_name,
             publication=self.settings.publication_name,
             position=position,
-            save=self.store.save,
+            save=self._save,
             sink=self.sink,
             flush=self._flush,
             add_snapshot=self._add_snapshot,
-            connection=self.source.connection,
+            queries=self.source,
             baseline=self._registered_schema,
             all_tables=self._all_tables,
         )
@@ -469,6 +495,11 @@ class CapturePipeline:
                         source.start(first)
                         connected = True
                         delay = 0.5
+                        log.info(
+                            "streaming from slot %s at %s",
+                            self.settings.slot_name,
+                            format_lsn(position.flushed_lsn),
+                        )
                     items, self._held = self._held or source.read(timeout=0.2), []
                     for item in items:
                         self._handle(item)
@@ -480,6 +511,8 @@ class CapturePipeline:
                         self._held = snapshots.run(source, self._handle)
                         self.metrics["snapshot_rows"] = snapshots.copied_rows + initial_rows
                     source.confirm(self._durable_lsn(source))
+                except SlotLostError as e:
+                    raise self._slot_lost(f"is gone ({e})") from e
                 except SourceConnectionError as e:
                     connected = False
                     source.close()
@@ -578,8 +611,8 @@ def _database_name(dsn: str) -> str:
     try:
         with psycopg.connect(session_conninfo(dsn), autocommit=True) as conn:
             return str(conn.info.dbname)
-    except psycopg.OperationalError as e:
-        raise SourceConnectionError(f"cannot connect to the source: {e}") from e
+    except psycopg.Error as e:
+        raise postgres_error(e, doing="cannot connect to the source", dsn=dsn) from e
 
 
 def run_capture(

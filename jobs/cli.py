@@ -200,7 +200,10 @@ def schedule(
     from jobs.schedule import load_schedule, run_schedule
 
     plan = load_schedule(config)
-    root = lake or plan.lake or load_settings().lake.path
+    # The environment (CDC_LAKE__...) wins over the schedule file, as for every command.
+    env = load_settings().lake
+    root = lake or plan.lake or env.path
+    options = env.storage_options or None
     stop = threading.Event()
 
     def handler(signum: int, _frame: object) -> None:
@@ -211,4 +214,4 @@ def schedule(
 
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
-    _print(run_schedule(plan, lake=root, stop=stop))
+    _print(run_schedule(plan, lake=root, stop=stop, storage_options=options))

@@ -237,6 +237,7 @@ def run_schedule(
     *,
     lake: str,
     stop: threading.Event,
+    storage_options: dict[str, str] | None = None,
     on_run: Callable[[str, dict[str, Any] | None, BaseException | None], None] | None = None,
 ) -> dict[str, Any]:
     """Run ``config``'s jobs on their triggers until ``stop`` is set; returns run counts.
@@ -245,6 +246,8 @@ def run_schedule(
     error. A failing run does not stop the schedule: transient errors (a commit conflict)
     are expected to pass, terminal ones are logged at ERROR on every run until fixed.
     ``on_run(label, metrics, error)`` is called after each run (tests, metrics exporters).
+    ``storage_options`` (the environment's ``CDC_LAKE__STORAGE_OPTIONS`` in the CLI) are
+    merged over the schedule file's ``storage_options``, key by key.
 
     Returns ``{"runs": {label: n}, "failures": {label: n}, "duration_s": s}``.
 
@@ -264,7 +267,7 @@ def run_schedule(
     runs: dict[str, int] = {}
     failures: dict[str, int] = {}
     lock = threading.Lock()
-    storage_options = config.storage_options or None
+    options = {**config.storage_options, **(storage_options or {})} or None
 
     def execute(job: _JobBase) -> None:
         label = job.label()
@@ -272,13 +275,16 @@ def run_schedule(
         metrics: dict[str, Any] | None = None
         error: BaseException | None = None
         try:
-            metrics = job.run(lake, storage_options)
+            metrics = job.run(lake, options)
             log.info("job %s finished in %.2fs: %s", label, time.monotonic() - t0, _json(metrics))
         except JobError as e:
             error = e
             level = logging.ERROR if isinstance(e, TerminalJobError) else logging.WARNING
             log.log(level, "job %s failed after %.2fs: %s", label, time.monotonic() - t0, e)
-        except Exception as e:  # a bug in one job must not end the schedule
+        except Exception as e:
+            # Catch-all on purpose: this is the scheduler's thread boundary. A bug in one job
+            # must not end the schedule; it is logged with its traceback, counted as a
+            # failure and handed to on_run, so it is reported rather than hidden.
             error = e
             log.exception("job %s crashed", label)
         with lock:

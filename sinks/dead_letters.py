@@ -28,11 +28,10 @@ from typing import Any, Final
 import pyarrow as pa
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
-from deltalake.exceptions import CommitFailedError, DeltaError
 
 from catalog import lake_layout as layout
 from cdc.core.kafka_format import is_retriable
-from sinks.delta_changelog import stream_app_id
+from sinks.delta_changelog import delta_errors, stream_app_id
 from sinks.errors import StreamFencedError, TerminalSinkError, TransientSinkError
 
 __all__ = ["DLQ_SCHEMA", "DeadLetter", "DeadLetterSink", "dlq_uri"]
@@ -129,7 +128,7 @@ class DeadLetterSink:
         self._accepted: dict[str, int] = {}  # stream -> newest offset buffered
         self._lock = threading.Lock()
         self._outstanding = 0
-        self._failures: list[str] = []
+        self._failures: list[tuple[str, bool]] = []
 
     @property
     def pending(self) -> int:
@@ -140,9 +139,10 @@ class DeadLetterSink:
         looked; the next commit expects to find it unchanged."""
         if stream not in self._recorded:
             offset = None
-            if DeltaTable.is_deltatable(self.uri, storage_options=self.storage_options):
-                dt = DeltaTable(self.uri, storage_options=self.storage_options)
-                offset = dt.transaction_version(stream_app_id(self.app_id, stream, "offset"))
+            with delta_errors(f"reading {self.uri}"):
+                if DeltaTable.is_deltatable(self.uri, storage_options=self.storage_options):
+                    dt = DeltaTable(self.uri, storage_options=self.storage_options)
+                    offset = dt.transaction_version(stream_app_id(self.app_id, stream, "offset"))
             self._recorded[stream] = offset
         return self._recorded[stream]
 
@@ -180,7 +180,7 @@ class DeadLetterSink:
             with self._lock:
                 self._outstanding -= 1
                 if err is not None:
-                    self._failures.append(f"{err.str()} ({err.name()})")
+                    self._failures.append((f"{err.str()} ({err.name()})", is_retriable(err)))
 
         with self._lock:
             self._outstanding += 1
@@ -234,7 +234,10 @@ class DeadLetterSink:
                 failures, self._failures = self._failures, []
                 outstanding = self._outstanding
             if failures:
-                raise TransientSinkError(f"dead letters were not delivered: {failures[0]}")
+                # One that can never be delivered (too large, not authorized) is terminal.
+                cls = TransientSinkError if all(ok for _, ok in failures) else TerminalSinkError
+                first = next((text for text, ok in failures if not ok), failures[0][0])
+                raise cls(f"dead letters were not delivered: {first}")
             if outstanding:
                 raise TransientSinkError(
                     f"{outstanding} dead letters not acknowledged by {self.topic}"
@@ -248,7 +251,7 @@ class DeadLetterSink:
             for stream, offset in self._accepted.items()
             if offset != self._recorded.get(stream)
         ]
-        try:
+        with delta_errors(f"writing {len(self._letters)} dead letters to {self.uri}"):
             write_deltalake(
                 target,
                 data,
@@ -257,10 +260,6 @@ class DeadLetterSink:
                 storage_options=self.storage_options,
                 commit_properties=CommitProperties(app_transactions=txns),
             )
-        except CommitFailedError as e:
-            raise TransientSinkError(f"commit to {self.uri} failed: {e}") from e
-        except (DeltaError, OSError) as e:
-            raise TransientSinkError(f"writing {self.uri} failed: {e}") from e
         written = len(self._letters)
         self._recorded.update(self._accepted)
         self._letters.clear()
@@ -268,13 +267,15 @@ class DeadLetterSink:
         return {"dead_letters": written, "commits": 1}
 
     def _fenced_target(self) -> str | DeltaTable:
-        if not DeltaTable.is_deltatable(self.uri, storage_options=self.storage_options):
-            return self.uri
-        dt = DeltaTable(self.uri, storage_options=self.storage_options)
+        with delta_errors(f"reading {self.uri}"):
+            if not DeltaTable.is_deltatable(self.uri, storage_options=self.storage_options):
+                return self.uri
+            dt = DeltaTable(self.uri, storage_options=self.storage_options)
         for stream, offset in self._accepted.items():
             if offset == self._recorded.get(stream):
                 continue
-            recorded = dt.transaction_version(stream_app_id(self.app_id, stream, "offset"))
+            with delta_errors(f"reading {self.uri}"):
+                recorded = dt.transaction_version(stream_app_id(self.app_id, stream, "offset"))
             if recorded != self._recorded.get(stream):
                 raise StreamFencedError(
                     f"_dlq: another writer committed dead letters of {stream} up to offset "

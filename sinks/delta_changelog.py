@@ -25,6 +25,8 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -32,7 +34,13 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
-from deltalake.exceptions import CommitFailedError, DeltaError, SchemaMismatchError
+from deltalake.exceptions import (
+    CommitFailedError,
+    DeltaError,
+    DeltaProtocolError,
+    SchemaMismatchError,
+    TableNotFoundError,
+)
 
 from catalog import lake_layout as layout
 from catalog.schema_registry import SchemaRegistry
@@ -66,6 +74,28 @@ _METADATA_FIELDS = [
     pa.field(layout.FALLBACK, _FALLBACK_TYPE),
     pa.field(layout.DATE, pa.date32(), nullable=False),
 ]
+
+
+@contextmanager
+def delta_errors(what: str) -> Iterator[None]:
+    """Class the errors of a Delta or object-store call made while doing ``what``.
+
+    A conflicting commit, an object store that did not answer, a disk that is full or a
+    directory made read-only may all pass: transient. A protocol this deltalake cannot
+    write, a table gone or rows that do not fit the table's schema will not: terminal.
+    """
+    try:
+        yield
+    except CommitFailedError as e:
+        raise TransientSinkError(f"{what}: the commit conflicted, retry: {e}") from e
+    except (SchemaMismatchError, pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise TerminalSinkError(f"{what}: the rows do not fit the Delta table: {e}") from e
+    except DeltaProtocolError as e:
+        raise TerminalSinkError(f"{what}: unsupported Delta protocol: {e}") from e
+    except TableNotFoundError as e:
+        raise TerminalSinkError(f"{what}: the Delta table is gone: {e}") from e
+    except (DeltaError, OSError) as e:
+        raise TransientSinkError(f"{what}: {e}") from e
 
 
 def changelog_arrow_schema(table: TableSchema) -> pa.Schema:
@@ -235,11 +265,12 @@ class DeltaChangelogSink(Sink):
         return buf
 
     def _read_watermark(self, uri: str) -> Position:
-        if not DeltaTable.is_deltatable(uri, storage_options=self.storage_options):
-            return _NOTHING_WRITTEN
-        dt = DeltaTable(uri, storage_options=self.storage_options)
-        lsn = dt.transaction_version(self._lsn_app)
-        seq = dt.transaction_version(self._seq_app)
+        with delta_errors(f"reading the watermark of {uri}"):
+            if not DeltaTable.is_deltatable(uri, storage_options=self.storage_options):
+                return _NOTHING_WRITTEN
+            dt = DeltaTable(uri, storage_options=self.storage_options)
+            lsn = dt.transaction_version(self._lsn_app)
+            seq = dt.transaction_version(self._seq_app)
         if lsn is None:
             return _NOTHING_WRITTEN
         return (lsn, seq if seq is not None else -1)
@@ -248,13 +279,14 @@ class DeltaChangelogSink(Sink):
         """Create ``table``'s changelog if missing, so an empty source table is queryable."""
         buf = self._buffer(table)
         if buf.written == _NOTHING_WRITTEN:
-            DeltaTable.create(
-                buf.uri,
-                schema=changelog_arrow_schema(table),
-                partition_by=list(layout.PARTITION_COLUMNS),
-                mode="ignore",
-                storage_options=self.storage_options,
-            )
+            with delta_errors(f"creating {buf.uri}"):
+                DeltaTable.create(
+                    buf.uri,
+                    schema=changelog_arrow_schema(table),
+                    partition_by=list(layout.PARTITION_COLUMNS),
+                    mode="ignore",
+                    storage_options=self.storage_options,
+                )
 
     def watermark(self, table: TableSchema) -> Position:
         """The newest ``(commit_lsn, seq)`` of ``table`` that is written or buffered."""
@@ -265,13 +297,14 @@ class DeltaChangelogSink(Sink):
         if mark is None:
             written: Position = _NOTHING_WRITTEN
             offset = None
-            if DeltaTable.is_deltatable(buf.uri, storage_options=self.storage_options):
-                dt = DeltaTable(buf.uri, storage_options=self.storage_options)
-                lsn = dt.transaction_version(stream_app_id(self.app_id, stream, "lsn"))
-                seq = dt.transaction_version(stream_app_id(self.app_id, stream, "seq"))
-                offset = dt.transaction_version(stream_app_id(self.app_id, stream, "offset"))
-                if lsn is not None:
-                    written = (lsn, seq if seq is not None else -1)
+            with delta_errors(f"reading the watermark of {stream} in {buf.uri}"):
+                if DeltaTable.is_deltatable(buf.uri, storage_options=self.storage_options):
+                    dt = DeltaTable(buf.uri, storage_options=self.storage_options)
+                    lsn = dt.transaction_version(stream_app_id(self.app_id, stream, "lsn"))
+                    seq = dt.transaction_version(stream_app_id(self.app_id, stream, "seq"))
+                    offset = dt.transaction_version(stream_app_id(self.app_id, stream, "offset"))
+                    if lsn is not None:
+                        written = (lsn, seq if seq is not None else -1)
             mark = _StreamMark(written, written, offset, offset)
             buf.streams[stream] = mark
         return mark
@@ -293,9 +326,10 @@ class DeltaChangelogSink(Sink):
         (whether or not its slot was dropped: see :meth:`sinks.base.Sink.discard_snapshot`)."""
         for schema_name, table in tables:
             uri = layout.changes_uri(self.root, f"{schema_name}.{table}")
-            if DeltaTable.is_deltatable(uri, storage_options=self.storage_options):
-                dt = DeltaTable(uri, storage_options=self.storage_options)
-                dt.delete(f"{layout.OP} = 'r' AND {layout.LSN} = {lsn}")
+            with delta_errors(f"deleting the interrupted snapshot from {uri}"):
+                if DeltaTable.is_deltatable(uri, storage_options=self.storage_options):
+                    dt = DeltaTable(uri, storage_options=self.storage_options)
+                    dt.delete(f"{layout.OP} = 'r' AND {layout.LSN} = {lsn}")
 
     # -- adding -----------------------------------------------------------------------------
 
@@ -502,18 +536,17 @@ class DeltaChangelogSink(Sink):
         now, after checking that no other writer has committed those streams since this
         sink looked. Committing through that snapshot makes Delta reject the commit if one
         does so in between (two commits setting one app id conflict)."""
-        if not buf.streams or not DeltaTable.is_deltatable(
-            buf.uri, storage_options=self.storage_options
-        ):
+        if not buf.streams:
             return buf.uri
-        try:
+        with delta_errors(f"reading {buf.uri}"):
+            if not DeltaTable.is_deltatable(buf.uri, storage_options=self.storage_options):
+                return buf.uri
             dt = DeltaTable(buf.uri, storage_options=self.storage_options)
-        except (DeltaError, OSError) as e:
-            raise TransientSinkError(f"reading {buf.uri} failed: {e}") from e
         for stream, mark in buf.streams.items():
             if mark.offset_accepted == mark.offset_written:
                 continue  # not in this commit
-            recorded = dt.transaction_version(stream_app_id(self.app_id, stream, "offset"))
+            with delta_errors(f"reading {buf.uri}"):
+                recorded = dt.transaction_version(stream_app_id(self.app_id, stream, "offset"))
             if recorded != mark.offset_written:
                 raise StreamFencedError(
                     f"{buf.qualified_name}: another writer committed {stream} up to offset "
@@ -526,13 +559,17 @@ class DeltaChangelogSink(Sink):
         """Apply the schema-evolution policy before writing rows of a changed shape."""
         if data.schema != buf.checked_schema:
             buf.incoming_casts = {}
-            if DeltaTable.is_deltatable(buf.uri, storage_options=self.storage_options):
-                lake = pa.schema(
-                    DeltaTable(buf.uri, storage_options=self.storage_options).schema().to_arrow()
-                )
+            with delta_errors(f"reading the schema of {buf.uri}"):
+                exists = DeltaTable.is_deltatable(buf.uri, storage_options=self.storage_options)
+                dt = DeltaTable(buf.uri, storage_options=self.storage_options) if exists else None
+            if dt is not None:
+                lake = pa.schema(dt.schema().to_arrow())
                 plan = plan_evolution(lake, data.schema, table=buf.qualified_name)
                 if plan.widen:
-                    rows = widen_in_place(buf.uri, plan.widen, storage_options=self.storage_options)
+                    with delta_errors(f"widening columns of {buf.uri}"):
+                        rows = widen_in_place(
+                            buf.uri, plan.widen, storage_options=self.storage_options
+                        )
                     log.warning(
                         "%s: widened %s in place (%d rows rewritten)",
                         buf.qualified_name,
@@ -547,7 +584,7 @@ class DeltaChangelogSink(Sink):
         data = self._evolve(buf, data)
         props = CommitProperties(app_transactions=self._transactions(buf))
         target = self._fenced_target(buf)
-        try:
+        with delta_errors(f"writing {data.num_rows} rows of {buf.qualified_name} to {buf.uri}"):
             write_deltalake(
                 target,
                 data,
@@ -557,12 +594,4 @@ class DeltaChangelogSink(Sink):
                 storage_options=self.storage_options,
                 commit_properties=props,
             )
-        except CommitFailedError as e:
-            raise TransientSinkError(f"commit to {buf.uri} failed, retry: {e}") from e
-        except SchemaMismatchError as e:
-            raise TerminalSinkError(
-                f"{buf.qualified_name}: the new rows do not fit the Delta table's schema: {e}"
-            ) from e
-        except (DeltaError, OSError) as e:
-            raise TransientSinkError(f"writing {buf.uri} failed: {e}") from e
         log.debug("committed %d rows to %s up to %s", data.num_rows, buf.uri, buf.accepted)

@@ -46,6 +46,7 @@ import pyarrow as pa
 
 from catalog.errors import CatalogError
 from cdc.core import pgtypes
+from cdc.core.codegen import compile_function
 from cdc.core.events import ChangeEvent
 from cdc.core.kafka_format import (
     HEADER_COMMIT_TS_US,
@@ -95,6 +96,11 @@ _Decode = Callable[[Any], Any]
 
 
 # -- values ---------------------------------------------------------------------------------
+
+
+#: What a column decoder raises for a value it refuses (its message says why). Anything else
+#: out of a decoder, or out of a compiled row, is a bug and is not caught.
+_BAD_VALUE = (ValueError, TypeError, ArithmeticError)
 
 
 def _unscaled_to_decimal(raw: Any, scale: int) -> Decimal:
@@ -481,7 +487,10 @@ def _compile_row(
     conditions: list[str | None],
     decoders: tuple[_Decode, ...],
     constants: dict[str, Any],
+    table: str,
 ) -> Callable[[Any], tuple[Any, ...] | None]:
+    """The shape's compiled row (see :attr:`_Shape.fast`), as ``<generated cdc row decoder
+    {table}>`` (see :mod:`cdc.core.codegen`)."""
     ns: dict[str, Any] = {**constants, "U": DEBEZIUM_UNAVAILABLE, "dict": dict}
     lines = [
         "def row(data):",
@@ -498,8 +507,9 @@ def _compile_row(
         lines.append(f"    else: x{i} = d{i}(v)")
     values = "".join(f"x{i}, " for i in range(len(names)))
     lines.append(f"    return ({values})")
-    exec("\n".join(lines) + "\n", ns)  # generated from column positions only
-    row: Callable[[Any], tuple[Any, ...] | None] = ns["row"]
+    row: Callable[[Any], tuple[Any, ...] | None] = compile_function(
+        "\n".join(lines) + "\n", name="row", kind="row decoder", label=table, namespace=ns
+    )
     return row
 
 
@@ -522,7 +532,7 @@ def _shape(schema: TableSchema, field_schemas: Sequence[dict[str, Any]] | None) 
         decoders.append(composed)
         conditions.append(_fast_condition(decode, arrow, i, ns))
     names = schema.column_names
-    fast = _compile_row(names, conditions, tuple(decoders), ns)
+    fast = _compile_row(names, conditions, tuple(decoders), ns, schema.qualified_name)
     return _Shape(
         schema,
         names,
@@ -774,7 +784,7 @@ class EventDecoder:
             i = shape.positions[column]
             try:
                 values[i] = shape.decoders[i](raw)
-            except (ValueError, TypeError, OverflowError, ArithmeticError) as e:
+            except _BAD_VALUE as e:
                 raise UndecodableMessageError(
                     f"{shape.schema.qualified_name}.{column}: {e}"
                 ) from None
@@ -848,7 +858,7 @@ class EventDecoder:
             return None
         try:
             return shape.fast(data)
-        except Exception:  # _row decodes it again and says what is wrong
+        except _BAD_VALUE:  # _row decodes it again and says what is wrong
             return None
 
     def _event_commit_ts(self, header: bytes | None, source: dict[str, Any]) -> datetime:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import orjson
 
 from catalog import lake_layout as layout
+from catalog.errors import TransientCatalogError
 from cdc.core.position import CapturePosition
+from sinks.errors import TerminalSinkError, TransientSinkError
 
 
 class LakePositionStore:
@@ -21,11 +23,34 @@ class LakePositionStore:
         self._fs, self._fs_path = layout.filesystem(self.path, storage_options)
 
     def load(self) -> CapturePosition | None:
+        """The saved position, or None if there is none.
+
+        Raises:
+            TransientSinkError: the store could not be read (retry).
+            TerminalSinkError: the file is not a position this version can read.
+        """
         try:
             with self._fs.open_input_stream(self._fs_path) as f:
-                return CapturePosition.from_dict(orjson.loads(f.read()))
+                raw = f.read()
         except FileNotFoundError:
             return None
+        except OSError as e:
+            raise TransientSinkError(f"cannot read the pipeline state {self.path}: {e}") from e
+        try:
+            return CapturePosition.from_dict(orjson.loads(raw))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise TerminalSinkError(
+                f"the pipeline state {self.path} is damaged ({e}); restore it from a backup, "
+                "or delete it and the pipeline's lake tables and slot to start over"
+            ) from e
 
     def save(self, position: CapturePosition) -> None:
-        layout.write_atomically(self._fs, self._fs_path, orjson.dumps(position.to_dict()))
+        """Write ``position`` atomically.
+
+        Raises:
+            TransientSinkError: the write failed; the previous state is intact (retry).
+        """
+        try:
+            layout.write_atomically(self._fs, self._fs_path, orjson.dumps(position.to_dict()))
+        except TransientCatalogError as e:
+            raise TransientSinkError(f"cannot save the pipeline state {self.path}: {e}") from e

@@ -445,14 +445,15 @@ def check(
 
     from cdc.core.settings import load_settings
     from cdc.postgres.check import check_source
-    from cdc.postgres.errors import SourceConnectionError
+    from cdc.postgres.errors import postgres_error
 
     settings = load_settings(**{"source.dsn": source})
+    dsn = settings.source_dsn()
     try:
-        with psycopg.connect(settings.source_dsn()) as conn:
+        with psycopg.connect(dsn) as conn:
             findings = check_source(conn, tables=_split(tables))
-    except psycopg.OperationalError as e:
-        raise SourceConnectionError(f"cannot connect to the source: {e}") from e
+    except psycopg.Error as e:
+        raise postgres_error(e, doing="checking the source", dsn=dsn) from e
     colors = {"error": "red", "warning": "yellow", "info": "blue"}
     table = Table("level", "subject", "problem", "fix", header_style="bold")
     for f in findings:

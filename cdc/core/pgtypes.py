@@ -588,6 +588,14 @@ def _encode_str(value: Any) -> str:
     return value if isinstance(value, str) else str(value)
 
 
+#: The encoder of types whose parsed value is already its Debezium value (integers,
+#: booleans...): compiled encoders may leave the call out.
+IDENTITY_ENCODER: Final[Encoder] = _identity
+#: The encoder of text types (a ``str`` stays as it is): compiled encoders may call it only
+#: for values of another class.
+TEXT_ENCODER: Final[Encoder] = _encode_str
+
+
 # ---------------------------------------------------------------------------------------------
 # The table
 # ---------------------------------------------------------------------------------------------

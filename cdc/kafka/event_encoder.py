@@ -12,6 +12,8 @@ from typing import Any, Final
 import orjson
 
 from cdc.core import pgtypes
+from cdc.core.codegen import compile_function
+from cdc.core.errors import ValueConversionError
 from cdc.core.events import ChangeEvent, debezium_envelope, envelope_payload, transaction_id
 from cdc.core.kafka_format import (
     HEADER_COMMIT_TS_US,
@@ -172,23 +174,21 @@ def keyless_partition(event: ChangeEvent, partitions: int) -> int:
 #: One row image -> its ``before``/``after`` object (see :func:`_row_encoder`).
 _RowEncoder = Callable[[tuple[Any, ...]], dict[str, Any]]
 
-# Encoders that need no call: the identity (integers, booleans...) and text (``str`` values
-# stay as they are). Looked up by name so that a renamed helper only costs speed.
-_IDENTITY: Final = getattr(pgtypes, "_identity", None)
-_ENCODE_STR: Final = getattr(pgtypes, "_encode_str", None)
-
-
 _ZONED: Final = pgtypes.Oid.TIMESTAMPTZ
 
 
-def _row_encoder(columns: tuple[Any, ...], positions: tuple[int, ...] | None = None) -> _RowEncoder:
+def _row_encoder(
+    columns: tuple[Any, ...], table: str, positions: tuple[int, ...] | None = None
+) -> _RowEncoder:
     """A function turning one row image into its Debezium object, compiled for ``columns``
     (only the columns at ``positions``, in that order, when given: the message key).
 
     It is the fast path of :func:`cdc.core.events.debezium_envelope`'s rows: the same encoders in
-    the same order, without the per-value dispatch. It raises on anything unusual (a value
-    its encoder refuses, a row of the wrong length); the caller then encodes the event the
-    general way, which reports it exactly as before.
+    the same order, without the per-value dispatch. A value its encoder refuses raises
+    :class:`~cdc.core.errors.ValueConversionError`, and the caller then encodes the event
+    the general way (which keeps the value's text); anything else it raises (a row of the
+    wrong length) is raised to the caller. Compiled as ``<generated cdc row encoder
+    {table}>`` (``row key encoder`` for the key; see :mod:`cdc.core.codegen`).
     """
     namespace: dict[str, Any] = {}
     items = []
@@ -197,9 +197,9 @@ def _row_encoder(columns: tuple[Any, ...], positions: tuple[int, ...] | None = N
         encode = pgtypes.debezium_encoder(column.type_oid, column.type_modifier)
         namespace[f"n{i}"] = column.name
         v = f"v{i}"
-        if _IDENTITY is not None and encode is _IDENTITY:
+        if encode is pgtypes.IDENTITY_ENCODER:
             expr = v
-        elif _ENCODE_STR is not None and encode is _ENCODE_STR:
+        elif encode is pgtypes.TEXT_ENCODER:
             namespace[f"e{i}"] = encode
             expr = f"{v} if {v} is None or {v}.__class__ is str else e{i}({v})"
         else:
@@ -211,8 +211,13 @@ def _row_encoder(columns: tuple[Any, ...], positions: tuple[int, ...] | None = N
     # Unpacking every value checks the row's length, as zip(strict=True) does.
     unpack = "".join(f"v{i}, " for i in range(len(columns))) or "()"
     source = f"def row(values):\n    {unpack} = values\n    return {{{', '.join(items)}}}\n"
-    exec(source, namespace)  # generated from column positions only
-    row: _RowEncoder = namespace["row"]
+    row: _RowEncoder = compile_function(
+        source,
+        name="row",
+        kind="row encoder" if positions is None else "row key encoder",
+        label=table,
+        namespace=namespace,
+    )
     return row
 
 
@@ -222,8 +227,6 @@ class _TableCodec:
     schema_id: bytes
     topic: str
     key_positions: tuple[int, ...]
-    key_encoders: tuple[Any, ...]
-    key_names: tuple[str, ...]
     key_schema: dict[str, Any] | None
     value_schema: dict[str, Any] | None
     row: _RowEncoder
@@ -283,17 +286,14 @@ class EventEncoder:
             schema_id=str(table.schema_id()).encode(),
             topic=topic_name(self.prefix, table),
             key_positions=positions,
-            key_encoders=tuple(
-                pgtypes.debezium_encoder(table.columns[i].type_oid, table.columns[i].type_modifier)
-                for i in positions
-            ),
-            key_names=tuple(table.columns[i].name for i in positions),
             key_schema=key_connect_schema(table, prefix=self.prefix) if with_schema else None,
             value_schema=envelope_connect_schema(table, prefix=self.prefix)
             if with_schema
             else None,
-            row=_row_encoder(table.columns),
-            key_row=_row_encoder(table.columns, positions) if positions else None,
+            row=_row_encoder(table.columns, table.qualified_name),
+            key_row=_row_encoder(table.columns, table.qualified_name, positions)
+            if positions
+            else None,
         )
 
     def topic(self, table: TableSchema) -> str:
@@ -312,15 +312,8 @@ class EventEncoder:
             row = event.before
         if row is None:
             return None
-        try:
-            payload = codec.key_row(row)
-        except Exception:  # the general path below raises it properly
-            payload = {
-                name: None if row[i] is None else encode(row[i])
-                for name, i, encode in zip(
-                    codec.key_names, codec.key_positions, codec.key_encoders, strict=True
-                )
-            }
+        # A key value its encoder refuses raises here: a key has no fallback text.
+        payload = codec.key_row(row)
         if codec.key_schema is not None:
             return orjson.dumps({"schema": codec.key_schema, "payload": payload})
         return orjson.dumps(payload)
@@ -357,7 +350,9 @@ class EventEncoder:
         if not event.fallback:
             try:
                 envelope = self._fast_envelope(codec, event, millis)
-            except Exception:  # debezium_envelope handles or raises it
+            except ValueConversionError:
+                # A value without a Debezium form: debezium_envelope keeps its text in
+                # cdc_fallback. Nothing else is caught: a bug must not pass as slowness.
                 envelope = None
         if envelope is None:
             # Values without a typed form (their text goes to cdc_fallback), or an error

@@ -151,7 +151,8 @@ class KafkaProducerSink(Sink):
         self._lock = threading.Lock()  # delivery callbacks vs. the counters
         self._outstanding = 0
         self._oldest: float | None = None
-        self._failures: list[str] = []
+        #: Delivery failures: (what, whether retrying may help).
+        self._failures: list[tuple[str, bool]] = []
         self._delivered_rows = 0
         self._delivered_messages = 0
         self._schemas: dict[str, TableSchema] = {}  # qualified name -> shape prepared last
@@ -224,7 +225,9 @@ class KafkaProducerSink(Sink):
         with self._lock:
             self._outstanding -= 1
             if err is not None:
-                self._failures.append(f"{msg.topic()}: {err.str()} ({err.name()})")
+                self._failures.append(
+                    (f"{msg.topic()}: {err.str()} ({err.name()})", is_retriable(err))
+                )
             else:
                 self._delivered_messages += 1
                 if msg.value() is not None:
@@ -438,9 +441,13 @@ class KafkaProducerSink(Sink):
         delivered since the last flush; messages include tombstones).
 
         Raises:
+            TerminalSinkError: a message failed delivery for good (larger than the broker
+                accepts, a topic this producer may not write): capture must stop and the
+                cause be fixed; nothing after the last delivered message was confirmed.
             TransientSinkError: some messages are not acknowledged after
                 ``delivery_timeout`` seconds (they stay queued: flush again), or a message
-                failed delivery (then every later flush fails too; restart capture).
+                failed delivery after librdkafka's own retries (then every later flush
+                fails too; restart capture).
         """
         started = time.monotonic()
         deadline = started + self.delivery_timeout
@@ -454,9 +461,17 @@ class KafkaProducerSink(Sink):
             outstanding = self._outstanding
             rows, messages = self._delivered_rows, self._delivered_messages
             self._delivered_rows = self._delivered_messages = 0
+        final = [text for text, retriable in failures if not retriable]
+        if final:
+            raise TerminalSinkError(
+                f"{len(failures)} messages were not delivered and cannot be (first: "
+                f"{final[0]}); fix the cause (the broker's or topic's max.message.bytes, "
+                "the producer's message.max.bytes, ACLs), then restart capture: PostgreSQL "
+                "sends everything after the last confirmed position again"
+            )
         if failures:
             raise TransientSinkError(
-                f"{len(failures)} messages were not delivered (first: {failures[0]}); "
+                f"{len(failures)} messages were not delivered (first: {failures[0][0]}); "
                 "restart capture: PostgreSQL sends everything after the last confirmed "
                 "position again"
             )

@@ -30,7 +30,6 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-import psycopg
 from psycopg import sql
 
 from cdc.core.events import ChangeEvent
@@ -41,6 +40,7 @@ from cdc.postgres.introspect import describe_tables
 from cdc.postgres.replication import ReplicationConnection
 from cdc.postgres.slots import published_tables
 from cdc.postgres.snapshot import SnapshotReader
+from cdc.postgres.source_queries import SourceQueries
 from cdc.postgres.streaming import StreamingSource, StreamItem
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ class IncrementalSnapshots:
         sink: Any,
         flush: Callable[[], None],
         add_snapshot: Callable[..., None],
-        connection: Callable[[], psycopg.Connection],
+        queries: SourceQueries,
         baseline: Callable[[str], TableSchema | None],
         all_tables: bool,
     ) -> None:
@@ -81,7 +81,7 @@ class IncrementalSnapshots:
         self._sink = sink
         self._flush = flush
         self._add_snapshot = add_snapshot
-        self._connection = connection
+        self._queries = queries
         self._baseline = baseline
         # FOR ALL TABLES: a table that appears after the slot was created has had all its
         # rows streamed, so only schema changes call for a copy.
@@ -96,7 +96,9 @@ class IncrementalSnapshots:
             self.queued[name] = self._split(name)
 
     def _split(self, name: str) -> tuple[str, str]:
-        for key in published_tables(self._connection(), self.publication):
+        with self._queries.lookup(f"reading publication {self.publication}") as conn:
+            published = published_tables(conn, self.publication)
+        for key in published:
             if f"{key[0]}.{key[1]}" == name:
                 return key
         schema, _, table = name.partition(".")
@@ -114,7 +116,9 @@ class IncrementalSnapshots:
             return
         self._next_poll = now + PUBLICATION_POLL
         done = self.position.snapshotted or set()
-        for key in published_tables(self._connection(), self.publication):
+        with self._queries.lookup(f"reading publication {self.publication}") as conn:
+            published = published_tables(conn, self.publication)
+        for key in published:
             name = f"{key[0]}.{key[1]}"
             if name not in done:
                 self.queued.setdefault(name, key)
@@ -155,12 +159,12 @@ class IncrementalSnapshots:
         if not added:
             return False
         # An added column with a default gives every existing row that value, silently.
-        conn = self._connection()
-        row = conn.execute(
-            "SELECT bool_or(atthasdef OR atthasmissing) FROM pg_attribute "
-            "WHERE attrelid = %s::regclass AND attname = ANY (%s)",
-            [sql.Identifier(new.schema, new.table).as_string(conn), [c.name for c in added]],
-        ).fetchone()
+        with self._queries.lookup(f"reading the column defaults of {new.qualified_name}") as conn:
+            row = conn.execute(
+                "SELECT bool_or(atthasdef OR atthasmissing) FROM pg_attribute "
+                "WHERE attrelid = %s::regclass AND attname = ANY (%s)",
+                [sql.Identifier(new.schema, new.table).as_string(conn), [c.name for c in added]],
+            ).fetchone()
         return bool(row and row[0])
 
     # -- copying -----------------------------------------------------------------------------
@@ -200,7 +204,8 @@ class IncrementalSnapshots:
             position.pending_snapshots[name] = cp
             self._save(position)
             held = self._catch_up(source, cp, handle)
-            schema = describe_tables(self._connection(), [key]).get(key)
+            with self._queries.lookup(f"describing {name}") as conn:
+                schema = describe_tables(conn, [key]).get(key)
             rows = 0
             if schema is not None:
                 self._sink.ensure_table(schema)

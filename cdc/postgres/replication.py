@@ -19,7 +19,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from cdc.core.errors import ConfigError
 from cdc.core.lsn import format_lsn, parse_lsn
-from cdc.postgres.errors import SourceConnectionError
+from cdc.postgres.errors import SlotLostError, SourceConnectionError, postgres_error, redact
 from cdc.postgres.protocol.walproto import standby_status_update
 
 #: Session settings that fix the text form of values, which cdc.core.pgtypes parses. Applied to
@@ -59,12 +59,28 @@ class CreatedSlot:
 
 
 @contextmanager
-def _lost_connection_is_transient(what: str) -> Iterator[None]:
-    """libpq failures on an open connection mean the server or the network went away."""
+def _classified(what: str, dsn: str) -> Iterator[None]:
+    """libpq failures on an open connection, classed by :func:`postgres_error`."""
     try:
         yield
-    except psycopg.OperationalError as e:
-        raise SourceConnectionError(f"{what}: {e}") from e
+    except psycopg.Error as e:
+        raise postgres_error(e, doing=what, dsn=dsn) from e
+
+
+def _slot_is_gone(sqlstate: str | None, message: str) -> bool:
+    """START_REPLICATION failed because the slot is not there (42704, undefined object) or
+    can no longer be read (55000, invalidated by max_slot_wal_keep_size). 55000 also means
+    other unmet prerequisites (wal_level), so the text decides."""
+    if sqlstate == "42704":
+        return "slot" in message
+    if sqlstate == "55000":
+        return "invalidated" in message or "can no longer get changes" in message
+    return False
+
+
+#: The slot is held by another walsender (55006): often our own previous connection, not
+#: yet gone after a reconnect.
+_SLOT_BUSY_STATE = "55006"
 
 
 class ReplicationConnection:
@@ -76,14 +92,16 @@ class ReplicationConnection:
     """
 
     def __init__(self, dsn: str) -> None:
+        self._dsn = dsn
         try:
-            self._pgconn = pq.PGconn.connect(session_conninfo(dsn, replication="database").encode())
-        except Exception as e:  # invalid conninfo syntax
-            raise ConfigError(f"invalid source DSN: {e}") from e
+            conninfo = session_conninfo(dsn, replication="database")
+        except psycopg.ProgrammingError as e:  # invalid conninfo syntax (conninfo_to_dict)
+            raise ConfigError(f"invalid source DSN: {redact(str(e), dsn)}") from e
+        self._pgconn = pq.PGconn.connect(conninfo.encode())
         if self._pgconn.status != pq.ConnStatus.OK:
             message = self._error_text()
             self._pgconn.finish()
-            raise SourceConnectionError(f"cannot open a replication connection: {message}")
+            raise postgres_error(message, doing="cannot open a replication connection", dsn=dsn)
         self.streaming = False
         #: Whether START_REPLICATION asked for in-progress transactions (protocol 2).
         self.stream_in_progress = False
@@ -92,14 +110,17 @@ class ReplicationConnection:
         return self._pgconn.get_error_message().strip() or "connection lost"
 
     def _exec(self, command: str) -> pq.abc.PGresult:
-        with _lost_connection_is_transient(f"{command.split()[0]} failed"):
+        with _classified(f"{command.split()[0]} failed", self._dsn):
             result = self._pgconn.exec_(command.encode())
         if result.status not in (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK):
             message = (result.error_message or self._pgconn.error_message).decode(errors="replace")
-            sqlstate = result.error_field(pq.DiagnosticField.SQLSTATE)
+            raw_state = result.error_field(pq.DiagnosticField.SQLSTATE)
+            sqlstate = raw_state.decode() if raw_state else None
             if self._pgconn.status != pq.ConnStatus.OK:
-                raise SourceConnectionError(f"{command.split()[0]} failed: {message.strip()}")
-            raise _ReplicationCommandError(message.strip(), sqlstate.decode() if sqlstate else None)
+                raise postgres_error(
+                    message, doing=f"{command.split()[0]} failed", dsn=self._dsn, sqlstate=sqlstate
+                )
+            raise _ReplicationCommandError(message.strip(), sqlstate)
         return result
 
     def create_slot(
@@ -119,7 +140,9 @@ class ReplicationConnection:
         except _ReplicationCommandError as e:
             if e.sqlstate == "42710":  # duplicate_object
                 return None
-            raise SourceConnectionError(f"cannot create slot {name!r}: {e}") from e
+            raise postgres_error(
+                str(e), doing=f"cannot create slot {name!r}", dsn=self._dsn, sqlstate=e.sqlstate
+            ) from e
         snapshot = result.get_value(0, 2)
         return CreatedSlot(
             name=name,
@@ -166,13 +189,25 @@ class ReplicationConnection:
             f"START_REPLICATION SLOT {_quote_ident(slot)} LOGICAL {format_lsn(start_lsn)} "
             f"({options})"
         )
-        with _lost_connection_is_transient("START_REPLICATION failed"):
+        with _classified("START_REPLICATION failed", self._dsn):
             self._pgconn.send_query(command.encode())
             result = self._pgconn.get_result()
         if result is None or result.status != pq.ExecStatus.COPY_BOTH:
-            message = result.error_message.decode(errors="replace") if result else ""
-            raise SourceConnectionError(
-                f"START_REPLICATION failed: {message.strip() or self._error_text()}"
+            message = (result.error_message.decode(errors="replace") if result else "").strip()
+            raw_state = result.error_field(pq.DiagnosticField.SQLSTATE) if result else None
+            sqlstate = raw_state.decode() if raw_state else None
+            if _slot_is_gone(sqlstate, message) and self._pgconn.status == pq.ConnStatus.OK:
+                raise SlotLostError(
+                    f"replication slot {slot!r} cannot be streamed from: {message} "
+                    f"[SQLSTATE {sqlstate}]"
+                )
+            if sqlstate == _SLOT_BUSY_STATE:
+                raise SourceConnectionError(f"START_REPLICATION failed: {message}")
+            raise postgres_error(
+                message or self._error_text(),
+                doing="START_REPLICATION failed",
+                dsn=self._dsn,
+                sqlstate=sqlstate,
             )
         self.streaming = True
         self.stream_in_progress = stream_in_progress
@@ -190,14 +225,20 @@ class ReplicationConnection:
                 nbytes, data = self._pgconn.get_copy_data(1)
                 if nbytes == 0:
                     return None
-        except psycopg.OperationalError as e:
-            raise SourceConnectionError(f"replication stream lost: {e}") from e
+        except psycopg.Error as e:
+            raise postgres_error(e, doing="replication stream lost", dsn=self._dsn) from e
         if nbytes < 0:
             # The server ended the COPY (e.g. it is shutting down).
             self.streaming = False
             result = self._pgconn.get_result()
             detail = result.error_message.decode(errors="replace").strip() if result else ""
-            raise SourceConnectionError(f"replication stream ended: {detail or self._error_text()}")
+            raw_state = result.error_field(pq.DiagnosticField.SQLSTATE) if result else None
+            raise postgres_error(
+                detail or self._error_text(),
+                doing="replication stream ended",
+                dsn=self._dsn,
+                sqlstate=raw_state.decode() if raw_state else None,
+            )
         return data
 
     def send_status(self, *, write_lsn: int, flush_lsn: int, reply_requested: bool = False) -> None:
@@ -208,7 +249,7 @@ class ReplicationConnection:
             apply_lsn=flush_lsn,
             reply_requested=reply_requested,
         )
-        with _lost_connection_is_transient("cannot send standby status"):
+        with _classified("cannot send standby status", self._dsn):
             self._pgconn.put_copy_data(frame)
             self._pgconn.flush()
 

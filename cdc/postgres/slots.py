@@ -16,7 +16,12 @@ from psycopg import sql
 
 from cdc.core.errors import ConfigError
 from cdc.core.lsn import format_lsn, parse_lsn
-from cdc.postgres.errors import PrerequisiteError, SlotInUseError, SourceConnectionError
+from cdc.postgres.errors import (
+    PrerequisiteError,
+    SlotInUseError,
+    SourceConnectionError,
+    SourcePrivilegeError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +67,10 @@ def check_prerequisites(conn: psycopg.Connection) -> None:
         "SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user"
     ).fetchone()
     if not row or not row[0]:
-        raise PrerequisiteError(
-            "the connecting role lacks the REPLICATION attribute: run "
-            "ALTER ROLE <user> WITH REPLICATION;"
+        info = conn.info
+        raise SourcePrivilegeError(
+            f"role {info.user!r} (on host {info.host}:{info.port}, database {info.dbname!r}) "
+            f"lacks the REPLICATION attribute: run ALTER ROLE {info.user} WITH REPLICATION;"
         )
 
 

@@ -29,7 +29,7 @@ from psycopg import pq, sql
 from catalog import lake_layout as layout
 from cdc.core import pgtypes
 from cdc.core.table_schema import TableSchema
-from cdc.postgres.errors import PrerequisiteError, SourceConnectionError
+from cdc.postgres.errors import postgres_error
 from cdc.postgres.replication import session_conninfo
 
 #: Bytes of CSV parsed per Arrow batch: the unit of memory use while copying.
@@ -45,10 +45,11 @@ class _End:
 
 
 def _drain_copy(
-    pgconn: pq.abc.PGconn, block_bytes: int, stop: threading.Event
+    pgconn: pq.abc.PGconn, encoding: str, block_bytes: int, stop: threading.Event
 ) -> Iterator[bytearray]:
     """Yield the rows of the COPY OUT in progress on ``pgconn``, joined into chunks of whole
-    rows of about ``block_bytes``; then read the COPY's final result (raising its error).
+    rows of about ``block_bytes``; then read the COPY's final result (raising its error,
+    its message decoded with ``encoding``, the connection's Python codec name).
 
     Runs in the reader thread: waits for the socket with ``select`` (which releases the
     GIL), never inside libpq. Stops early, leaving the COPY in progress, when ``stop`` is
@@ -82,7 +83,7 @@ def _drain_copy(
     error: psycopg.Error | None = None
     while (result := pgconn.get_result()) is not None:
         if result.status != pq.ExecStatus.COMMAND_OK and error is None:
-            error = psycopg.errors.error_from_result(result, encoding=pgconn._encoding)
+            error = psycopg.errors.error_from_result(result, encoding=encoding)
     if error is not None:
         raise error
 
@@ -168,6 +169,7 @@ class SnapshotReader:
         self, dsn: str, snapshot_name: str | None, *, block_bytes: int = DEFAULT_BLOCK_BYTES
     ) -> None:
         self.block_bytes = block_bytes
+        self._dsn = dsn
         try:
             self._conn = psycopg.connect(session_conninfo(dsn), autocommit=True)
             self._conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
@@ -176,14 +178,19 @@ class SnapshotReader:
                     sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot_name))
                 )
         except psycopg.Error as e:
-            raise SourceConnectionError(f"cannot open the snapshot transaction: {e}") from e
+            raise postgres_error(e, doing="cannot open the snapshot transaction", dsn=dsn) from e
 
     def estimate_rows(self, table: TableSchema) -> int | None:
         """The planner's row estimate (cheap, approximate; None if never analyzed)."""
-        row = self._conn.execute(
-            "SELECT reltuples::bigint FROM pg_class WHERE oid = %s::regclass",
-            [sql.Identifier(table.schema, table.table).as_string(self._conn)],
-        ).fetchone()
+        try:
+            row = self._conn.execute(
+                "SELECT reltuples::bigint FROM pg_class WHERE oid = %s::regclass",
+                [sql.Identifier(table.schema, table.table).as_string(self._conn)],
+            ).fetchone()
+        except psycopg.Error as e:
+            raise postgres_error(
+                e, doing=f"estimating the rows of {table.qualified_name}", dsn=self._dsn
+            ) from e
         return int(row[0]) if row and row[0] is not None and row[0] >= 0 else None
 
     def read_table(self, table: TableSchema) -> Iterator[pa.Table]:
@@ -199,19 +206,22 @@ class SnapshotReader:
         positional = [f"c{i}" for i in range(len(names))]
         stop = threading.Event()
 
+        encoding = self._conn.info.encoding  # read here, not while the thread drains
+
         def batches() -> Iterator[pa.Table]:  # runs in the reader thread
-            for chunk in _drain_copy(self._conn.pgconn, self.block_bytes, stop):
+            for chunk in _drain_copy(self._conn.pgconn, encoding, self.block_bytes, stop):
                 yield _typed_batch(table, _parse_chunk(chunk, positional))
 
         try:
             with self._conn.cursor().copy(query):
                 yield from self._in_thread(batches(), stop)
-        except psycopg.OperationalError as e:
-            raise SourceConnectionError(f"snapshot of {table.qualified_name} failed: {e}") from e
-        except psycopg.errors.InsufficientPrivilege as e:
-            raise PrerequisiteError(
-                f"cannot read {table.qualified_name}: {e}. Grant it: GRANT SELECT ON "
-                f"{table.qualified_name} TO <replication user>"
+        except psycopg.Error as e:
+            name = table.qualified_name
+            raise postgres_error(
+                e,
+                doing=f"snapshot of {name} failed",
+                dsn=self._dsn,
+                grant=f"grant it: GRANT SELECT ON {name} TO <replication user>",
             ) from e
 
     @staticmethod

@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -32,53 +30,11 @@ from tests.plugins.lake import (
     table_checksum,
     wait_caught_up,
 )
+from tests.plugins.workload import Transfers, create_accounts
 
 pytestmark = pytest.mark.postgres
 
 CHANGES_COLUMNS = ["id", "balance", "_cdc_op", "_cdc_lsn", "_cdc_seq", "_cdc_txid"]
-
-
-class Transfers:
-    """Small transactions on a keyed table until stopped: updates, inserts, deletes."""
-
-    def __init__(self, dsn: str, seed: int) -> None:
-        self.dsn = dsn
-        self.rng = random.Random(seed)
-        self.stop = threading.Event()
-        self.transactions = 0
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        next_id = 10_000
-        with psycopg.connect(self.dsn, autocommit=True) as conn:
-            while not self.stop.is_set():
-                a, b = self.rng.sample(range(1, 301), 2)
-                with conn.transaction():
-                    conn.execute("UPDATE accounts SET balance = balance - 1 WHERE id = %s", [a])
-                    conn.execute("UPDATE accounts SET balance = balance + 1 WHERE id = %s", [b])
-                roll = self.rng.random()
-                if roll < 0.2:
-                    conn.execute("INSERT INTO accounts VALUES (%s, 0)", [next_id])
-                    next_id += 1
-                elif roll < 0.3:
-                    conn.execute(
-                        "DELETE FROM accounts WHERE id = (SELECT max(id) FROM accounts WHERE id >= 10000)"
-                    )
-                self.transactions += 1
-                time.sleep(0.002)
-
-    def __enter__(self) -> Transfers:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join(30)
-
-
-def create_accounts(conn: psycopg.Connection) -> None:
-    conn.execute("CREATE TABLE accounts (id int PRIMARY KEY, balance bigint NOT NULL)")
-    conn.execute("INSERT INTO accounts SELECT g, 1000 FROM generate_series(1, 300) g")
 
 
 def merged_rows(lake: str) -> list[tuple]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.integration.kafka_helpers import (
+from tests.plugins.kafka_pipeline import (
     cdc_process,
     stop_process,
     unique,

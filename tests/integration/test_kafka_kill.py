@@ -13,7 +13,7 @@ import psycopg
 import pytest
 
 from catalog.lake import Lake
-from tests.integration.kafka_helpers import (
+from tests.plugins.kafka_pipeline import (
     background,
     capture_thread,
     cdc_process,
@@ -25,8 +25,8 @@ from tests.integration.kafka_helpers import (
     wait_streaming,
     wait_sunk,
 )
-from tests.integration.test_cli import Workload, create_bank
 from tests.plugins.lake import assert_lake_matches_postgres, duplicate_positions
+from tests.plugins.workload import Workload, create_bank
 
 pytestmark = [pytest.mark.postgres, pytest.mark.kafka, pytest.mark.slow]
 
@@ -76,8 +76,14 @@ def test_kill_9_capture_again_and_again(
     ]
     sinks = (sink_thread(sink_settings, "sink-a"), sink_thread(sink_settings, "sink-b"))
     with background(*sinks), Workload(pg_dsn, seed=7) as workload:
-        for _ in range(4):
-            proc = cdc_process(*capture_args)
+        for round_ in range(4):
+            log = tmp_path / f"capture-{round_}.log"
+            log.write_text("")
+            proc = cdc_process(*capture_args, log=log)
+            # Killed while streaming, not during the initial snapshot (which a loaded
+            # machine can stretch past the sleep): a killed snapshot is redone at a new
+            # position, so it re-sends nothing that the sinks could drop.
+            wait_logged(log, "streaming from slot", proc)
             time.sleep(rng.uniform(2.0, 4.0))
             kill_9(proc)
             for s in sinks:

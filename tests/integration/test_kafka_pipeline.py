@@ -15,7 +15,7 @@ from catalog.kafka_schema_registry import KafkaSchemaRegistry
 from catalog.lake import Lake
 from catalog.schema_registry import SchemaRegistry
 from cdc.core.kafka_format import HEADER_SCHEMA_ID
-from tests.integration.kafka_helpers import (
+from tests.plugins.kafka_pipeline import (
     background,
     capture_thread,
     settings,

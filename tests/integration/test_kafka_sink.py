@@ -23,8 +23,8 @@ from cdc.kafka.event_encoder import EventEncoder
 from sinks.dead_letters import dlq_uri
 from sinks.delta_changelog import DeltaChangelogSink
 from sinks.errors import TransientSinkError
-from tests.integration.kafka_helpers import background, settings, sink_thread, unique, wait_sunk
-from tests.unit import debezium_samples as dbz
+from tests.plugins import debezium_samples as dbz
+from tests.plugins.kafka_pipeline import background, settings, sink_thread, unique, wait_sunk
 
 pytestmark = pytest.mark.kafka
 

@@ -4,7 +4,6 @@ dead-letter count, capture's state in Kafka) and the sink's /metrics."""
 from __future__ import annotations
 
 import json
-import urllib.request
 from pathlib import Path
 
 import psycopg
@@ -15,7 +14,7 @@ from cdc.metrics import Metrics, kafka_lag_collector, serve_metrics
 from cdc.pipeline import run_capture
 from cdc.status import pipeline_status
 from sinks.kafka_worker import run_sink
-from tests.integration.kafka_helpers import (
+from tests.plugins.kafka_pipeline import (
     Background,
     background,
     settings,
@@ -24,14 +23,9 @@ from tests.integration.kafka_helpers import (
     wait_streaming,
     wait_sunk,
 )
-from tests.integration.test_operations import sample
+from tests.plugins.metrics import sample, scrape
 
 pytestmark = [pytest.mark.postgres, pytest.mark.kafka]
-
-
-def scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
-        return r.read().decode()
 
 
 def test_status_and_metrics_in_kafka_mode(

@@ -3,7 +3,9 @@
 Fixture:
 
 * ``kafka_broker`` (session): bootstrap string ``"127.0.0.1:PORT"`` of a memory-only Tansu
-  broker, stopped at session end. Tests that use it should be marked ``@pytest.mark.kafka``.
+  broker, stopped at session end. With ``--kafka-bootstrap HOST:PORT`` it is that existing
+  Kafka-protocol broker instead, left running (tests use unique topic and group names, and
+  delete nothing). Tests that use it should be marked ``@pytest.mark.kafka``.
 
 Tansu behaviour worth knowing when writing tests against it:
 
@@ -157,9 +159,6 @@ class TansuBroker:
             raise BrokerStartError(f"cannot run Tansu broker {binary!r}: {e}") from e
 
     def _wait_ready(self, deadline: float) -> None:
-        from confluent_kafka import KafkaException
-        from confluent_kafka.admin import AdminClient
-
         # Wait for the TCP port first: an AdminClient pointed at a closed port floods stderr
         # with connection-refused logs.
         while not _port_open(self.port):
@@ -170,18 +169,10 @@ class TansuBroker:
                     f"Tansu broker did not listen on {self.bootstrap}.\n{self._output_tail()}"
                 )
             time.sleep(0.05)
-        admin = AdminClient({"bootstrap.servers": self.bootstrap})
         try:
-            metadata = admin.list_topics(timeout=max(1.0, deadline - time.monotonic()))
-        except KafkaException as e:
-            raise BrokerStartError(
-                f"Tansu broker on {self.bootstrap} did not answer metadata: {e}\n"
-                f"{self._output_tail()}"
-            ) from e
-        if not metadata.brokers:
-            raise BrokerStartError(
-                f"Tansu broker on {self.bootstrap} reported no brokers.\n{self._output_tail()}"
-            )
+            check_broker(self.bootstrap, timeout=max(1.0, deadline - time.monotonic()))
+        except BrokerStartError as e:
+            raise BrokerStartError(f"Tansu {e}\n{self._output_tail()}") from e
 
     def _output_tail(self, lines: int = 30) -> str:
         if self._log is None:
@@ -193,9 +184,38 @@ class TansuBroker:
         return f"broker output (last {lines} lines):\n{tail}" if tail else "(broker output empty)"
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--kafka-bootstrap",
+        metavar="HOST:PORT",
+        default=None,
+        help="use this existing Kafka-protocol broker (bootstrap servers) instead of "
+        "starting a Tansu broker; tests create uniquely named topics on it",
+    )
+
+
+def check_broker(bootstrap: str, timeout: float = 10.0) -> None:
+    """Raise :class:`BrokerStartError` unless ``bootstrap`` answers a metadata request."""
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
+
+    try:
+        metadata = AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=timeout)
+    except KafkaException as e:
+        raise BrokerStartError(f"broker {bootstrap} did not answer metadata: {e}") from e
+    if not metadata.brokers:
+        raise BrokerStartError(f"broker {bootstrap} reported no brokers")
+
+
 @pytest.fixture(scope="session")
-def kafka_broker() -> Iterator[str]:
-    """Bootstrap string of a memory-only Tansu broker shared by the session."""
+def kafka_broker(pytestconfig: pytest.Config) -> Iterator[str]:
+    """Bootstrap string of the broker of ``--kafka-bootstrap``, else of a memory-only Tansu
+    broker shared by the session."""
+    existing: str | None = pytestconfig.getoption("kafka_bootstrap")
+    if existing:
+        check_broker(existing)
+        yield existing
+        return
     broker = TansuBroker()
     broker.start()
     try:

@@ -18,7 +18,7 @@ from cdc.core.table_schema import ColumnSchema, TableSchema
 from cdc.kafka.event_encoder import EventEncoder
 from sinks.errors import UndecodableMessageError
 from sinks.event_decoding import EventDecoder, connect_column_type
-from tests.unit import debezium_samples as dbz
+from tests.plugins import debezium_samples as dbz
 
 ITEMS = TableSchema(
     "shop", "items", (ColumnSchema("id", Oid.INT4, -1, True), ColumnSchema("qty", Oid.INT2))

@@ -6,14 +6,11 @@ from __future__ import annotations
 import base64
 import math
 import re
-from datetime import UTC, datetime
 
 import orjson
 import pytest
 from confluent_kafka import KafkaError
 
-from cdc.core import pgtypes
-from cdc.core.events import ChangeEvent
 from cdc.core.kafka_format import (
     HEADER_COMMIT_TS_US,
     HEADER_LSN,
@@ -28,81 +25,7 @@ from cdc.core.pgtypes import Oid
 from cdc.core.table_schema import ColumnSchema, TableSchema
 from cdc.kafka.event_encoder import EventEncoder
 from sinks.event_decoding import EventDecoder
-
-NUMERIC_10_2 = ((10 << 16) | 2) + 4
-TIME_3 = 3
-INT4_ARRAY = 1007
-
-TYPES = TableSchema(
-    "shop",
-    "types",
-    (
-        ColumnSchema("id", Oid.INT8, -1, True),
-        ColumnSchema("small", Oid.INT2),
-        ColumnSchema("num", Oid.INT4),
-        ColumnSchema("price", Oid.NUMERIC, NUMERIC_10_2),
-        ColumnSchema("anynum", Oid.NUMERIC),
-        ColumnSchema("f4", Oid.FLOAT4),
-        ColumnSchema("f8", Oid.FLOAT8),
-        ColumnSchema("flag", Oid.BOOL),
-        ColumnSchema("label", Oid.VARCHAR),
-        ColumnSchema("blob", Oid.BYTEA),
-        ColumnSchema("born", Oid.DATE),
-        ColumnSchema("at", Oid.TIME),
-        ColumnSchema("at_ms", Oid.TIME, TIME_3),
-        ColumnSchema("local", Oid.TIMESTAMP),
-        ColumnSchema("local_ms", Oid.TIMESTAMP, 3),
-        ColumnSchema("seen", Oid.TIMESTAMPTZ),
-        ColumnSchema("ident", Oid.UUID),
-        ColumnSchema("doc", Oid.JSONB),
-        ColumnSchema("tags", INT4_ARRAY),
-        ColumnSchema("note", Oid.TEXT),
-    ),
-)
-# PostgreSQL's text output of each column; ROW holds what capture parses them into, so the
-# test follows the type mapping wherever it stores a type.
-ROW_TEXT = (
-    "9007199254740993",  # not exactly representable as a double
-    "-32768",
-    "2147483647",
-    "-12345678.90",
-    "1.50000000000000000000000000000000000000001",
-    "1.5",
-    "Infinity",
-    "t",
-    'ünï "quoted" ,',
-    "\\x00ff0a",
-    "0001-01-01",
-    "23:59:59.999999",
-    "12:00:00.123",
-    "9999-12-31 23:59:59.999999",
-    "1969-07-20 20:17:40.5",
-    "2026-06-01 06:30:00.5+00",
-    "0b9c0f6e-4d1a-4f7e-9c1b-2f0e8d6a1b3c",
-    '{"a": [1, "x,y"]}',
-    "{1,NULL,-3}",
-    "a note",
-)
-ROW = tuple(
-    pgtypes.text_parser(c.type_oid, c.type_modifier)(text)
-    for c, text in zip(TYPES.columns, ROW_TEXT, strict=True)
-)
-COMMIT_TS = datetime(2026, 1, 1, 10, 0, 0, 123456, tzinfo=UTC)
-
-
-def event(op: str, before=None, after=None, *, table=TYPES, seq=0, **kw) -> ChangeEvent:
-    return ChangeEvent(
-        op=op,  # type: ignore[arg-type]
-        table=table,
-        before=before,
-        after=after,
-        commit_lsn=0x16B374D848,
-        seq=seq,
-        txid=771,
-        commit_ts=COMMIT_TS,
-        lsn=0x16B374D000 + seq,
-        **kw,
-    )
+from tests.plugins.samples import COMMIT_TS, ROW, TYPES, event
 
 
 def headers_of(message) -> dict[str, bytes]:

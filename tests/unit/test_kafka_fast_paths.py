@@ -18,7 +18,7 @@ from cdc.core.table_schema import ColumnSchema, TableSchema
 from cdc.kafka.event_encoder import EventEncoder
 from sinks.errors import UndecodableMessageError
 from sinks.event_decoding import EventDecoder
-from tests.unit.test_kafka_events import ROW, TYPES, event
+from tests.plugins.samples import ROW, TYPES, event
 
 KEYLESS = TableSchema(
     "public", "log", (ColumnSchema("line", Oid.TEXT), ColumnSchema("at", Oid.TIMESTAMPTZ, 3))

@@ -33,7 +33,7 @@ from cdc.postgres.protocol.pgoutput import (
     Update,
     decode_message,
 )
-from tests.unit import pgoutput_samples as s
+from tests.plugins import pgoutput_samples as s
 
 INT8, BOOL, BYTEA, INT4, TEXT, NUMERIC = 20, 16, 17, 23, 25, 1700
 

@@ -33,7 +33,7 @@ from cdc.postgres.protocol.pgoutput import (
     decode_message,
 )
 from cdc.postgres.protocol.walproto import datetime_to_pg_timestamp
-from tests.unit.pgoutput_samples import ALL_SAMPLES
+from tests.plugins.pgoutput_samples import ALL_SAMPLES
 
 FUZZ = settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SAMPLE_NAMES = sorted(ALL_SAMPLES)

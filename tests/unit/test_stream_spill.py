@@ -1,6 +1,6 @@
 """Streamed transactions (pgoutput protocol 2) spilled to disk and replayed at commit.
 
-Uses the v2 messages captured from PostgreSQL 15 in :mod:`tests.unit.pgoutput_samples`,
+Uses the v2 messages captured from PostgreSQL 15 in :mod:`tests.plugins.pgoutput_samples`,
 played to :class:`cdc.postgres.streaming.StreamingSource` through a stand-in for the replication
 connection, so the whole receive path runs: frame parsing, in-stream decoding, spill files,
 replay and the assembler. Other transactions are made from the samples by rewriting their
@@ -26,7 +26,7 @@ from cdc.postgres.protocol.assembler import ChangeAssembler, TransactionCommitte
 from cdc.postgres.protocol.walproto import PG_EPOCH
 from cdc.postgres.stream_spill import StreamedTransactions
 from cdc.postgres.streaming import StreamingSource
-from tests.unit import pgoutput_samples as s
+from tests.plugins import pgoutput_samples as s
 
 XID = 745  # the captured transaction
 SUBXID_ROLLED_BACK = 746  # its savepoint that was rolled back (STREAM_ABORT)

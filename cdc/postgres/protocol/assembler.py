@@ -17,6 +17,7 @@ from time import time_ns
 from typing import Any
 
 from cdc.core import pgtypes
+from cdc.core.codegen import compile_function
 from cdc.core.errors import DecodeError, ValueConversionError
 from cdc.core.events import ChangeEvent
 from cdc.core.table_schema import REPLICA_IDENTITY_CODES, ColumnSchema, TableSchema
@@ -45,18 +46,25 @@ class _Table:
 
 
 def _row_converter(
-    parsers: tuple[Callable[[str], Any], ...],
+    parsers: tuple[Callable[[str], Any], ...], table: str
 ) -> Callable[[pgoutput.TupleData], tuple[Any, ...]]:
     """One function parsing a whole row of text values (NULLs stay ``None``), generated for
     the table's column count: one call per row instead of a loop step per value, which is
-    what the per-row cost of capture is made of. Raises whatever a parser raises."""
+    what the per-row cost of capture is made of. Raises whatever a parser raises.
+
+    Compiled as ``<generated cdc row converter {table}>`` (see :mod:`cdc.core.codegen`)."""
     names = [f"v{i}" for i in range(len(parsers))]
     namespace: dict[str, Any] = {f"p{i}": parse for i, parse in enumerate(parsers)}
     values = "".join(f"None if {v} is None else p{i}({v}), " for i, v in enumerate(names))
     unpack = "".join(f"{v}, " for v in names) or "()"
     # Generated from the column count alone; no name from the database reaches the source.
-    exec(f"def convert(row):\n    {unpack} = row\n    return ({values})\n", namespace)
-    convert: Callable[[pgoutput.TupleData], tuple[Any, ...]] = namespace["convert"]
+    convert: Callable[[pgoutput.TupleData], tuple[Any, ...]] = compile_function(
+        f"def convert(row):\n    {unpack} = row\n    return ({values})\n",
+        name="convert",
+        kind="row converter",
+        label=table,
+        namespace=namespace,
+    )
     return convert
 
 
@@ -107,7 +115,7 @@ class ChangeAssembler:
         schema = (self._describe(rel) if self._describe else None) or schema_from_relation(rel)
         parsers = tuple(pgtypes.text_parser(c.type_oid, c.type_modifier) for c in schema.columns)
         keys = tuple(i for i, c in enumerate(schema.columns) if c.is_key)
-        return _Table(schema, parsers, keys, _row_converter(parsers))
+        return _Table(schema, parsers, keys, _row_converter(parsers, schema.qualified_name))
 
     def _convert(
         self, table: _Table, data: pgoutput.TupleData

@@ -164,14 +164,18 @@ def wait_sunk(
         deadline = time.monotonic() + timeout
         while True:
             committed = consumer.committed(partitions, timeout=10)
-            consumer.assign(
-                [
-                    TopicPartition(c.topic, c.partition, c.offset if c.offset >= 0 else -2)
-                    for c in committed
-                ]
-            )
-            ahead = _first_message(consumer, idle=1.0)
-            consumer.unassign()
+            ahead = _behind_watermark(consumer, committed)
+            if ahead is None:
+                consumer.assign(
+                    [
+                        TopicPartition(c.topic, c.partition, c.offset if c.offset >= 0 else -2)
+                        for c in committed
+                    ]
+                )
+                # Generous: on a loaded machine the first fetch of an assignment can take
+                # seconds, and an empty poll must mean "nothing left", not "not fetched yet".
+                ahead = _first_message(consumer, idle=5.0)
+                consumer.unassign()
             if ahead is None:
                 return
             for w in workers:
@@ -182,6 +186,18 @@ def wait_sunk(
             time.sleep(0.3)
     finally:
         consumer.close()
+
+
+def _behind_watermark(
+    consumer: Consumer, committed: list[TopicPartition]
+) -> tuple[str, int, int] | None:
+    """(topic, partition, committed offset) of a partition whose group offset is below the
+    high watermark: certainly not handled yet (the watermark may fall short, never beyond)."""
+    for c in committed:
+        _low, high = consumer.get_watermark_offsets(c, timeout=10)
+        if max(c.offset, 0) < high:
+            return (c.topic, c.partition, c.offset)
+    return None
 
 
 def _first_message(consumer: Consumer, idle: float) -> tuple[str, int, int] | None:
