@@ -17,13 +17,15 @@ from sinks.kafka_worker import run_sink
 from tests.plugins.kafka_pipeline import (
     Background,
     background,
+    cdc_process,
     settings,
+    stop_process,
     unique,
     wait_captured,
     wait_streaming,
     wait_sunk,
 )
-from tests.plugins.metrics import sample, scrape
+from tests.plugins.metrics import free_port, sample, scrape, wait_for
 
 pytestmark = [pytest.mark.postgres, pytest.mark.kafka]
 
@@ -95,3 +97,56 @@ def test_status_and_metrics_in_kafka_mode(
         )
     finally:
         server.shutdown()
+
+
+def test_capture_and_sink_commands_serve_metrics(
+    pg_dsn: str, pg_conn: psycopg.Connection, kafka_broker: str, tmp_path: Path
+) -> None:
+    """`cdc capture --metrics-port` and `cdc sink --metrics-port`, as processes."""
+    pg_conn.execute("CREATE TABLE items (id int PRIMARY KEY, name text)")
+    pg_conn.execute("INSERT INTO items SELECT g, NULL FROM generate_series(1, 20) g")
+    prefix, name = unique("opsc"), unique("opsc")
+    capture_port, sink_port = free_port(), free_port()
+    common = ["--kafka", kafka_broker, "--name", name, "--topic-prefix", prefix]
+    capture = cdc_process(
+        "capture",
+        "--source",
+        pg_dsn,
+        *common,
+        "--metrics-port",
+        str(capture_port),
+        log=tmp_path / "capture.log",
+    )
+    sink = cdc_process(
+        "sink",
+        "--lake",
+        str(tmp_path / "lake"),
+        *common,
+        "--metrics-port",
+        str(sink_port),
+        log=tmp_path / "sink.log",
+    )
+    try:
+
+        def landed() -> bool:
+            try:
+                text = scrape(sink_port)
+            except OSError:
+                return False
+            return sample(text, "cdc_rows_written_total", table="public.items") == 20
+
+        wait_for(landed, timeout=90, what="the sink to write the snapshot")
+        text = scrape(sink_port)
+        assert (sample(text, "cdc_flush_duration_seconds_count") or 0) >= 1
+        assert any(
+            sample(text, "cdc_kafka_consumer_lag", topic=f"{prefix}.public.items", partition=str(p))
+            is not None
+            for p in range(3)
+        )
+        captured = scrape(capture_port)
+        assert sample(captured, "cdc_snapshot_rows_total", table="public.items") == 20
+        assert sample(captured, "cdc_rows_written_total", table="public.items") == 20
+    finally:
+        for proc in (sink, capture):
+            if proc.poll() is None:
+                stop_process(proc)
