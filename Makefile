@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench lint format typecheck check clean
+.PHONY: demo notebook test bench lint format typecheck check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,18 @@ $(STAMP): pyproject.toml
 ## demo: install, then run `cdc demo` (a throwaway PostgreSQL, a workload, DuckDB answers)
 demo: $(STAMP)
 	$(BIN)/cdc demo
+
+## notebook: install, plus JupyterLab (the `notebook` extra), then open
+## notebooks/retail_analysis.ipynb (it runs the demo itself unless CDC_NOTEBOOK_LAKE=PATH);
+## JUPYTER_ARGS passes options, e.g. --no-browser --ip 0.0.0.0
+# Jupyter refuses to start as root (containers, CI machines) without --allow-root.
+notebook: $(VENV)/.notebook-installed
+	$(BIN)/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root) $(JUPYTER_ARGS) \
+		notebooks/retail_analysis.ipynb
+
+$(VENV)/.notebook-installed: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[notebook]'
+	touch $@
 
 ## test: install, then run the whole test suite (starts its own PostgreSQL and Kafka broker)
 test: $(STAMP)

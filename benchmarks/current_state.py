@@ -47,7 +47,8 @@ import pyarrow.compute as pc
 from deltalake import write_deltalake
 
 from catalog import lake_layout as layout
-from catalog.duckdb_views import current_view_sql, open_duckdb, quote_literal, register_views
+from catalog.current_state import current_state_sql, quote_literal
+from catalog.duckdb_views import open_duckdb, register_views
 from catalog.schema_registry import SchemaRegistry
 from cdc.core.table_schema import ColumnSchema, TableSchema
 from jobs.merge import merge
@@ -147,6 +148,26 @@ def _time(run: Callable[[], Any], repeat: int) -> float:
     return statistics.median(times)
 
 
+def _side_by_side(runs: dict[str, Callable[[], Any]], repeat: int) -> dict[str, dict[str, float]]:
+    """Median wall-clock and CPU seconds of each query, the queries interleaved round by
+    round so that a burst of load on a shared machine hits them alike. CPU time (all of the
+    process's threads) counts the work done, which other processes' load barely changes."""
+    for run in runs.values():
+        run()  # warm-up
+    wall: dict[str, list[float]] = {name: [] for name in runs}
+    cpu: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeat):
+        for name, run in runs.items():
+            c, t = time.process_time(), time.perf_counter()
+            run()
+            wall[name].append(time.perf_counter() - t)
+            cpu[name].append(time.process_time() - c)
+    return {
+        name: {"wall_s": statistics.median(wall[name]), "cpu_s": statistics.median(cpu[name])}
+        for name in runs
+    }
+
+
 def measure(lake: str, sizes: tuple[int, ...], repeat: int) -> list[dict[str, Any]]:
     SchemaRegistry(lake).register(
         TableSchema(
@@ -172,7 +193,7 @@ def measure(lake: str, sizes: tuple[int, ...], repeat: int) -> list[dict[str, An
                 f"DESCRIBE SELECT * FROM delta_scan({quote_literal(info.changes_uri)})"
             ).fetchall()
         }
-        changelog_only = current_view_sql(info.changes_view, types, info.key_columns)
+        changelog_only = current_state_sql(info.changes_view, types, info.key_columns)
         before = _time(_fetch(con, changelog_only), repeat)
 
         started = time.perf_counter()
@@ -182,8 +203,8 @@ def measure(lake: str, sizes: tuple[int, ...], repeat: int) -> list[dict[str, An
         register_views(con, lake)  # the view now reads the merged table
         view = f"SELECT * FROM {info.current_view}"
         plain = f"SELECT id, qty, note FROM delta_scan({quote_literal(current)})"
-        after = _time(_fetch(con, view), repeat)
-        scan = _time(_fetch(con, plain), repeat)
+        timed = _side_by_side({"view": _fetch(con, view), "scan": _fetch(con, plain)}, repeat)
+        after, scan = timed["view"]["wall_s"], timed["scan"]["wall_s"]
         live_rows = con.sql(f"SELECT count(*) FROM {info.current_view}").fetchone()
         row = {
             "changes": size,
@@ -193,7 +214,9 @@ def measure(lake: str, sizes: tuple[int, ...], repeat: int) -> list[dict[str, An
             "after_merge_s": round(after, 4),
             "plain_scan_s": round(scan, 4),
             "ratio": round(after / scan, 3),
+            "cpu_ratio": round(timed["view"]["cpu_s"] / timed["scan"]["cpu_s"], 3),
             "overhead_s": round(after - scan, 4),
+            "load_average": [round(x, 2) for x in os.getloadavg()],
         }
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -201,11 +224,17 @@ def measure(lake: str, sizes: tuple[int, ...], repeat: int) -> list[dict[str, An
     # The same view with an unmerged tail: cost grows with the tail, not the history.
     written = _append(lake, written, TAIL)
     register_views(con, lake)
-    tail = _time(_fetch(con, view), repeat)
-    rows[-1]["tail_changes"] = TAIL
-    rows[-1]["tail_s"] = round(tail, 4)
-    rows[-1]["tail_ratio"] = round(tail / rows[-1]["plain_scan_s"], 3)
-    print(json.dumps({"tail_changes": TAIL, "tail_s": rows[-1]["tail_s"]}), flush=True)
+    timed = _side_by_side({"view": _fetch(con, view), "scan": _fetch(con, plain)}, repeat)
+    tail = {
+        "tail_changes": TAIL,
+        "tail_s": round(timed["view"]["wall_s"], 4),
+        "tail_plain_scan_s": round(timed["scan"]["wall_s"], 4),
+        "tail_ratio": round(timed["view"]["wall_s"] / timed["scan"]["wall_s"], 3),
+        "tail_cpu_ratio": round(timed["view"]["cpu_s"] / timed["scan"]["cpu_s"], 3),
+        "tail_load_average": [round(x, 2) for x in os.getloadavg()],
+    }
+    rows[-1].update(tail)
+    print(json.dumps(tail), flush=True)
     con.close()
     return rows
 
@@ -214,10 +243,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=5, help="timed runs per query (median)")
     parser.add_argument("--quick", action="store_true", help="100k and 200k changes only")
+    parser.add_argument(
+        "--sizes",
+        type=lambda text: tuple(int(x) for x in text.split(",")),
+        help="changelog sizes to measure, e.g. 1000000 (1M rows, then a 1%% unmerged tail)",
+    )
     parser.add_argument("--lake", help="build the lake here (default: a temporary directory)")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    sizes = (100_000, 200_000) if args.quick else SIZES
+    sizes = args.sizes or ((100_000, 200_000) if args.quick else SIZES)
     with tempfile.TemporaryDirectory(prefix="cdc-bench-") as tmp:
         lake = args.lake or os.path.join(tmp, "lake")
         rows = measure(lake, sizes, args.repeat)

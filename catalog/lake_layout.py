@@ -4,6 +4,7 @@ Layout (``root`` is a local path or an object-store URI)::
 
     <root>/<schema>.<table>/changes   changelog Delta table, partitioned by _cdc_date
     <root>/<schema>.<table>/current   current-state Delta table (written by `cdc jobs merge`)
+    <root>/<schema>.<table>/base      state at the retention horizon (`cdc jobs retention`)
     <root>/_cdc/schemas/...           embedded-mode schema registry
     <root>/_cdc/pipelines/<name>.json pipeline state (snapshot progress)
     <root>/_dlq                       dead letters
@@ -65,6 +66,14 @@ def changes_uri(root: str, qualified_name: str) -> str:
 def current_uri(root: str, qualified_name: str) -> str:
     """The merged current-state table of ``schema.table``."""
     return join(root, qualified_name, "current")
+
+
+BASE_DIR = "base"
+
+
+def base_uri(root: str, qualified_name: str) -> str:
+    """The retention base of ``schema.table``: its state as of the newest dropped change."""
+    return join(root, qualified_name, BASE_DIR)
 
 
 def normalize_root(root: str) -> str:

@@ -9,6 +9,13 @@ watermark: the job drops the oldest partitions up to the first one that holds a 
 the watermark (judged from each file's ``_cdc_lsn``/``_cdc_seq`` statistics; a file without
 statistics counts as unmerged), and says so in its metrics. A table that was never merged,
 and a keyless table (which cannot be merged), keeps its whole changelog.
+
+Before dropping, the job folds every change up to the newest one it drops into the retention
+base ``<table>/base`` (:func:`jobs.merge.fold_into_base`): the table's state as of that
+change. The base records the retention horizon, the newest commit time folded in; time
+travel (``<table>_as_of``, ``Lake.current(as_of=...)``) and the history view read the base
+plus the remaining changes, and are exact from the horizon on. Asking for a moment before
+the horizon is an error that names it.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from typing import Any
 import pyarrow as pa
 
 from catalog import lake_layout
+from catalog.current_state import NO_WATERMARK, Watermark
 from catalog.duckdb_views import merge_watermark
 from catalog.errors import CatalogError
 from jobs.common import (
@@ -33,8 +41,9 @@ from jobs.common import (
     with_conflict_retries,
 )
 from jobs.errors import TransientJobError
+from jobs.merge import fold_into_base
 
-__all__ = ["droppable_partitions", "retention"]
+__all__ = ["droppable_partitions", "newest_position", "retention"]
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +87,31 @@ def droppable_partitions(
             return drop, day
         drop.append(day)
     return drop, None
+
+
+def newest_position(files: pa.Table, *, before: date) -> Watermark:
+    """The largest ``(_cdc_lsn, _cdc_seq)`` in the files of the partitions before ``before``,
+    from their statistics (an upper bound: a file's largest seq need not belong to its
+    largest LSN). Only called for partitions that :func:`droppable_partitions` found merged,
+    whose files all have statistics.
+
+    Example:
+        >>> t = pa.table({"partition._cdc_date": [date(2024, 1, 1), date(2024, 1, 2)],
+        ...               "max._cdc_lsn": [5, 9], "max._cdc_seq": [3, 0]})
+        >>> newest_position(t, before=date(2024, 1, 2))
+        Watermark(lsn=5, seq=3)
+    """
+    newest = NO_WATERMARK
+    partitions = files.column(_PARTITION).to_pylist() if files.num_rows else []
+    lsns = files.column(_MAX_LSN).to_pylist() if partitions else []
+    seqs = files.column(_MAX_SEQ).to_pylist() if partitions else []
+    for day, lsn, seq in zip(partitions, lsns, seqs, strict=True):
+        if day is None or day >= before or lsn is None:
+            continue
+        candidate = Watermark(lsn, seq if seq is not None else 2**63 - 1)
+        if (candidate.lsn, candidate.seq) > (newest.lsn, newest.seq):
+            newest = candidate
+    return newest
 
 
 def retention(
@@ -175,11 +209,17 @@ def _retain(
         if not drop or dry_run:
             return {"partitions": drop, "held_back": held_back, "rows": 0, "files": 0}
         effective = drop[-1] + timedelta(days=1)
+        # First the base: the state as of the newest change about to go, so time travel
+        # and the history view keep working from the horizon on. Its own commit: if the
+        # delete below then fails, the base merely holds changes the changelog still has.
+        upto = newest_position(files, before=effective)
+        based = fold_into_base(table, upto=upto, storage_options=storage_options, attempts=attempts)
         # A predicate on the partition column only: whole files are removed, none rewritten.
         metrics = dt.delete(predicate=f"{lake_layout.DATE} < '{effective.isoformat()}'::date")
         return {
             "partitions": drop,
             "held_back": held_back,
+            "horizon": based.get("horizon"),
             "rows": int(metrics.get("num_deleted_rows", 0)),
             "files": int(metrics.get("num_removed_files", 0)),
         }
@@ -196,6 +236,7 @@ def _retain(
         "limited_by_merge": held_back is not None,
         "partitions": [d.isoformat() for d in drop],
         "rows_dropped": outcome["rows"],
+        "horizon": outcome.get("horizon"),
         "files_removed": outcome["files"],
         "watermark": list(watermark),
         "conflicts": conflicts,

@@ -43,6 +43,7 @@ from deltalake.exceptions import (
 )
 
 from catalog import lake_layout as layout
+from catalog.current_state import PARTITIONS_APP_ID, partition_app_id
 from catalog.schema_registry import SchemaRegistry
 from cdc.core import pgtypes
 from cdc.core.events import ChangeEvent
@@ -230,6 +231,7 @@ class DeltaChangelogSink(Sink):
         self._last_buffer: _TableBuffer | None = None
         self._pending_rows = 0
         self._pending_bytes = 0
+        self._partition_counts: dict[str, int] = {}
 
     @property
     def _lsn_app(self) -> str:
@@ -274,6 +276,14 @@ class DeltaChangelogSink(Sink):
         if lsn is None:
             return _NOTHING_WRITTEN
         return (lsn, seq if seq is not None else -1)
+
+    def set_partition_count(self, topic: str, partitions: int) -> None:
+        """Kafka mode: ``topic`` has ``partitions`` partitions. Every commit of a table fed
+        by it records the count and each partition's mark under the ids of
+        :func:`catalog.current_state.partition_app_id`, so that ``cdc jobs merge`` can cap
+        its watermark at the oldest partition's (a table written by several partitions is
+        not appended in position order)."""
+        self._partition_counts[topic] = partitions
 
     def ensure_table(self, table: TableSchema) -> None:
         """Create ``table``'s changelog if missing, so an empty source table is queryable."""
@@ -518,6 +528,7 @@ class DeltaChangelogSink(Sink):
     def _transactions(self, buf: _TableBuffer) -> list[Transaction]:
         """The app transactions of ``buf``'s next commit: what it covers."""
         txns = []
+        counts: set[int] = set()
         if buf.accepted != buf.written:
             lsn, seq = buf.accepted
             txns += [Transaction(self._lsn_app, lsn), Transaction(self._seq_app, seq)]
@@ -526,9 +537,16 @@ class DeltaChangelogSink(Sink):
                 lsn, seq = mark.accepted
                 txns.append(Transaction(stream_app_id(self.app_id, stream, "lsn"), lsn))
                 txns.append(Transaction(stream_app_id(self.app_id, stream, "seq"), seq))
+                topic, _, partition = stream.rpartition(":")
+                if topic in self._partition_counts and partition.isdigit():
+                    txns.append(Transaction(partition_app_id(int(partition), "lsn"), lsn))
+                    txns.append(Transaction(partition_app_id(int(partition), "seq"), seq))
+                    counts.add(self._partition_counts[topic])
             if mark.offset_accepted is not None and mark.offset_accepted != mark.offset_written:
                 offset_app = stream_app_id(self.app_id, stream, "offset")
                 txns.append(Transaction(offset_app, mark.offset_accepted))
+        if counts:
+            txns.append(Transaction(PARTITIONS_APP_ID, max(counts)))
         return txns
 
     def _fenced_target(self, buf: _TableBuffer) -> str | DeltaTable:

@@ -200,6 +200,7 @@ class KafkaSinkWorker:
             consumer=kafka.consumer,
         )
         self.decoder = EventDecoder(self.registry.get, known=self._known_schema)
+        self._partition_counts: dict[str, int] = {}  # topic -> partitions
         self.sink = self._new_sink()
         self.dlq = DeadLetterSink(
             self.root,
@@ -232,12 +233,32 @@ class KafkaSinkWorker:
     # -- set-up -------------------------------------------------------------------------
 
     def _new_sink(self) -> DeltaChangelogSink:
-        return DeltaChangelogSink(
+        sink = DeltaChangelogSink(
             self.root,
             app_id=self.app_id,
             batch=self.settings.batch,
             storage_options=self.storage_options,
         )
+        for topic, count in self._partition_counts.items():
+            sink.set_partition_count(topic, count)
+        return sink
+
+    def _learn_partition_count(self, topic: str, partition: int) -> None:
+        """Tell the sink how many partitions ``topic`` has (so its commits record every
+        partition's mark for ``cdc jobs merge``), before the first event of a partition is
+        added: asked from the broker once per topic, and again when a partition number
+        shows the topic has grown."""
+        known = self._partition_counts.get(topic)
+        if known is not None and partition < known:
+            return
+        try:
+            metadata = self.consumer.list_topics(topic, timeout=10)
+        except KafkaException as e:
+            raise _wrap(e, f"cannot read the partitions of {topic}") from e
+        described = metadata.topics.get(topic)
+        count = max(len(described.partitions) if described is not None else 0, partition + 1)
+        self._partition_counts[topic] = count
+        self.sink.set_partition_count(topic, count)
 
     def _known_schema(self, qualified_name: str) -> TableSchema | None:
         try:
@@ -481,6 +502,7 @@ class KafkaSinkWorker:
         event = decoded.event
         name = event.table.qualified_name
         if part.table is None:
+            self._learn_partition_count(topic, partition)
             part.table = name
             self._stream_tables[part.stream] = name
         elif part.table != name:

@@ -9,4 +9,5 @@ pytest_plugins = [
     "tests.plugins.kafka",
     "tests.plugins.lake",
     "tests.plugins.failures",
+    "tests.plugins.demo_lake",
 ]

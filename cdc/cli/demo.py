@@ -56,6 +56,9 @@ CREATE TABLE {DEMO_SCHEMA}.orders (
 );
 """
 
+#: One pallet goes missing every this many orders.
+SHRINKAGE_EVERY = 100
+
 CITIES = ["Lisbon", "Porto", "Madrid", "Lyon", "Turin"]
 ITEMS = ["kettle", "lamp", "mug", "chair", "desk", "rug", "vase", "clock", "shelf", "pillow"]
 
@@ -111,8 +114,17 @@ def _seed(conn: psycopg.Connection, rng: random.Random) -> None:
 def _workload(
     dsn: str, seconds: float, rng: random.Random, stop: threading.Event
 ) -> dict[str, int]:
-    """Place orders (stock goes down), restock, cancel and purge orders, change prices."""
-    counts = {"orders": 0, "restocks": 0, "cancellations": 0, "purged": 0, "price_changes": 0}
+    """Place orders (stock goes down), restock, cancel and purge orders, change prices, and
+    now and then lose a pallet (a drop far beyond a sale's 1-3 units, for the notebook's
+    anomaly check to find)."""
+    counts = {
+        "orders": 0,
+        "restocks": 0,
+        "cancellations": 0,
+        "purged": 0,
+        "price_changes": 0,
+        "shrinkage": 0,
+    }
     deadline = time.monotonic() + seconds
     with psycopg.connect(dsn, autocommit=True) as conn:
         while time.monotonic() < deadline and not stop.is_set():
@@ -130,6 +142,13 @@ def _workload(
                     [qty, store, product],
                 )
             counts["orders"] += 1
+            if counts["orders"] % SHRINKAGE_EVERY == SHRINKAGE_EVERY // 4:
+                conn.execute(
+                    f"UPDATE {DEMO_SCHEMA}.inventory SET quantity = greatest(quantity - %s, 0), "
+                    "updated_at = now() WHERE store_id = %s AND product_id = %s",
+                    [rng.randint(15, 25), rng.randint(1, len(CITIES)), rng.randint(1, 40)],
+                )
+                counts["shrinkage"] += 1
             roll = rng.random()
             if roll < 0.15:
                 conn.execute(

@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 
 import catalog
 from catalog import Lake, SchemaRegistry, connect, lake_layout
+from catalog.current_state import current_state_sql
 from catalog.duckdb_views import (
-    current_view_sql,
     delta_extension_path,
     open_duckdb,
     register_views,
@@ -460,10 +460,10 @@ def test_file_database_persists_views(lake: Path, tmp_path: Path) -> None:
     assert con.execute("SELECT id FROM public.orders").fetchall() == [(1,)]
 
 
-def test_current_view_sql_shape() -> None:
+def test_current_state_sql_shape() -> None:
     types = {"id": "BIGINT", "qty": "INTEGER", "note": "VARCHAR", "price": "DECIMAL(10,2)"}
     types.update({c: "BIGINT" for c in lake_layout.METADATA_COLUMNS})
-    sql = current_view_sql('"s"."t_changes"', types, ["id"])
+    sql = current_state_sql('"s"."t_changes"', types, ["id"])
     assert 'GROUP BY "id"' in sql
     # Variable-length columns (and numeric) get the unchanged-TOAST back-fill; ints do not.
     assert "'note')" in sql and "'price')" in sql and "'qty')" not in sql

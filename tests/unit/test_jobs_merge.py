@@ -21,11 +21,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from catalog import lake_layout
+from catalog.current_state import NO_WATERMARK, Watermark, fold_sql, keep_flags
 from catalog.duckdb_views import MERGE_LSN_APP_ID, MERGE_SEQ_APP_ID, connect, merge_watermark
 from catalog.lake import Lake
 from cdc.core.table_schema import ColumnSchema
 from jobs.errors import CommitConflictError
-from jobs.merge import NO_WATERMARK, Watermark, _apply, fold_sql, keep_flags, merge
+from jobs.merge import _apply, merge
 from tests.plugins.lake import change, register_table, write_changes
 
 INT8, INT4, TEXT = 20, 23, 25

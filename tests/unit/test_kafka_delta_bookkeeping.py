@@ -171,3 +171,24 @@ def test_dead_letters_are_written_once_with_their_coordinates(tmp_path: Path) ->
     newer.flush()
     with pytest.raises(StreamFencedError):
         zombie.flush()
+
+
+def test_partition_marks_and_count_let_the_merge_cap_its_watermark(tmp_path: Path) -> None:
+    from catalog.current_state import PARTITIONS_APP_ID, Watermark, partition_app_id
+    from jobs.merge import stream_cap
+
+    sink = DeltaChangelogSink(str(tmp_path), app_id=APP)
+    sink.set_partition_count("topic", 3)
+    sink.add(ev(1, lsn=300), stream="topic:0", offset=0)
+    sink.add(ev(2, lsn=100), stream="topic:1", offset=0)
+    sink.flush()
+    dt = DeltaTable(layout.changes_uri(str(tmp_path), "s.t"))
+    assert dt.transaction_version(PARTITIONS_APP_ID) == 3
+    assert dt.transaction_version(partition_app_id(0, "lsn")) == 300
+    assert dt.transaction_version(stream_app_id(APP, "topic:1", "offset")) == 0
+    # Partition 2 has committed nothing: a change of it may still land anywhere.
+    assert stream_cap(dt) == (Watermark(-(2**63), -(2**63)), [2])
+    sink.add(ev(3, lsn=200), stream="topic:2", offset=0)
+    sink.flush()
+    dt = DeltaTable(layout.changes_uri(str(tmp_path), "s.t"))
+    assert stream_cap(dt) == (Watermark(100, 0), [])
