@@ -18,7 +18,7 @@ from deltalake import DeltaTable
 from catalog import lake_layout
 from catalog.current_state import PARTITIONS_APP_ID
 from jobs.merge import merge, stream_cap
-from tests.integration.kafka_helpers import (
+from tests.plugins.kafka_pipeline import (
     background,
     capture_thread,
     settings,
