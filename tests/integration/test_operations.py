@@ -180,8 +180,7 @@ def test_status_metrics_logs_and_no_secret_in_any_output(
     outputs += [strict.stdout, strict.stderr]
     assert strict.returncode == 1 and "--max-lag" in strict.stdout
 
-    # cdc jobs merge folds the changes: nothing is unmerged afterwards. (A single-column
-    # key: merging composite keys fails in jobs/merge.py, reported separately.)
+    # cdc jobs merge folds the changes: nothing is unmerged afterwards.
     pg_conn.execute("CREATE TABLE public.items (id int PRIMARY KEY, name text)")
     pg_conn.execute("INSERT INTO public.items VALUES (1, 'a'), (2, NULL)")
     pg_conn.execute("UPDATE public.items SET name = 'b' WHERE id = 2")
@@ -189,7 +188,7 @@ def test_status_metrics_logs_and_no_secret_in_any_output(
         lambda: sample(scrape(port), "cdc_rows_written_total", table="public.items") == 3,
         what="public.items to land",
     )
-    merged = cdc("jobs", "merge", "--lake", lake_dir, "--table", "public.items")
+    merged = cdc("jobs", "merge", "--lake", lake_dir)
     outputs += [merged.stdout, merged.stderr]
     assert merged.returncode == 0, merged.stderr
     after = json.loads(
@@ -197,7 +196,8 @@ def test_status_metrics_logs_and_no_secret_in_any_output(
     )
     unmerged = {t["table"]: t["unmerged_changes"] for t in after["tables"]}
     assert unmerged["public.items"] == 0
-    assert unmerged["public.events"] == 3  # never merged
+    assert unmerged["public.Order Lines"] == 0  # composite key
+    assert unmerged["public.events"] == 3  # keyless: merge leaves it to the view
     assert {t["table"]: t["merge_watermark"] for t in after["tables"]}["public.items"]
 
     proc.send_signal(signal.SIGTERM)
