@@ -15,9 +15,6 @@ from types import TracebackType
 
 import duckdb
 import pyarrow as pa
-import pyarrow.compute as pc
-from deltalake import DeltaTable
-from deltalake.exceptions import DeltaError, TableNotFoundError
 
 from catalog import lake_layout
 from catalog.duckdb_views import (
@@ -29,7 +26,8 @@ from catalog.duckdb_views import (
     register_views,
     retention_base,
 )
-from catalog.errors import QueryError, TerminalCatalogError, TransientCatalogError
+from catalog.errors import QueryError, TerminalCatalogError
+from catalog.freshness import delta_log_facts
 from catalog.schema_registry import SchemaRegistry, SchemaVersion
 from cdc.core.lsn import parse_lsn
 
@@ -330,32 +328,16 @@ class Lake:
         return view
 
     def _table_info(self, name: str, key_columns: tuple[str, ...]) -> TableInfo:
-        uri = lake_layout.changes_uri(self._root, name)
-        try:
-            dt = DeltaTable(uri, storage_options=self._storage_options)
-            adds = pa.table(dt.get_add_actions(flatten=True))
-            history = dt.history(1)
-        except TableNotFoundError as exc:
-            raise TerminalCatalogError(f"{uri} is not a Delta table: {exc}") from exc
-        except (DeltaError, OSError) as exc:
-            raise TransientCatalogError(f"cannot read the Delta log of {uri}: {exc}") from exc
-        num_rows: int | None = None
-        if "num_records" in adds.column_names:
-            records = adds.column("num_records")
-            if records.null_count == 0:
-                num_rows = int(pc.sum(records).as_py() or 0)
-        elif adds.num_rows == 0:
-            num_rows = 0
-        last_commit_at = None
-        if history and history[0].get("timestamp") is not None:
-            last_commit_at = datetime.fromtimestamp(history[0]["timestamp"] / 1000, tz=UTC)
+        facts = delta_log_facts(
+            lake_layout.changes_uri(self._root, name), storage_options=self._storage_options
+        )
         return TableInfo(
             qualified_name=name,
             key_columns=key_columns,
-            delta_version=dt.version(),
-            num_files=adds.num_rows,
-            num_rows=num_rows,
-            last_commit_at=last_commit_at,
+            delta_version=facts.table.version(),
+            num_files=facts.files,
+            num_rows=facts.rows,
+            last_commit_at=facts.last_write_at,
         )
 
 

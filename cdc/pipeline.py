@@ -26,6 +26,7 @@ from catalog.commit_safety import require_safe_commits
 from catalog.errors import CatalogError
 from catalog.kafka_schema_registry import KafkaSchemaRegistry
 from cdc.core.errors import ConfigError, TransientError
+from cdc.core.events import ChangeEvent
 from cdc.core.lsn import format_lsn
 from cdc.core.position import CapturePosition
 from cdc.core.settings import Settings
@@ -33,6 +34,8 @@ from cdc.core.table_schema import TableSchema
 from cdc.kafka.errors import wrap_kafka_error
 from cdc.kafka.position_store import KafkaPositionStore
 from cdc.kafka.producer import KafkaProducerSink, producer_config
+from cdc.metrics import EventCounts, Metrics
+from cdc.operations import Operations
 from cdc.postgres.errors import SlotLostError, SourceConnectionError, postgres_error
 from cdc.postgres.incremental_snapshot import IncrementalSnapshots
 from cdc.postgres.introspect import describe_tables
@@ -47,6 +50,7 @@ from cdc.postgres.slots import (
     publication_pushdown,
     publishes_all_tables,
     push_down_transforms,
+    slot_status,
 )
 from cdc.postgres.snapshot import SnapshotReader
 from cdc.postgres.source_queries import SourceQueries
@@ -83,9 +87,11 @@ class CapturePipeline:
         progress: SnapshotProgress | None = None,
         sink: Sink | None = None,
         store: PositionStore | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         """``sink`` and ``store`` default to the lake's Delta changelog writer and the lake's
-        pipeline state; ``cdc capture`` passes Kafka ones instead."""
+        pipeline state; ``cdc capture`` passes Kafka ones instead. ``metrics`` receives the
+        Prometheus metrics (see :mod:`cdc.metrics`)."""
         self.settings = settings
         self.dsn = settings.source_dsn()
         self.stop = stop or threading.Event()
@@ -126,6 +132,19 @@ class CapturePipeline:
             "reconnects": 0,
             "retries": 0,
         }
+        # Operations (cdc.operations, cdc.metrics): per-table event counts kept in _handle
+        # at the cost of an identity check, and the commit time of the newest change of
+        # each table not yet flushed.
+        self.prometheus = metrics
+        self.event_counts = EventCounts()
+        if metrics is not None:
+            metrics.event_counts.append(self.event_counts)
+        self._counted: Any = None
+        self._op_counts: dict[str, int] = {}
+        self._last_event: Any = None
+        self._unflushed_commits: dict[str, datetime] = {}
+        self._flushed_counts: dict[str, int] = {}
+        self._snapshot_unflushed: dict[str, int] = {}
 
     # -- start-up ---------------------------------------------------------------------------
 
@@ -155,6 +174,23 @@ class CapturePipeline:
         if slot is not None:
             check_slot_usable(slot, conn)
         position = self._retry(self.store.load, f"reading the pipeline state {self.store.path}")
+        state = slot_status(conn, settings.slot_name) if slot is not None else None
+        if state is not None and state.lost:
+            if self.prometheus is not None:
+                self.prometheus.slot_lost.inc()
+            if settings.ops.on_slot_lost != "resnapshot":
+                raise self._slot_lost(
+                    "is lost (wal_status 'lost'): PostgreSQL removed WAL it still needed "
+                    "(max_slot_wal_keep_size)"
+                )
+            log.warning(
+                "slot %s is lost; dropping it to copy every table again (--on-slot-lost "
+                "resnapshot)",
+                settings.slot_name,
+                extra={"slot": settings.slot_name},
+            )
+            drop_slot(conn, settings.slot_name)
+            slot = None
 
         if position is not None and not position.snapshot_done:
             # The previous run died while creating the slot or copying: start that over.
@@ -179,8 +215,13 @@ class CapturePipeline:
             return position, None
 
         if position is not None and position.snapshot_done:
-            # Never re-created here: a new slot starts at the current WAL position, so the
-            # changes made since the last confirmed one would be skipped in silence.
+            if settings.ops.on_slot_lost == "resnapshot" and settings.snapshot == "initial":
+                # Asked for: the gap cannot be streamed, so each table's changelog gets a
+                # truncate, then a fresh copy; the current state is right and history says
+                # what happened (never silently, see _record_gap).
+                return self._create_slot_and_snapshot(tables, resnapshot=True)
+            # Never re-created otherwise: a new slot starts at the current WAL position, so
+            # the changes made since the last confirmed one would be skipped in silence.
             raise self._slot_lost("was dropped after this pipeline streamed from it")
         return self._create_slot_and_snapshot(tables)
 
@@ -202,7 +243,9 @@ class CapturePipeline:
             "not recoverable from PostgreSQL, and the pipeline does not re-create it on its "
             "own, since that would skip them in silence. To start over with a fresh "
             f"snapshot, stop the pipeline, delete its state {self.store.path} and its tables "
-            f"in the lake ({tables or 'none yet'}), then run it again"
+            f"in the lake ({tables or 'none yet'}), then run it again; or run it with "
+            "--on-slot-lost resnapshot, which drops the slot, creates a new one and copies "
+            "every table again, recording the gap in each changelog as a truncate"
         )
 
     def _prepare_transforms(self, conn: psycopg.Connection, tables: list[tuple[str, str]]) -> None:
@@ -230,7 +273,7 @@ class CapturePipeline:
         log.info("transforms pushed down to the publication: %s", pushdown)
 
     def _create_slot_and_snapshot(
-        self, tables: list[tuple[str, str]]
+        self, tables: list[tuple[str, str]], *, resnapshot: bool = False
     ) -> tuple[CapturePosition, ReplicationConnection]:
         settings = self.settings
         position = CapturePosition(slot=settings.slot_name)
@@ -248,10 +291,15 @@ class CapturePipeline:
         position.consistent_point = created.consistent_point
         position.flushed_lsn = created.consistent_point
         self._save(position)
-        log.info("created slot %s at %s", settings.slot_name, format_lsn(created.consistent_point))
+        log.info(
+            "created slot %s at %s",
+            settings.slot_name,
+            format_lsn(created.consistent_point),
+            extra={"slot": settings.slot_name, "lsn": format_lsn(created.consistent_point)},
+        )
         if settings.snapshot == "initial":
             try:
-                self._snapshot(tables, created.snapshot_name, position)
+                self._snapshot(tables, created.snapshot_name, position, resnapshot=resnapshot)
             except BaseException:
                 repl.close()
                 raise
@@ -261,7 +309,12 @@ class CapturePipeline:
         return position, repl
 
     def _snapshot(
-        self, tables: list[tuple[str, str]], snapshot_name: str | None, position: CapturePosition
+        self,
+        tables: list[tuple[str, str]],
+        snapshot_name: str | None,
+        position: CapturePosition,
+        *,
+        resnapshot: bool = False,
     ) -> None:
         with self.source.lookup("describing the tables to snapshot") as conn:
             schemas = describe_tables(conn, tables)
@@ -274,6 +327,8 @@ class CapturePipeline:
                     continue  # dropped since the publication was read
                 name = schema.qualified_name
                 self.sink.ensure_table(schema)
+                if resnapshot:
+                    self._record_gap(schema, lsn, read_at)
                 if self.progress:
                     self.progress.table_started(name, reader.estimate_rows(schema))
                 copied = 0
@@ -289,7 +344,38 @@ class CapturePipeline:
                 self.metrics["snapshot_rows"] += copied
         self._flush()
 
+    def _record_gap(self, schema: TableSchema, snapshot_lsn: int, read_at: datetime) -> None:
+        """A truncate just before a re-snapshot's rows (at ``snapshot_lsn``): rows deleted
+        while the slot was lost leave the current state, and the changelog shows where
+        streamed history has a gap. ``snapshot_lsn - 1`` is past every change the lost slot
+        delivered (they committed before the new slot's consistent point)."""
+        lsn = snapshot_lsn - 1
+        self.sink.add(
+            ChangeEvent(
+                op="t",
+                table=schema,
+                before=None,
+                after=None,
+                commit_lsn=lsn,
+                seq=0,
+                txid=None,
+                commit_ts=read_at,
+                lsn=lsn,
+            )
+        )
+        log.warning(
+            "%s: recorded the gap of the lost slot as a truncate at %s before copying it again",
+            schema.qualified_name,
+            format_lsn(lsn),
+            extra={"table": schema.qualified_name, "lsn": format_lsn(lsn)},
+        )
+
     def _add_snapshot(self, schema: TableSchema, batch: Any, **kwargs: Any) -> None:
+        # Counted per batch (initial and incremental snapshots both come through here).
+        name, rows = schema.qualified_name, batch.num_rows
+        self._snapshot_unflushed[name] = self._snapshot_unflushed.get(name, 0) + rows
+        if self.prometheus is not None:
+            self.prometheus.snapshot_rows.labels(name).inc(rows)
         try:
             self.sink.add_snapshot(schema, batch, **kwargs)
         except SinkBackpressureError:
@@ -330,12 +416,45 @@ class CapturePipeline:
         result = self._retry(self.sink.flush, "flush")
         self.metrics["rows_written"] += result["rows"]
         self.metrics["commits"] += result["commits"]
+        self._flushed(result)
+
+    def _flushed(self, result: dict[str, Any]) -> None:
+        """Metrics of one successful flush: rows per table and the newest commit landed."""
+        if self._last_event is not None:
+            self._unflushed_commits[self._counted.qualified_name] = self._last_event.commit_ts
+        landed, self._unflushed_commits = self._unflushed_commits, {}
+        copied, self._snapshot_unflushed = self._snapshot_unflushed, {}
+        if "tables" not in result:
+            # A sink that does not count per table (Kafka): the events and snapshot rows
+            # handed to it since the previous flush are what it made durable.
+            counts = self.event_counts.by_table()
+            tables = {t: n - self._flushed_counts.get(t, 0) for t, n in counts.items()}
+            for t, n in copied.items():
+                tables[t] = tables.get(t, 0) + n
+            result = dict(result, tables=tables)
+            self._flushed_counts = counts
+        m = self.prometheus
+        if m is not None:
+            m.flushed(result, seconds=float(result.get("duration_s") or 0.0))
+            for table, commit_ts in landed.items():
+                m.landed(table, commit_ts.timestamp())
+
+    def _count(self, table: Any) -> None:
+        """Make ``table`` the one _handle counts (it changed since the previous event)."""
+        if self._last_event is not None:
+            # The previous event was the newest of its table so far.
+            self._unflushed_commits[self._counted.qualified_name] = self._last_event.commit_ts
+        self._counted = table
+        self._op_counts = self.event_counts.switch(table)
 
     def _handle(self, item: StreamItem) -> None:
         """Hand one stream item to the sink."""
         if isinstance(item, TransactionCommitted):
             return
-        self.metrics["events"] += 1
+        if item.table is not self._counted:
+            self._count(item.table)
+        self._op_counts[item.op] += 1
+        self._last_event = item
         if item.unchanged_toast and item.op == "c":
             # Only a key change produces these: the new key has no earlier row to take the
             # unchanged values from.
@@ -405,6 +524,13 @@ class CapturePipeline:
         )
         initial_rows = self.metrics["snapshot_rows"]
         self._snapshots = snapshots
+        ops = Operations(
+            self.settings,
+            connection=self.source.connection,
+            metrics=self.prometheus,
+            queue_snapshot=snapshots.queued.setdefault,
+        )
+        self.operations = ops
         delay = 0.5
         connected = False
         try:
@@ -427,6 +553,7 @@ class CapturePipeline:
                     if self.sink.flush_due():
                         self._flush()
                     snapshots.poll_publication()
+                    ops.tick(source)
                     if snapshots.queued:
                         self._held = snapshots.run(source, self._handle)
                         self.metrics["snapshot_rows"] = snapshots.copied_rows + initial_rows
@@ -438,6 +565,11 @@ class CapturePipeline:
                     source.close()
                     self.source.close()
                     self.metrics["reconnects"] += 1
+                    if self.prometheus is not None:
+                        self.prometheus.reconnects.inc()
+                    # A slot invalidated meanwhile refuses every START_REPLICATION: say so
+                    # instead of retrying for ever.
+                    ops.check_slot()
                     log.warning("source connection lost (%s); reconnecting in %.1fs", e, delay)
                     # What was received is made durable now, so the replay after the
                     # reconnect is filtered instead of re-buffered.
@@ -460,18 +592,39 @@ class CapturePipeline:
         return False
 
     def run(self) -> dict[str, Any]:
-        try:
-            position, conn = self.prepare()
-        except _Stopped:
-            log.warning("stopped during the initial snapshot; the next run starts it again")
-            self.source.close()
-            return dict(self.metrics, snapshot_interrupted=True)
-        self.position = position
-        try:
-            self.stream(position, conn)
-        finally:
-            self.source.close()
+        while True:
+            try:
+                position, conn = self.prepare()
+            except _Stopped:
+                log.warning("stopped during the initial snapshot; the next run starts it again")
+                self.source.close()
+                return dict(self.metrics, snapshot_interrupted=True)
+            self.position = position
+            try:
+                self.stream(position, conn)
+            except SlotLostError:
+                if self.settings.ops.on_slot_lost != "resnapshot" or self.stop.is_set():
+                    raise
+                # prepare() sees the lost slot, drops it and copies every table again.
+                log.warning("slot %s was lost while streaming", self.settings.slot_name)
+                continue
+            finally:
+                self.source.close()
+            break
+        self.metrics["events"] = self.event_counts.total()
         self.metrics["flushed_lsn"] = format_lsn(position.flushed_lsn)
+        log.info(
+            "stopped at %s: %d events, %d rows written",
+            self.metrics["flushed_lsn"],
+            self.metrics["events"],
+            self.metrics["rows_written"],
+            extra={
+                "lsn": self.metrics["flushed_lsn"],
+                "events": self.metrics["events"],
+                "rows_written": self.metrics["rows_written"],
+                "snapshot_rows": self.metrics["snapshot_rows"],
+            },
+        )
         return dict(self.metrics)
 
 
@@ -480,6 +633,7 @@ def run_embedded(
     *,
     stop: threading.Event | None = None,
     progress: SnapshotProgress | None = None,
+    metrics: Metrics | None = None,
 ) -> dict[str, Any]:
     """Capture ``settings.source`` into Delta tables under ``settings.lake`` until ``stop``.
 
@@ -496,7 +650,7 @@ def run_embedded(
         >>> run_embedded(load_settings(**{"source.dsn": dsn}), stop=stop)  # doctest: +SKIP
         {'snapshot_rows': 1000, 'events': 52, 'rows_written': 1052, ...}
     """
-    return CapturePipeline(settings, stop=stop, progress=progress).run()
+    return CapturePipeline(settings, stop=stop, progress=progress, metrics=metrics).run()
 
 
 def transforms_status(settings: Settings) -> dict[str, Any]:
@@ -512,13 +666,13 @@ def transforms_status(settings: Settings) -> dict[str, Any]:
         if settings.transforms.rules
         else []
     )
+    dsn = settings.source_dsn()
     try:
-        with psycopg.connect(session_conninfo(settings.source_dsn()), autocommit=True) as conn:
+        with psycopg.connect(session_conninfo(dsn), autocommit=True) as conn:
             pushdown = publication_pushdown(conn, settings.publication_name)
     except psycopg.Error as e:
-        raise SourceConnectionError(
-            f"cannot read publication {settings.publication_name}: {e}"
-        ) from e
+        doing = f"reading publication {settings.publication_name}"
+        raise postgres_error(e, doing=doing, dsn=dsn) from e
     return {"rules": rules, "pushdown": pushdown}
 
 
@@ -536,6 +690,7 @@ def run_capture(
     *,
     stop: threading.Event | None = None,
     progress: SnapshotProgress | None = None,
+    metrics: Metrics | None = None,
 ) -> dict[str, Any]:
     """Capture ``settings.source`` into Kafka topics until ``stop`` is set.
 
@@ -565,15 +720,7 @@ def run_capture(
         producer=kafka.producer,
         consumer=kafka.consumer,
     )
-    store = KafkaPositionStore(
-        bootstrap,
-        prefix=settings.topic_prefix,
-        pipeline=settings.name,
-        client=kafka.client,
-        producer=kafka.producer,
-        consumer=kafka.consumer,
-        replication_factor=kafka.replication_factor,
-    )
+    store = KafkaPositionStore.for_settings(settings)
     try:
         try:
             registry.create_topic(replication_factor=kafka.replication_factor)
@@ -590,7 +737,9 @@ def run_capture(
             tombstones=kafka.tombstones,
             batch=settings.batch,
         )
-        pipeline = CapturePipeline(settings, stop=stop, progress=progress, sink=sink, store=store)
+        pipeline = CapturePipeline(
+            settings, stop=stop, progress=progress, sink=sink, store=store, metrics=metrics
+        )
         try:
             return pipeline.run()
         finally:

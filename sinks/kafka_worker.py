@@ -34,6 +34,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -157,9 +158,18 @@ class KafkaSinkWorker:
         stop: Set it to flush, leave the group and return.
     """
 
-    def __init__(self, settings: Settings, *, stop: threading.Event | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        stop: threading.Event | None = None,
+        on_flush: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
         self.settings = settings
         self.stop = stop or threading.Event()
+        #: Called after each successful flush with the sink's result plus "dead_letters"
+        #: (letters committed) and "duration_s": the hook of the Prometheus metrics.
+        self.on_flush = on_flush
         self.bootstrap = settings.kafka_bootstrap()
         self.root = layout.normalize_root(settings.lake.path)
         self.storage_options = settings.lake.storage_options or None
@@ -581,6 +591,7 @@ class KafkaSinkWorker:
         (with ``reseek``) seek back to the offsets recorded in Delta; returns False then."""
         try:
             # Dead letters first: the tables' offsets may cover the letters' messages.
+            started = time.monotonic()
             dead = self.dlq.flush()
             written = self.sink.flush()
         except (TransientSinkError, TransientCatalogError) as e:
@@ -596,6 +607,14 @@ class KafkaSinkWorker:
         self._dlq_since = None
         self.metrics["rows_written"] += written["rows"]
         self.metrics["commits"] += written["commits"] + dead["commits"]
+        if self.on_flush is not None:
+            self.on_flush(
+                dict(
+                    written,
+                    dead_letters=dead.get("dead_letters", 0),
+                    duration_s=time.monotonic() - started,
+                )
+            )
         self._report_progress(force=True)
         return True
 
@@ -658,7 +677,12 @@ def _headers(message: Message) -> list[tuple[str, str | bytes | None]]:
     return list(headers or [])
 
 
-def run_sink(settings: Settings, *, stop: threading.Event | None = None) -> dict[str, Any]:
+def run_sink(
+    settings: Settings,
+    *,
+    stop: threading.Event | None = None,
+    on_flush: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
     """Consume the table topics as one member of ``settings.kafka_group`` and write them to
     the lake until ``stop`` is set; returns metrics (messages, rows_written, commits,
     dead_letters, tombstones, rebalances, resets).
@@ -679,6 +703,6 @@ def run_sink(settings: Settings, *, stop: threading.Event | None = None) -> dict
     thresholds = gc.get_threshold()
     gc.set_threshold(max(thresholds[0], _GC_THRESHOLD), *thresholds[1:])
     try:
-        return KafkaSinkWorker(settings, stop=stop).run()
+        return KafkaSinkWorker(settings, stop=stop, on_flush=on_flush).run()
     finally:
         gc.set_threshold(*thresholds)

@@ -13,12 +13,13 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.logging import RichHandler
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from cdc.cli.logs import configure_logging
 from cdc.core.errors import TerminalError, TransientError
+from cdc.core.secrets import mask_text
 from jobs.cli import jobs_app
 
 app = typer.Typer(
@@ -110,6 +111,40 @@ SnapshotOption = Annotated[
 ]
 
 
+MetricsPortOption = Annotated[
+    int | None,
+    typer.Option(
+        help="Serve Prometheus metrics at http://HOST:PORT/metrics (or CDC_OPS__METRICS_PORT)."
+    ),
+]
+HeartbeatOption = Annotated[
+    float | None,
+    typer.Option(
+        help="Emit a heartbeat message through the slot's database this often (seconds), so "
+        "the slot advances while the published tables are quiet; off by default."
+    ),
+]
+OnSlotLostOption = Annotated[
+    str | None,
+    typer.Option(
+        help="When PostgreSQL invalidates the slot: 'stop' (default) with an error, or "
+        "'resnapshot': drop it, create a new one and copy every table again."
+    ),
+]
+
+
+def _serve_metrics(settings: Any) -> Any:
+    """The process's metrics, served when a port is set (else None)."""
+    if settings.ops.metrics_port is None:
+        return None
+    from cdc.metrics import Metrics, serve_metrics
+
+    metrics = Metrics()
+    server = serve_metrics(metrics, settings.ops.metrics_port, host=settings.ops.metrics_host)
+    errors.print(f"metrics at http://{settings.ops.metrics_host}:{server.server_port}/metrics")
+    return metrics
+
+
 def _split(values: str | None) -> list[str] | None:
     return [v.strip() for v in values.split(",") if v.strip()] if values else None
 
@@ -137,6 +172,9 @@ def run(
         float | None, typer.Option(help="Commit to Delta at least this often (default 0.5).")
     ] = None,
     config: ConfigOption = None,
+    metrics_port: MetricsPortOption = None,
+    heartbeat_seconds: HeartbeatOption = None,
+    on_slot_lost: OnSlotLostOption = None,
 ) -> None:
     """Stream PostgreSQL changes into Delta tables (capture and sink in one process).
 
@@ -159,11 +197,17 @@ def run(
             "name": name,
             "snapshot": snapshot,
             "batch.max_seconds": flush_seconds,
+            "ops.metrics_port": metrics_port,
+            "ops.heartbeat_seconds": heartbeat_seconds,
+            "ops.on_slot_lost": on_slot_lost,
         },
     )
     stop = _stop_on_signals()
+    prometheus = _serve_metrics(settings)
     with _snapshot_progress() as progress:
-        metrics = run_embedded(settings, stop=stop, progress=_RichSnapshotProgress(progress))
+        metrics = run_embedded(
+            settings, stop=stop, progress=_RichSnapshotProgress(progress), metrics=prometheus
+        )
     console.print_json(data=metrics)
 
 
@@ -201,6 +245,9 @@ def capture(
         typer.Option(help="Wait for Kafka's acknowledgements at least this often (default 0.5)."),
     ] = None,
     config: ConfigOption = None,
+    metrics_port: MetricsPortOption = None,
+    heartbeat_seconds: HeartbeatOption = None,
+    on_slot_lost: OnSlotLostOption = None,
 ) -> None:
     """Stream PostgreSQL changes into Kafka topics, one per table, for `cdc sink` workers.
 
@@ -228,12 +275,18 @@ def capture(
             "snapshot": snapshot,
             "kafka.partitions": partitions,
             "batch.max_seconds": flush_seconds,
+            "ops.metrics_port": metrics_port,
+            "ops.heartbeat_seconds": heartbeat_seconds,
+            "ops.on_slot_lost": on_slot_lost,
         },
     )
     settings.kafka_bootstrap()  # a missing --kafka is reported before PostgreSQL is touched
     stop = _stop_on_signals()
+    prometheus = _serve_metrics(settings)
     with _snapshot_progress() as progress:
-        metrics = run_capture(settings, stop=stop, progress=_RichSnapshotProgress(progress))
+        metrics = run_capture(
+            settings, stop=stop, progress=_RichSnapshotProgress(progress), metrics=prometheus
+        )
     console.print_json(data=metrics)
 
 
@@ -261,6 +314,7 @@ def sink(
         float | None, typer.Option(help="Commit to Delta at least this often (default 0.5).")
     ] = None,
     config: ConfigOption = None,
+    metrics_port: MetricsPortOption = None,
 ) -> None:
     """Write change events from Kafka to the lake, as one worker of a consumer group.
 
@@ -284,10 +338,21 @@ def sink(
             "kafka.topics": _split(topics),
             "name": name,
             "batch.max_seconds": flush_seconds,
+            "ops.metrics_port": metrics_port,
         },
     )
     settings.kafka_bootstrap()
-    metrics = run_sink(settings, stop=_stop_on_signals())
+    prometheus = _serve_metrics(settings)
+    on_flush = None
+    if prometheus is not None:
+        from cdc.metrics import kafka_lag_collector
+
+        prometheus.extra_collectors.append(kafka_lag_collector(settings))
+
+        def on_flush(result: dict[str, Any]) -> None:
+            prometheus.flushed(result, seconds=result["duration_s"])
+
+    metrics = run_sink(settings, stop=_stop_on_signals(), on_flush=on_flush)
     console.print_json(data=metrics)
 
 
@@ -433,6 +498,218 @@ def check(
 
 
 @app.command()
+def status(
+    source: SourceOption = None,
+    lake: LakeOption = None,
+    kafka: KafkaOption = None,
+    name: NameOption = None,
+    max_lag: Annotated[
+        int | None,
+        typer.Option(help="Exit 1 when the slot lags more than this many bytes."),
+    ] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Show where a pipeline stands: its slot, each table's freshness, Kafka lag, snapshot.
+
+    The slot: active or not, confirmed_flush_lsn, restart_lsn, lag_bytes (WAL not yet
+    confirmed), retained WAL, wal_status and safe_wal_size. Per table: the newest source
+    commit landed in the lake and its age, the LSN watermark, rows, files and the changes
+    not yet merged by `cdc jobs merge`. With --kafka: the sink group's lag per partition
+    and the dead-letter count. Exits 1 when the slot is missing, lost or inactive, or lags
+    more than --max-lag, so cron jobs and health checks can use it.
+    """
+    from cdc.core.settings import load_settings
+    from cdc.status import pipeline_status
+
+    settings = load_settings(
+        config, **{"source.dsn": source, "lake.path": lake, "kafka.bootstrap": kafka, "name": name}
+    )
+    report = pipeline_status(settings, kafka=bool(settings.kafka.bootstrap), max_lag=max_lag)
+    if json_output:
+        console.print_json(data=report.to_dict())
+    else:
+        _print_status(report.to_dict())
+    if not report.healthy:
+        raise typer.Exit(EXIT_TERMINAL)
+
+
+def _print_status(data: dict[str, Any]) -> None:
+    console.print(f"[bold]pipeline[/] {data['pipeline']}  source {data['source']}")
+    slot = data["slot"]
+    if slot is not None:
+        facts = Table(
+            "slot",
+            "active",
+            "confirmed_flush_lsn",
+            "restart_lsn",
+            "lag_bytes",
+            "retained",
+            "wal_status",
+            "safe_wal_size",
+            header_style="bold",
+        )
+        facts.add_row(
+            *(
+                str(slot[k])
+                for k in (
+                    "name",
+                    "active",
+                    "confirmed_flush_lsn",
+                    "restart_lsn",
+                    "lag_bytes",
+                    "retained_bytes",
+                    "wal_status",
+                    "safe_wal_size",
+                )
+            )
+        )
+        console.print(facts)
+    tables = Table(
+        "table", "newest commit", "age s", "lsn", "rows", "files", "unmerged", header_style="bold"
+    )
+    for t in data["tables"]:
+        tables.add_row(
+            *(
+                str(t[k])
+                for k in (
+                    "table",
+                    "newest_commit_at",
+                    "age_seconds",
+                    "lsn_watermark",
+                    "rows",
+                    "files",
+                    "unmerged_changes",
+                )
+            )
+        )
+    console.print(tables)
+    if data["kafka"] is not None:
+        k = data["kafka"]
+        console.print(f"kafka group {k['group']}: lag {k['lag']}, dead letters {k['dlq_messages']}")
+    if data["snapshot"] is not None:
+        console.print(f"snapshot: {data['snapshot']['state']}")
+    for problem in data["problems"]:
+        console.print(f"[red]problem:[/] {problem}")
+    if not data["problems"]:
+        console.print("[green]healthy[/]")
+
+
+slot_app = typer.Typer(help="List and drop replication slots.", no_args_is_help=True)
+app.add_typer(slot_app, name="slot")
+
+
+@slot_app.command("list")
+def slot_list(
+    source: SourceOption = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """List the server's replication slots with their lag and WAL status."""
+    from cdc.core.settings import load_settings
+    from cdc.postgres.slots import list_slots
+
+    settings = load_settings(config, **{"source.dsn": source})
+    with _source_connection(settings) as conn:
+        slots = [s.to_dict() for s in list_slots(conn)]
+    if json_output:
+        console.print_json(data=slots)
+        return
+    table = Table(
+        "slot",
+        "plugin",
+        "database",
+        "active",
+        "lag_bytes",
+        "retained",
+        "wal_status",
+        header_style="bold",
+    )
+    for s in slots:
+        table.add_row(
+            *(
+                str(s[k])
+                for k in (
+                    "name",
+                    "plugin",
+                    "database",
+                    "active",
+                    "lag_bytes",
+                    "retained_bytes",
+                    "wal_status",
+                )
+            )
+        )
+    console.print(table)
+
+
+@slot_app.command("drop")
+def slot_drop(
+    slot: Annotated[str, typer.Argument(help="The slot's name.")],
+    source: SourceOption = None,
+    force: Annotated[
+        bool, typer.Option(help="Drop it even while a pipeline streams from it.")
+    ] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Drop a replication slot, so the server stops keeping WAL for it.
+
+    Refuses an active slot (a pipeline is streaming from it) unless --force, which ends
+    that connection first. The pipeline that used it cannot resume: it stops with a
+    lost-slot error, or copies its tables again with --on-slot-lost resnapshot.
+    """
+    from cdc.core.settings import load_settings
+    from cdc.postgres.slots import drop_inactive_slot
+
+    settings = load_settings(config, **{"source.dsn": source})
+    with _source_connection(settings) as conn:
+        drop_inactive_slot(conn, slot, force=force)
+    console.print(f"dropped slot {slot}")
+
+
+@app.command()
+def snapshot(
+    tables: Annotated[
+        str, typer.Option(help="Comma-separated tables (schema.table) to copy again.")
+    ],
+    source: SourceOption = None,
+    name: NameOption = None,
+    config: ConfigOption = None,
+) -> None:
+    """Copy tables again into a running pipeline, while it keeps streaming.
+
+    Sends a signal (a logical message) through the source database; the running pipeline
+    named --name reads it from its slot and re-copies each table with an incremental
+    snapshot: its rows land as snapshot reads (op 'r') in the changelog, in order with the
+    streamed changes. Returns at once; the copy happens in the pipeline.
+    """
+    from cdc.core.lsn import format_lsn
+    from cdc.core.settings import load_settings
+    from cdc.operations import signal_snapshot
+
+    settings = load_settings(config, **{"source.dsn": source, "name": name})
+    wanted = _split(tables) or []
+    if not wanted:
+        raise typer.BadParameter("--tables needs at least one table")
+    with _source_connection(settings) as conn:
+        lsn = signal_snapshot(conn, pipeline=settings.name, tables=wanted)
+    console.print(
+        f"asked pipeline {settings.name} to copy {', '.join(wanted)} (signal at {format_lsn(lsn)})"
+    )
+
+
+def _source_connection(settings: Any) -> Any:
+    import psycopg
+
+    from cdc.postgres.errors import SourceConnectionError
+
+    try:
+        return psycopg.connect(settings.source_dsn(), autocommit=True, connect_timeout=10)
+    except psycopg.OperationalError as e:
+        raise SourceConnectionError(f"cannot connect to the source: {e}") from e
+
+
+@app.command()
 def demo(
     source: Annotated[
         str | None,
@@ -459,22 +736,40 @@ def demo(
     run_demo(source=source, lake=str(lake) if lake else None, seconds=seconds, console=console)
 
 
+@app.callback()
+def _options(
+    log_format: Annotated[
+        str | None,
+        typer.Option(
+            "--log-format",
+            help="'rich' (default) or 'json': one JSON object per line, with table, LSN and "
+            "counts as fields, for log shippers (or CDC_OPS__LOG_FORMAT).",
+        ),
+    ] = None,
+) -> None:
+    """Options that apply to every command."""
+    import os
+
+    chosen = log_format or os.environ.get("CDC_OPS__LOG_FORMAT") or "rich"
+    if chosen not in ("rich", "json"):
+        raise typer.BadParameter("--log-format must be 'rich' or 'json'")
+    configure_logging("json" if chosen == "json" else "rich", console=errors)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the ``cdc`` script: runs a command, turns errors into exit codes."""
-    # Through rich, so log lines and the live snapshot progress bar do not garble each other.
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(name)s: %(message)s",
-        handlers=[RichHandler(console=errors, show_path=False)],
-    )
-    logging.getLogger("deltalake").setLevel(logging.WARNING)
+    """Entry point of the ``cdc`` script: runs a command, turns errors into exit codes.
+
+    Error messages pass through :func:`cdc.core.secrets.mask_text`: no password reaches
+    the terminal even when a driver quotes a connection string.
+    """
+    configure_logging("rich", console=errors)
     try:
         app(args=argv, standalone_mode=True)
     except TransientError as e:
-        errors.print(f"[red]error (temporary, retry may help):[/] {escape(str(e))}")
+        errors.print(f"[red]error (temporary, retry may help):[/] {escape(mask_text(str(e)))}")
         sys.exit(EXIT_TRANSIENT)
     except TerminalError as e:
-        errors.print(f"[red]error:[/] {escape(str(e))}")
+        errors.print(f"[red]error:[/] {escape(mask_text(str(e)))}")
         sys.exit(EXIT_TERMINAL)
     except KeyboardInterrupt:
         errors.print("interrupted")

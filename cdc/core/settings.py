@@ -25,6 +25,7 @@ from pydantic_settings import (
 )
 
 from cdc.core.errors import ConfigError
+from cdc.core.secrets import dsn_password, is_secret_property, register_secrets
 
 # PostgreSQL folds unquoted names to lower case and limits names to 63 bytes; slot names
 # allow only lower-case letters, digits and underscores.
@@ -190,6 +191,43 @@ class TransformSettings(BaseModel):
 _CONFIG_FILE: ContextVar[Path | None] = ContextVar("cdc_config_file", default=None)
 
 
+class OpsSettings(BaseModel):
+    """Operating a running pipeline: metrics, heartbeats, the slot guard and log format
+    (``CDC_OPS__METRICS_PORT``, ``CDC_OPS__HEARTBEAT_SECONDS``...)."""
+
+    metrics_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="Serve Prometheus metrics on this port at /metrics; off when unset.",
+    )
+    metrics_host: str = Field(default="0.0.0.0", description="Address the metrics server binds.")
+    heartbeat_seconds: float | None = Field(
+        default=None,
+        gt=0,
+        description="Emit a non-transactional logical message through the slot's database "
+        "this often, so the slot advances while the published tables are quiet, and "
+        "measure end-to-end latency with it; off when unset.",
+    )
+    lag_warn_bytes: int = Field(
+        default=1024**3,
+        gt=0,
+        description="Warn (log and cdc_slot_lag_warning) when the slot's lag passes this many bytes.",
+    )
+    slot_check_seconds: float = Field(
+        default=15.0, gt=0, description="How often a running pipeline reads its slot's state."
+    )
+    on_slot_lost: Literal["stop", "resnapshot"] = Field(
+        default="stop",
+        description="When PostgreSQL invalidates the slot (wal_status 'lost'): stop with an "
+        "error, or drop it, create a new one and copy every table again (the changelog "
+        "records a truncate followed by the copy).",
+    )
+    log_format: Literal["rich", "json"] = Field(
+        default="rich", description="rich: for people; json: one object per line for log shippers."
+    )
+
+
 class Settings(BaseSettings):
     """Everything a pipeline needs. See the module docstring for the environment names."""
 
@@ -205,6 +243,7 @@ class Settings(BaseSettings):
     lake: LakeSettings = Field(default_factory=LakeSettings)
     batch: BatchSettings = Field(default_factory=BatchSettings)
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    ops: OpsSettings = Field(default_factory=OpsSettings)
     snapshot: Literal["initial", "never"] = Field(
         default="initial",
         description="initial: copy existing rows before streaming; never: stream only.",
@@ -227,6 +266,16 @@ class Settings(BaseSettings):
         path = _CONFIG_FILE.get()
         toml = () if path is None else (TomlConfigSettingsSource(settings_cls, toml_file=path),)
         return (init_settings, env_settings, dotenv_settings, *toml, file_secret_settings)
+
+    def model_post_init(self, context: object, /) -> None:
+        # Whatever the process prints later (logs, errors) masks these values.
+        if self.source.dsn is not None:
+            register_secrets(dsn_password(self.source.dsn.get_secret_value()))
+        k = self.kafka
+        for props in (k.client, k.producer, k.consumer):
+            register_secrets(*(str(v) for n, v in props.items() if is_secret_property(n)))
+        if self.transforms.hash_key is not None:
+            register_secrets(self.transforms.hash_key.get_secret_value())
 
     @field_validator("name")
     @classmethod

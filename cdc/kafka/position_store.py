@@ -10,6 +10,7 @@ from catalog.errors import CatalogError
 from catalog.kafka_schema_registry import CompactedTopic
 from cdc.core.kafka_format import state_topic
 from cdc.core.position import CapturePosition
+from cdc.core.settings import Settings
 from cdc.kafka.producer import wrap_kafka_error
 
 
@@ -46,6 +47,20 @@ class KafkaPositionStore:
         )
         self._ensured = False
         self._latest: CapturePosition | None = None
+
+    @classmethod
+    def for_settings(cls, settings: Settings) -> KafkaPositionStore:
+        """The store of ``settings``' pipeline, with its Kafka client properties."""
+        kafka = settings.kafka
+        return cls(
+            settings.kafka_bootstrap(),
+            prefix=settings.topic_prefix,
+            pipeline=settings.name,
+            client=kafka.client,
+            producer=kafka.producer,
+            consumer=kafka.consumer,
+            replication_factor=kafka.replication_factor,
+        )
 
     def _ensure(self) -> None:
         if not self._ensured:

@@ -48,6 +48,10 @@ class SlotLostError(SourceError):
     it held are not recoverable from PostgreSQL."""
 
 
+class SlotInUseError(SourceError):
+    """A slot is active (a consumer streams from it) and was not to be dropped."""
+
+
 class StreamSpillError(PostgresError, TransientError):
     """A streamed transaction could not be spilled to or read back from local disk."""
 

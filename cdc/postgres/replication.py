@@ -32,6 +32,8 @@ VALUE_FORMAT_OPTIONS = (
 
 #: ``server_version_num`` from which pgoutput streams in-progress transactions (protocol 2).
 STREAMING_MIN_SERVER_VERSION = 140000
+#: ``server_version_num`` from which pgoutput passes on ``pg_logical_emit_message`` messages.
+MESSAGES_MIN_SERVER_VERSION = 140000
 
 
 def session_conninfo(dsn: str, **extra: str) -> str:
@@ -180,6 +182,9 @@ class ReplicationConnection:
             "proto_version '2', streaming 'on'" if stream_in_progress else "proto_version '1'"
         )
         options = f"{protocol}, publication_names {_quote_literal(_quote_ident(publication))}"
+        if self.server_version >= MESSAGES_MIN_SERVER_VERSION:
+            # Logical messages carry heartbeats and signals (see cdc.postgres.streaming).
+            options += ", messages 'true'"
         command = (
             f"START_REPLICATION SLOT {_quote_ident(slot)} LOGICAL {format_lsn(start_lsn)} "
             f"({options})"

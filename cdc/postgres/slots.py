@@ -16,9 +16,14 @@ import psycopg
 from psycopg import sql
 
 from cdc.core.errors import ConfigError
-from cdc.core.lsn import parse_lsn
+from cdc.core.lsn import format_lsn, parse_lsn
 from cdc.core.table_schema import split_table_name as split_table_name  # re-exported
-from cdc.postgres.errors import PrerequisiteError, SourceConnectionError, SourcePrivilegeError
+from cdc.postgres.errors import (
+    PrerequisiteError,
+    SlotInUseError,
+    SourceConnectionError,
+    SourcePrivilegeError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -311,3 +316,158 @@ def publication_pushdown(conn: psycopg.Connection, publication: str) -> dict[str
         "publish": [_PUBLISH[op] for op, on in zip("cudt", row, strict=True) if on],
         "columns": columns,
     }
+
+
+@dataclass(frozen=True, slots=True)
+class SlotStatus:
+    """A replication slot as ``pg_replication_slots`` reports it, with its lag.
+
+    Attributes:
+        lag_bytes: WAL between the server's current position and ``confirmed_flush_lsn``:
+            what the consumer has not confirmed yet (``None`` when the slot has none).
+        retained_bytes: WAL the server keeps for the slot (current position minus
+            ``restart_lsn``); this is what fills the disk when a slot stalls.
+        wal_status: ``reserved``, ``extended``, ``unreserved`` or ``lost`` (PostgreSQL 13+).
+            ``lost`` means the server removed WAL the slot still needed
+            (``max_slot_wal_keep_size``): the slot can never stream again.
+        safe_wal_size: Bytes of WAL that can still be written before the slot is in danger
+            of being lost (``None`` when ``max_slot_wal_keep_size`` is unlimited).
+    """
+
+    name: str
+    plugin: str | None
+    slot_type: str
+    database: str | None
+    temporary: bool
+    active: bool
+    active_pid: int | None
+    restart_lsn: int | None
+    confirmed_flush_lsn: int | None
+    current_wal_lsn: int
+    lag_bytes: int | None
+    retained_bytes: int | None
+    wal_status: str | None
+    safe_wal_size: int | None
+
+    @property
+    def lost(self) -> bool:
+        return self.wal_status == "lost"
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-ready: LSNs in PostgreSQL's ``X/Y`` form."""
+        return {
+            "name": self.name,
+            "plugin": self.plugin,
+            "slot_type": self.slot_type,
+            "database": self.database,
+            "temporary": self.temporary,
+            "active": self.active,
+            "active_pid": self.active_pid,
+            "restart_lsn": format_lsn(self.restart_lsn) if self.restart_lsn is not None else None,
+            "confirmed_flush_lsn": (
+                format_lsn(self.confirmed_flush_lsn)
+                if self.confirmed_flush_lsn is not None
+                else None
+            ),
+            "current_wal_lsn": format_lsn(self.current_wal_lsn),
+            "lag_bytes": self.lag_bytes,
+            "retained_bytes": self.retained_bytes,
+            "wal_status": self.wal_status,
+            "safe_wal_size": self.safe_wal_size,
+        }
+
+
+# On a standby pg_current_wal_lsn() fails; the newest received WAL is its "current" position.
+_SLOT_STATUS_SQL = """
+WITH now AS (
+  SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_receive_lsn()
+              ELSE pg_current_wal_lsn() END AS lsn
+)
+SELECT slot_name::text, plugin::text, slot_type, database::text, temporary, active, active_pid,
+       restart_lsn::text, confirmed_flush_lsn::text, wal_status, safe_wal_size,
+       now.lsn::text,
+       pg_wal_lsn_diff(now.lsn, confirmed_flush_lsn)::bigint,
+       pg_wal_lsn_diff(now.lsn, restart_lsn)::bigint
+FROM pg_replication_slots, now
+"""
+
+
+def _slot_status(row: tuple[object, ...]) -> SlotStatus:
+    def lsn(value: object) -> int | None:
+        return parse_lsn(str(value)) if value else None
+
+    return SlotStatus(
+        name=str(row[0]),
+        plugin=row[1],  # type: ignore[arg-type]
+        slot_type=str(row[2]),
+        database=row[3],  # type: ignore[arg-type]
+        temporary=bool(row[4]),
+        active=bool(row[5]),
+        active_pid=row[6],  # type: ignore[arg-type]
+        restart_lsn=lsn(row[7]),
+        confirmed_flush_lsn=lsn(row[8]),
+        wal_status=row[9],  # type: ignore[arg-type]
+        safe_wal_size=row[10],  # type: ignore[arg-type]
+        current_wal_lsn=lsn(row[11]) or 0,
+        lag_bytes=row[12],  # type: ignore[arg-type]
+        retained_bytes=row[13],  # type: ignore[arg-type]
+    )
+
+
+def slot_status(conn: psycopg.Connection, name: str) -> SlotStatus | None:
+    """Slot ``name`` with its lag, or ``None`` when there is no such slot.
+
+    Example:
+        >>> slot_status(conn, "shop").lag_bytes  # doctest: +SKIP
+        1208
+    """
+    row = conn.execute(_SLOT_STATUS_SQL + " WHERE slot_name = %s", [name]).fetchone()
+    return _slot_status(row) if row is not None else None
+
+
+def list_slots(conn: psycopg.Connection) -> list[SlotStatus]:
+    """Every replication slot of the server (all databases), by name.
+
+    Example:
+        >>> [s.name for s in list_slots(conn)]  # doctest: +SKIP
+        ['shop']
+    """
+    rows = conn.execute(_SLOT_STATUS_SQL + " ORDER BY slot_name").fetchall()
+    return [_slot_status(row) for row in rows]
+
+
+def drop_inactive_slot(conn: psycopg.Connection, name: str, *, force: bool = False) -> None:
+    """Drop slot ``name``; refuse while a consumer streams from it unless ``force``.
+
+    ``force`` ends the walsender that holds the slot first (:func:`drop_slot`).
+
+    Hazard: dropping the slot of a pipeline loses every change it has not confirmed; the
+    pipeline then stops with a lost-slot error (or re-copies its tables, see
+    ``--on-slot-lost``).
+    """
+    slot = slot_status(conn, name)
+    if slot is None:
+        raise ConfigError(f"no replication slot named {name!r}")
+    if slot.active and not force:
+        raise SlotInUseError(
+            f"slot {name!r} is active (walsender pid {slot.active_pid}): a pipeline is "
+            "streaming from it. Stop that pipeline first, or pass --force to end its "
+            "connection and drop the slot anyway"
+        )
+    drop_slot(conn, name)
+
+
+def emit_message(
+    conn: psycopg.Connection, prefix: str, content: str, *, transactional: bool = False
+) -> int:
+    """Write a logical decoding message into the WAL of ``conn``'s database; its LSN.
+
+    Every logical slot of the database sees it (pgoutput passes it on when the consumer
+    asked for ``messages``); a non-transactional one is decoded at once, even inside an
+    open transaction of the sender.
+    """
+    row = conn.execute(
+        "SELECT pg_logical_emit_message(%s, %s, %s)::text", [transactional, prefix, content]
+    ).fetchone()
+    assert row is not None
+    return parse_lsn(str(row[0]))

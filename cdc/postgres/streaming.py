@@ -31,6 +31,9 @@ from cdc.postgres.stream_spill import CHANGE_TAGS, Replayed, StreamedTransaction
 
 StreamItem = ChangeEvent | TransactionCommitted
 
+#: Logical messages with this prefix are the pipeline's own (heartbeats, signals).
+MESSAGE_PREFIX = "cdc-"
+
 
 class StreamingSource:
     """Change events from one slot, resuming at the slot's confirmed position.
@@ -69,6 +72,10 @@ class StreamingSource:
         # None: whenever the server can (see ReplicationConnection.start_replication).
         self.stream_in_progress = stream_in_progress
         self._conn: ReplicationConnection | None = None
+        #: Non-transactional logical messages whose prefix starts with ``cdc-`` (heartbeats,
+        #: signals), in arrival order; the consumer takes them out.
+        self.messages: list[pgoutput.LogicalMessage] = []
+        self._message_end = 0
         self._last_status = 0.0
         # The streamed transaction being handed on after its StreamCommit; no frame is read
         # until it is exhausted, because everything after the commit must follow it.
@@ -91,6 +98,7 @@ class StreamingSource:
         # A transaction cut off by a lost connection is sent again from its beginning, and
         # so is every streamed one that had not ended (close() dropped their spills).
         self.assembler.reset_transaction()
+        self._message_end = 0  # it may cover items the lost connection took with it
         self._conn.start_replication(
             self.slot, self.publication, stream_in_progress=self.stream_in_progress
         )
@@ -140,7 +148,7 @@ class StreamingSource:
         position = self.position
         position.received_lsn = max(position.received_lsn, received)
         position.committed_lsn = max(position.committed_lsn, committed)
-        position.server_wal_end = max(position.server_wal_end, wal_end)
+        position.server_wal_end = max(position.server_wal_end, wal_end, self._message_end)
         if time.monotonic() - self._last_status >= self.status_interval:
             self.send_status()
         return items
@@ -178,6 +186,14 @@ class StreamingSource:
             return []
         if isinstance(message, pgoutput.StreamCommit):
             self._replay = streams.commit(message)
+            return []
+        if isinstance(message, pgoutput.LogicalMessage):
+            if not message.transactional:
+                # Decoded in WAL order outside any transaction: everything committed before
+                # it has been sent, like a keepalive's WAL end.
+                self._message_end = max(self._message_end, lsn)
+                if message.prefix.startswith(MESSAGE_PREFIX):
+                    self.messages.append(message)
             return []
         return self.assembler.feed(message, lsn=lsn, size=len(payload))
 
