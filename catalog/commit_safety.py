@@ -33,7 +33,7 @@ from datetime import UTC, datetime
 from urllib.parse import quote, urlparse
 
 from catalog import lake_layout
-from catalog.errors import TerminalCatalogError, TransientCatalogError
+from catalog.errors import TransientCatalogError, UnsafeCommitsError
 
 __all__ = ["CommitSafety", "UnsafeCommitsError", "commit_safety", "require_safe_commits"]
 
@@ -41,11 +41,6 @@ log = logging.getLogger(__name__)
 
 #: The option by which a user accepts unsafe commits (delta-rs's own name for it).
 UNSAFE_OPTION = "AWS_S3_ALLOW_UNSAFE_RENAME"
-
-
-class UnsafeCommitsError(TerminalCatalogError):
-    """The lake's store cannot commit safely with several writers; the message says what
-    to change."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,3 +38,8 @@ class UnknownSchemaError(TerminalCatalogError):
 
 class QueryError(TerminalCatalogError):
     """DuckDB rejected or failed a query."""
+
+
+class UnsafeCommitsError(TerminalCatalogError):
+    """The lake's store cannot commit safely with several writers; the message says what
+    to change."""
