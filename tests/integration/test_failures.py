@@ -185,10 +185,14 @@ def test_a_failing_delta_store_is_retried_without_confirming_then_resumes(
         # so permissions would not stop the writer).
         changes.rename(aside)
         changes.write_bytes(b"not a directory")
-        before = parse_lsn(
+        insert_items(pg_conn, 3000, 30)
+        # Right after the insert's commit record: confirming anything at or past its start
+        # would make PostgreSQL skip the transaction. (An idle pipeline may confirm the WAL
+        # end a keepalive reports while the insert is still being written: that is safe,
+        # since a slot skips only the transactions committed before the LSN.)
+        committed = parse_lsn(
             pg_conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()[0]  # type: ignore[index]
         )
-        insert_items(pg_conn, 3000, 30)
         pg_conn.execute("DELETE FROM public.items WHERE region = 'us' AND id < 10")
         deadline = time.monotonic() + 30
         while pipeline.metrics["retries"] < 2:
@@ -198,8 +202,8 @@ def test_a_failing_delta_store_is_retried_without_confirming_then_resumes(
         confirmed = pg_conn.execute(
             "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = 'test'"
         ).fetchone()
-        assert confirmed is not None and parse_lsn(confirmed[0]) <= before
-        assert pipeline.position is not None and pipeline.position.flushed_lsn <= before
+        assert confirmed is not None and parse_lsn(confirmed[0]) < committed
+        assert pipeline.position is not None and pipeline.position.flushed_lsn < committed
         changes.unlink()
         aside.rename(changes)
         wait_caught_up(pipeline, pg_dsn)
