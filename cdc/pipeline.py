@@ -567,9 +567,14 @@ class CapturePipeline:
                     self.metrics["reconnects"] += 1
                     if self.prometheus is not None:
                         self.prometheus.reconnects.inc()
-                    # A slot invalidated meanwhile refuses every START_REPLICATION: say so
-                    # instead of retrying for ever.
-                    ops.check_slot()
+                    try:
+                        # A slot invalidated meanwhile refuses every START_REPLICATION: say
+                        # so instead of retrying for ever.
+                        ops.check_slot()
+                    except SourceConnectionError:
+                        pass  # the server is still away: the next attempt finds out again
+                    except SlotLostError as lost:
+                        raise self._slot_lost(f"is gone ({lost})") from lost
                     log.warning("source connection lost (%s); reconnecting in %.1fs", e, delay)
                     # What was received is made durable now, so the replay after the
                     # reconnect is filtered instead of re-buffered.

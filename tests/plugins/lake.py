@@ -3,6 +3,7 @@ PostgreSQL."""
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -70,6 +71,10 @@ def running_pipeline(
     finally:
         pipeline.stop.set()
         thread.join(60)
+        failing = sys.exc_info()[1]
+        if failure and failing is not None:
+            # The block failed (a wait timed out, say) because the pipeline had died: say why.
+            failing.add_note(f"the pipeline had failed: {failure[0]!r}")
     assert not thread.is_alive(), "pipeline did not stop within 60 s"
     if failure:
         raise failure[0]
