@@ -16,6 +16,7 @@ __all__ = [
     "MASK",
     "SecretFilter",
     "dsn_password",
+    "forget_secrets",
     "is_secret_property",
     "known_secrets",
     "mask_dsn",
@@ -47,6 +48,12 @@ def register_secrets(*secrets: str | None) -> None:
     Values shorter than 3 characters are ignored: masking them would garble ordinary words.
     """
     _KNOWN.update(s for s in secrets if s and len(s) >= 3)
+
+
+def forget_secrets() -> None:
+    """Forget every registered secret: for tests, and for a process that loads settings of
+    another pipeline."""
+    _KNOWN.clear()
 
 
 def known_secrets() -> frozenset[str]:
