@@ -467,10 +467,6 @@ class CapturePipeline:
             self._flush()
             self.sink.add(item)
 
-    def _registered_schema(self, name: str) -> TableSchema | None:
-        """The table's last recorded shape, to compare the first change after a restart with."""
-        return self.sink.latest_schema(name)
-
     def _durable_lsn(self, source: StreamingSource) -> int:
         """The newest LSN that PostgreSQL may forget: everything before it is in Delta."""
         position = source.position
@@ -519,7 +515,7 @@ class CapturePipeline:
             flush=self._flush,
             add_snapshot=self._add_snapshot,
             queries=self.source,
-            baseline=self._registered_schema,
+            baseline=self.sink.latest_schema,
             all_tables=self._all_tables,
         )
         initial_rows = self.metrics["snapshot_rows"]

@@ -10,12 +10,13 @@ from __future__ import annotations
 import random
 import threading
 import time
+from abc import ABC, abstractmethod
 from typing import Self
 
 import psycopg
 
 
-class _WorkloadThread:
+class _WorkloadThread(ABC):
     """Runs :meth:`_step` in a daemon thread on one autocommit connection until stopped;
     ``transactions`` counts the steps done."""
 
@@ -36,8 +37,9 @@ class _WorkloadThread:
         except BaseException as e:  # thread boundary: __exit__ re-raises it in the test
             self.failure = e
 
+    @abstractmethod
     def _step(self, conn: psycopg.Connection) -> None:
-        raise NotImplementedError
+        """One transaction of the workload."""
 
     def __enter__(self) -> Self:
         self.thread.start()
