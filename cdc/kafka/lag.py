@@ -7,7 +7,7 @@ that count), so the lag read here may trail the lake by up to one progress repor
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
@@ -32,13 +32,7 @@ class PartitionLag:
     lag: int
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "topic": self.topic,
-            "partition": self.partition,
-            "end_offset": self.end_offset,
-            "committed": self.committed,
-            "lag": self.lag,
-        }
+        return asdict(self)
 
 
 def _consumer(bootstrap: str, group: str, client: dict[str, Any] | None) -> Consumer:
