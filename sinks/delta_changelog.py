@@ -161,6 +161,65 @@ class _Rows:
         return pa.Table.from_arrays(columns_out, schema=arrow_schema)
 
 
+@dataclass(slots=True)
+class _Changes:
+    """Changes of one table already in changelog form (see :meth:`DeltaChangelogSink.add_changes`);
+    only the ingestion time is left to fill in at the flush."""
+
+    data: pa.Table
+
+    def to_arrow(self, ingested_at: datetime) -> pa.Table:
+        index = self.data.schema.get_field_index(layout.INGESTED_AT)
+        stamp = pa.repeat(pa.scalar(ingested_at, type=pa.timestamp("us", tz="UTC")), len(self.data))
+        return self.data.set_column(index, self.data.schema.field(index), stamp)
+
+
+def changelog_table(
+    table: TableSchema,
+    values: list[pa.Array],
+    *,
+    ops: pa.Array,
+    lsns: pa.Array,
+    seqs: pa.Array,
+    txids: pa.Array,
+    commit_ts: pa.Array,
+    unchanged_toast: pa.Array | None = None,
+    fallback: pa.Array | None = None,
+) -> pa.Table:
+    """Assemble changes already typed column by column into ``table``'s changelog shape.
+
+    ``values`` holds one array per column of ``table``, typed like
+    :func:`changelog_arrow_schema` (for a delete, the old row; for a truncate, nulls). The
+    metadata arrays are per row: op (``c``/``u``/``d``/``t``), commit LSN, seq, txid and
+    commit time; ``unchanged_toast`` (list of column names) and ``fallback`` (map of column
+    name to exact text) may be left out when no row has one. The ingestion time is set when
+    the rows are flushed, and the date partition comes from the commit time.
+
+    Example:
+        >>> data = changelog_table(schema, [pa.array([1])], ops=pa.array(["c"]),
+        ...     lsns=pa.array([16], pa.int64()), seqs=pa.array([0], pa.int64()),
+        ...     txids=pa.array([700], pa.int64()),
+        ...     commit_ts=pa.array([ts], pa.timestamp("us", tz="UTC")))  # doctest: +SKIP
+        >>> sink.add_changes(schema, data)  # doctest: +SKIP
+    """
+    arrow_schema = changelog_arrow_schema(table)
+    n = len(ops)
+    commit_ts = commit_ts.cast(pa.timestamp("us", tz="UTC"))
+    columns = [
+        *values,
+        ops.cast(pa.string()),
+        lsns.cast(pa.int64()),
+        seqs.cast(pa.int64()),
+        txids.cast(pa.int64()),
+        commit_ts,
+        pa.nulls(n, type=pa.timestamp("us", tz="UTC")),
+        unchanged_toast if unchanged_toast is not None else pa.nulls(n, pa.list_(pa.string())),
+        fallback if fallback is not None else pa.nulls(n, type=_FALLBACK_TYPE),
+        pc.cast(commit_ts, pa.date32()),
+    ]
+    return pa.Table.from_arrays(columns, schema=arrow_schema)
+
+
 def stream_app_id(app_id: str, stream: str, kind: str) -> str:
     """The app-transaction id of a stream's ``kind`` (``offset``, ``lsn`` or ``seq``).
 
@@ -186,7 +245,7 @@ class _TableBuffer:
     uri: str
     written: Position  # the watermark recorded in Delta
     accepted: Position  # the newest position buffered or written
-    parts: list[_Rows | pa.Table] = field(default_factory=list)
+    parts: list[_Rows | _Changes | pa.Table] = field(default_factory=list)
     schema: TableSchema | None = None  # the last schema seen, registered in the registry
     rows: int = 0
     bytes: int = 0
@@ -408,6 +467,72 @@ class DeltaChangelogSink(Sink):
                 mark.offset_accepted = offset
         self._account(buf, 1, event.size_bytes)
 
+    def add_changes(
+        self,
+        table: TableSchema,
+        changes: pa.Table,
+        *,
+        size_bytes: int = 0,
+        stream: str | None = None,
+        offsets: pa.Array | None = None,
+        dedupe: bool = True,
+    ) -> None:
+        """Buffer changes of ``table`` that arrive in Arrow form, the columnar twin of :meth:`add`.
+
+        ``changes`` is shaped like :func:`changelog_table` builds it, rows in ascending
+        ``(commit_lsn, seq)`` order. Rows at or below the table's watermark (a replay) are
+        dropped, as :meth:`add` drops such events. Kafka mode passes the ``stream`` and each
+        row's Kafka ``offsets``: rows at or below the stream's newest handled offset are
+        dropped, then rows at or below the stream's watermark (unless ``dedupe`` is false,
+        see :meth:`add`); every offset of the batch counts as handled. ``size_bytes`` is
+        what the rows took on the wire (for the ``max_bytes`` batch limit).
+
+        Raises:
+            SinkBackpressureError: the buffers are full; flush, then add the same batch again.
+        """
+        if changes.num_rows == 0:
+            return
+        buf = self._buffer(table)
+        mark = None
+        last_offset = None
+        if stream is None:
+            watermark = buf.accepted
+        else:
+            mark = self._stream(buf, stream)
+            watermark = mark.accepted if dedupe else _NOTHING_WRITTEN
+            if offsets is not None:
+                last_offset = offsets[-1].as_py()
+                done = mark.offset_accepted
+                if done is not None:
+                    fresh = pc.greater(offsets, done)
+                    if not pc.all(fresh).as_py():
+                        changes = changes.filter(fresh)
+        if changes.num_rows and watermark != _NOTHING_WRITTEN:
+            # Positions ascend, so a replay is a prefix: count it and cut it off.
+            lsn, seq = watermark
+            lsns, seqs = changes.column(layout.LSN), changes.column(layout.SEQ)
+            replayed = pc.or_(
+                pc.less(lsns, lsn), pc.and_(pc.equal(lsns, lsn), pc.less_equal(seqs, seq))
+            )
+            skip = pc.sum(replayed).as_py() or 0
+            if skip:
+                changes = changes.slice(skip)
+        if changes.num_rows == 0:
+            if mark is not None and last_offset is not None:
+                mark.offset_accepted = last_offset  # handled: replays count as done
+            return
+        self._check_capacity()
+        last = (changes.column(layout.LSN)[-1].as_py(), changes.column(layout.SEQ)[-1].as_py())
+        buf.parts.append(_Changes(changes))
+        if mark is None:
+            buf.accepted = last
+        else:
+            if dedupe:
+                mark.accepted = last
+            if last_offset is not None:
+                mark.offset_accepted = last_offset
+        self._account(buf, changes.num_rows, size_bytes or changes.nbytes)
+
     def add_snapshot(
         self,
         table: TableSchema,
@@ -504,7 +629,7 @@ class DeltaChangelogSink(Sink):
             if not buf.rows:
                 continue
             data = pa.concat_tables(
-                [p.to_arrow(ingested_at) if isinstance(p, _Rows) else p for p in buf.parts],
+                [p if isinstance(p, pa.Table) else p.to_arrow(ingested_at) for p in buf.parts],
                 promote_options="permissive",
             )
             self._commit(buf, data)

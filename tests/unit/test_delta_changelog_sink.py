@@ -15,7 +15,7 @@ from cdc.core.events import ChangeEvent
 from cdc.core.pgtypes import Oid
 from cdc.core.settings import BatchSettings
 from cdc.core.table_schema import ColumnSchema, TableSchema
-from sinks.delta_changelog import DeltaChangelogSink
+from sinks.delta_changelog import DeltaChangelogSink, changelog_arrow_schema, changelog_table
 from sinks.errors import SinkBackpressureError
 
 ITEMS = TableSchema(
@@ -176,3 +176,73 @@ def test_commit_times_of_many_transactions_keep_their_own_values(tmp_path: Path)
         sink.add(e)
     sink.flush()
     assert changes(tmp_path, ITEMS)["_cdc_commit_ts"].to_pylist() == times
+
+
+def _as_changes(table: TableSchema, events: list[ChangeEvent]) -> pa.Table:
+    """The events in changelog form, built column by column (as the columnar paths do)."""
+    rows = [e.before if e.op == "d" else e.after for e in events]
+    values = [
+        pa.array([r[i] for r in rows], type=changelog_arrow_schema(table).field(i).type)
+        for i in range(len(table.columns))
+    ]
+    return changelog_table(
+        table,
+        values,
+        ops=pa.array([e.op for e in events]),
+        lsns=pa.array([e.commit_lsn for e in events]),
+        seqs=pa.array([e.seq for e in events]),
+        txids=pa.array([e.txid for e in events]),
+        commit_ts=pa.array([e.commit_ts for e in events]),
+    )
+
+
+def _without_ingest_time(table: pa.Table) -> list[dict]:
+    return table.drop_columns([layout.INGESTED_AT]).to_pylist()
+
+
+def test_add_changes_writes_what_add_writes_and_drops_the_replayed_prefix(tmp_path: Path) -> None:
+    events = [event(ITEMS, "c", (i, f"n{i}"), 100 + i // 3, i % 3) for i in range(9)]
+    events.append(event(ITEMS, "d", (4, "n4"), 104, 0))
+    per_event = DeltaChangelogSink(str(tmp_path / "a"), app_id="t")
+    for e in events:
+        per_event.add(e)
+    per_event.flush()
+
+    columnar = DeltaChangelogSink(str(tmp_path / "b"), app_id="t")
+    columnar.add_changes(ITEMS, _as_changes(ITEMS, events[:4]))
+    assert columnar.pending_rows == 4 and columnar.watermark(ITEMS) == (101, 0)
+    # A replay overlapping what was buffered: only the rows after (101, 0) are new.
+    columnar.add_changes(ITEMS, _as_changes(ITEMS, events[2:]))
+    columnar.add_changes(ITEMS, _as_changes(ITEMS, events[5:]))  # all replayed
+    assert columnar.pending_rows == len(events)
+    columnar.flush()
+
+    written = changes(tmp_path / "b", ITEMS)
+    assert _without_ingest_time(written) == _without_ingest_time(changes(tmp_path / "a", ITEMS))
+    assert written.column(layout.INGESTED_AT).null_count == 0
+    uri = layout.changes_uri(str(tmp_path / "b"), ITEMS.qualified_name)
+    assert DeltaTable(uri).transaction_version("t:lsn") == 104
+
+
+def test_add_changes_in_kafka_mode_drops_handled_offsets_and_counts_them_done(
+    tmp_path: Path,
+) -> None:
+    events = [event(ITEMS, "c", (i, f"n{i}"), 200 + i, 0) for i in range(6)]
+    sink = DeltaChangelogSink(str(tmp_path), app_id="t")
+    stream = "shop.public.items:0"
+    sink.add_changes(
+        ITEMS, _as_changes(ITEMS, events[:3]), stream=stream, offsets=pa.array([10, 11, 12])
+    )
+    # Offsets 11 and 12 were handled; 13 re-sends a position already written (a restarted
+    # capture), so only 14 and 15 are new.
+    again = [events[1], events[2], events[2], events[3], events[4]]
+    sink.add_changes(
+        ITEMS, _as_changes(ITEMS, again), stream=stream, offsets=pa.array([11, 12, 13, 14, 15])
+    )
+    assert sink.pending_rows == 5
+    sink.flush()
+    assert sink.committed_offset(ITEMS.qualified_name, stream) is not None
+    uri = layout.changes_uri(str(tmp_path), ITEMS.qualified_name)
+    dt = DeltaTable(uri)
+    assert dt.transaction_version(f"t:{stream}:offset") == 15
+    assert [r["id"] for r in changes(tmp_path, ITEMS).to_pylist()] == [0, 1, 2, 3, 4]
