@@ -58,25 +58,31 @@ from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
-from typing import IO, TypeAlias
+from typing import IO, TypeAlias, cast
 
 from cdc.core.errors import DecodeError
 from cdc.core.lsn import format_lsn
 from cdc.postgres.errors import StreamSpillError
 from cdc.postgres.protocol import pgoutput
 
-__all__ = ["CHANGE_TAGS", "Replayed", "StreamSpillError", "StreamedTransactions"]
+__all__ = ["CHANGE_TAGS", "RawReplayed", "Replayed", "StreamSpillError", "StreamedTransactions"]
 
 log = logging.getLogger(__name__)
 
 #: One replayed message with the ``lsn`` and ``size`` that ChangeAssembler.feed takes.
 Replayed: TypeAlias = tuple[pgoutput.Message, int, int]
+#: Like Replayed, but row changes (Insert, Update, Delete) come as their raw in-stream
+#: payload, for a decoder that reads the bytes itself (see StreamedTransactions.commit_raw).
+RawReplayed: TypeAlias = tuple[pgoutput.Message | bytes, int, int]
 
 _RECORD = struct.Struct(">QII")  # data_start, xid, payload length
 _XID_FIELD = 4  # bytes that the in-stream form adds after the tag
 _XID = struct.Struct(">I")
 #: Tags of the in-stream messages spilled undecoded (see StreamedTransactions.append_change).
 CHANGE_TAGS = frozenset(b"IUDTM")
+
+# Row changes that commit_raw hands on undecoded.
+_ROW_TAGS = frozenset(b"IUD")
 
 # Messages that describe shapes rather than change rows: replayed even when their
 # subtransaction aborted (see the module docstring).
@@ -296,22 +302,34 @@ class StreamedTransactions:
                 decode.
             StreamSpillError: while iterating, the spill file could not be read.
         """
+        self._check_commit(message)
+        spill = self._open.pop(message.xid)
+        return cast(Generator[Replayed, None, None], self._replay(spill, message, raw=False))
+
+    def commit_raw(self, message: pgoutput.StreamCommit) -> Generator[RawReplayed, None, None]:
+        """Like :meth:`commit`, but Inserts, Updates and Deletes come as the raw in-stream
+        payload (``bytes``, with the xid after the tag), undecoded: for the compiled
+        columnar decoder (:mod:`cdc.postgres.columnar`), which reads them itself. A
+        malformed one raises where it is decoded."""
+        self._check_commit(message)
+        spill = self._open.pop(message.xid)
+        return self._replay(spill, message, raw=True)
+
+    def _check_commit(self, message: pgoutput.StreamCommit) -> None:
         if self._current is not None:
             raise DecodeError(
                 f"Stream Commit for xid {message.xid} inside the stream block of xid "
                 f"{self._current.xid}"
             )
-        spill = self._open.pop(message.xid, None)
-        if spill is None:
+        if message.xid not in self._open:
             raise DecodeError(
                 f"Stream Commit for xid {message.xid}, which was never streamed "
                 f"(commit LSN {format_lsn(message.commit_lsn)})"
             )
-        return self._replay(spill, message)
 
     def _replay(
-        self, spill: _Spill, commit: pgoutput.StreamCommit
-    ) -> Generator[Replayed, None, None]:
+        self, spill: _Spill, commit: pgoutput.StreamCommit, *, raw: bool
+    ) -> Generator[RawReplayed, None, None]:
         try:
             yield (
                 pgoutput.Begin(commit.commit_lsn, commit.commit_ts, commit.xid),
@@ -323,6 +341,9 @@ class StreamedTransactions:
             with reader:
                 for lsn, xid, payload in self._records(reader, spill):
                     if xid in aborted and payload[0] not in _SCHEMA_TAGS:
+                        continue
+                    if raw and payload[0] in _ROW_TAGS:
+                        yield payload, lsn, len(payload) - _XID_FIELD
                         continue
                     decoded = pgoutput.decode_message(payload, in_stream=True)
                     yield decoded, lsn, len(payload) - _XID_FIELD

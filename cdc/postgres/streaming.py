@@ -23,13 +23,18 @@ from os import PathLike
 from cdc.core.errors import DecodeError
 from cdc.core.events import ChangeEvent
 from cdc.core.position import CapturePosition
+from cdc.postgres.columnar import ChangeBatch, ColumnarDecoder
 from cdc.postgres.protocol import pgoutput
 from cdc.postgres.protocol.assembler import ChangeAssembler, Describe, TransactionCommitted
 from cdc.postgres.protocol.walproto import PrimaryKeepalive, parse_copy_frame, xlogdata_split
 from cdc.postgres.replication import ReplicationConnection
-from cdc.postgres.stream_spill import CHANGE_TAGS, Replayed, StreamedTransactions
+from cdc.postgres.stream_spill import CHANGE_TAGS, RawReplayed, StreamedTransactions
 
-StreamItem = ChangeEvent | TransactionCommitted
+#: ChangeBatch only in columnar mode (see StreamingSource).
+StreamItem = ChangeEvent | TransactionCommitted | ChangeBatch
+
+# Where the pgoutput message starts in an XLogData frame ("w", three Int64).
+_XLOGDATA_HEADER = 25
 
 #: Logical messages with this prefix are the pipeline's own (heartbeats, signals).
 MESSAGE_PREFIX = "cdc-"
@@ -40,6 +45,12 @@ class StreamingSource:
 
     Hazard: streamed transactions occupy disk under ``spill_dir`` (default: the system
     temporary directory) until they end; see :mod:`cdc.postgres.stream_spill`.
+
+    ``columnar=True`` (needs the compiled decoder, :mod:`cdc.postgres.protocol.compiled`):
+    plain inserts, updates and deletes come as :class:`~cdc.postgres.columnar.ChangeBatch`
+    items, per table in stream order with the events the other messages still produce;
+    ``max_items`` then bounds the rows of the batches too. Switch it with
+    :meth:`set_columnar` between reads.
 
     Example:
         >>> source = StreamingSource(dsn, slot="shop", publication="shop",
@@ -60,6 +71,7 @@ class StreamingSource:
         max_items: int = 5000,
         spill_dir: str | PathLike[str] | None = None,
         stream_in_progress: bool | None = None,
+        columnar: bool = False,
     ) -> None:
         self.dsn = dsn
         self.slot = slot
@@ -79,7 +91,25 @@ class StreamingSource:
         self._last_status = 0.0
         # The streamed transaction being handed on after its StreamCommit; no frame is read
         # until it is exhausted, because everything after the commit must follow it.
-        self._replay: Generator[Replayed, None, None] | None = None
+        self._replay: Generator[RawReplayed, None, None] | None = None
+        self._columns: ColumnarDecoder | None = None
+        self.set_columnar(columnar)
+
+    @property
+    def columnar(self) -> bool:
+        return self._columns is not None
+
+    def set_columnar(self, on: bool) -> None:
+        """Hand on row changes as batches (True) or one event each (False), from the next
+        read on. Nothing stays buffered between reads, so it may change at any time."""
+        if on == (self._columns is not None):
+            return
+        if on:
+            self._columns = ColumnarDecoder(self.assembler)
+        else:
+            assert self._columns is not None
+            self._columns.release()
+            self._columns = None
 
     @property
     def in_transaction(self) -> bool:
@@ -98,6 +128,8 @@ class StreamingSource:
         # A transaction cut off by a lost connection is sent again from its beginning, and
         # so is every streamed one that had not ended (close() dropped their spills).
         self.assembler.reset_transaction()
+        if self._columns is not None:
+            self._columns.reset()
         self._message_end = 0  # it may cover items the lost connection took with it
         self._conn.start_replication(
             self.slot, self.publication, stream_in_progress=self.stream_in_progress
@@ -121,14 +153,28 @@ class StreamingSource:
         items: list[StreamItem] = []
         received = committed = wal_end = 0
         deadline = time.monotonic() + timeout
-        while len(items) < self.max_items:
+        columns = self._columns
+        builder = columns.builder if columns is not None else None
+        streams = self.streams
+        max_items = self.max_items
+        read_frame = self._conn.read_frame
+        pending = 0
+        while len(items) + pending < max_items:
             if self._replay is not None:
                 committed = max(committed, self._drain_replay(items))
+                pending = columns.pending if columns is not None else 0
                 continue
-            wait = 0.0 if items else max(0.0, deadline - time.monotonic())
-            frame = self._conn.read_frame(wait)
+            wait = 0.0 if items or pending else max(0.0, deadline - time.monotonic())
+            frame = read_frame(wait)
             if frame is None:
                 break
+            code = 0
+            if builder is not None and not streams.in_stream:
+                # The fast path: a row change straight from the frame into the columns.
+                code = builder.feed(frame, _XLOGDATA_HEADER, False)
+                if code > 0:
+                    pending = code
+                    continue
             xlogdata = xlogdata_split(frame)
             if xlogdata is None:
                 keepalive = parse_copy_frame(frame)
@@ -140,11 +186,16 @@ class StreamingSource:
             data_start, payload = xlogdata
             if data_start > received:
                 received = data_start
-            produced = self._receive(payload, data_start)
+            produced = self._receive(payload, data_start, code)
             for item in produced:
                 if isinstance(item, TransactionCommitted):
                     committed = item.end_lsn
             items.extend(produced)
+            if columns is not None:
+                pending = columns.pending
+        if columns is not None:
+            items.extend(columns.cut_all())
+            received = max(received, builder.received)
         position = self.position
         position.received_lsn = max(position.received_lsn, received)
         position.committed_lsn = max(position.committed_lsn, committed)
@@ -153,9 +204,12 @@ class StreamingSource:
             self.send_status()
         return items
 
-    def _receive(self, payload: bytes | memoryview, lsn: int) -> list[StreamItem]:
-        """Items produced by one pgoutput message (none while a transaction is streamed)."""
+    def _receive(self, payload: bytes | memoryview, lsn: int, code: int = 0) -> list[StreamItem]:
+        """Items produced by one pgoutput message (none while a transaction is streamed).
+
+        ``code``: what the compiled builder answered for it (columnar mode)."""
         streams = self.streams
+        columns = self._columns
         if streams.in_stream and payload and payload[0] in CHANGE_TAGS:
             # Most of a streamed transaction: decoded once, when it is replayed.
             streams.append_change(payload, lsn)
@@ -170,7 +224,11 @@ class StreamingSource:
                 # Into the cache at once as well: the server assumes the client knows a
                 # shape from the moment it sent it. Its replay at commit is harmless, and
                 # needed in case another transaction's Relation replaced it meanwhile.
+                cut: list[StreamItem] = []
+                if columns is not None and isinstance(message, pgoutput.Relation):
+                    columns.relation(message.relation_id, cut)  # rows of the old shape
                 self.assembler.feed(message, lsn=lsn)
+                return cut
             return []
         if isinstance(message, pgoutput.StreamStart):
             if self.assembler.in_transaction:
@@ -185,7 +243,7 @@ class StreamingSource:
             streams.abort(message)
             return []
         if isinstance(message, pgoutput.StreamCommit):
-            self._replay = streams.commit(message)
+            self._replay = streams.commit_raw(message)
             return []
         if isinstance(message, pgoutput.LogicalMessage):
             if not message.transactional:
@@ -195,6 +253,10 @@ class StreamingSource:
                 if message.prefix.startswith(MESSAGE_PREFIX):
                     self.messages.append(message)
             return []
+        if columns is not None:
+            if code < 0:  # a row change the builder needs help with
+                return columns.not_taken(code, payload, lsn=lsn)  # type: ignore[return-value]
+            return columns.feed_message(message, lsn=lsn, size=len(payload))  # type: ignore[return-value]
         return self.assembler.feed(message, lsn=lsn, size=len(payload))
 
     def _drain_replay(self, items: list[StreamItem]) -> int:
@@ -203,14 +265,27 @@ class StreamingSource:
         whatever the size of the transaction."""
         replay = self._replay
         assert replay is not None
-        feed = self.assembler.feed
+        columns = self._columns
         committed = 0
         for message, lsn, size in replay:
-            items.extend(feed(message, lsn=lsn, size=size))
+            if columns is not None:
+                if type(message) is bytes:
+                    code = columns.builder.feed(message, 0, True)
+                    if code <= 0:
+                        items.extend(columns.not_taken(code, message, lsn=lsn, in_stream=True))
+                else:
+                    assert not isinstance(message, bytes)
+                    items.extend(columns.feed_message(message, lsn=lsn, size=size))
+                pending = columns.pending
+            else:
+                if isinstance(message, bytes):
+                    message = pgoutput.decode_message(message, in_stream=True)
+                items.extend(self.assembler.feed(message, lsn=lsn, size=size))
+                pending = 0
             if isinstance(message, pgoutput.Commit):
                 committed = message.end_lsn
                 break
-            if len(items) >= self.max_items:
+            if len(items) + pending >= self.max_items:
                 return 0
         replay.close()  # the Commit was its last item; this deletes the spill file
         self._replay = None
