@@ -181,7 +181,7 @@ def _micros(ts: datetime) -> int:
 
 
 def _batch(schema: TableSchema, taken: tuple[Any, ...]) -> ChangeBatch:
-    n, columns, unchanged, ops, lsns, seqs, txids, stamps, size, counts = taken
+    n, columns, unchanged, ops, op_offsets, lsns, seqs, txids, stamps, size, counts = taken
     values: list[pa.Array] = []
     fallbacks: dict[str, pa.Array] = {}
     for col, (valid, offsets, data) in zip(schema.columns, columns, strict=True):
@@ -197,7 +197,7 @@ def _batch(schema: TableSchema, taken: tuple[Any, ...]) -> ChangeBatch:
         schema,
         values,
         ops=pa.Array.from_buffers(
-            pa.string(), n, [None, pa.py_buffer(_op_offsets(n)), pa.py_buffer(ops)]
+            pa.string(), n, [None, pa.py_buffer(op_offsets), pa.py_buffer(ops)]
         ),
         lsns=pa.Array.from_buffers(pa.int64(), n, [None, pa.py_buffer(lsns)]),
         seqs=pa.Array.from_buffers(pa.int64(), n, [None, pa.py_buffer(seqs)]),
@@ -208,19 +208,6 @@ def _batch(schema: TableSchema, taken: tuple[Any, ...]) -> ChangeBatch:
     )
     last = _UNIX_EPOCH + timedelta(microseconds=int.from_bytes(stamps[-8:], "little", signed=True))
     return ChangeBatch(schema, changes, n, {k: v for k, v in counts.items() if v}, size, last)
-
-
-_OP_OFFSETS: dict[int, bytes] = {}
-
-
-def _op_offsets(n: int) -> bytes:
-    """int32 offsets 0, 1, ... n of a string array of one-byte values."""
-    offsets = _OP_OFFSETS.get(n)
-    if offsets is None:
-        offsets = pa.array(range(n + 1), type=pa.int32()).buffers()[1].to_pybytes()
-        if len(_OP_OFFSETS) < 64:  # the usual batch sizes repeat
-            _OP_OFFSETS[n] = offsets
-    return offsets
 
 
 def _unchanged(schema: TableSchema, n: int, bitmaps: list[bytes]) -> pa.Array:

@@ -157,24 +157,35 @@ class StreamingSource:
         builder = columns.builder if columns is not None else None
         streams = self.streams
         max_items = self.max_items
-        read_frame = self._conn.read_frame
+        conn = self._conn
         pending = 0
         while len(items) + pending < max_items:
             if self._replay is not None:
                 committed = max(committed, self._drain_replay(items))
                 pending = columns.pending if columns is not None else 0
                 continue
-            wait = 0.0 if items or pending else max(0.0, deadline - time.monotonic())
-            frame = read_frame(wait)
-            if frame is None:
-                break
             code = 0
-            if builder is not None and not streams.in_stream:
-                # The fast path: a row change straight from the frame into the columns.
-                code = builder.feed(frame, _XLOGDATA_HEADER, False)
-                if code > 0:
-                    pending = code
-                    continue
+            frame = None
+            fast = builder is not None and not streams.in_stream
+            if fast:
+                # The fast path: row changes libpq already holds go straight from their
+                # frames into the columns, without a Python step per change.
+                frame = conn.read_buffered_rows(builder, max_items - len(items))
+                pending = builder.pending
+                if frame is not None:
+                    code = builder.code
+                elif len(items) + pending >= max_items:
+                    break
+            if frame is None:
+                wait = 0.0 if items or pending else max(0.0, deadline - time.monotonic())
+                frame = conn.read_frame(wait)
+                if frame is None:
+                    break
+                if fast:
+                    code = builder.feed(frame, _XLOGDATA_HEADER, False)
+                    if code > 0:
+                        pending = code
+                        continue
             xlogdata = xlogdata_split(frame)
             if xlogdata is None:
                 keepalive = parse_copy_frame(frame)

@@ -345,6 +345,7 @@ cdef class ColumnBuilder:
     cdef public Py_ssize_t pending
     cdef public int64_t received
     cdef public int64_t relation
+    cdef public int code
 
     def __cinit__(self):
         self._relations = {}
@@ -355,6 +356,7 @@ cdef class ColumnBuilder:
         self.pending = 0
         self.received = 0
         self.relation = -1
+        self.code = 0
 
     def register(self, relation_id, int ncols):
         """Buffer rows of ``relation_id``, whose tuples must have ``ncols`` columns."""
@@ -486,13 +488,35 @@ cdef class ColumnBuilder:
         finally:
             PyBuffer_Release(&view)
 
+    def drain(self, get_copy_data, Py_ssize_t limit):
+        """Feed whole XLogData frames from ``get_copy_data(1)`` (psycopg's
+        ``PGconn.get_copy_data``, async: it never waits) until :attr:`pending` reaches
+        ``limit`` or a frame is not taken.
+
+        Returns ``(nbytes, frame)``: ``(n > 0, frame)`` for the frame not taken (its code in
+        :attr:`code`), ``(0, None)`` when nothing more is buffered or ``limit`` is reached,
+        ``(n < 0, None)`` when the COPY ended.
+        """
+        cdef Py_ssize_t nbytes
+        cdef int code
+        while self.pending < limit:
+            nbytes, data = get_copy_data(1)
+            if nbytes <= 0:
+                return nbytes, None
+            code = self.feed(data, 25, False)
+            if code <= 0:
+                self.code = code
+                return nbytes, data
+        return 0, None
+
     def take(self, relation_id):
         """The buffered rows of ``relation_id`` as Arrow buffers, or None; empties them.
 
-        Returns ``(rows, columns, unchanged, ops, lsns, seqs, txids, stamps, size,
-        counts)``: per column ``(validity, offsets, data)`` bytes and, when some row has an
-        unchanged TOAST value, per column its bitmap bytes (else None); the per-row
-        metadata as bytes (ops one byte a row, the others little-endian int64);
+        Returns ``(rows, columns, unchanged, ops, op_offsets, lsns, seqs, txids, stamps,
+        size, counts)``: per column ``(validity, offsets, data)`` bytes and, when some row
+        has an unchanged TOAST value, per column its bitmap bytes (else None); the per-row
+        metadata as bytes (ops one byte a row with their int32 string offsets, the others
+        native int64);
         ``counts`` the rows per op ``{"c": .., "u": .., "d": ..}``.
         """
         found = self._relations.get(relation_id)
@@ -509,11 +533,17 @@ cdef class ColumnBuilder:
         unchanged = (
             [buf_bytes(&rel.unchanged[j]) for j in range(rel.ncols)] if rel.any_unchanged else None
         )
+        cdef bytes op_offsets = PyBytes_FromStringAndSize(NULL, (rel.rows + 1) * 4)
+        cdef int32_t* op_offset = <int32_t*><char*>op_offsets
+        cdef Py_ssize_t i
+        for i in range(rel.rows + 1):
+            op_offset[i] = <int32_t>i
         out = (
             rel.rows,
             columns,
             unchanged,
             buf_bytes(&rel.ops),
+            op_offsets,
             buf_bytes(&rel.lsns),
             buf_bytes(&rel.seqs),
             buf_bytes(&rel.txids),
