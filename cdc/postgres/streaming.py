@@ -36,6 +36,10 @@ StreamItem = ChangeEvent | TransactionCommitted | ChangeBatch
 # Where the pgoutput message starts in an XLogData frame ("w", three Int64).
 _XLOGDATA_HEADER = 25
 
+#: Columnar mode: how long a read waits for more rows once it has some, so batches are
+#: not cut into slivers while the server is sending (adds at most this to the latency).
+COALESCE_SECONDS = 0.002
+
 #: Logical messages with this prefix are the pipeline's own (heartbeats, signals).
 MESSAGE_PREFIX = "cdc-"
 
@@ -177,7 +181,14 @@ class StreamingSource:
                 elif len(items) + pending >= max_items:
                     break
             if frame is None:
-                wait = 0.0 if items or pending else max(0.0, deadline - time.monotonic())
+                if not (items or pending):
+                    wait = max(0.0, deadline - time.monotonic())
+                elif fast and pending < max_items // 2:
+                    # A batch costs ~0.1 ms of Arrow calls whatever its size: while rows
+                    # keep arriving, gather more of them instead of returning a few.
+                    wait = COALESCE_SECONDS
+                else:
+                    wait = 0.0
                 frame = conn.read_frame(wait)
                 if frame is None:
                     break
