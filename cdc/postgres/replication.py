@@ -249,6 +249,24 @@ class ReplicationConnection:
             self._copy_ended()
         return data if nbytes > 0 else None
 
+    def spill_buffered_changes(
+        self, builder: Any, out: bytearray, max_bytes: int
+    ) -> tuple[memoryview | None, int]:
+        """Inside a protocol-2 stream block: the in-stream changes libpq has already
+        received, appended to ``out`` as spill records by ``builder`` (a compiled
+        ColumnBuilder, see ``drain_spill``) until ``out`` holds ``max_bytes``.
+
+        Returns the first frame that is not such a change (handle it as one from
+        :meth:`read_frame`), or ``None``; and how many records were appended. Never waits.
+        """
+        try:
+            nbytes, data, records = builder.drain_spill(self._pgconn.get_copy_data, out, max_bytes)
+        except psycopg.Error as e:
+            raise postgres_error(e, doing="replication stream lost", dsn=self._dsn) from e
+        if nbytes < 0:
+            self._copy_ended()
+        return (data if nbytes > 0 else None), records
+
     def _copy_ended(self) -> NoReturn:
         # The server ended the COPY (e.g. it is shutting down).
         self.streaming = False

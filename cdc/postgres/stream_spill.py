@@ -240,6 +240,25 @@ class StreamedTransactions:
             )
         self._write(spill, _XID.unpack_from(payload, 1)[0], payload, lsn)
 
+    def append_records(self, records: bytes | bytearray | memoryview, count: int) -> None:
+        """Spill ``count`` in-stream changes already in record form (the compiled reader's
+        :meth:`ColumnBuilder.drain_spill <cdc.postgres.protocol.compiled.ColumnBuilder>`
+        builds them), as :meth:`append_change` would one by one.
+
+        Raises:
+            DecodeError: not inside a stream block.
+            StreamSpillError: the spill file could not be written.
+        """
+        spill = self._current
+        if spill is None or self._writer is None:
+            raise DecodeError("a streamed change outside a stream block")
+        try:
+            self._writer.write(records)
+        except OSError as e:
+            raise StreamSpillError(f"cannot spill streamed transaction {spill.xid}: {e}") from e
+        spill.records += count
+        spill.size += len(records)
+
     def _write(self, spill: _Spill, xid: int, payload: bytes | memoryview, lsn: int) -> None:
         assert self._writer is not None
         try:

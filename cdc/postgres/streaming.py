@@ -36,6 +36,9 @@ StreamItem = ChangeEvent | TransactionCommitted | ChangeBatch
 # Where the pgoutput message starts in an XLogData frame ("w", three Int64).
 _XLOGDATA_HEADER = 25
 
+# Bytes of spill records gathered in memory before they are written out.
+_SPILL_CHUNK = 1 << 20
+
 #: Columnar mode: how long a read waits for more rows once it has some, so batches are
 #: not cut into slivers while the server is sending (adds at most this to the latency).
 COALESCE_SECONDS = 0.002
@@ -171,7 +174,16 @@ class StreamingSource:
             code = 0
             frame = None
             fast = builder is not None and not streams.in_stream
-            if fast:
+            if builder is not None and streams.in_stream:
+                # A streamed transaction: its changes go to the spill file in bulk.
+                records = bytearray()
+                frame, count = conn.spill_buffered_changes(builder, records, _SPILL_CHUNK)
+                if count:
+                    streams.append_records(records, count)
+                    received = max(received, builder.received)
+                    if frame is None:
+                        continue
+            elif fast:
                 # The fast path: row changes libpq already holds go straight from their
                 # frames into the columns, without a Python step per change.
                 frame = conn.read_buffered_rows(builder, max_items - len(items))

@@ -16,6 +16,7 @@ reject exactly the same bytes with the same message).
 """
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_Resize
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.stdint cimport int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, realloc
@@ -508,6 +509,54 @@ cdef class ColumnBuilder:
                 self.code = code
                 return nbytes, data
         return 0, None
+
+    def drain_spill(self, get_copy_data, bytearray out, Py_ssize_t max_bytes):
+        """Inside a protocol-2 stream block: append the in-stream changes (Insert, Update,
+        Delete, Truncate, logical message) that ``get_copy_data(1)`` has buffered to
+        ``out`` as spill records (see :mod:`cdc.postgres.stream_spill`), undecoded, until
+        ``out`` holds ``max_bytes``.
+
+        Returns ``(nbytes, frame, records)``: the first frame that is not such a change
+        (``nbytes > 0``; a Stream Stop, say) or ``(0, None, records)`` when nothing more is
+        buffered or ``out`` is full, ``(n < 0, None, records)`` when the COPY ended.
+        """
+        cdef Py_ssize_t nbytes, records = 0, length, at
+        cdef Py_buffer view
+        cdef const uint8_t* buf
+        cdef uint8_t tag
+        cdef int64_t start
+        cdef char* dst
+        while len(out) < max_bytes:
+            nbytes, data = get_copy_data(1)
+            if nbytes <= 0:
+                return nbytes, None, records
+            PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+            try:
+                buf = <const uint8_t*>view.buf
+                length = view.len - 25
+                if view.len < 30 or buf[0] != 0x77:
+                    return nbytes, data, records
+                tag = buf[25]
+                if tag != 0x49 and tag != 0x55 and tag != 0x44 and tag != 0x54 and tag != 0x4D:
+                    return nbytes, data, records
+                start = <int64_t>((<uint64_t>be32(buf + 1) << 32) | be32(buf + 5))
+                at = len(out)
+                PyByteArray_Resize(out, at + 16 + length)
+                dst = PyByteArray_AS_STRING(out) + at
+                # Int64 data_start, Int32 xid, Int32 length: big-endian, as _RECORD packs.
+                memcpy(dst, buf + 1, 8)
+                memcpy(dst + 8, buf + 26, 4)
+                dst[12] = <char>((length >> 24) & 0xFF)
+                dst[13] = <char>((length >> 16) & 0xFF)
+                dst[14] = <char>((length >> 8) & 0xFF)
+                dst[15] = <char>(length & 0xFF)
+                memcpy(dst + 16, buf + 25, length)
+                records += 1
+                if start > self.received:
+                    self.received = start
+            finally:
+                PyBuffer_Release(&view)
+        return 0, None, records
 
     def take(self, relation_id):
         """The buffered rows of ``relation_id`` as Arrow buffers, or None; empties them.
