@@ -28,10 +28,19 @@ from cdc.postgres.protocol import pgoutput
 from cdc.postgres.protocol.assembler import ChangeAssembler, Describe, TransactionCommitted
 from cdc.postgres.protocol.walproto import PrimaryKeepalive, parse_copy_frame, xlogdata_split
 from cdc.postgres.replication import ReplicationConnection
-from cdc.postgres.stream_spill import CHANGE_TAGS, RawReplayed, StreamedTransactions
+from cdc.postgres.stream_spill import (
+    CHANGE_TAGS,
+    RawReplayed,
+    RecordReader,
+    SpillChunk,
+    StreamedTransactions,
+)
 
 #: ChangeBatch only in columnar mode (see StreamingSource).
 StreamItem = ChangeEvent | TransactionCommitted | ChangeBatch
+
+# Bytes the in-stream form adds after the tag (the xid).
+_XID_FIELD = 4
 
 # Where the pgoutput message starts in an XLogData frame ("w", three Int64).
 _XLOGDATA_HEADER = 25
@@ -99,6 +108,7 @@ class StreamingSource:
         # The streamed transaction being handed on after its StreamCommit; no frame is read
         # until it is exhausted, because everything after the commit must follow it.
         self._replay: Generator[RawReplayed, None, None] | None = None
+        self._records = RecordReader()  # the spill piece being replayed (columnar mode)
         self._columns: ColumnarDecoder | None = None
         self.set_columnar(columnar)
 
@@ -277,7 +287,10 @@ class StreamingSource:
             streams.abort(message)
             return []
         if isinstance(message, pgoutput.StreamCommit):
-            self._replay = streams.commit_raw(message)
+            # Columnar mode reads the spilled bytes itself; the pure path decodes them.
+            self._replay = (
+                streams.commit_raw(message) if columns is not None else streams.commit(message)
+            )
             return []
         if isinstance(message, pgoutput.LogicalMessage):
             if not message.transactional:
@@ -295,35 +308,69 @@ class StreamingSource:
 
     def _drain_replay(self, items: list[StreamItem]) -> int:
         """Move replayed items into ``items`` up to ``max_items``; the end LSN of a commit
-        among them, else 0. Reading from disk one record at a time keeps memory bounded
+        among them, else 0. Reading from disk a piece at a time keeps memory bounded
         whatever the size of the transaction."""
         replay = self._replay
         assert replay is not None
-        columns = self._columns
+        if not self._drain_records(items):
+            return 0
         committed = 0
         for message, lsn, size in replay:
-            if columns is not None:
-                if type(message) is bytes:
-                    code = columns.builder.feed(message, 0, True)
-                    if code <= 0:
-                        items.extend(columns.not_taken(code, message, lsn=lsn, in_stream=True))
-                else:
-                    assert not isinstance(message, bytes)
-                    items.extend(columns.feed_message(message, lsn=lsn, size=size))
-                pending = columns.pending
-            else:
-                if isinstance(message, bytes):
-                    message = pgoutput.decode_message(message, in_stream=True)
-                items.extend(self.assembler.feed(message, lsn=lsn, size=size))
-                pending = 0
+            if isinstance(message, SpillChunk):
+                self._records.add(message)
+                if not self._drain_records(items):
+                    return 0
+                continue
+            if isinstance(message, pgoutput.Commit):
+                self._records.finish()
+            items.extend(self._feed(message, lsn, size))
             if isinstance(message, pgoutput.Commit):
                 committed = message.end_lsn
                 break
-            if len(items) + pending >= self.max_items:
+            if len(items) + self._pending() >= self.max_items:
                 return 0
         replay.close()  # the Commit was its last item; this deletes the spill file
         self._replay = None
         return committed
+
+    def _drain_records(self, items: list[StreamItem]) -> bool:
+        """Replay the records of the current spill piece; False when ``max_items`` stopped
+        it (the rest waits for the next read)."""
+        records = self._records
+        columns = self._columns
+        code = 0
+        while True:
+            if columns is not None:
+                # Row changes straight from the file's bytes into the columns.
+                builder = columns.builder
+                pos, taken, status = builder.replay_records(
+                    records.data, records.pos, records.aborted, self.max_items - len(items)
+                )
+                records.advance(pos, taken)
+                if status == 2:
+                    return False
+                if status == 0:
+                    return True
+                code = builder.code
+            record = records.next()
+            if record is None:
+                return True
+            lsn, payload = record
+            if columns is not None and payload[:1] in (b"I", b"U", b"D"):
+                items.extend(columns.not_taken(code, payload, lsn=lsn, in_stream=True))
+            else:
+                message = pgoutput.decode_message(payload, in_stream=True)
+                items.extend(self._feed(message, lsn, len(payload) - _XID_FIELD))
+            if len(items) + self._pending() >= self.max_items:
+                return False
+
+    def _feed(self, message: pgoutput.Message, lsn: int, size: int) -> list[StreamItem]:
+        if self._columns is not None:
+            return self._columns.feed_message(message, lsn=lsn, size=size)  # type: ignore[return-value]
+        return self.assembler.feed(message, lsn=lsn, size=size)  # type: ignore[return-value]
+
+    def _pending(self) -> int:
+        return self._columns.pending if self._columns is not None else 0
 
     def confirm(self, flushed_lsn: int) -> None:
         """Everything up to ``flushed_lsn`` is durable downstream: tell the server."""
@@ -350,6 +397,7 @@ class StreamingSource:
             # Closing the generator deletes its file.
             replay, self._replay = self._replay, None
             replay.close()
+        self._records = RecordReader()
         self.streams.close()
         if self._conn is not None:
             self._conn.close()

@@ -420,72 +420,128 @@ cdef class ColumnBuilder:
         """
         cdef Py_buffer view
         cdef const uint8_t* buf
-        cdef Py_ssize_t end, pos
-        cdef uint8_t tag, kind
-        cdef char op
-        cdef uint32_t rid
+        cdef Py_ssize_t end
         cdef int64_t start = 0
-        cdef _Relation rel
-        cdef int appended
+        cdef int code
         PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
         try:
             buf = <const uint8_t*>view.buf
             end = view.len
-            self.relation = -1
             if offset:
                 if offset != 25 or end < 26 or buf[0] != 0x77:
+                    self.relation = -1
                     return 0
                 start = <int64_t>((<uint64_t>be32(buf + 1) << 32) | be32(buf + 5))
-            pos = offset
-            tag = buf[pos] if pos < end else 0
-            if tag != 0x49 and tag != 0x55 and tag != 0x44:  # I U D
-                return 0
-            pos += 5 if in_stream else 1
-            if pos + 5 > end:
-                return 0
-            rid = be32(buf + pos)
-            kind = buf[pos + 4]
-            pos += 5
-            if tag == 0x49:
-                if kind != 0x4E:
-                    return 0
-                op = 99  # c
-            elif tag == 0x55:
-                if kind != 0x4E:
-                    return 0  # an old tuple: key change or FULL identity, the pure path
-                op = 117  # u
-            else:
-                if kind != 0x4B and kind != 0x4F:
-                    return 0
-                op = 100  # d
-            self.relation = rid
-            if not self.in_transaction:
-                return 0
-            if self._last is not None and self._last_id == rid:
-                rel = self._last
-            else:
-                found = self._relations.get(rid)
-                if found is None:
-                    return UNKNOWN_RELATION
-                rel = <_Relation>found
-                self._last = rel
-                self._last_id = rid
-            appended = rel._append_tuple(buf, pos, end, op != 100)
-            if not appended:
-                if rel.rows and (pos + 2 <= end) and be16(buf + pos) == rel.ncols:
-                    # Perhaps only the batch is too big for int32 offsets: cut and retry.
-                    if _too_big(rel, buf, pos, end):
-                        return RELATION_FULL
-                return 0
-            rel._append_meta(
-                op, self._lsn, self.seq, self._xid, self._stamp,
-                end - offset - (4 if in_stream else 0),
-            )
-            self.seq += 1
-            self.pending += 1
-            if offset and start > self.received:
+            code = self._feed(buf, offset, end, in_stream)
+            if code > 0 and start > self.received:
                 self.received = start
-            return self.pending
+            return code
+        finally:
+            PyBuffer_Release(&view)
+
+    cdef int _feed(self, const uint8_t* buf, Py_ssize_t pos, Py_ssize_t end, bint in_stream) except -3:
+        """Append the row of the message in ``buf[pos:end]``; see :meth:`feed`."""
+        cdef Py_ssize_t begin = pos
+        cdef uint8_t tag, kind
+        cdef char op
+        cdef uint32_t rid
+        cdef _Relation rel
+        cdef int appended
+        self.relation = -1
+        tag = buf[pos] if pos < end else 0
+        if tag != 0x49 and tag != 0x55 and tag != 0x44:  # I U D
+            return 0
+        pos += 5 if in_stream else 1
+        if pos + 5 > end:
+            return 0
+        rid = be32(buf + pos)
+        kind = buf[pos + 4]
+        pos += 5
+        if tag == 0x49:
+            if kind != 0x4E:
+                return 0
+            op = 99  # c
+        elif tag == 0x55:
+            if kind != 0x4E:
+                return 0  # an old tuple: key change or FULL identity, the pure path
+            op = 117  # u
+        else:
+            if kind != 0x4B and kind != 0x4F:
+                return 0
+            op = 100  # d
+        self.relation = rid
+        if not self.in_transaction:
+            return 0
+        if self._last is not None and self._last_id == rid:
+            rel = self._last
+        else:
+            found = self._relations.get(rid)
+            if found is None:
+                return UNKNOWN_RELATION
+            rel = <_Relation>found
+            self._last = rel
+            self._last_id = rid
+        appended = rel._append_tuple(buf, pos, end, op != 100)
+        if not appended:
+            if rel.rows and (pos + 2 <= end) and be16(buf + pos) == rel.ncols:
+                # Perhaps only the batch is too big for int32 offsets: cut and retry.
+                if _too_big(rel, buf, pos, end):
+                    return RELATION_FULL
+            return 0
+        rel._append_meta(
+            op, self._lsn, self.seq, self._xid, self._stamp,
+            end - begin - (4 if in_stream else 0),
+        )
+        self.seq += 1
+        self.pending += 1
+        return <int>self.pending
+
+    def replay_records(self, data, Py_ssize_t pos, aborted, Py_ssize_t limit):
+        """Feed the spill records (see :mod:`cdc.postgres.stream_spill`) in ``data`` from
+        ``pos``: row changes in their in-stream form, skipping the changes of ``aborted``
+        subtransactions (a set of xids; schema messages are never skipped), until
+        :attr:`pending` reaches ``limit``.
+
+        Returns ``(pos, records, status)``: where it stopped, how many records it consumed,
+        and why: 0 the data ends (or a record is incomplete) at ``pos``, 1 the record at
+        ``pos`` is not taken (handle it with the pure path; :attr:`code` says why), 2
+        ``limit`` is reached.
+        """
+        cdef Py_buffer view
+        cdef const uint8_t* buf
+        cdef Py_ssize_t end, length, records = 0
+        cdef uint8_t tag
+        cdef uint32_t xid
+        cdef int code
+        cdef bint check_aborted = bool(aborted)
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            buf = <const uint8_t*>view.buf
+            end = view.len
+            while True:
+                if self.pending >= limit:
+                    return pos, records, 2
+                if pos + 16 > end:
+                    return pos, records, 0
+                length = be32(buf + pos + 12)
+                if length > end - pos - 16:
+                    return pos, records, 0
+                if length == 0:
+                    self.code = 0
+                    return pos, records, 1
+                tag = buf[pos + 16]
+                if check_aborted and tag != 0x52 and tag != 0x59:  # R Y
+                    xid = be32(buf + pos + 8)
+                    if xid in aborted:
+                        pos += 16 + length
+                        records += 1
+                        continue
+                code = self._feed(buf, pos + 16, pos + 16 + length, True)
+                if code <= 0:
+                    self.code = code
+                    return pos, records, 1
+                pos += 16 + length
+                records += 1
         finally:
             PyBuffer_Release(&view)
 
