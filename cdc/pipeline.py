@@ -36,8 +36,8 @@ from cdc.kafka.position_store import KafkaPositionStore
 from cdc.kafka.producer import KafkaProducerSink, producer_config
 from cdc.metrics import EventCounts, Metrics
 from cdc.operations import Operations
-from cdc.postgres.errors import SlotLostError, SourceConnectionError, postgres_error
 from cdc.postgres.columnar import ChangeBatch
+from cdc.postgres.errors import SlotLostError, SourceConnectionError, postgres_error
 from cdc.postgres.incremental_snapshot import IncrementalSnapshots
 from cdc.postgres.introspect import describe_tables
 from cdc.postgres.protocol import compiled

@@ -540,4 +540,3 @@ class RecordReader:
             )
         self.data = b""
         self.pos = self.records = 0
-

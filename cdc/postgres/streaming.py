@@ -17,8 +17,9 @@ of items per :meth:`StreamingSource.read`, so memory does not grow with the tran
 from __future__ import annotations
 
 import time
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
 from os import PathLike
+from typing import Any
 
 from cdc.core.errors import DecodeError
 from cdc.core.events import ChangeEvent
@@ -171,7 +172,7 @@ class StreamingSource:
         received = committed = wal_end = 0
         deadline = time.monotonic() + timeout
         columns = self._columns
-        builder = columns.builder if columns is not None else None
+        builder: Any = columns.builder if columns is not None else None
         streams = self.streams
         max_items = self.max_items
         conn = self._conn
@@ -248,7 +249,9 @@ class StreamingSource:
             self.send_status()
         return items
 
-    def _receive(self, payload: bytes | memoryview, lsn: int, code: int = 0) -> list[StreamItem]:
+    def _receive(
+        self, payload: bytes | memoryview, lsn: int, code: int = 0
+    ) -> Sequence[StreamItem]:
         """Items produced by one pgoutput message (none while a transaction is streamed).
 
         ``code``: what the compiled builder answered for it (columnar mode)."""
@@ -302,8 +305,8 @@ class StreamingSource:
             return []
         if columns is not None:
             if code < 0:  # a row change the builder needs help with
-                return columns.not_taken(code, payload, lsn=lsn)  # type: ignore[return-value]
-            return columns.feed_message(message, lsn=lsn, size=len(payload))  # type: ignore[return-value]
+                return columns.not_taken(code, payload, lsn=lsn)
+            return columns.feed_message(message, lsn=lsn, size=len(payload))
         return self.assembler.feed(message, lsn=lsn, size=len(payload))
 
     def _drain_replay(self, items: list[StreamItem]) -> int:
@@ -364,10 +367,10 @@ class StreamingSource:
             if len(items) + self._pending() >= self.max_items:
                 return False
 
-    def _feed(self, message: pgoutput.Message, lsn: int, size: int) -> list[StreamItem]:
+    def _feed(self, message: pgoutput.Message, lsn: int, size: int) -> Sequence[StreamItem]:
         if self._columns is not None:
-            return self._columns.feed_message(message, lsn=lsn, size=size)  # type: ignore[return-value]
-        return self.assembler.feed(message, lsn=lsn, size=size)  # type: ignore[return-value]
+            return self._columns.feed_message(message, lsn=lsn, size=size)
+        return self.assembler.feed(message, lsn=lsn, size=size)
 
     def _pending(self) -> int:
         return self._columns.pending if self._columns is not None else 0

@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import importlib
 import os
 from typing import Any
 
@@ -30,11 +31,16 @@ NOT_TAKEN = 0
 UNKNOWN_RELATION = -1
 RELATION_FULL = -2
 
-ColumnBuilder: Any
-try:
-    from cdc.postgres.protocol._columns import ColumnBuilder
-except ImportError:  # not built: no compiler at install time
-    ColumnBuilder = None
+
+def _load() -> Any:
+    try:
+        return importlib.import_module("cdc.postgres.protocol._columns").ColumnBuilder
+    except ImportError:  # not built: no compiler (or no Cython) at install time
+        return None
+
+
+#: The compiled builder class, or None when the extension is not built.
+ColumnBuilder: Any = _load()
 
 #: The extension was built and imports.
 AVAILABLE: bool = ColumnBuilder is not None
