@@ -21,8 +21,7 @@ from cdc.core.events import ChangeEvent
 from cdc.core.position import CapturePosition
 from cdc.postgres.columnar import ChangeBatch
 from cdc.postgres.errors import StreamSpillError
-from cdc.postgres.protocol import compiled
-from cdc.postgres.protocol import pgoutput
+from cdc.postgres.protocol import compiled, pgoutput
 from cdc.postgres.protocol.assembler import ChangeAssembler, TransactionCommitted
 from cdc.postgres.protocol.walproto import PG_EPOCH
 from cdc.postgres.stream_spill import StreamedTransactions
