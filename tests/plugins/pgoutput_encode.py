@@ -5,6 +5,8 @@ from __future__ import annotations
 import struct
 from datetime import datetime
 
+from hypothesis import strategies as st
+
 from cdc.postgres.protocol.pgoutput import (
     UNCHANGED_TOAST,
     Begin,
@@ -106,3 +108,31 @@ def encode(msg: Message) -> bytes:
         case StreamAbort(xid, subxid):
             return b"A" + struct.pack(">II", xid, subxid)
     raise AssertionError(f"no encoder for {msg!r}")
+
+
+#: Edits of a message: flip, set, insert or delete bytes at a position (fuzzing).
+byte_edits = st.lists(
+    st.tuples(
+        st.sampled_from(["flip", "set", "insert", "delete"]),
+        st.integers(min_value=0, max_value=10_000),
+        st.binary(min_size=1, max_size=6),
+    ),
+    min_size=1,
+    max_size=4,
+)
+
+
+def mutate(data: bytes, edits: list[tuple[str, int, bytes]]) -> bytes:
+    """``data`` with ``edits`` (from :data:`byte_edits`) applied."""
+    buf = bytearray(data)
+    for op, position, chunk in edits:
+        at = position % (len(buf) + 1)
+        if op == "flip" and at < len(buf):
+            buf[at] ^= chunk[0] or 1
+        elif op == "set" and at < len(buf):
+            buf[at] = chunk[0]
+        elif op == "insert":
+            buf[at:at] = chunk
+        else:
+            del buf[at : at + len(chunk)]
+    return bytes(buf)

@@ -36,7 +36,7 @@ from cdc.postgres.protocol.pgoutput import (
     decode_message,
 )
 from sinks.delta_changelog import DeltaChangelogSink
-from tests.plugins.pgoutput_encode import encode
+from tests.plugins.pgoutput_encode import byte_edits, encode, mutate
 
 INT4_ARRAY = 1007
 NUMERIC_10_2 = ((10 << 16) | 2) + 4
@@ -290,31 +290,6 @@ def test_streamed_in_stream_forms_are_taken_too() -> None:
 
 FUZZ = settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
-_edits = st.lists(
-    st.tuples(
-        st.sampled_from(["flip", "set", "insert", "delete"]),
-        st.integers(min_value=0, max_value=400),
-        st.binary(min_size=1, max_size=4),
-    ),
-    min_size=1,
-    max_size=3,
-)
-
-
-def _mutate(data: bytes, edits: list[tuple[str, int, bytes]]) -> bytes:
-    buf = bytearray(data)
-    for op, position, chunk in edits:
-        at = position % (len(buf) + 1)
-        if op == "flip" and at < len(buf):
-            buf[at] ^= chunk[0] or 1
-        elif op == "set":
-            buf[at : at + len(chunk)] = chunk
-        elif op == "insert":
-            buf[at:at] = chunk
-        elif at < len(buf):
-            del buf[at : at + len(chunk)]
-    return bytes(buf)
-
 
 def _feed_or_error(decoder: ColumnarDecoder, payload: bytes, in_stream: bool) -> list[Any] | None:
     try:
@@ -334,13 +309,13 @@ SAMPLE_ROWS = [
 @FUZZ
 @given(
     sample=st.sampled_from(SAMPLE_ROWS),
-    edits=_edits,
+    edits=byte_edits,
     in_stream=st.booleans(),
 )
 def test_mutated_rows_raise_decode_error_or_decode_like_the_pure_decoder(
     sample: bytes, edits: list[tuple[str, int, bytes]], in_stream: bool
 ) -> None:
-    data = _mutate(_in_stream(sample, 900) if in_stream else sample, edits)
+    data = mutate(_in_stream(sample, 900) if in_stream else sample, edits)
     decoder = ColumnarDecoder(ChangeAssembler())
     for payload in _transaction()[:2]:
         decoder.feed(payload, lsn=1)

@@ -30,7 +30,7 @@ from cdc.postgres.protocol.pgoutput import (
     Update,
     decode_message,
 )
-from tests.plugins.pgoutput_encode import encode
+from tests.plugins.pgoutput_encode import byte_edits, encode, mutate
 from tests.plugins.pgoutput_samples import ALL_SAMPLES
 
 FUZZ = settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -61,38 +61,13 @@ def test_every_prefix_of_a_sample_decodes_or_raises_decode_error(name: str) -> N
 
 # --- (b) mutations of real samples ---------------------------------------------------------
 
-_edits = st.lists(
-    st.tuples(
-        st.sampled_from(["flip", "set", "insert", "delete"]),
-        st.integers(min_value=0, max_value=10_000),
-        st.binary(min_size=1, max_size=6),
-    ),
-    min_size=1,
-    max_size=4,
-)
-
-
-def _apply(data: bytes, edits: list[tuple[str, int, bytes]]) -> bytes:
-    buf = bytearray(data)
-    for op, position, chunk in edits:
-        at = position % (len(buf) + 1)
-        if op == "flip" and at < len(buf):
-            buf[at] ^= chunk[0] or 1
-        elif op == "set" and at < len(buf):
-            buf[at] = chunk[0]
-        elif op == "insert":
-            buf[at:at] = chunk
-        else:
-            del buf[at : at + len(chunk)]
-    return bytes(buf)
-
 
 @FUZZ
-@given(st.sampled_from(SAMPLE_NAMES), _edits, st.booleans(), st.booleans())
+@given(st.sampled_from(SAMPLE_NAMES), byte_edits, st.booleans(), st.booleans())
 def test_mutated_samples_raise_only_decode_error(
     name: str, edits: list[tuple[str, int, bytes]], in_stream: bool, as_view: bool
 ) -> None:
-    data = _apply(ALL_SAMPLES[name], edits)
+    data = mutate(ALL_SAMPLES[name], edits)
     decode_or_decode_error(memoryview(data) if as_view else data, in_stream)
 
 

@@ -226,28 +226,30 @@ def test_nothing_is_handed_on_before_the_commit_and_disk_holds_it_meanwhile(
     assert list(tmp_path.iterdir()) == []  # close() removes the spill directory
 
 
+#: 746 and 748 are both savepoints of 745 whose changes interleave; 746 aborts after
+#: changes of 748 and of 745 itself were spilled, so the file cannot just be cut back.
+INTERLEAVED_ABORT: list[bytes | tuple[bytes, int]] = [
+    s.STREAM_START_FIRST,
+    s.STREAM_RELATION_BULK,
+    insert_bulk(10, XID),
+    insert_bulk(11, SUBXID_ROLLED_BACK),
+    insert_bulk(12, 748),
+    insert_bulk(13, SUBXID_ROLLED_BACK),
+    s.STREAM_STOP,
+    s.STREAM_START_NEXT,
+    insert_bulk(14, 748),
+    insert_bulk(15, XID),
+    s.STREAM_STOP,
+    stream_abort(XID, SUBXID_ROLLED_BACK),
+    stream_abort(XID, 749),  # a subtransaction with nothing spilled: no-op
+    s.STREAM_COMMIT,
+]
+
+
 def test_an_aborted_subtransaction_loses_exactly_its_changes_even_when_later_ones_follow(
     tmp_path: Path,
 ) -> None:
-    # 746 and 748 are both savepoints of 745 whose changes interleave; 746 aborts after
-    # changes of 748 and of 745 itself were spilled, so the file cannot just be cut back.
-    messages: list[bytes | tuple[bytes, int]] = [
-        s.STREAM_START_FIRST,
-        s.STREAM_RELATION_BULK,
-        insert_bulk(10, XID),
-        insert_bulk(11, SUBXID_ROLLED_BACK),
-        insert_bulk(12, 748),
-        insert_bulk(13, SUBXID_ROLLED_BACK),
-        s.STREAM_STOP,
-        s.STREAM_START_NEXT,
-        insert_bulk(14, 748),
-        insert_bulk(15, XID),
-        s.STREAM_STOP,
-        stream_abort(XID, SUBXID_ROLLED_BACK),
-        stream_abort(XID, 749),  # a subtransaction with nothing spilled: no-op
-        s.STREAM_COMMIT,
-    ]
-    items = play(new_source(tmp_path), messages)
+    items = play(new_source(tmp_path), INTERLEAVED_ABORT)
     events = [i for i in items if isinstance(i, ChangeEvent)]
     assert [(e.after[0], e.seq) for e in events] == [(10, 0), (12, 1), (14, 2), (15, 3)]
     assert all(e.txid == XID for e in events)
@@ -586,21 +588,7 @@ def _rows_read(source: StreamingSource, messages: list[bytes | tuple[bytes, int]
 
 SESSIONS: dict[str, list[bytes | tuple[bytes, int]]] = {
     "captured": CAPTURED,
-    "aborted subtransaction between others": [
-        s.STREAM_START_FIRST,
-        s.STREAM_RELATION_BULK,
-        insert_bulk(10, XID),
-        insert_bulk(11, SUBXID_ROLLED_BACK),
-        insert_bulk(12, 748),
-        insert_bulk(13, SUBXID_ROLLED_BACK),
-        s.STREAM_STOP,
-        s.STREAM_START_NEXT,
-        insert_bulk(14, 748),
-        insert_bulk(15, XID),
-        s.STREAM_STOP,
-        stream_abort(XID, SUBXID_ROLLED_BACK),
-        s.STREAM_COMMIT,
-    ],
+    "aborted subtransaction between others": INTERLEAVED_ABORT,
     "interleaved with a whole transaction": [
         stream_start(XID, first=True),
         s.STREAM_RELATION_BULK,
