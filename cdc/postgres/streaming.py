@@ -52,6 +52,8 @@ _SPILL_CHUNK = 1 << 20
 #: Columnar mode: how long a read waits for more rows once it has some, so batches are
 #: not cut into slivers while the server is sending (adds at most this to the latency).
 COALESCE_SECONDS = 0.002
+#: ... and gathers for at most this long in all, however steadily rows trickle in.
+COALESCE_BUDGET = 0.02
 
 #: Logical messages with this prefix are the pipeline's own (heartbeats, signals).
 MESSAGE_PREFIX = "cdc-"
@@ -177,6 +179,7 @@ class StreamingSource:
         max_items = self.max_items
         conn = self._conn
         pending = 0
+        gather_until: float | None = None
         while len(items) + pending < max_items:
             if self._replay is not None:
                 committed = max(committed, self._drain_replay(items))
@@ -208,8 +211,12 @@ class StreamingSource:
                     wait = max(0.0, deadline - time.monotonic())
                 elif fast and pending < max_items // 2:
                     # A batch costs ~0.1 ms of Arrow calls whatever its size: while rows
-                    # keep arriving, gather more of them instead of returning a few.
-                    wait = COALESCE_SECONDS
+                    # keep arriving, gather more of them instead of returning a few, for
+                    # at most COALESCE_BUDGET after the first.
+                    now = time.monotonic()
+                    if gather_until is None:
+                        gather_until = now + COALESCE_BUDGET
+                    wait = COALESCE_SECONDS if now < gather_until else 0.0
                 else:
                     wait = 0.0
                 frame = conn.read_frame(wait)

@@ -218,10 +218,15 @@ cdef class _Relation:
             self.data[j].size = start
 
     cdef int _append_tuple(
-        self, const uint8_t* buf, Py_ssize_t offset, Py_ssize_t end, bint keep_unchanged
+        self, const uint8_t* buf, Py_ssize_t offset, Py_ssize_t end, int unchanged_mode
     ) except -2:
         """Append one TupleData at ``offset``; 1 if appended, 0 if not taken (malformed,
-        binary, another column count, too big: nothing is left appended)."""
+        binary, another column count, too big: nothing is left appended).
+
+        ``unchanged_mode`` for ``u`` values: 1 marks them (an update), 0 leaves them null
+        (a delete's old tuple: the assembler drops them), 2 does not take the row (an
+        insert: the pipeline looks such values up for events, see fill_unchanged_toast)."""
+        cdef bint keep_unchanged = unchanged_mode == 1
         cdef Py_ssize_t ncols, length, row = self.rows, byte = self.rows >> 3
         cdef uint8_t bit = <uint8_t>(1 << (self.rows & 7))
         cdef uint8_t kind
@@ -271,6 +276,9 @@ cdef class _Relation:
             elif kind == 0x6E:  # n
                 offset += 1
             elif kind == 0x75:  # u
+                if unchanged_mode == 2:
+                    self._rollback(j)
+                    return 0
                 offset += 1
                 if keep_unchanged:
                     self.unchanged[j].data[byte] |= bit
@@ -481,7 +489,7 @@ cdef class ColumnBuilder:
             rel = <_Relation>found
             self._last = rel
             self._last_id = rid
-        appended = rel._append_tuple(buf, pos, end, op != 100)
+        appended = rel._append_tuple(buf, pos, end, 0 if op == 100 else (1 if op == 117 else 2))
         if not appended:
             if rel.rows and (pos + 2 <= end) and be16(buf + pos) == rel.ncols:
                 # Perhaps only the batch is too big for int32 offsets: cut and retry.
