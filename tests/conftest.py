@@ -11,4 +11,5 @@ pytest_plugins = [
     "tests.plugins.failures",
     "tests.plugins.demo_lake",
     "tests.plugins.s3",
+    "tests.plugins.capture_path",
 ]

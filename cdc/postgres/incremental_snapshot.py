@@ -32,9 +32,9 @@ from typing import Any
 
 from psycopg import sql
 
-from cdc.core.events import ChangeEvent
 from cdc.core.position import CapturePosition
 from cdc.core.table_schema import TableSchema
+from cdc.postgres.columnar import ChangeBatch
 from cdc.postgres.errors import SourceConnectionError
 from cdc.postgres.introspect import describe_tables
 from cdc.postgres.replication import ReplicationConnection
@@ -123,9 +123,9 @@ class IncrementalSnapshots:
             if name not in done:
                 self.queued.setdefault(name, key)
 
-    def observe(self, event: ChangeEvent) -> None:
-        """Note a change's table shape; queue a copy when the shape change needs one."""
-        table = event.table
+    def observe(self, table: TableSchema) -> None:
+        """Note the table shape of a change (or batch of changes); queue a copy when the
+        shape change needs one."""
         if table is self._last_seen:  # the common case, checked without building the name
             return
         self._last_seen = table
@@ -172,12 +172,20 @@ class IncrementalSnapshots:
     def run(
         self, source: StreamingSource, handle: Callable[[StreamItem], None]
     ) -> list[StreamItem]:
-        """Copy every queued table; returns the stream items held back while copying."""
+        """Copy every queued table; returns the stream items held back while copying.
+
+        The source hands on single events meanwhile (not columnar batches): the catch-up
+        splits what it reads at the copy's consistent point, change by change."""
         held: list[StreamItem] = []
-        while self.queued and not held:
-            name, key = next(iter(self.queued.items()))
-            held = self._copy(name, key, source, handle)
-            del self.queued[name]
+        columnar = source.columnar
+        source.set_columnar(False)
+        try:
+            while self.queued and not held:
+                name, key = next(iter(self.queued.items()))
+                held = self._copy(name, key, source, handle)
+                del self.queued[name]
+        finally:
+            source.set_columnar(columnar)
         return held
 
     def _copy(
@@ -246,6 +254,7 @@ class IncrementalSnapshots:
             source.send_status(reply_requested=True)
             items = source.read(timeout=0.5)
             for i, item in enumerate(items):
+                assert not isinstance(item, ChangeBatch)  # run() reads event by event
                 commit = item.commit_lsn
                 if commit >= cp:
                     return items[i:]

@@ -12,6 +12,7 @@ import select
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any, NoReturn
 
 import psycopg
 from psycopg import pq
@@ -228,18 +229,56 @@ class ReplicationConnection:
         except psycopg.Error as e:
             raise postgres_error(e, doing="replication stream lost", dsn=self._dsn) from e
         if nbytes < 0:
-            # The server ended the COPY (e.g. it is shutting down).
-            self.streaming = False
-            result = self._pgconn.get_result()
-            detail = result.error_message.decode(errors="replace").strip() if result else ""
-            raw_state = result.error_field(pq.DiagnosticField.SQLSTATE) if result else None
-            raise postgres_error(
-                detail or self._error_text(),
-                doing="replication stream ended",
-                dsn=self._dsn,
-                sqlstate=raw_state.decode() if raw_state else None,
-            )
+            self._copy_ended()
         return data
+
+    def read_buffered_rows(self, builder: Any, limit: int) -> memoryview | None:
+        """Hand the frames libpq has already received to ``builder`` (a compiled
+        :class:`~cdc.postgres.protocol.compiled.ColumnBuilder`), which appends the row
+        changes among them to its columns, until it holds ``limit`` rows.
+
+        Returns the first frame it did not take (``builder.code`` says why; handle it as
+        one from :meth:`read_frame`), or ``None`` when nothing more is buffered. Never
+        waits for the network: use :meth:`read_frame` for that.
+        """
+        try:
+            nbytes, data = builder.drain(self._pgconn.get_copy_data, limit)
+        except psycopg.Error as e:
+            raise postgres_error(e, doing="replication stream lost", dsn=self._dsn) from e
+        if nbytes < 0:
+            self._copy_ended()
+        return data if nbytes > 0 else None
+
+    def spill_buffered_changes(
+        self, builder: Any, out: bytearray, max_bytes: int
+    ) -> tuple[memoryview | None, int]:
+        """Inside a protocol-2 stream block: the in-stream changes libpq has already
+        received, appended to ``out`` as spill records by ``builder`` (a compiled
+        ColumnBuilder, see ``drain_spill``) until ``out`` holds ``max_bytes``.
+
+        Returns the first frame that is not such a change (handle it as one from
+        :meth:`read_frame`), or ``None``; and how many records were appended. Never waits.
+        """
+        try:
+            nbytes, data, records = builder.drain_spill(self._pgconn.get_copy_data, out, max_bytes)
+        except psycopg.Error as e:
+            raise postgres_error(e, doing="replication stream lost", dsn=self._dsn) from e
+        if nbytes < 0:
+            self._copy_ended()
+        return (data if nbytes > 0 else None), records
+
+    def _copy_ended(self) -> NoReturn:
+        # The server ended the COPY (e.g. it is shutting down).
+        self.streaming = False
+        result = self._pgconn.get_result()
+        detail = result.error_message.decode(errors="replace").strip() if result else ""
+        raw_state = result.error_field(pq.DiagnosticField.SQLSTATE) if result else None
+        raise postgres_error(
+            detail or self._error_text(),
+            doing="replication stream ended",
+            dsn=self._dsn,
+            sqlstate=raw_state.decode() if raw_state else None,
+        )
 
     def send_status(self, *, write_lsn: int, flush_lsn: int, reply_requested: bool = False) -> None:
         """Tell the server what is received (write) and durable downstream (flush)."""

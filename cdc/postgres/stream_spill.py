@@ -58,19 +58,44 @@ from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from os import PathLike
 from pathlib import Path
-from typing import IO, TypeAlias
+from typing import IO, TypeAlias, cast
 
 from cdc.core.errors import DecodeError
 from cdc.core.lsn import format_lsn
 from cdc.postgres.errors import StreamSpillError
 from cdc.postgres.protocol import pgoutput
 
-__all__ = ["CHANGE_TAGS", "Replayed", "StreamSpillError", "StreamedTransactions"]
+__all__ = [
+    "CHANGE_TAGS",
+    "RawReplayed",
+    "RecordReader",
+    "Replayed",
+    "SpillChunk",
+    "StreamSpillError",
+    "StreamedTransactions",
+]
 
 log = logging.getLogger(__name__)
 
 #: One replayed message with the ``lsn`` and ``size`` that ChangeAssembler.feed takes.
 Replayed: TypeAlias = tuple[pgoutput.Message, int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class SpillChunk:
+    """A piece of a spill file as read (see :meth:`StreamedTransactions.commit_raw`): the
+    records in it, the last one possibly cut off and continued in the next chunk."""
+
+    data: bytes
+    #: Subtransactions whose row changes the replay skips.
+    aborted: frozenset[int]
+    #: Records in the whole file, to check at the end that all were read.
+    records: int
+
+
+#: Like Replayed, but between the Begin and the Commit come the spill file's raw records,
+#: for a decoder that reads the bytes itself (see StreamedTransactions.commit_raw).
+RawReplayed: TypeAlias = tuple[pgoutput.Message | SpillChunk, int, int]
 
 _RECORD = struct.Struct(">QII")  # data_start, xid, payload length
 _XID_FIELD = 4  # bytes that the in-stream form adds after the tag
@@ -234,6 +259,25 @@ class StreamedTransactions:
             )
         self._write(spill, _XID.unpack_from(payload, 1)[0], payload, lsn)
 
+    def append_records(self, records: bytes | bytearray | memoryview, count: int) -> None:
+        """Spill ``count`` in-stream changes already in record form (the compiled reader's
+        :meth:`ColumnBuilder.drain_spill <cdc.postgres.protocol.compiled.ColumnBuilder>`
+        builds them), as :meth:`append_change` would one by one.
+
+        Raises:
+            DecodeError: not inside a stream block.
+            StreamSpillError: the spill file could not be written.
+        """
+        spill = self._current
+        if spill is None or self._writer is None:
+            raise DecodeError("a streamed change outside a stream block")
+        try:
+            self._writer.write(records)
+        except OSError as e:
+            raise StreamSpillError(f"cannot spill streamed transaction {spill.xid}: {e}") from e
+        spill.records += count
+        spill.size += len(records)
+
     def _write(self, spill: _Spill, xid: int, payload: bytes | memoryview, lsn: int) -> None:
         assert self._writer is not None
         try:
@@ -296,22 +340,34 @@ class StreamedTransactions:
                 decode.
             StreamSpillError: while iterating, the spill file could not be read.
         """
+        self._check_commit(message)
+        spill = self._open.pop(message.xid)
+        return cast(Generator[Replayed, None, None], self._replay(spill, message, raw=False))
+
+    def commit_raw(self, message: pgoutput.StreamCommit) -> Generator[RawReplayed, None, None]:
+        """Like :meth:`commit`, but between the Begin and the Commit the file comes as it
+        is, in :class:`SpillChunk` pieces of about 1 MiB, undecoded: for the compiled
+        columnar decoder, which reads the records itself (frame them with
+        :class:`RecordReader`). Nothing is decoded or skipped here."""
+        self._check_commit(message)
+        spill = self._open.pop(message.xid)
+        return self._replay(spill, message, raw=True)
+
+    def _check_commit(self, message: pgoutput.StreamCommit) -> None:
         if self._current is not None:
             raise DecodeError(
                 f"Stream Commit for xid {message.xid} inside the stream block of xid "
                 f"{self._current.xid}"
             )
-        spill = self._open.pop(message.xid, None)
-        if spill is None:
+        if message.xid not in self._open:
             raise DecodeError(
                 f"Stream Commit for xid {message.xid}, which was never streamed "
                 f"(commit LSN {format_lsn(message.commit_lsn)})"
             )
-        return self._replay(spill, message)
 
     def _replay(
-        self, spill: _Spill, commit: pgoutput.StreamCommit
-    ) -> Generator[Replayed, None, None]:
+        self, spill: _Spill, commit: pgoutput.StreamCommit, *, raw: bool
+    ) -> Generator[RawReplayed, None, None]:
         try:
             yield (
                 pgoutput.Begin(commit.commit_lsn, commit.commit_ts, commit.xid),
@@ -321,11 +377,16 @@ class StreamedTransactions:
             aborted = spill.aborted_subxids
             reader = self._open_file(spill.path, "rb")
             with reader:
-                for lsn, xid, payload in self._records(reader, spill):
-                    if xid in aborted and payload[0] not in _SCHEMA_TAGS:
-                        continue
-                    decoded = pgoutput.decode_message(payload, in_stream=True)
-                    yield decoded, lsn, len(payload) - _XID_FIELD
+                if raw:
+                    frozen = frozenset(aborted)
+                    while chunk := self._read(reader, spill):
+                        yield SpillChunk(chunk, frozen, spill.records), 0, 0
+                else:
+                    for lsn, xid, payload in self._records(reader, spill):
+                        if xid in aborted and payload[0] not in _SCHEMA_TAGS:
+                            continue
+                        decoded = pgoutput.decode_message(payload, in_stream=True)
+                        yield decoded, lsn, len(payload) - _XID_FIELD
             yield (
                 pgoutput.Commit(commit.flags, commit.commit_lsn, commit.end_lsn, commit.commit_ts),
                 commit.end_lsn,
@@ -333,6 +394,13 @@ class StreamedTransactions:
             )
         finally:
             self._remove(spill.path)
+
+    @staticmethod
+    def _read(reader: IO[bytes], spill: _Spill) -> bytes:
+        try:
+            return reader.read(_BUFFER_SIZE)
+        except OSError as e:
+            raise StreamSpillError(f"cannot read the spill of xid {spill.xid}: {e}") from e
 
     def _records(self, reader: IO[bytes], spill: _Spill) -> Iterator[tuple[int, int, bytes]]:
         header_size = _RECORD.size
@@ -411,3 +479,64 @@ class StreamedTransactions:
         # A file that cannot be removed only costs disk until close() removes the directory.
         with contextlib.suppress(OSError):
             path.unlink(missing_ok=True)
+
+
+class RecordReader:
+    """Frames the records of a raw replay's :class:`SpillChunk` pieces.
+
+    :attr:`data` from :attr:`pos` on holds the records not yet taken (the last perhaps
+    incomplete); a reader of the bytes itself moves :attr:`pos` with :meth:`advance`.
+    """
+
+    __slots__ = ("aborted", "data", "expected", "pos", "records")
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.pos = 0
+        self.records = 0
+        self.expected = 0
+        self.aborted: frozenset[int] = frozenset()
+
+    def add(self, chunk: SpillChunk) -> None:
+        self.data = self.data[self.pos :] + chunk.data if self.pos < len(self.data) else chunk.data
+        self.pos = 0
+        self.aborted = chunk.aborted
+        self.expected = chunk.records
+
+    def advance(self, pos: int, records: int) -> None:
+        self.pos = pos
+        self.records += records
+
+    def next(self) -> tuple[int, bytes] | None:
+        """``(lsn, payload)`` of the next record to replay (skipping row changes of aborted
+        subtransactions), or None when the data ends before a whole record."""
+        data = self.data
+        while True:
+            pos = self.pos
+            if pos + _RECORD.size > len(data):
+                return None
+            lsn, xid, length = _RECORD.unpack_from(data, pos)
+            end = pos + _RECORD.size + length
+            if end > len(data):
+                return None
+            payload = data[pos + _RECORD.size : end]
+            self.pos = end
+            self.records += 1
+            if xid in self.aborted and payload[:1] not in (b"R", b"Y"):
+                continue
+            return lsn, payload
+
+    def finish(self) -> None:
+        """At the Commit: every record was read, none is left cut off.
+
+        Raises:
+            StreamSpillError: the file was truncated or changed while in use.
+        """
+        if self.pos != len(self.data) or self.records != self.expected:
+            raise StreamSpillError(
+                f"spill file ended after {self.records} of {self.expected} records "
+                f"({len(self.data) - self.pos} bytes left over): it was truncated or "
+                "removed while in use"
+            )
+        self.data = b""
+        self.pos = self.records = 0

@@ -17,19 +17,43 @@ of items per :meth:`StreamingSource.read`, so memory does not grow with the tran
 from __future__ import annotations
 
 import time
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
 from os import PathLike
+from typing import Any
 
 from cdc.core.errors import DecodeError
 from cdc.core.events import ChangeEvent
 from cdc.core.position import CapturePosition
+from cdc.postgres.columnar import ChangeBatch, ColumnarDecoder
 from cdc.postgres.protocol import pgoutput
 from cdc.postgres.protocol.assembler import ChangeAssembler, Describe, TransactionCommitted
 from cdc.postgres.protocol.walproto import PrimaryKeepalive, parse_copy_frame, xlogdata_split
 from cdc.postgres.replication import ReplicationConnection
-from cdc.postgres.stream_spill import CHANGE_TAGS, Replayed, StreamedTransactions
+from cdc.postgres.stream_spill import (
+    CHANGE_TAGS,
+    RawReplayed,
+    RecordReader,
+    SpillChunk,
+    StreamedTransactions,
+)
 
-StreamItem = ChangeEvent | TransactionCommitted
+#: ChangeBatch only in columnar mode (see StreamingSource).
+StreamItem = ChangeEvent | TransactionCommitted | ChangeBatch
+
+# Bytes the in-stream form adds after the tag (the xid).
+_XID_FIELD = 4
+
+# Where the pgoutput message starts in an XLogData frame ("w", three Int64).
+_XLOGDATA_HEADER = 25
+
+# Bytes of spill records gathered in memory before they are written out.
+_SPILL_CHUNK = 1 << 20
+
+#: Columnar mode: how long a read waits for more rows once it has some, so batches are
+#: not cut into slivers while the server is sending (adds at most this to the latency).
+COALESCE_SECONDS = 0.002
+#: ... and gathers for at most this long in all, however steadily rows trickle in.
+COALESCE_BUDGET = 0.02
 
 #: Logical messages with this prefix are the pipeline's own (heartbeats, signals).
 MESSAGE_PREFIX = "cdc-"
@@ -40,6 +64,12 @@ class StreamingSource:
 
     Hazard: streamed transactions occupy disk under ``spill_dir`` (default: the system
     temporary directory) until they end; see :mod:`cdc.postgres.stream_spill`.
+
+    ``columnar=True`` (needs the compiled decoder, :mod:`cdc.postgres.protocol.compiled`):
+    plain inserts, updates and deletes come as :class:`~cdc.postgres.columnar.ChangeBatch`
+    items, per table in stream order with the events the other messages still produce;
+    ``max_items`` then bounds the rows of the batches too. Switch it with
+    :meth:`set_columnar` between reads.
 
     Example:
         >>> source = StreamingSource(dsn, slot="shop", publication="shop",
@@ -60,6 +90,7 @@ class StreamingSource:
         max_items: int = 5000,
         spill_dir: str | PathLike[str] | None = None,
         stream_in_progress: bool | None = None,
+        columnar: bool = False,
     ) -> None:
         self.dsn = dsn
         self.slot = slot
@@ -79,7 +110,26 @@ class StreamingSource:
         self._last_status = 0.0
         # The streamed transaction being handed on after its StreamCommit; no frame is read
         # until it is exhausted, because everything after the commit must follow it.
-        self._replay: Generator[Replayed, None, None] | None = None
+        self._replay: Generator[RawReplayed, None, None] | None = None
+        self._records = RecordReader()  # the spill piece being replayed (columnar mode)
+        self._columns: ColumnarDecoder | None = None
+        self.set_columnar(columnar)
+
+    @property
+    def columnar(self) -> bool:
+        return self._columns is not None
+
+    def set_columnar(self, on: bool) -> None:
+        """Hand on row changes as batches (True) or one event each (False), from the next
+        read on. Nothing stays buffered between reads, so it may change at any time."""
+        if on == (self._columns is not None):
+            return
+        if on:
+            self._columns = ColumnarDecoder(self.assembler)
+        else:
+            assert self._columns is not None
+            self._columns.release()
+            self._columns = None
 
     @property
     def in_transaction(self) -> bool:
@@ -98,6 +148,8 @@ class StreamingSource:
         # A transaction cut off by a lost connection is sent again from its beginning, and
         # so is every streamed one that had not ended (close() dropped their spills).
         self.assembler.reset_transaction()
+        if self._columns is not None:
+            self._columns.reset()
         self._message_end = 0  # it may cover items the lost connection took with it
         self._conn.start_replication(
             self.slot, self.publication, stream_in_progress=self.stream_in_progress
@@ -121,14 +173,60 @@ class StreamingSource:
         items: list[StreamItem] = []
         received = committed = wal_end = 0
         deadline = time.monotonic() + timeout
-        while len(items) < self.max_items:
+        columns = self._columns
+        builder: Any = columns.builder if columns is not None else None
+        streams = self.streams
+        max_items = self.max_items
+        conn = self._conn
+        pending = 0
+        gather_until: float | None = None
+        while len(items) + pending < max_items:
             if self._replay is not None:
                 committed = max(committed, self._drain_replay(items))
+                pending = columns.pending if columns is not None else 0
                 continue
-            wait = 0.0 if items else max(0.0, deadline - time.monotonic())
-            frame = self._conn.read_frame(wait)
+            code = 0
+            frame = None
+            fast = builder is not None and not streams.in_stream
+            if builder is not None and streams.in_stream:
+                # A streamed transaction: its changes go to the spill file in bulk.
+                records = bytearray()
+                frame, count = conn.spill_buffered_changes(builder, records, _SPILL_CHUNK)
+                if count:
+                    streams.append_records(records, count)
+                    received = max(received, builder.received)
+                    if frame is None:
+                        continue
+            elif fast:
+                # The fast path: row changes libpq already holds go straight from their
+                # frames into the columns, without a Python step per change.
+                frame = conn.read_buffered_rows(builder, max_items - len(items))
+                pending = builder.pending
+                if frame is not None:
+                    code = builder.code
+                elif len(items) + pending >= max_items:
+                    break
             if frame is None:
-                break
+                if not (items or pending):
+                    wait = max(0.0, deadline - time.monotonic())
+                elif fast and pending < max_items // 2:
+                    # A batch costs ~0.1 ms of Arrow calls whatever its size: while rows
+                    # keep arriving, gather more of them instead of returning a few, for
+                    # at most COALESCE_BUDGET after the first.
+                    now = time.monotonic()
+                    if gather_until is None:
+                        gather_until = now + COALESCE_BUDGET
+                    wait = COALESCE_SECONDS if now < gather_until else 0.0
+                else:
+                    wait = 0.0
+                frame = conn.read_frame(wait)
+                if frame is None:
+                    break
+                if fast:
+                    code = builder.feed(frame, _XLOGDATA_HEADER, False)
+                    if code > 0:
+                        pending = code
+                        continue
             xlogdata = xlogdata_split(frame)
             if xlogdata is None:
                 keepalive = parse_copy_frame(frame)
@@ -140,11 +238,16 @@ class StreamingSource:
             data_start, payload = xlogdata
             if data_start > received:
                 received = data_start
-            produced = self._receive(payload, data_start)
+            produced = self._receive(payload, data_start, code)
             for item in produced:
                 if isinstance(item, TransactionCommitted):
                     committed = item.end_lsn
             items.extend(produced)
+            if columns is not None:
+                pending = columns.pending
+        if columns is not None:
+            items.extend(columns.cut_all())
+            received = max(received, builder.received)
         position = self.position
         position.received_lsn = max(position.received_lsn, received)
         position.committed_lsn = max(position.committed_lsn, committed)
@@ -153,9 +256,14 @@ class StreamingSource:
             self.send_status()
         return items
 
-    def _receive(self, payload: bytes | memoryview, lsn: int) -> list[StreamItem]:
-        """Items produced by one pgoutput message (none while a transaction is streamed)."""
+    def _receive(
+        self, payload: bytes | memoryview, lsn: int, code: int = 0
+    ) -> Sequence[StreamItem]:
+        """Items produced by one pgoutput message (none while a transaction is streamed).
+
+        ``code``: what the compiled builder answered for it (columnar mode)."""
         streams = self.streams
+        columns = self._columns
         if streams.in_stream and payload and payload[0] in CHANGE_TAGS:
             # Most of a streamed transaction: decoded once, when it is replayed.
             streams.append_change(payload, lsn)
@@ -170,7 +278,11 @@ class StreamingSource:
                 # Into the cache at once as well: the server assumes the client knows a
                 # shape from the moment it sent it. Its replay at commit is harmless, and
                 # needed in case another transaction's Relation replaced it meanwhile.
+                cut: list[StreamItem] = []
+                if columns is not None and isinstance(message, pgoutput.Relation):
+                    columns.relation(message.relation_id, cut)  # rows of the old shape
                 self.assembler.feed(message, lsn=lsn)
+                return cut
             return []
         if isinstance(message, pgoutput.StreamStart):
             if self.assembler.in_transaction:
@@ -185,7 +297,10 @@ class StreamingSource:
             streams.abort(message)
             return []
         if isinstance(message, pgoutput.StreamCommit):
-            self._replay = streams.commit(message)
+            # Columnar mode reads the spilled bytes itself; the pure path decodes them.
+            self._replay = (
+                streams.commit_raw(message) if columns is not None else streams.commit(message)
+            )
             return []
         if isinstance(message, pgoutput.LogicalMessage):
             if not message.transactional:
@@ -195,26 +310,77 @@ class StreamingSource:
                 if message.prefix.startswith(MESSAGE_PREFIX):
                     self.messages.append(message)
             return []
+        if columns is not None:
+            if code < 0:  # a row change the builder needs help with
+                return columns.not_taken(code, payload, lsn=lsn)
+            return columns.feed_message(message, lsn=lsn, size=len(payload))
         return self.assembler.feed(message, lsn=lsn, size=len(payload))
 
     def _drain_replay(self, items: list[StreamItem]) -> int:
         """Move replayed items into ``items`` up to ``max_items``; the end LSN of a commit
-        among them, else 0. Reading from disk one record at a time keeps memory bounded
+        among them, else 0. Reading from disk a piece at a time keeps memory bounded
         whatever the size of the transaction."""
         replay = self._replay
         assert replay is not None
-        feed = self.assembler.feed
+        if not self._drain_records(items):
+            return 0
         committed = 0
         for message, lsn, size in replay:
-            items.extend(feed(message, lsn=lsn, size=size))
+            if isinstance(message, SpillChunk):
+                self._records.add(message)
+                if not self._drain_records(items):
+                    return 0
+                continue
+            if isinstance(message, pgoutput.Commit):
+                self._records.finish()
+            items.extend(self._feed(message, lsn, size))
             if isinstance(message, pgoutput.Commit):
                 committed = message.end_lsn
                 break
-            if len(items) >= self.max_items:
+            if len(items) + self._pending() >= self.max_items:
                 return 0
         replay.close()  # the Commit was its last item; this deletes the spill file
         self._replay = None
         return committed
+
+    def _drain_records(self, items: list[StreamItem]) -> bool:
+        """Replay the records of the current spill piece; False when ``max_items`` stopped
+        it (the rest waits for the next read)."""
+        records = self._records
+        columns = self._columns
+        code = 0
+        while True:
+            if columns is not None:
+                # Row changes straight from the file's bytes into the columns.
+                builder = columns.builder
+                pos, taken, status = builder.replay_records(
+                    records.data, records.pos, records.aborted, self.max_items - len(items)
+                )
+                records.advance(pos, taken)
+                if status == 2:
+                    return False
+                if status == 0:
+                    return True
+                code = builder.code
+            record = records.next()
+            if record is None:
+                return True
+            lsn, payload = record
+            if columns is not None and payload[:1] in (b"I", b"U", b"D"):
+                items.extend(columns.not_taken(code, payload, lsn=lsn, in_stream=True))
+            else:
+                message = pgoutput.decode_message(payload, in_stream=True)
+                items.extend(self._feed(message, lsn, len(payload) - _XID_FIELD))
+            if len(items) + self._pending() >= self.max_items:
+                return False
+
+    def _feed(self, message: pgoutput.Message, lsn: int, size: int) -> Sequence[StreamItem]:
+        if self._columns is not None:
+            return self._columns.feed_message(message, lsn=lsn, size=size)
+        return self.assembler.feed(message, lsn=lsn, size=size)
+
+    def _pending(self) -> int:
+        return self._columns.pending if self._columns is not None else 0
 
     def confirm(self, flushed_lsn: int) -> None:
         """Everything up to ``flushed_lsn`` is durable downstream: tell the server."""
@@ -241,6 +407,7 @@ class StreamingSource:
             # Closing the generator deletes its file.
             replay, self._replay = self._replay, None
             replay.close()
+        self._records = RecordReader()
         self.streams.close()
         if self._conn is not None:
             self._conn.close()

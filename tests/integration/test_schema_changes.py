@@ -15,7 +15,8 @@ from catalog.lake import Lake
 from sinks.errors import IncompatibleSchemaChangeError
 from tests.plugins.lake import assert_lake_matches_postgres, running_pipeline, wait_caught_up
 
-pytestmark = pytest.mark.postgres
+# Each test runs on the compiled columnar capture path and on the pure one.
+pytestmark = [pytest.mark.postgres, pytest.mark.usefixtures("capture_path")]
 
 
 def test_added_dropped_renamed_and_widened_columns(

@@ -34,7 +34,8 @@ from tests.plugins.lake import (
     wait_caught_up,
 )
 
-pytestmark = pytest.mark.postgres
+# Each test runs on the compiled columnar capture path and on the pure one.
+pytestmark = [pytest.mark.postgres, pytest.mark.usefixtures("capture_path")]
 
 BIG_ROWS = 50_000
 

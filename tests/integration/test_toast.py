@@ -8,7 +8,8 @@ import pytest
 from catalog.lake import Lake
 from tests.plugins.lake import assert_lake_matches_postgres, running_pipeline, wait_caught_up
 
-pytestmark = pytest.mark.postgres
+# Each test runs on the compiled columnar capture path and on the pure one.
+pytestmark = [pytest.mark.postgres, pytest.mark.usefixtures("capture_path")]
 
 # ~130 KB of md5 hex: stored out of line (TOASTed) even after pglz compression.
 BIG = "(SELECT string_agg(md5(random()::text || g), '') FROM generate_series(1, 4000) g)"

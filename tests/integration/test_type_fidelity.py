@@ -28,7 +28,8 @@ from cdc.postgres.replication import session_conninfo
 from tests.plugins.kafka_pipeline import running_through_kafka
 from tests.plugins.lake import running_pipeline, wait_caught_up
 
-pytestmark = pytest.mark.postgres
+# Each test runs on the compiled columnar capture path and on the pure one.
+pytestmark = [pytest.mark.postgres, pytest.mark.usefixtures("capture_path")]
 
 SCHEMA = """
 CREATE TYPE mood AS ENUM ('sad', 'ok', 'happy');

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import struct
-from datetime import UTC, datetime
+from datetime import UTC
 from typing import Literal
 
 import pytest
@@ -27,12 +26,11 @@ from cdc.postgres.protocol.pgoutput import (
     StreamStart,
     StreamStop,
     Truncate,
-    TupleData,
     Type,
     Update,
     decode_message,
 )
-from cdc.postgres.protocol.walproto import datetime_to_pg_timestamp
+from tests.plugins.pgoutput_encode import byte_edits, encode, mutate
 from tests.plugins.pgoutput_samples import ALL_SAMPLES
 
 FUZZ = settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -63,38 +61,13 @@ def test_every_prefix_of_a_sample_decodes_or_raises_decode_error(name: str) -> N
 
 # --- (b) mutations of real samples ---------------------------------------------------------
 
-_edits = st.lists(
-    st.tuples(
-        st.sampled_from(["flip", "set", "insert", "delete"]),
-        st.integers(min_value=0, max_value=10_000),
-        st.binary(min_size=1, max_size=6),
-    ),
-    min_size=1,
-    max_size=4,
-)
-
-
-def _apply(data: bytes, edits: list[tuple[str, int, bytes]]) -> bytes:
-    buf = bytearray(data)
-    for op, position, chunk in edits:
-        at = position % (len(buf) + 1)
-        if op == "flip" and at < len(buf):
-            buf[at] ^= chunk[0] or 1
-        elif op == "set" and at < len(buf):
-            buf[at] = chunk[0]
-        elif op == "insert":
-            buf[at:at] = chunk
-        else:
-            del buf[at : at + len(chunk)]
-    return bytes(buf)
-
 
 @FUZZ
-@given(st.sampled_from(SAMPLE_NAMES), _edits, st.booleans(), st.booleans())
+@given(st.sampled_from(SAMPLE_NAMES), byte_edits, st.booleans(), st.booleans())
 def test_mutated_samples_raise_only_decode_error(
     name: str, edits: list[tuple[str, int, bytes]], in_stream: bool, as_view: bool
 ) -> None:
-    data = _apply(ALL_SAMPLES[name], edits)
+    data = mutate(ALL_SAMPLES[name], edits)
     decode_or_decode_error(memoryview(data) if as_view else data, in_stream)
 
 
@@ -117,88 +90,6 @@ def test_random_bodies_behind_valid_tags_raise_only_decode_error(
 
 # --- (d) generated valid messages round-trip -------------------------------------------------
 #
-# An independent encoder, written from the protocol documentation rather than from the
-# decoder, so that a misreading in one is unlikely to be mirrored in the other.
-
-
-def _ts(value: datetime) -> bytes:
-    return struct.pack(">q", datetime_to_pg_timestamp(value))
-
-
-def _cstr(value: str) -> bytes:
-    return value.encode() + b"\x00"
-
-
-def _xid(xid: int | None) -> bytes:
-    return b"" if xid is None else struct.pack(">I", xid)
-
-
-def _tuple(values: TupleData) -> bytes:
-    out = [struct.pack(">H", len(values))]
-    for value in values:
-        if value is None:
-            out.append(b"n")
-        elif value is UNCHANGED_TOAST:
-            out.append(b"u")
-        elif isinstance(value, str):
-            raw = value.encode()
-            out.append(b"t" + struct.pack(">I", len(raw)) + raw)
-        else:
-            assert isinstance(value, bytes)
-            out.append(b"b" + struct.pack(">I", len(value)) + value)
-    return b"".join(out)
-
-
-def encode(msg: Message) -> bytes:
-    match msg:
-        case Begin(final_lsn, commit_ts, xid):
-            return b"B" + struct.pack(">Q", final_lsn) + _ts(commit_ts) + struct.pack(">I", xid)
-        case Commit(flags, commit_lsn, end_lsn, commit_ts):
-            return b"C" + struct.pack(">BQQ", flags, commit_lsn, end_lsn) + _ts(commit_ts)
-        case Origin(commit_lsn, name):
-            return b"O" + struct.pack(">Q", commit_lsn) + _cstr(name)
-        case Relation(relation_id, namespace, name, identity, columns, xid):
-            out = b"R" + _xid(xid) + struct.pack(">I", relation_id) + _cstr(namespace)
-            out += _cstr(name) + identity.encode() + struct.pack(">H", len(columns))
-            for col in columns:
-                out += bytes([int(col.is_key)]) + _cstr(col.name)
-                out += struct.pack(">Ii", col.type_oid, col.type_modifier)
-            return out
-        case Type(type_oid, namespace, name, xid):
-            return b"Y" + _xid(xid) + struct.pack(">I", type_oid) + _cstr(namespace) + _cstr(name)
-        case Insert(relation_id, new, xid):
-            return b"I" + _xid(xid) + struct.pack(">I", relation_id) + b"N" + _tuple(new)
-        case Update(relation_id, new, old, old_kind, xid):
-            out = b"U" + _xid(xid) + struct.pack(">I", relation_id)
-            if old is not None:
-                assert old_kind is not None
-                out += old_kind.encode() + _tuple(old)
-            return out + b"N" + _tuple(new)
-        case Delete(relation_id, old, old_kind, xid):
-            return (
-                b"D" + _xid(xid) + struct.pack(">I", relation_id) + old_kind.encode() + _tuple(old)
-            )
-        case Truncate(relation_ids, cascade, restart_identity, xid):
-            options = int(cascade) | (int(restart_identity) << 1)
-            return (
-                b"T"
-                + _xid(xid)
-                + struct.pack(f">IB{len(relation_ids)}I", len(relation_ids), options, *relation_ids)
-            )
-        case LogicalMessage(transactional, lsn, prefix, content, xid):
-            head = b"M" + _xid(xid) + struct.pack(">BQ", int(transactional), lsn)
-            return head + _cstr(prefix) + struct.pack(">I", len(content)) + content
-        case StreamStart(xid, first_segment):
-            return b"S" + struct.pack(">IB", xid, int(first_segment))
-        case StreamStop():
-            return b"E"
-        case StreamCommit(xid, flags, commit_lsn, end_lsn, commit_ts):
-            return b"c" + struct.pack(">IBQQ", xid, flags, commit_lsn, end_lsn) + _ts(commit_ts)
-        case StreamAbort(xid, subxid):
-            return b"A" + struct.pack(">II", xid, subxid)
-    raise AssertionError(f"no encoder for {msg!r}")
-
-
 # Only messages that carry an xid field in a stream: the others are encoded the same way
 # in or out of a stream, and their xid argument does not exist.
 _STREAMABLE = (Relation, Type, Insert, Update, Delete, Truncate, LogicalMessage)

@@ -10,7 +10,6 @@ xid fields (bytes 1-4 of in-stream messages), the one thing that tells them apar
 from __future__ import annotations
 
 import struct
-from collections import deque
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -20,13 +19,15 @@ import pytest
 from cdc.core.errors import DecodeError, TransientError
 from cdc.core.events import ChangeEvent
 from cdc.core.position import CapturePosition
+from cdc.postgres.columnar import ChangeBatch
 from cdc.postgres.errors import StreamSpillError
-from cdc.postgres.protocol import pgoutput
+from cdc.postgres.protocol import compiled, pgoutput
 from cdc.postgres.protocol.assembler import ChangeAssembler, TransactionCommitted
 from cdc.postgres.protocol.walproto import PG_EPOCH
 from cdc.postgres.stream_spill import StreamedTransactions
 from cdc.postgres.streaming import StreamingSource
 from tests.plugins import pgoutput_samples as s
+from tests.plugins.replication_script import ScriptedConnection
 
 XID = 745  # the captured transaction
 SUBXID_ROLLED_BACK = 746  # its savepoint that was rolled back (STREAM_ABORT)
@@ -109,40 +110,6 @@ CAPTURED = [
 ]
 
 # -- the session ------------------------------------------------------------------------
-
-
-class ScriptedConnection:
-    """Stands in for ReplicationConnection: sends pgoutput messages as XLogData frames, each
-    at the next LSN (``0x100`` apart) unless one is given with it."""
-
-    def __init__(self, next_lsn: int = 0x15A0000) -> None:
-        self.frames: deque[bytes] = deque()
-        self.next_lsn = next_lsn
-        self.statuses: list[tuple[int, int]] = []
-
-    def add(self, messages: list[bytes | tuple[bytes, int]]) -> list[int]:
-        """Queue ``messages``; returns their LSNs."""
-        lsns = []
-        for item in messages:
-            payload, lsn = item if isinstance(item, tuple) else (item, self.next_lsn)
-            self.next_lsn = lsn + 0x100
-            self.frames.append(b"w" + struct.pack(">QQq", lsn, lsn, 0) + payload)
-            lsns.append(lsn)
-        return lsns
-
-    def start_replication(
-        self, slot: str, publication: str, *, stream_in_progress: bool | None = None
-    ) -> None:
-        pass
-
-    def read_frame(self, timeout: float) -> memoryview | None:
-        return memoryview(self.frames.popleft()) if self.frames else None
-
-    def send_status(self, *, write_lsn: int, flush_lsn: int, reply_requested: bool = False) -> None:
-        self.statuses.append((write_lsn, flush_lsn))
-
-    def close(self) -> None:
-        pass
 
 
 class Session:
@@ -259,28 +226,30 @@ def test_nothing_is_handed_on_before_the_commit_and_disk_holds_it_meanwhile(
     assert list(tmp_path.iterdir()) == []  # close() removes the spill directory
 
 
+#: 746 and 748 are both savepoints of 745 whose changes interleave; 746 aborts after
+#: changes of 748 and of 745 itself were spilled, so the file cannot just be cut back.
+INTERLEAVED_ABORT: list[bytes | tuple[bytes, int]] = [
+    s.STREAM_START_FIRST,
+    s.STREAM_RELATION_BULK,
+    insert_bulk(10, XID),
+    insert_bulk(11, SUBXID_ROLLED_BACK),
+    insert_bulk(12, 748),
+    insert_bulk(13, SUBXID_ROLLED_BACK),
+    s.STREAM_STOP,
+    s.STREAM_START_NEXT,
+    insert_bulk(14, 748),
+    insert_bulk(15, XID),
+    s.STREAM_STOP,
+    stream_abort(XID, SUBXID_ROLLED_BACK),
+    stream_abort(XID, 749),  # a subtransaction with nothing spilled: no-op
+    s.STREAM_COMMIT,
+]
+
+
 def test_an_aborted_subtransaction_loses_exactly_its_changes_even_when_later_ones_follow(
     tmp_path: Path,
 ) -> None:
-    # 746 and 748 are both savepoints of 745 whose changes interleave; 746 aborts after
-    # changes of 748 and of 745 itself were spilled, so the file cannot just be cut back.
-    messages: list[bytes | tuple[bytes, int]] = [
-        s.STREAM_START_FIRST,
-        s.STREAM_RELATION_BULK,
-        insert_bulk(10, XID),
-        insert_bulk(11, SUBXID_ROLLED_BACK),
-        insert_bulk(12, 748),
-        insert_bulk(13, SUBXID_ROLLED_BACK),
-        s.STREAM_STOP,
-        s.STREAM_START_NEXT,
-        insert_bulk(14, 748),
-        insert_bulk(15, XID),
-        s.STREAM_STOP,
-        stream_abort(XID, SUBXID_ROLLED_BACK),
-        stream_abort(XID, 749),  # a subtransaction with nothing spilled: no-op
-        s.STREAM_COMMIT,
-    ]
-    items = play(new_source(tmp_path), messages)
+    items = play(new_source(tmp_path), INTERLEAVED_ABORT)
     events = [i for i in items if isinstance(i, ChangeEvent)]
     assert [(e.after[0], e.seq) for e in events] == [(10, 0), (12, 1), (14, 2), (15, 3)]
     assert all(e.txid == XID for e in events)
@@ -574,3 +543,96 @@ def test_a_malformed_streamed_change_fails_at_its_replay(tmp_path: Path) -> None
         assert isinstance(next(replay)[0], pgoutput.Begin)
         with pytest.raises(DecodeError, match="Insert"):
             next(replay)
+
+
+# -- the compiled columnar path: the same sessions, the same changelog rows -----------------
+
+
+def _rows(items: list[Any]) -> dict[str, list[tuple[Any, ...]]]:
+    """Per table, in order: (op, values, commit LSN, seq, txid) of every change."""
+    out: dict[str, list[tuple[Any, ...]]] = {}
+    for item in items:
+        if isinstance(item, ChangeBatch):
+            data = item.changes
+            names = item.table.column_names
+            for row in data.to_pylist():
+                out.setdefault(item.table.qualified_name, []).append(
+                    (
+                        row["_cdc_op"],
+                        tuple(row[n] for n in names),
+                        row["_cdc_lsn"],
+                        row["_cdc_seq"],
+                        row["_cdc_txid"],
+                    )
+                )
+        elif isinstance(item, ChangeEvent):
+            values = item.before if item.op == "d" else item.after
+            out.setdefault(item.table.qualified_name, []).append(
+                (item.op, values, item.commit_lsn, item.seq, item.txid)
+            )
+    return out
+
+
+def _rows_read(source: StreamingSource, messages: list[bytes | tuple[bytes, int]]) -> list[Any]:
+    conn = ScriptedConnection()
+    source.start(conn)  # type: ignore[arg-type]
+    conn.add(messages)
+    items: list[Any] = []
+    while conn.frames or source.in_transaction:
+        batch = source.read(timeout=0)
+        rows = sum(i.rows if isinstance(i, ChangeBatch) else 1 for i in batch)
+        assert rows <= source.max_items  # batches count against max_items too
+        items.extend(batch)
+    return items
+
+
+SESSIONS: dict[str, list[bytes | tuple[bytes, int]]] = {
+    "captured": CAPTURED,
+    "aborted subtransaction between others": INTERLEAVED_ABORT,
+    "interleaved with a whole transaction": [
+        stream_start(XID, first=True),
+        s.STREAM_RELATION_BULK,
+        *[insert_bulk(i, XID) for i in range(700)],
+        s.STREAM_STOP,
+        stream_start(900, first=True),
+        with_xid(s.STREAM_RELATION_BULK, 900),
+        insert_bulk(100, 900),
+        s.STREAM_STOP,
+        begin(50, 0x1500000),
+        as_protocol_1(insert_bulk(7, 0)),
+        commit(0x1500000),
+        stream_start(XID, first=False),
+        *[insert_bulk(i, XID) for i in range(700, 1500)],
+        s.STREAM_STOP,
+        stream_commit(900, 0x1600000, seconds=1),
+        stream_commit(XID, 0x1700000, seconds=2),
+    ],
+    # Over 1 MiB of spill: records cross the pieces the replay reads.
+    "larger than a spill read": [
+        s.STREAM_START_FIRST,
+        s.STREAM_RELATION_BULK,
+        *[insert_bulk(i, XID if i % 7 else SUBXID_ROLLED_BACK) for i in range(6000)],
+        s.STREAM_STOP,
+        stream_abort(XID, SUBXID_ROLLED_BACK),
+        s.STREAM_COMMIT,
+    ],
+}
+
+
+@pytest.mark.parametrize("max_items", [3, 5000])
+@pytest.mark.parametrize("name", sorted(SESSIONS))
+def test_the_columnar_path_replays_streams_like_the_pure_one(
+    tmp_path: Path, name: str, max_items: int
+) -> None:
+    assert compiled.AVAILABLE, "the compiled decoder is not built (see setup.py)"
+    (tmp_path / "pure").mkdir()
+    (tmp_path / "fast").mkdir()
+    pure = _rows_read(new_source(tmp_path / "pure", max_items=max_items), SESSIONS[name])
+    fast = new_source(tmp_path / "fast", max_items=max_items, columnar=True)
+    got = _rows_read(fast, SESSIONS[name])
+    assert any(isinstance(i, ChangeBatch) for i in got)
+    assert _rows(got) == _rows(pure)
+    assert [i for i in got if isinstance(i, TransactionCommitted)] == [
+        i for i in pure if isinstance(i, TransactionCommitted)
+    ]
+    assert spill_files(tmp_path) == []

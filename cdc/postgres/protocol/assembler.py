@@ -98,6 +98,34 @@ class ChangeAssembler:
     def in_transaction(self) -> bool:
         return self._commit_ts is not None
 
+    @property
+    def transaction(self) -> tuple[int, int | None, datetime] | None:
+        """``(commit_lsn, xid, commit_ts)`` of the open transaction, or ``None``."""
+        if self._commit_ts is None:
+            return None
+        return self._commit_lsn, self._xid, self._commit_ts
+
+    @property
+    def seq(self) -> int:
+        """The seq the next change of the open transaction gets.
+
+        A columnar decoder that takes some of the transaction's changes itself (see
+        :mod:`cdc.postgres.columnar`) sets it before handing this assembler the others, so
+        the numbering is the one this assembler alone would give."""
+        return self._seq
+
+    @seq.setter
+    def seq(self, value: int) -> None:
+        self._seq = value
+
+    def table_schema(self, relation_id: int) -> TableSchema:
+        """The schema the changes of ``relation_id`` carry (derived on first use).
+
+        Raises:
+            DecodeError: no Relation message for the id arrived.
+        """
+        return self._table(relation_id).schema
+
     def reset_transaction(self) -> None:
         """Forget a half-received transaction (after a reconnect the server resends it)."""
         self._xid = None
