@@ -25,7 +25,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -52,6 +53,7 @@ from cdc.core.table_schema import TableSchema
 from sinks.base import Sink
 from sinks.errors import (
     SinkBackpressureError,
+    SinkError,
     StreamFencedError,
     TerminalSinkError,
     TransientSinkError,
@@ -63,6 +65,9 @@ log = logging.getLogger(__name__)
 Position = tuple[int, int]  # (commit_lsn, seq)
 _FALLBACK_TYPE = pa.map_(pa.string(), pa.string())
 _NOTHING_WRITTEN: Position = (-1, -1)
+#: Commit threads when ``BatchSettings.commit_threads`` is not set, by where the lake is.
+LOCAL_COMMIT_THREADS = 4
+REMOTE_COMMIT_THREADS = 16
 
 _METADATA_FIELDS = [
     pa.field(layout.OP, pa.string(), nullable=False),
@@ -249,7 +254,8 @@ class _TableBuffer:
     schema: TableSchema | None = None  # the last schema seen, registered in the registry
     rows: int = 0
     bytes: int = 0
-    oldest: float | None = None
+    oldest: float | None = None  # monotonic time the oldest buffered row arrived
+    first_lsn: int = 0  # the smallest commit LSN buffered (meaningful while rows > 0)
     streams: dict[str, _StreamMark] = field(default_factory=dict)  # Kafka mode only
     # The incoming Arrow schema last checked against the Delta table, and the conversions
     # that check decided on (see sinks.schema_evolution); re-checked when it changes.
@@ -287,6 +293,8 @@ class DeltaChangelogSink(Sink):
         self.storage_options = storage_options or None
         self.registry = SchemaRegistry(self.root, storage_options=self.storage_options)
         self._tables: dict[str, _TableBuffer] = {}
+        self._active: dict[str, _TableBuffer] = {}  # the tables with rows buffered
+        self._pool: ThreadPoolExecutor | None = None
         self._last_buffer: _TableBuffer | None = None
         self._pending_rows = 0
         self._pending_bytes = 0
@@ -465,7 +473,7 @@ class DeltaChangelogSink(Sink):
                 mark.accepted = position
             if offset is not None:
                 mark.offset_accepted = offset
-        self._account(buf, 1, event.size_bytes)
+        self._account(buf, 1, event.size_bytes, event.commit_lsn)
 
     def add_changes(
         self,
@@ -531,7 +539,12 @@ class DeltaChangelogSink(Sink):
                 mark.accepted = last
             if last_offset is not None:
                 mark.offset_accepted = last_offset
-        self._account(buf, changes.num_rows, size_bytes or changes.nbytes)
+        self._account(
+            buf,
+            changes.num_rows,
+            size_bytes or changes.nbytes,
+            pc.min(changes.column(layout.LSN)).as_py(),
+        )
 
     def add_snapshot(
         self,
@@ -578,11 +591,15 @@ class DeltaChangelogSink(Sink):
         ]
         buf.parts.append(pa.Table.from_arrays(columns, schema=arrow_schema))
         buf.accepted = (lsn, first_seq + n - 1)
-        self._account(buf, n, batch.nbytes)
+        self._account(buf, n, batch.nbytes, lsn)
 
-    def _account(self, buf: _TableBuffer, rows: int, size: int) -> None:
+    def _account(self, buf: _TableBuffer, rows: int, size: int, lsn: int) -> None:
         if buf.oldest is None:
             buf.oldest = time.monotonic()
+            buf.first_lsn = lsn
+            self._active[buf.qualified_name] = buf
+        elif lsn < buf.first_lsn:  # Kafka mode: streams interleave their positions
+            buf.first_lsn = lsn
         buf.rows += rows
         buf.bytes += size
         self._pending_rows += rows
@@ -597,42 +614,110 @@ class DeltaChangelogSink(Sink):
     def pending_rows(self) -> int:
         return self._pending_rows
 
+    def pending_since(self) -> int | None:
+        """The smallest commit LSN of a buffered row (``None``: nothing is buffered).
+
+        Each table's positions ascend, and a table's rows are committed all at once, so
+        every change of a transaction that committed below this LSN is durable: capture
+        may confirm such a transaction while other tables still hold rows.
+        """
+        if not self._active:
+            return None
+        return min(buf.first_lsn for buf in self._active.values())
+
+    def _shares(self) -> tuple[float, float]:
+        """Each active table's share of the row and byte limits. When the buffers are
+        full (the sum reaches a limit) some table holds at least its share, so flushing
+        the due tables always frees room."""
+        active = len(self._active) or 1
+        return self.batch.max_rows / active, self.batch.max_bytes / active
+
+    def _due(self) -> list[_TableBuffer]:
+        now = time.monotonic()
+        rows, size = self._shares()
+        age = self.batch.max_seconds
+        return [
+            buf
+            for buf in self._active.values()
+            if buf.rows >= rows or buf.bytes >= size or now - (buf.oldest or now) >= age
+        ]
+
     def flush_due(self) -> bool:
+        """Whether some table is due: its oldest row has waited ``max_seconds``, or it
+        holds its share of ``max_rows`` / ``max_bytes`` (the limit divided among the
+        tables with rows buffered)."""
         return self.seconds_until_flush() == 0.0
 
     def seconds_until_flush(self) -> float:
         """How long until :meth:`flush_due` holds with nothing more added (``inf``: nothing
         is buffered). Callers that block waiting for input cap the wait with it, so a
         batch is committed on time instead of a wait later."""
-        if self._pending_rows == 0:
+        if not self._active:
             return math.inf
-        if self._pending_rows >= self.batch.max_rows or self._pending_bytes >= self.batch.max_bytes:
-            return 0.0
-        oldest = min(
-            (b.oldest for b in self._tables.values() if b.oldest is not None), default=None
-        )
-        if oldest is None:
-            return math.inf
+        rows, size = self._shares()
+        oldest = math.inf
+        for buf in self._active.values():
+            if buf.rows >= rows or buf.bytes >= size:
+                return 0.0
+            if buf.oldest is not None and buf.oldest < oldest:
+                oldest = buf.oldest
         return max(0.0, oldest + self.batch.max_seconds - time.monotonic())
 
     def flush(self) -> dict[str, Any]:
-        """Write one Delta commit per table with buffered rows.
+        """Write one Delta commit per table with buffered rows, the tables concurrently.
 
         Returns metrics: ``{"rows", "commits", "tables": {name: rows}, "duration_s"}``. On an
-        error the tables already committed stay committed (their watermarks protect them
-        from being written again) and the others keep their rows for the next flush.
+        error every other table is still committed; those committed stay committed (their
+        watermarks protect them from being written again), the failed ones keep their rows
+        for the next flush, and the error of the first failed table is raised (a terminal
+        one before a transient one).
         """
+        return self._flush(list(self._active.values()))
+
+    def flush_due_tables(self) -> dict[str, Any]:
+        """Like :meth:`flush`, for the tables that are due only (see :meth:`flush_due`):
+        a table that changes rarely is not committed at every flush of the busy ones, and
+        a busy one does not wait for the others' age."""
+        return self._flush(self._due())
+
+    def _threads(self) -> int:
+        if self.batch.commit_threads is not None:
+            return self.batch.commit_threads
+        # Measured (benchmarks/many_tables.py): on a local disk, commits are CPU-bound in
+        # delta-rs, and a few threads keep two cores busy; on an object store each commit
+        # waits for several round trips, so more of them overlap.
+        local = "://" not in self.root or self.root.startswith("file://")
+        return LOCAL_COMMIT_THREADS if local else REMOTE_COMMIT_THREADS
+
+    def _flush(self, bufs: Sequence[_TableBuffer]) -> dict[str, Any]:
         started = time.monotonic()
         written: dict[str, int] = {}
         ingested_at = datetime.now(UTC)
-        for buf in self._tables.values():
-            if not buf.rows:
+        threads = min(self._threads(), len(bufs))
+        outcomes: list[tuple[_TableBuffer, BaseException | None]] = []
+        if threads <= 1:
+            for buf in bufs:
+                try:
+                    self._write(buf, ingested_at)
+                except SinkError as e:
+                    outcomes.append((buf, e))
+                else:
+                    outcomes.append((buf, None))
+        else:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(
+                    max_workers=self._threads(), thread_name_prefix="delta-commit"
+                )
+            futures: list[Future[None]] = [
+                self._pool.submit(self._write, buf, ingested_at) for buf in bufs
+            ]
+            wait(futures)
+            outcomes = [(buf, f.exception()) for buf, f in zip(bufs, futures, strict=True)]
+        failures: list[BaseException] = []
+        for buf, error in outcomes:
+            if error is not None:
+                failures.append(error)
                 continue
-            data = pa.concat_tables(
-                [p if isinstance(p, pa.Table) else p.to_arrow(ingested_at) for p in buf.parts],
-                promote_options="permissive",
-            )
-            self._commit(buf, data)
             written[buf.qualified_name] = buf.rows
             self._pending_rows -= buf.rows
             self._pending_bytes -= buf.bytes
@@ -643,12 +728,36 @@ class DeltaChangelogSink(Sink):
             buf.parts.clear()
             buf.rows = buf.bytes = 0
             buf.oldest = None
+            del self._active[buf.qualified_name]
+        if failures:
+            if len(failures) > 1:
+                log.warning(
+                    "%d of %d table commits failed; the first: %s",
+                    len(failures),
+                    len(outcomes),
+                    failures[0],
+                )
+            raise next((e for e in failures if isinstance(e, TerminalSinkError)), failures[0])
         return {
             "rows": sum(written.values()),
             "commits": len(written),
             "tables": written,
             "duration_s": round(time.monotonic() - started, 4),
         }
+
+    def _write(self, buf: _TableBuffer, ingested_at: datetime) -> None:
+        """Commit ``buf``'s rows (in a commit thread: touches nothing but ``buf``)."""
+        data = pa.concat_tables(
+            [p if isinstance(p, pa.Table) else p.to_arrow(ingested_at) for p in buf.parts],
+            promote_options="permissive",
+        )
+        self._commit(buf, data)
+
+    def close(self) -> None:
+        """Stop the commit threads (does not flush)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     def _transactions(self, buf: _TableBuffer) -> list[Transaction]:
         """The app transactions of ``buf``'s next commit: what it covers."""

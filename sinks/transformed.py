@@ -133,6 +133,23 @@ class TransformingSink(Sink):
         self._oldest = None
         return total
 
+    def flush_due_tables(self) -> dict[str, Any]:
+        """Transform what is held, then flush what the sink behind has due; everything when
+        the events held here are the ones due (their age in the sink behind starts again
+        when they reach it, and they must not wait a second ``max_seconds``)."""
+        if self._oldest is not None and time.monotonic() - self._oldest >= self.max_seconds:
+            return self.flush()
+        total: dict[str, Any] = {"rows": 0, "commits": 0}
+        while True:
+            try:
+                self._drain()
+                break
+            except SinkBackpressureError:
+                _add_metrics(total, self.inner.flush_due_tables())
+        _add_metrics(total, self.inner.flush_due_tables())
+        self._oldest = None
+        return total
+
     def flush_due(self) -> bool:
         """Whether the oldest event added since the last flush has waited ``max_seconds``,
         or ``inner`` has reached one of its limits."""
@@ -143,6 +160,13 @@ class TransformingSink(Sink):
     @property
     def pending_rows(self) -> int:
         return len(self._raw) + len(self._ready) + self.inner.pending_rows
+
+    def pending_since(self) -> int | None:
+        held = self._ready[0] if self._ready else self._raw[0] if self._raw else None
+        inner = self.inner.pending_since()
+        if held is None:
+            return inner
+        return held.commit_lsn if inner is None else min(held.commit_lsn, inner)
 
     def latest_schema(self, qualified_name: str) -> TableSchema | None:
         """The source shape last seen of a transformed table (``inner`` records the output
