@@ -261,6 +261,10 @@ class _TableBuffer:
     # that check decided on (see sinks.schema_evolution); re-checked when it changes.
     checked_schema: pa.Schema | None = None
     incoming_casts: dict[str, pa.DataType] = field(default_factory=dict)
+    # The table as of this sink's last commit, kept between commits: opening it again
+    # replays its log, which costs about as much as the commit itself. Dropped whenever
+    # something else may have changed the table (an error, a widening, a discard).
+    table: DeltaTable | None = None
 
 
 class DeltaChangelogSink(Sink):
@@ -402,7 +406,10 @@ class DeltaChangelogSink(Sink):
         """Delete the snapshot rows (op ``r`` at ``lsn``) an interrupted snapshot wrote
         (whether or not its slot was dropped: see :meth:`sinks.base.Sink.discard_snapshot`)."""
         for schema_name, table in tables:
-            uri = layout.changes_uri(self.root, f"{schema_name}.{table}")
+            name = f"{schema_name}.{table}"
+            if name in self._tables:
+                self._tables[name].table = None  # rows deleted under it
+            uri = layout.changes_uri(self.root, name)
             with delta_errors(f"deleting the interrupted snapshot from {uri}"):
                 if DeltaTable.is_deltatable(uri, storage_options=self.storage_options):
                     dt = DeltaTable(uri, storage_options=self.storage_options)
@@ -783,6 +790,18 @@ class DeltaChangelogSink(Sink):
             txns.append(Transaction(PARTITIONS_APP_ID, max(counts)))
         return txns
 
+    def _target(self, buf: _TableBuffer) -> str | DeltaTable:
+        """Where to commit ``buf``: the table kept from its last commit (delta-rs brings it
+        up to date at the commit, checking for conflicts with commits made since), or,
+        when it holds streams, the fenced table (:meth:`_fenced_target`)."""
+        if buf.streams:
+            return self._fenced_target(buf)
+        if buf.table is None:
+            with delta_errors(f"reading {buf.uri}"):
+                if DeltaTable.is_deltatable(buf.uri, storage_options=self.storage_options):
+                    buf.table = DeltaTable(buf.uri, storage_options=self.storage_options)
+        return buf.table if buf.table is not None else buf.uri
+
     def _fenced_target(self, buf: _TableBuffer) -> str | DeltaTable:
         """Where to commit ``buf``: its URI, or, when it holds streams, the table as read
         now, after checking that no other writer has committed those streams since this
@@ -818,6 +837,7 @@ class DeltaChangelogSink(Sink):
                 lake = pa.schema(dt.schema().to_arrow())
                 plan = plan_evolution(lake, data.schema, table=buf.qualified_name)
                 if plan.widen:
+                    buf.table = None  # rewritten: opened again for the next commit
                     with delta_errors(f"widening columns of {buf.uri}"):
                         rows = widen_in_place(
                             buf.uri, plan.widen, storage_options=self.storage_options
@@ -835,15 +855,21 @@ class DeltaChangelogSink(Sink):
     def _commit(self, buf: _TableBuffer, data: pa.Table) -> None:
         data = self._evolve(buf, data)
         props = CommitProperties(app_transactions=self._transactions(buf))
-        target = self._fenced_target(buf)
-        with delta_errors(f"writing {data.num_rows} rows of {buf.qualified_name} to {buf.uri}"):
-            write_deltalake(
-                target,
-                data,
-                mode="append",
-                partition_by=list(layout.PARTITION_COLUMNS),
-                schema_mode="merge",
-                storage_options=self.storage_options,
-                commit_properties=props,
-            )
+        target = self._target(buf)
+        committed = False
+        try:
+            with delta_errors(f"writing {data.num_rows} rows of {buf.qualified_name} to {buf.uri}"):
+                write_deltalake(
+                    target,
+                    data,
+                    mode="append",
+                    partition_by=list(layout.PARTITION_COLUMNS),
+                    schema_mode="merge",
+                    storage_options=self.storage_options,
+                    commit_properties=props,
+                )
+            committed = True
+        finally:
+            if not committed:
+                buf.table = None  # its state is in doubt: read the table again next time
         log.debug("committed %d rows to %s up to %s", data.num_rows, buf.uri, buf.accepted)
