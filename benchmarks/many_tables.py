@@ -194,6 +194,8 @@ def measure(
                     break
             stop_writer.set()
             writer.join(30)
+            if writer.exitcode != 0:
+                raise RuntimeError(f"{NAME}: the writer exited with status {writer.exitcode}")
             stopped = time.monotonic()
             end = c.current_lsn(conn)
             c.wait_until(
