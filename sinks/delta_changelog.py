@@ -25,12 +25,12 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeAlias
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -244,13 +244,31 @@ class _StreamMark:
     offset_accepted: int | None  # the newest offset handled (buffered, or dropped as replay)
 
 
+Part: TypeAlias = _Rows | _Changes | pa.Table
+
+
+@dataclass(slots=True)
+class _InFlight:
+    """One table's commit running in a commit thread: the rows taken out of its buffer
+    for it, and the positions it records (they become the written ones when it lands)."""
+
+    parts: list[Part]
+    rows: int
+    bytes: int
+    oldest: float
+    first_lsn: int
+    accepted: Position
+    marks: dict[str, tuple[Position, int | None]]  # stream -> (accepted, offset_accepted)
+    future: Future[None] | None = None
+
+
 @dataclass(slots=True)
 class _TableBuffer:
     qualified_name: str
     uri: str
     written: Position  # the watermark recorded in Delta
     accepted: Position  # the newest position buffered or written
-    parts: list[_Rows | _Changes | pa.Table] = field(default_factory=list)
+    parts: list[Part] = field(default_factory=list)
     schema: TableSchema | None = None  # the last schema seen, registered in the registry
     rows: int = 0
     bytes: int = 0
@@ -265,6 +283,7 @@ class _TableBuffer:
     # replays its log, which costs about as much as the commit itself. Dropped whenever
     # something else may have changed the table (an error, a widening, a discard).
     table: DeltaTable | None = None
+    inflight: _InFlight | None = None  # its commit running now (one at a time per table)
 
 
 class DeltaChangelogSink(Sink):
@@ -298,6 +317,7 @@ class DeltaChangelogSink(Sink):
         self.registry = SchemaRegistry(self.root, storage_options=self.storage_options)
         self._tables: dict[str, _TableBuffer] = {}
         self._active: dict[str, _TableBuffer] = {}  # the tables with rows buffered
+        self._inflight: dict[str, _TableBuffer] = {}  # the tables with a commit running
         self._pool: ThreadPoolExecutor | None = None
         self._last_buffer: _TableBuffer | None = None
         self._pending_rows = 0
@@ -405,6 +425,8 @@ class DeltaChangelogSink(Sink):
     ) -> None:
         """Delete the snapshot rows (op ``r`` at ``lsn``) an interrupted snapshot wrote
         (whether or not its slot was dropped: see :meth:`sinks.base.Sink.discard_snapshot`)."""
+        _, failures = self._collect(block=True)  # no commit may run under the delete
+        self._result({}, failures, 0.0)
         for schema_name, table in tables:
             name = f"{schema_name}.{table}"
             if name in self._tables:
@@ -622,15 +644,16 @@ class DeltaChangelogSink(Sink):
         return self._pending_rows
 
     def pending_since(self) -> int | None:
-        """The smallest commit LSN of a buffered row (``None``: nothing is buffered).
+        """The smallest commit LSN of a row not yet durable, buffered or being committed
+        (``None``: there is none).
 
-        Each table's positions ascend, and a table's rows are committed all at once, so
+        Each table's positions ascend, and a table's rows are committed in that order, so
         every change of a transaction that committed below this LSN is durable: capture
         may confirm such a transaction while other tables still hold rows.
         """
-        if not self._active:
-            return None
-        return min(buf.first_lsn for buf in self._active.values())
+        lsns = [buf.first_lsn for buf in self._active.values()]
+        lsns += [buf.inflight.first_lsn for buf in self._inflight.values() if buf.inflight]
+        return min(lsns, default=None)
 
     def _shares(self) -> tuple[float, float]:
         """Each active table's share of the row and byte limits. When the buffers are
@@ -646,24 +669,29 @@ class DeltaChangelogSink(Sink):
         return [
             buf
             for buf in self._active.values()
-            if buf.rows >= rows or buf.bytes >= size or now - (buf.oldest or now) >= age
+            if buf.inflight is None
+            and (buf.rows >= rows or buf.bytes >= size or now - (buf.oldest or now) >= age)
         ]
 
     def flush_due(self) -> bool:
-        """Whether some table is due: its oldest row has waited ``max_seconds``, or it
-        holds its share of ``max_rows`` / ``max_bytes`` (the limit divided among the
-        tables with rows buffered)."""
+        """Whether some table is due (its oldest row has waited ``max_seconds``, or it
+        holds its share of ``max_rows`` / ``max_bytes``: the limit divided among the
+        tables with rows buffered), or a commit started by :meth:`flush_due_tables` has
+        ended and waits to be accounted for."""
         return self.seconds_until_flush() == 0.0
 
     def seconds_until_flush(self) -> float:
         """How long until :meth:`flush_due` holds with nothing more added (``inf``: nothing
         is buffered). Callers that block waiting for input cap the wait with it, so a
         batch is committed on time instead of a wait later."""
-        if not self._active:
-            return math.inf
+        for buf in self._inflight.values():
+            if buf.inflight is not None and buf.inflight.future and buf.inflight.future.done():
+                return 0.0
         rows, size = self._shares()
         oldest = math.inf
         for buf in self._active.values():
+            if buf.inflight is not None:
+                continue  # its next commit waits for the running one
             if buf.rows >= rows or buf.bytes >= size:
                 return 0.0
             if buf.oldest is not None and buf.oldest < oldest:
@@ -671,7 +699,8 @@ class DeltaChangelogSink(Sink):
         return max(0.0, oldest + self.batch.max_seconds - time.monotonic())
 
     def flush(self) -> dict[str, Any]:
-        """Write one Delta commit per table with buffered rows, the tables concurrently.
+        """Commit every buffered row, one Delta commit per table, the tables concurrently;
+        returns when all are committed (commits started by :meth:`flush_due_tables` too).
 
         Returns metrics: ``{"rows", "commits", "tables": {name: rows}, "duration_s"}``. On an
         error every other table is still committed; those committed stay committed (their
@@ -679,13 +708,38 @@ class DeltaChangelogSink(Sink):
         for the next flush, and the error of the first failed table is raised (a terminal
         one before a transient one).
         """
-        return self._flush(list(self._active.values()))
+        started = time.monotonic()
+        written, failures = self._collect(block=True)
+        failed = set(failures)
+        ingested_at = datetime.now(UTC)
+        for buf in list(self._active.values()):
+            if buf.qualified_name not in failed:
+                self._submit(buf, ingested_at, failures)
+        more, errors = self._collect(block=True)
+        failures.update(errors)
+        for name, rows in more.items():
+            written[name] = written.get(name, 0) + rows
+        return self._result(written, failures, started)
 
     def flush_due_tables(self) -> dict[str, Any]:
-        """Like :meth:`flush`, for the tables that are due only (see :meth:`flush_due`):
-        a table that changes rarely is not committed at every flush of the busy ones, and
-        a busy one does not wait for the others' age."""
-        return self._flush(self._due())
+        """Start the commits of the tables that are due (see :meth:`flush_due`) and return
+        at once; account for the commits that have ended since the last call. A table
+        that changes rarely is not committed with every busy one, a busy one does not wait
+        for the others' age, and a slow commit (an object store taking its time) holds up
+        no other table: each has at most one commit running, and capture goes on reading
+        meanwhile. :attr:`pending_rows` and :meth:`pending_since` count the rows of a
+        running commit until it has landed.
+
+        Returns metrics of the commits that ended, as :meth:`flush` does; raises the error
+        of a commit that failed (its rows are buffered again).
+        """
+        started = time.monotonic()
+        written, failures = self._collect(block=False)
+        ingested_at = datetime.now(UTC)
+        for buf in self._due():
+            if buf.qualified_name not in failures:
+                self._submit(buf, ingested_at, failures)
+        return self._result(written, failures, started)
 
     def _threads(self) -> int:
         if self.batch.commit_threads is not None:
@@ -696,55 +750,97 @@ class DeltaChangelogSink(Sink):
         local = "://" not in self.root or self.root.startswith("file://")
         return LOCAL_COMMIT_THREADS if local else REMOTE_COMMIT_THREADS
 
-    def _flush(self, bufs: Sequence[_TableBuffer]) -> dict[str, Any]:
-        started = time.monotonic()
+    def _submit(
+        self, buf: _TableBuffer, ingested_at: datetime, failures: dict[str, BaseException]
+    ) -> None:
+        """Take ``buf``'s rows out and start their commit in a commit thread."""
+        try:
+            # Decided here, in the caller's thread: what the commit records, and for a
+            # Kafka stream the fencing check, which reads the marks that add() moves.
+            txns = self._transactions(buf)
+            target = self._fenced_target(buf) if buf.streams else None
+        except SinkError as e:
+            failures[buf.qualified_name] = e
+            return
+        assert buf.oldest is not None
+        flight = _InFlight(
+            buf.parts,
+            buf.rows,
+            buf.bytes,
+            buf.oldest,
+            buf.first_lsn,
+            buf.accepted,
+            {s: (m.accepted, m.offset_accepted) for s, m in buf.streams.items()},
+        )
+        buf.parts = []
+        buf.rows = buf.bytes = 0
+        buf.oldest = None
+        del self._active[buf.qualified_name]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(
+                max_workers=self._threads(), thread_name_prefix="delta-commit"
+            )
+        buf.inflight = flight
+        self._inflight[buf.qualified_name] = buf
+        flight.future = self._pool.submit(self._write, buf, flight.parts, ingested_at, txns, target)
+
+    def _collect(self, *, block: bool) -> tuple[dict[str, int], dict[str, BaseException]]:
+        """Account for the commits that have ended (all of them, waiting, with ``block``):
+        rows written per table, and the errors of those that failed, whose rows go back
+        in front of their buffers."""
         written: dict[str, int] = {}
-        ingested_at = datetime.now(UTC)
-        threads = min(self._threads(), len(bufs))
-        outcomes: list[tuple[_TableBuffer, BaseException | None]] = []
-        if threads <= 1:
-            for buf in bufs:
-                try:
-                    self._write(buf, ingested_at)
-                except SinkError as e:
-                    outcomes.append((buf, e))
-                else:
-                    outcomes.append((buf, None))
-        else:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(
-                    max_workers=self._threads(), thread_name_prefix="delta-commit"
-                )
-            futures: list[Future[None]] = [
-                self._pool.submit(self._write, buf, ingested_at) for buf in bufs
-            ]
-            wait(futures)
-            outcomes = [(buf, f.exception()) for buf, f in zip(bufs, futures, strict=True)]
-        failures: list[BaseException] = []
-        for buf, error in outcomes:
-            if error is not None:
-                failures.append(error)
+        failures: dict[str, BaseException] = {}
+        if block:
+            wait(
+                [
+                    b.inflight.future
+                    for b in self._inflight.values()
+                    if b.inflight and b.inflight.future
+                ]
+            )
+        for name, buf in list(self._inflight.items()):
+            flight = buf.inflight
+            assert flight is not None and flight.future is not None
+            if not flight.future.done():
                 continue
-            written[buf.qualified_name] = buf.rows
-            self._pending_rows -= buf.rows
-            self._pending_bytes -= buf.bytes
-            buf.written = buf.accepted
-            for mark in buf.streams.values():
-                mark.written = mark.accepted
-                mark.offset_written = mark.offset_accepted
-            buf.parts.clear()
-            buf.rows = buf.bytes = 0
-            buf.oldest = None
-            del self._active[buf.qualified_name]
+            error = flight.future.exception()
+            del self._inflight[name]
+            buf.inflight = None
+            if error is None:
+                written[name] = flight.rows
+                self._pending_rows -= flight.rows
+                self._pending_bytes -= flight.bytes
+                buf.written = flight.accepted
+                for stream, (accepted, offset) in flight.marks.items():
+                    mark = buf.streams[stream]
+                    mark.written = accepted
+                    mark.offset_written = offset
+                continue
+            failures[name] = error
+            buf.parts[:0] = flight.parts
+            if buf.oldest is None:
+                buf.first_lsn = flight.first_lsn
+                self._active[name] = buf
+            else:
+                buf.first_lsn = min(buf.first_lsn, flight.first_lsn)
+            buf.oldest = flight.oldest
+            buf.rows += flight.rows
+            buf.bytes += flight.bytes
+        return written, failures
+
+    def _result(
+        self, written: dict[str, int], failures: dict[str, BaseException], started: float
+    ) -> dict[str, Any]:
         if failures:
-            if len(failures) > 1:
+            errors = list(failures.values())
+            if len(errors) > 1:
                 log.warning(
-                    "%d of %d table commits failed; the first: %s",
-                    len(failures),
-                    len(outcomes),
-                    failures[0],
+                    "%d table commits failed (%s); the first: %s",
+                    len(errors),
+                    ", ".join(failures),
+                    errors[0],
                 )
-            raise next((e for e in failures if isinstance(e, TerminalSinkError)), failures[0])
+            raise next((e for e in errors if isinstance(e, TerminalSinkError)), errors[0])
         return {
             "rows": sum(written.values()),
             "commits": len(written),
@@ -752,16 +848,24 @@ class DeltaChangelogSink(Sink):
             "duration_s": round(time.monotonic() - started, 4),
         }
 
-    def _write(self, buf: _TableBuffer, ingested_at: datetime) -> None:
-        """Commit ``buf``'s rows (in a commit thread: touches nothing but ``buf``)."""
+    def _write(
+        self,
+        buf: _TableBuffer,
+        parts: list[Part],
+        ingested_at: datetime,
+        txns: list[Transaction],
+        target: DeltaTable | str | None,
+    ) -> None:
+        """Commit ``parts`` (in a commit thread: touches nothing of ``buf`` but what only
+        its commits use: the checked schema and the open table)."""
         data = pa.concat_tables(
-            [p if isinstance(p, pa.Table) else p.to_arrow(ingested_at) for p in buf.parts],
+            [p if isinstance(p, pa.Table) else p.to_arrow(ingested_at) for p in parts],
             promote_options="permissive",
         )
-        self._commit(buf, data)
+        self._commit(buf, data, txns, target)
 
     def close(self) -> None:
-        """Stop the commit threads (does not flush)."""
+        """Wait for the commits running, and stop the commit threads (does not flush)."""
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
@@ -791,11 +895,9 @@ class DeltaChangelogSink(Sink):
         return txns
 
     def _target(self, buf: _TableBuffer) -> str | DeltaTable:
-        """Where to commit ``buf``: the table kept from its last commit (delta-rs brings it
-        up to date at the commit, checking for conflicts with commits made since), or,
-        when it holds streams, the fenced table (:meth:`_fenced_target`)."""
-        if buf.streams:
-            return self._fenced_target(buf)
+        """Where to commit ``buf`` when it holds no streams: the table kept from its last
+        commit (delta-rs brings it up to date at the commit, checking for conflicts with
+        commits made since)."""
         if buf.table is None:
             with delta_errors(f"reading {buf.uri}"):
                 if DeltaTable.is_deltatable(buf.uri, storage_options=self.storage_options):
@@ -852,10 +954,17 @@ class DeltaChangelogSink(Sink):
             buf.checked_schema = data.schema
         return cast_columns(data, buf.incoming_casts) if buf.incoming_casts else data
 
-    def _commit(self, buf: _TableBuffer, data: pa.Table) -> None:
+    def _commit(
+        self,
+        buf: _TableBuffer,
+        data: pa.Table,
+        txns: list[Transaction],
+        target: DeltaTable | str | None,
+    ) -> None:
         data = self._evolve(buf, data)
-        props = CommitProperties(app_transactions=self._transactions(buf))
-        target = self._target(buf)
+        props = CommitProperties(app_transactions=txns)
+        if target is None:
+            target = self._target(buf)
         committed = False
         try:
             with delta_errors(f"writing {data.num_rows} rows of {buf.qualified_name} to {buf.uri}"):
@@ -872,4 +981,4 @@ class DeltaChangelogSink(Sink):
         finally:
             if not committed:
                 buf.table = None  # its state is in doubt: read the table again next time
-        log.debug("committed %d rows to %s up to %s", data.num_rows, buf.uri, buf.accepted)
+        log.debug("committed %d rows to %s", data.num_rows, buf.uri)
