@@ -834,10 +834,12 @@ class DeltaChangelogSink(Sink):
         if failures:
             errors = list(failures.values())
             if len(errors) > 1:
+                names = sorted(failures)
                 log.warning(
-                    "%d table commits failed (%s); the first: %s",
+                    "%d table commits failed (%s%s); the first: %s",
                     len(errors),
-                    ", ".join(failures),
+                    ", ".join(names[:5]),
+                    ", ..." if len(names) > 5 else "",
                     errors[0],
                 )
             raise next((e for e in errors if isinstance(e, TerminalSinkError)), errors[0])
