@@ -264,3 +264,21 @@ def standalone_main(
             args.bootstrap = stack.enter_context(TansuBroker()).bootstrap
         results = measure(pg.dsn, Path(tmp), args)
     return 0 if passed(results) else 1
+
+
+def rows_ratio_main(
+    prog: str,
+    run: Callable[[str, Path, int], list[dict[str, Any]]],
+    *,
+    target: float,
+    argv: list[str] | None = None,
+) -> int:
+    """:func:`standalone_main` for a measure of ``--rows`` rows (1,000,000 by default)
+    whose results are ratios that must reach ``target``."""
+    return standalone_main(
+        prog,
+        lambda dsn, workdir, args: run(dsn, workdir, args.rows),
+        passed=lambda results: all(r["ratio"] >= target for r in results),
+        argv=argv,
+        rows=1_000_000,
+    )

@@ -120,13 +120,7 @@ def run(dsn: str, workdir: Path, rows: int) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return c.standalone_main(
-        "python -m benchmarks.capture",
-        lambda dsn, workdir, args: run(dsn, workdir, args.rows),
-        passed=lambda results: all(r["ratio"] >= TARGET for r in results),
-        argv=argv,
-        rows=1_000_000,
-    )
+    return c.rows_ratio_main("python -m benchmarks.capture", run, target=TARGET, argv=argv)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -122,16 +123,7 @@ class TransformingSink(Sink):
         self.inner.discard_snapshot(targets, lsn, slot_dropped=slot_dropped)
 
     def flush(self) -> dict[str, Any]:
-        total: dict[str, Any] = {"rows": 0, "commits": 0}
-        while True:
-            try:
-                self._drain()
-                break
-            except SinkBackpressureError:
-                _add_metrics(total, self.inner.flush())
-        _add_metrics(total, self.inner.flush())
-        self._oldest = None
-        return total
+        return self._flush_with(self.inner.flush)
 
     def flush_due_tables(self) -> dict[str, Any]:
         """Transform what is held, then flush what the sink behind has due; everything when
@@ -139,14 +131,19 @@ class TransformingSink(Sink):
         when they reach it, and they must not wait a second ``max_seconds``)."""
         if self._oldest is not None and time.monotonic() - self._oldest >= self.max_seconds:
             return self.flush()
+        return self._flush_with(self.inner.flush_due_tables)
+
+    def _flush_with(self, flush_inner: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         total: dict[str, Any] = {"rows": 0, "commits": 0}
         while True:
             try:
                 self._drain()
                 break
             except SinkBackpressureError:
-                _add_metrics(total, self.inner.flush_due_tables())
-        _add_metrics(total, self.inner.flush_due_tables())
+                # A complete flush: only that surely makes room (commits that are still
+                # running count as pending until they have landed).
+                _add_metrics(total, self.inner.flush())
+        _add_metrics(total, flush_inner())
         self._oldest = None
         return total
 
