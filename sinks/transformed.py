@@ -128,7 +128,9 @@ class TransformingSink(Sink):
     def flush_due_tables(self) -> dict[str, Any]:
         """Transform what is held, then flush what the sink behind has due; everything when
         the events held here are the ones due (their age in the sink behind starts again
-        when they reach it, and they must not wait a second ``max_seconds``)."""
+        when they reach it, and they must not wait a second ``max_seconds``). Events drained
+        early, by another table's due flush, start their age again behind: they may wait up
+        to twice ``max_seconds``."""
         if self._oldest is not None and time.monotonic() - self._oldest >= self.max_seconds:
             return self.flush()
         return self._flush_with(self.inner.flush_due_tables)
