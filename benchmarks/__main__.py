@@ -24,10 +24,18 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import _common as c
-from benchmarks import capture, capture_memory, freshness, kafka_path, snapshot, transforms
+from benchmarks import (
+    capture,
+    capture_memory,
+    freshness,
+    kafka_path,
+    many_tables,
+    snapshot,
+    transforms,
+)
 from cdc.cli.local_postgres import LocalPostgres
 
-MEASURES = ("capture", "snapshot", "kafka", "freshness", "memory", "transforms")
+MEASURES = ("capture", "snapshot", "kafka", "freshness", "many_tables", "memory", "transforms")
 
 
 def met(result: dict[str, Any]) -> bool | None:
@@ -35,7 +43,7 @@ def met(result: dict[str, Any]) -> bool | None:
     target = result.get("target")
     if target is None:
         return None
-    if result["measure"].startswith("freshness"):
+    if result["measure"].startswith("freshness") or result["measure"] == "many_tables":
         return bool(result["p99_s"] <= target)
     if result["measure"] == "capture_memory":
         return bool(result["ratio"] <= target)
@@ -50,6 +58,13 @@ def summary_line(result: dict[str, Any]) -> str:
         return (
             f"{measure:<20} flush {result['flush_interval_s']:>4}s  p50 {result['p50_s']:.2f}s  "
             f"p99 {result['p99_s']:.2f}s{target}  {verdict}"
+        )
+    if measure == "many_tables":
+        return (
+            f"{measure:<20} {result['tables']} tables  p50 {result['p50_s']:.2f}s  "
+            f"p99 {result['p99_s']:.2f}s  catch-up {result['catch_up_s']:.2f}s  "
+            f"{result['commits_per_s']:.0f} commits/s  (target p99 <= {result['target']}s)  "
+            f"{verdict}"
         )
     relation = "<=" if measure == "capture_memory" else ">="
     return f"{measure:<20} ratio {result['ratio']:.3f}  (target {relation} {result['target']})  {verdict}"
@@ -158,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             "freshness": lambda w: freshness.run(
                 pg.dsn, w, seconds=args.seconds, bootstrap=broker.bootstrap
             ),
+            "many_tables": lambda w: [many_tables.measure(pg.dsn, w)],
             "memory": lambda w: capture_memory.run(pg.dsn, w),
             "transforms": lambda w: transforms.run(pg.dsn, w, args.rows),
         }

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import os
 import platform
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -15,6 +18,7 @@ from typing import Any
 
 import psycopg
 
+from cdc.cli.local_postgres import LocalPostgres
 from cdc.core.lsn import format_lsn, parse_lsn
 from cdc.postgres.slots import ensure_publication
 
@@ -218,3 +222,63 @@ def pg_recvlogical(dsn: str, *, slot: str, publication: str, end: int) -> float:
         stderr=subprocess.PIPE,
     )
     return time.perf_counter() - started
+
+
+# -- running one measure alone ---------------------------------------------------------------
+Measure = Callable[[str, Path, argparse.Namespace], list[dict[str, Any]]]
+
+
+def standalone_main(
+    prog: str,
+    measure: Measure,
+    *,
+    passed: Callable[[list[dict[str, Any]]], bool],
+    argv: list[str] | None = None,
+    rows: int | None = None,
+    arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+    server_settings: dict[str, str] | None = None,
+    kafka: bool | Callable[[argparse.Namespace], bool] = False,
+) -> int:
+    """The ``python -m benchmarks.<measure>`` entry point of every measure module.
+
+    Parses ``argv`` (``--rows`` when ``rows`` is given, as its default, plus what
+    ``arguments`` adds), starts a throwaway PostgreSQL server (with ``server_settings``)
+    and, when ``kafka`` is true (or returns true for the parsed arguments), a memory-only
+    Tansu broker whose address is ``args.bootstrap`` (``None`` otherwise), then calls
+    ``measure(dsn, workdir, args)`` in a temporary directory. Exit status 0 when
+    ``passed(results)``, else 1.
+    """
+    parser = argparse.ArgumentParser(prog=prog)
+    if rows is not None:
+        parser.add_argument("--rows", type=int, default=rows)
+    if arguments is not None:
+        arguments(parser)
+    args = parser.parse_args(argv)
+    with contextlib.ExitStack() as stack:
+        pg = stack.enter_context(LocalPostgres(settings=server_settings))
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="cdc-bench-"))
+        args.bootstrap = None
+        if kafka(args) if callable(kafka) else kafka:
+            from tests.plugins.kafka import TansuBroker
+
+            args.bootstrap = stack.enter_context(TansuBroker()).bootstrap
+        results = measure(pg.dsn, Path(tmp), args)
+    return 0 if passed(results) else 1
+
+
+def rows_ratio_main(
+    prog: str,
+    run: Callable[[str, Path, int], list[dict[str, Any]]],
+    *,
+    target: float,
+    argv: list[str] | None = None,
+) -> int:
+    """:func:`standalone_main` for a measure of ``--rows`` rows (1,000,000 by default)
+    whose results are ratios that must reach ``target``."""
+    return standalone_main(
+        prog,
+        lambda dsn, workdir, args: run(dsn, workdir, args.rows),
+        passed=lambda results: all(r["ratio"] >= target for r in results),
+        argv=argv,
+        rows=1_000_000,
+    )

@@ -19,10 +19,8 @@ the end. The ratio is ``cdc run`` rows/s over ``pg_recvlogical`` rows/s; target 
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -32,7 +30,6 @@ from deltalake import DeltaTable
 
 from benchmarks import _common as c
 from catalog import lake_layout as layout
-from cdc.cli.local_postgres import LocalPostgres
 
 TARGET = 0.70
 LOADS = ("insert", "update_mix")
@@ -123,12 +120,7 @@ def run(dsn: str, workdir: Path, rows: int) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.capture")
-    parser.add_argument("--rows", type=int, default=1_000_000)
-    args = parser.parse_args(argv)
-    with LocalPostgres() as pg, tempfile.TemporaryDirectory(prefix="cdc-bench-") as tmp:
-        results = run(pg.dsn, Path(tmp), args.rows)
-    return 0 if all(r["ratio"] >= TARGET for r in results) else 1
+    return c.rows_ratio_main("python -m benchmarks.capture", run, target=TARGET, argv=argv)
 
 
 if __name__ == "__main__":

@@ -23,10 +23,8 @@ server's directory under the temporary directory while it runs.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +33,6 @@ from deltalake import DeltaTable
 
 from benchmarks import _common as c
 from catalog import lake_layout as layout
-from cdc.cli.local_postgres import LocalPostgres
 
 LIMIT = 1.3
 SIZES = (200_000, 2_000_000)
@@ -115,13 +112,13 @@ def run(dsn: str, workdir: Path) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argparse.ArgumentParser(prog="python -m benchmarks.capture_memory").parse_args(argv)
-    with (
-        LocalPostgres(settings=SERVER_SETTINGS) as pg,
-        tempfile.TemporaryDirectory(prefix="cdc-bench-") as tmp,
-    ):
-        (result,) = run(pg.dsn, Path(tmp))
-    return 0 if result["ratio"] <= LIMIT else 1
+    return c.standalone_main(
+        "python -m benchmarks.capture_memory",
+        lambda dsn, workdir, args: run(dsn, workdir),
+        passed=lambda results: all(r["ratio"] <= LIMIT for r in results),
+        argv=argv,
+        server_settings=SERVER_SETTINGS,
+    )
 
 
 if __name__ == "__main__":

@@ -66,7 +66,6 @@ import multiprocessing
 import os
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -84,7 +83,6 @@ from benchmarks import _common as c
 from catalog import Lake
 from catalog import lake_layout as layout
 from catalog.errors import QueryError
-from cdc.cli.local_postgres import LocalPostgres
 
 TARGET = 1.0
 TABLE = "public.fresh"
@@ -534,8 +532,7 @@ def run(
     return results
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.freshness")
+def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seconds", type=float, default=30.0, help="measured steady state")
     parser.add_argument("--warmup", type=float, default=WARMUP)
     parser.add_argument("--rate", type=int, default=5000, help="rows/s the writer inserts")
@@ -559,26 +556,30 @@ def main(argv: list[str] | None = None) -> int:
         help="the writer's synchronous_commit (the local server defaults to off)",
     )
     parser.add_argument("--no-kafka", action="store_true", help="embedded mode only")
-    args = parser.parse_args(argv)
-    options: dict[str, Any] = {
-        "seconds": args.seconds,
-        "rate": args.rate,
-        "flush_intervals": tuple(args.flush_seconds),
-        "warmup": args.warmup,
-        "probe_every": args.probe_every,
-        "synchronous_commit": args.synchronous_commit,
-    }
-    with LocalPostgres() as pg, tempfile.TemporaryDirectory(prefix="cdc-bench-") as tmp:
-        if args.no_kafka:
-            results = run(pg.dsn, Path(tmp), **options)
-        else:
-            from tests.plugins.kafka import TansuBroker
 
-            with TansuBroker() as broker:
-                results = run(pg.dsn, Path(tmp), bootstrap=broker.bootstrap, **options)
-    # Success: some measured interval meets the target in embedded mode.
-    embedded = [r for r in results if r["measure"] == "freshness_embedded"]
-    return 0 if any(r["p99_s"] <= TARGET for r in embedded) else 1
+
+def main(argv: list[str] | None = None) -> int:
+    return c.standalone_main(
+        "python -m benchmarks.freshness",
+        lambda dsn, workdir, args: run(
+            dsn,
+            workdir,
+            seconds=args.seconds,
+            rate=args.rate,
+            bootstrap=args.bootstrap,
+            flush_intervals=tuple(args.flush_seconds),
+            warmup=args.warmup,
+            probe_every=args.probe_every,
+            synchronous_commit=args.synchronous_commit,
+        ),
+        # Success: some measured interval meets the target in embedded mode.
+        passed=lambda results: any(
+            r["p99_s"] <= TARGET for r in results if r["measure"] == "freshness_embedded"
+        ),
+        argv=argv,
+        arguments=_arguments,
+        kafka=lambda args: not args.no_kafka,
+    )
 
 
 if __name__ == "__main__":

@@ -37,11 +37,9 @@ compare ratios, not absolutes.
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -53,7 +51,6 @@ from deltalake import DeltaTable
 
 from benchmarks import _common as c
 from catalog import lake_layout as layout
-from cdc.cli.local_postgres import LocalPostgres
 from cdc.core.kafka_format import topic_name
 from sinks.delta_changelog import stream_app_id
 
@@ -268,19 +265,16 @@ def run(dsn: str, workdir: Path, rows: int, bootstrap: str) -> list[dict[str, An
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.kafka_path")
-    parser.add_argument("--rows", type=int, default=1_000_000)
-    args = parser.parse_args(argv)
-    from tests.plugins.kafka import TansuBroker
-
-    with (
-        LocalPostgres() as pg,
-        TansuBroker() as broker,
-        tempfile.TemporaryDirectory(prefix="cdc-bench-") as tmp,
-    ):
-        results = run(pg.dsn, Path(tmp), args.rows, broker.bootstrap)
-    sink = next(r for r in results if r["measure"] == "kafka_sink")
-    return 0 if sink["ratio"] >= SINK_TARGET else 1
+    return c.standalone_main(
+        "python -m benchmarks.kafka_path",
+        lambda dsn, workdir, args: run(dsn, workdir, args.rows, args.bootstrap),
+        passed=lambda results: all(
+            r["ratio"] >= SINK_TARGET for r in results if r["measure"] == "kafka_sink"
+        ),
+        argv=argv,
+        rows=1_000_000,
+        kafka=True,
+    )
 
 
 if __name__ == "__main__":

@@ -22,11 +22,9 @@ numbers are wall-clock times on a possibly shared machine: compare ratios, not a
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -36,7 +34,6 @@ from deltalake import DeltaTable
 
 from benchmarks import _common as c
 from catalog import lake_layout as layout
-from cdc.cli.local_postgres import LocalPostgres
 from sinks.position_store import LakePositionStore
 
 TARGET = 0.50
@@ -116,12 +113,7 @@ def run(dsn: str, workdir: Path, rows: int) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.snapshot")
-    parser.add_argument("--rows", type=int, default=1_000_000)
-    args = parser.parse_args(argv)
-    with LocalPostgres() as pg, tempfile.TemporaryDirectory(prefix="cdc-bench-") as tmp:
-        results = run(pg.dsn, Path(tmp), args.rows)
-    return 0 if all(r["ratio"] >= TARGET for r in results) else 1
+    return c.rows_ratio_main("python -m benchmarks.snapshot", run, target=TARGET, argv=argv)
 
 
 if __name__ == "__main__":

@@ -28,12 +28,10 @@ result), which would hide a 10% difference.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -41,7 +39,6 @@ from typing import Any
 import psycopg
 
 from benchmarks import _common as c
-from cdc.cli.local_postgres import LocalPostgres
 
 TARGET = 0.90
 ROUNDS = 3
@@ -158,12 +155,7 @@ def run(dsn: str, workdir: Path, rows: int) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.transforms")
-    parser.add_argument("--rows", type=int, default=1_000_000)
-    args = parser.parse_args(argv)
-    with LocalPostgres() as pg, tempfile.TemporaryDirectory(prefix="cdc-bench-") as tmp:
-        results = run(pg.dsn, Path(tmp), args.rows)
-    return 0 if all(r["ratio"] >= TARGET for r in results) else 1
+    return c.rows_ratio_main("python -m benchmarks.transforms", run, target=TARGET, argv=argv)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from catalog.kafka_schema_registry import KafkaSchemaRegistry
 from cdc.core.errors import ConfigError, TransientError
 from cdc.core.events import ChangeEvent
 from cdc.core.lsn import format_lsn
-from cdc.core.position import CapturePosition
+from cdc.core.position import CapturePosition, CommittedTransactions
 from cdc.core.settings import Settings
 from cdc.core.table_schema import TableSchema
 from cdc.kafka.errors import wrap_kafka_error
@@ -127,6 +127,8 @@ class CapturePipeline:
         self.source = SourceQueries(self.dsn)
         self.position: CapturePosition | None = None
         self._held: list[StreamItem] = []
+        # The transactions handed to the sink whose end is not confirmed yet (_durable_lsn).
+        self._commits = CommittedTransactions()
         self._snapshots: IncrementalSnapshots | None = None
         self._all_tables = False
         self._tables: list[tuple[str, str]] = []
@@ -417,9 +419,11 @@ class CapturePipeline:
     def _save(self, position: CapturePosition) -> None:
         self._retry(lambda: self.store.save(position), f"saving {self.store.path}")
 
-    def _flush(self) -> None:
-        """Flush the sink, retrying transient failures (see :meth:`_retry`)."""
-        result = self._retry(self.sink.flush, "flush")
+    def _flush(self, *, due_only: bool = False) -> None:
+        """Flush the sink (only the tables that are due with ``due_only``), retrying
+        transient failures (see :meth:`_retry`)."""
+        call = self.sink.flush_due_tables if due_only else self.sink.flush
+        result = self._retry(call, "flush")
         self.metrics["rows_written"] += result["rows"]
         self.metrics["commits"] += result["commits"]
         self._flushed(result)
@@ -428,7 +432,15 @@ class CapturePipeline:
         """Metrics of one successful flush: rows per table and the newest commit landed."""
         if self._last_event is not None:
             self._unflushed_commits[self._counted.qualified_name] = self._last_event.commit_ts
-        landed, self._unflushed_commits = self._unflushed_commits, {}
+        if self.sink.pending_rows and "tables" in result:
+            # Some tables wait for their own schedule: only those written have landed.
+            # (Behind transforms, names may differ; those land with the next full flush.)
+            written = result["tables"]
+            landed = {t: ts for t, ts in self._unflushed_commits.items() if t in written}
+            for table in landed:
+                del self._unflushed_commits[table]
+        else:
+            landed, self._unflushed_commits = self._unflushed_commits, {}
         copied, self._snapshot_unflushed = self._snapshot_unflushed, {}
         if "tables" not in result:
             # A sink that does not count per table (Kafka): the events and snapshot rows
@@ -456,6 +468,7 @@ class CapturePipeline:
     def _handle(self, item: StreamItem) -> None:
         """Hand one stream item to the sink."""
         if isinstance(item, TransactionCommitted):
+            self._commits.add(item.commit_lsn, item.end_lsn)
             return
         if isinstance(item, ChangeBatch):
             self._handle_batch(item)
@@ -498,11 +511,22 @@ class CapturePipeline:
             sink.add_changes(batch.table, batch.changes, size_bytes=batch.size_bytes)
 
     def _durable_lsn(self, source: StreamingSource) -> int:
-        """The newest LSN that PostgreSQL may forget: everything before it is in Delta."""
+        """The newest LSN that PostgreSQL may forget: everything before it is in Delta.
+
+        While some tables still hold rows, that is the end of the newest transaction that
+        committed below the oldest pending change (``Sink.pending_since``): each table
+        commits its rows in position order, so every change of such a transaction is
+        durable, in every table.
+        """
         position = source.position
-        if self.sink.pending_rows or self._held:
+        if self._held:
             # Held items (see IncrementalSnapshots) are received but not in the sink yet.
             return position.flushed_lsn
+        pending = self.sink.pending_since()
+        if pending is not None:
+            end = self._commits.durable_end(pending)
+            return position.flushed_lsn if end is None else max(position.flushed_lsn, end)
+        self._commits.clear()
         durable = position.committed_lsn
         if not source.in_transaction:
             # Idle: the server has sent everything up to its WAL end and we hold nothing,
@@ -581,7 +605,7 @@ class CapturePipeline:
                     for item in items:
                         self._handle(item)
                     if self.sink.flush_due():
-                        self._flush()
+                        self._flush(due_only=True)
                     snapshots.poll_publication()
                     ops.tick(source)
                     if snapshots.queued:

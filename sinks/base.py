@@ -8,8 +8,10 @@ or ``add_snapshot``; the caller flushes and adds the same data again.
 
 Two sinks implement it: :class:`~sinks.delta_changelog.DeltaChangelogSink` (``cdc run``,
 and the Kafka consumer workers) and :class:`~cdc.kafka.producer.KafkaProducerSink` (``cdc
-capture``). Capture confirms an LSN to PostgreSQL only when :attr:`Sink.pending_rows` is 0
-after a flush, so a sink must count a row as pending until it is durable downstream.
+capture``). A sink counts a row as pending until it is durable downstream. Capture confirms
+to PostgreSQL the end of the newest transaction that committed below
+:meth:`Sink.pending_since` (every change of it is durable), or, when nothing is pending,
+everything received.
 """
 
 from __future__ import annotations
@@ -68,10 +70,23 @@ class Sink(ABC):
     def flush_due(self) -> bool:
         """Whether a batch limit (rows, bytes or age) has been reached."""
 
+    def flush_due_tables(self) -> dict[str, Any]:
+        """Make durable what is due (see :meth:`flush_due`), at least; returns metrics as
+        :meth:`flush` does. A sink that batches per table may leave the others buffered;
+        this one flushes everything."""
+        return self.flush()
+
     @property
     @abstractmethod
     def pending_rows(self) -> int:
         """Rows added but not yet durable."""
+
+    def pending_since(self) -> int | None:
+        """The smallest commit LSN among the rows added and not yet durable (``None``:
+        nothing is pending). Every change of a transaction that committed below it is
+        durable. This one knows no positions: while anything is pending it answers 0, so
+        capture confirms nothing past its last complete flush."""
+        return 0 if self.pending_rows else None
 
     @abstractmethod
     def latest_schema(self, qualified_name: str) -> TableSchema | None:

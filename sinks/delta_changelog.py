@@ -26,10 +26,11 @@ import logging
 import math
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeAlias
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -52,6 +53,7 @@ from cdc.core.table_schema import TableSchema
 from sinks.base import Sink
 from sinks.errors import (
     SinkBackpressureError,
+    SinkError,
     StreamFencedError,
     TerminalSinkError,
     TransientSinkError,
@@ -63,6 +65,9 @@ log = logging.getLogger(__name__)
 Position = tuple[int, int]  # (commit_lsn, seq)
 _FALLBACK_TYPE = pa.map_(pa.string(), pa.string())
 _NOTHING_WRITTEN: Position = (-1, -1)
+#: Commit threads when ``BatchSettings.commit_threads`` is not set, by where the lake is.
+LOCAL_COMMIT_THREADS = 4
+REMOTE_COMMIT_THREADS = 16
 
 _METADATA_FIELDS = [
     pa.field(layout.OP, pa.string(), nullable=False),
@@ -239,22 +244,46 @@ class _StreamMark:
     offset_accepted: int | None  # the newest offset handled (buffered, or dropped as replay)
 
 
+Part: TypeAlias = _Rows | _Changes | pa.Table
+
+
+@dataclass(slots=True)
+class _InFlight:
+    """One table's commit running in a commit thread: the rows taken out of its buffer
+    for it, and the positions it records (they become the written ones when it lands)."""
+
+    parts: list[Part]
+    rows: int
+    bytes: int
+    oldest: float
+    first_lsn: int
+    accepted: Position
+    marks: dict[str, tuple[Position, int | None]]  # stream -> (accepted, offset_accepted)
+    future: Future[None] | None = None
+
+
 @dataclass(slots=True)
 class _TableBuffer:
     qualified_name: str
     uri: str
     written: Position  # the watermark recorded in Delta
     accepted: Position  # the newest position buffered or written
-    parts: list[_Rows | _Changes | pa.Table] = field(default_factory=list)
+    parts: list[Part] = field(default_factory=list)
     schema: TableSchema | None = None  # the last schema seen, registered in the registry
     rows: int = 0
     bytes: int = 0
-    oldest: float | None = None
+    oldest: float | None = None  # monotonic time the oldest buffered row arrived
+    first_lsn: int = 0  # the smallest commit LSN buffered (meaningful while rows > 0)
     streams: dict[str, _StreamMark] = field(default_factory=dict)  # Kafka mode only
     # The incoming Arrow schema last checked against the Delta table, and the conversions
     # that check decided on (see sinks.schema_evolution); re-checked when it changes.
     checked_schema: pa.Schema | None = None
     incoming_casts: dict[str, pa.DataType] = field(default_factory=dict)
+    # The table as of this sink's last commit, kept between commits: opening it again
+    # replays its log, which costs about as much as the commit itself. Dropped whenever
+    # something else may have changed the table (an error, a widening, a discard).
+    table: DeltaTable | None = None
+    inflight: _InFlight | None = None  # its commit running now (one at a time per table)
 
 
 class DeltaChangelogSink(Sink):
@@ -287,6 +316,9 @@ class DeltaChangelogSink(Sink):
         self.storage_options = storage_options or None
         self.registry = SchemaRegistry(self.root, storage_options=self.storage_options)
         self._tables: dict[str, _TableBuffer] = {}
+        self._active: dict[str, _TableBuffer] = {}  # the tables with rows buffered
+        self._inflight: dict[str, _TableBuffer] = {}  # the tables with a commit running
+        self._pool: ThreadPoolExecutor | None = None
         self._last_buffer: _TableBuffer | None = None
         self._pending_rows = 0
         self._pending_bytes = 0
@@ -393,8 +425,13 @@ class DeltaChangelogSink(Sink):
     ) -> None:
         """Delete the snapshot rows (op ``r`` at ``lsn``) an interrupted snapshot wrote
         (whether or not its slot was dropped: see :meth:`sinks.base.Sink.discard_snapshot`)."""
+        _, failures = self._collect(block=True)  # no commit may run under the delete
+        self._result({}, failures, 0.0)
         for schema_name, table in tables:
-            uri = layout.changes_uri(self.root, f"{schema_name}.{table}")
+            name = f"{schema_name}.{table}"
+            if name in self._tables:
+                self._tables[name].table = None  # rows deleted under it
+            uri = layout.changes_uri(self.root, name)
             with delta_errors(f"deleting the interrupted snapshot from {uri}"):
                 if DeltaTable.is_deltatable(uri, storage_options=self.storage_options):
                     dt = DeltaTable(uri, storage_options=self.storage_options)
@@ -465,7 +502,7 @@ class DeltaChangelogSink(Sink):
                 mark.accepted = position
             if offset is not None:
                 mark.offset_accepted = offset
-        self._account(buf, 1, event.size_bytes)
+        self._account(buf, 1, event.size_bytes, event.commit_lsn)
 
     def add_changes(
         self,
@@ -531,7 +568,12 @@ class DeltaChangelogSink(Sink):
                 mark.accepted = last
             if last_offset is not None:
                 mark.offset_accepted = last_offset
-        self._account(buf, changes.num_rows, size_bytes or changes.nbytes)
+        self._account(
+            buf,
+            changes.num_rows,
+            size_bytes or changes.nbytes,
+            pc.min(changes.column(layout.LSN)).as_py(),
+        )
 
     def add_snapshot(
         self,
@@ -578,11 +620,15 @@ class DeltaChangelogSink(Sink):
         ]
         buf.parts.append(pa.Table.from_arrays(columns, schema=arrow_schema))
         buf.accepted = (lsn, first_seq + n - 1)
-        self._account(buf, n, batch.nbytes)
+        self._account(buf, n, batch.nbytes, lsn)
 
-    def _account(self, buf: _TableBuffer, rows: int, size: int) -> None:
+    def _account(self, buf: _TableBuffer, rows: int, size: int, lsn: int) -> None:
         if buf.oldest is None:
             buf.oldest = time.monotonic()
+            buf.first_lsn = lsn
+            self._active[buf.qualified_name] = buf
+        elif lsn < buf.first_lsn:  # Kafka mode: streams interleave their positions
+            buf.first_lsn = lsn
         buf.rows += rows
         buf.bytes += size
         self._pending_rows += rows
@@ -597,58 +643,234 @@ class DeltaChangelogSink(Sink):
     def pending_rows(self) -> int:
         return self._pending_rows
 
+    def pending_since(self) -> int | None:
+        """The smallest commit LSN of a row not yet durable, buffered or being committed
+        (``None``: there is none).
+
+        Each table's positions ascend, and a table's rows are committed in that order, so
+        every change of a transaction that committed below this LSN is durable: capture
+        may confirm such a transaction while other tables still hold rows.
+        """
+        lsns = [buf.first_lsn for buf in self._active.values()]
+        lsns += [buf.inflight.first_lsn for buf in self._inflight.values() if buf.inflight]
+        return min(lsns, default=None)
+
+    def _shares(self) -> tuple[float, float]:
+        """Each active table's share of the row and byte limits. When the buffers are
+        full (the sum reaches a limit) some table holds at least its share, so flushing
+        the due tables always frees room."""
+        active = len(self._active) or 1
+        return self.batch.max_rows / active, self.batch.max_bytes / active
+
+    def _due(self) -> list[_TableBuffer]:
+        now = time.monotonic()
+        rows, size = self._shares()
+        age = self.batch.max_seconds
+        return [
+            buf
+            for buf in self._active.values()
+            if buf.inflight is None
+            and (buf.rows >= rows or buf.bytes >= size or now - (buf.oldest or now) >= age)
+        ]
+
     def flush_due(self) -> bool:
+        """Whether some table is due (its oldest row has waited ``max_seconds``, or it
+        holds its share of ``max_rows`` / ``max_bytes``: the limit divided among the
+        tables with rows buffered), or a commit started by :meth:`flush_due_tables` has
+        ended and waits to be accounted for."""
         return self.seconds_until_flush() == 0.0
 
     def seconds_until_flush(self) -> float:
         """How long until :meth:`flush_due` holds with nothing more added (``inf``: nothing
         is buffered). Callers that block waiting for input cap the wait with it, so a
         batch is committed on time instead of a wait later."""
-        if self._pending_rows == 0:
-            return math.inf
-        if self._pending_rows >= self.batch.max_rows or self._pending_bytes >= self.batch.max_bytes:
-            return 0.0
-        oldest = min(
-            (b.oldest for b in self._tables.values() if b.oldest is not None), default=None
-        )
-        if oldest is None:
-            return math.inf
+        for buf in self._inflight.values():
+            if buf.inflight is not None and buf.inflight.future and buf.inflight.future.done():
+                return 0.0
+        rows, size = self._shares()
+        oldest = math.inf
+        for buf in self._active.values():
+            if buf.inflight is not None:
+                continue  # its next commit waits for the running one
+            if buf.rows >= rows or buf.bytes >= size:
+                return 0.0
+            if buf.oldest is not None and buf.oldest < oldest:
+                oldest = buf.oldest
         return max(0.0, oldest + self.batch.max_seconds - time.monotonic())
 
     def flush(self) -> dict[str, Any]:
-        """Write one Delta commit per table with buffered rows.
+        """Commit every buffered row, one Delta commit per table, the tables concurrently;
+        returns when all are committed (commits started by :meth:`flush_due_tables` too).
 
         Returns metrics: ``{"rows", "commits", "tables": {name: rows}, "duration_s"}``. On an
-        error the tables already committed stay committed (their watermarks protect them
-        from being written again) and the others keep their rows for the next flush.
+        error every other table is still committed; those committed stay committed (their
+        watermarks protect them from being written again), the failed ones keep their rows
+        for the next flush, and the error of the first failed table is raised (a terminal
+        one before a transient one).
         """
         started = time.monotonic()
-        written: dict[str, int] = {}
+        written, failures = self._collect(block=True)
+        failed = set(failures)
         ingested_at = datetime.now(UTC)
-        for buf in self._tables.values():
-            if not buf.rows:
-                continue
-            data = pa.concat_tables(
-                [p if isinstance(p, pa.Table) else p.to_arrow(ingested_at) for p in buf.parts],
-                promote_options="permissive",
+        for buf in list(self._active.values()):
+            if buf.qualified_name not in failed:
+                self._submit(buf, ingested_at, failures)
+        more, errors = self._collect(block=True)
+        failures.update(errors)
+        for name, rows in more.items():
+            written[name] = written.get(name, 0) + rows
+        return self._result(written, failures, started)
+
+    def flush_due_tables(self) -> dict[str, Any]:
+        """Start the commits of the tables that are due (see :meth:`flush_due`) and return
+        at once; account for the commits that have ended since the last call. A table
+        that changes rarely is not committed with every busy one, a busy one does not wait
+        for the others' age, and a slow commit (an object store taking its time) holds up
+        no other table: each has at most one commit running, and capture goes on reading
+        meanwhile. :attr:`pending_rows` and :meth:`pending_since` count the rows of a
+        running commit until it has landed.
+
+        Returns metrics of the commits that ended, as :meth:`flush` does; raises the error
+        of a commit that failed (its rows are buffered again).
+        """
+        started = time.monotonic()
+        written, failures = self._collect(block=False)
+        ingested_at = datetime.now(UTC)
+        for buf in self._due():
+            if buf.qualified_name not in failures:
+                self._submit(buf, ingested_at, failures)
+        return self._result(written, failures, started)
+
+    def _threads(self) -> int:
+        if self.batch.commit_threads is not None:
+            return self.batch.commit_threads
+        # Measured (benchmarks/many_tables.py): on a local disk, commits are CPU-bound in
+        # delta-rs, and a few threads keep two cores busy; on an object store each commit
+        # waits for several round trips, so more of them overlap.
+        local = "://" not in self.root or self.root.startswith("file://")
+        return LOCAL_COMMIT_THREADS if local else REMOTE_COMMIT_THREADS
+
+    def _submit(
+        self, buf: _TableBuffer, ingested_at: datetime, failures: dict[str, BaseException]
+    ) -> None:
+        """Take ``buf``'s rows out and start their commit in a commit thread."""
+        try:
+            # Decided here, in the caller's thread: what the commit records, and for a
+            # Kafka stream the fencing check, which reads the marks that add() moves.
+            txns = self._transactions(buf)
+            target = self._fenced_target(buf) if buf.streams else None
+        except SinkError as e:
+            failures[buf.qualified_name] = e
+            return
+        assert buf.oldest is not None
+        flight = _InFlight(
+            buf.parts,
+            buf.rows,
+            buf.bytes,
+            buf.oldest,
+            buf.first_lsn,
+            buf.accepted,
+            {s: (m.accepted, m.offset_accepted) for s, m in buf.streams.items()},
+        )
+        buf.parts = []
+        buf.rows = buf.bytes = 0
+        buf.oldest = None
+        del self._active[buf.qualified_name]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(
+                max_workers=self._threads(), thread_name_prefix="delta-commit"
             )
-            self._commit(buf, data)
-            written[buf.qualified_name] = buf.rows
-            self._pending_rows -= buf.rows
-            self._pending_bytes -= buf.bytes
-            buf.written = buf.accepted
-            for mark in buf.streams.values():
-                mark.written = mark.accepted
-                mark.offset_written = mark.offset_accepted
-            buf.parts.clear()
-            buf.rows = buf.bytes = 0
-            buf.oldest = None
+        buf.inflight = flight
+        self._inflight[buf.qualified_name] = buf
+        flight.future = self._pool.submit(self._write, buf, flight.parts, ingested_at, txns, target)
+
+    def _collect(self, *, block: bool) -> tuple[dict[str, int], dict[str, BaseException]]:
+        """Account for the commits that have ended (all of them, waiting, with ``block``):
+        rows written per table, and the errors of those that failed, whose rows go back
+        in front of their buffers."""
+        written: dict[str, int] = {}
+        failures: dict[str, BaseException] = {}
+        if block:
+            wait(
+                [
+                    b.inflight.future
+                    for b in self._inflight.values()
+                    if b.inflight and b.inflight.future
+                ]
+            )
+        for name, buf in list(self._inflight.items()):
+            flight = buf.inflight
+            assert flight is not None and flight.future is not None
+            if not flight.future.done():
+                continue
+            error = flight.future.exception()
+            del self._inflight[name]
+            buf.inflight = None
+            if error is None:
+                written[name] = flight.rows
+                self._pending_rows -= flight.rows
+                self._pending_bytes -= flight.bytes
+                buf.written = flight.accepted
+                for stream, (accepted, offset) in flight.marks.items():
+                    mark = buf.streams[stream]
+                    mark.written = accepted
+                    mark.offset_written = offset
+                continue
+            failures[name] = error
+            buf.parts[:0] = flight.parts
+            if buf.oldest is None:
+                buf.first_lsn = flight.first_lsn
+                self._active[name] = buf
+            else:
+                buf.first_lsn = min(buf.first_lsn, flight.first_lsn)
+            buf.oldest = flight.oldest
+            buf.rows += flight.rows
+            buf.bytes += flight.bytes
+        return written, failures
+
+    def _result(
+        self, written: dict[str, int], failures: dict[str, BaseException], started: float
+    ) -> dict[str, Any]:
+        if failures:
+            errors = list(failures.values())
+            if len(errors) > 1:
+                names = sorted(failures)
+                log.warning(
+                    "%d table commits failed (%s%s); the first: %s",
+                    len(errors),
+                    ", ".join(names[:5]),
+                    ", ..." if len(names) > 5 else "",
+                    errors[0],
+                )
+            raise next((e for e in errors if isinstance(e, TerminalSinkError)), errors[0])
         return {
             "rows": sum(written.values()),
             "commits": len(written),
             "tables": written,
             "duration_s": round(time.monotonic() - started, 4),
         }
+
+    def _write(
+        self,
+        buf: _TableBuffer,
+        parts: list[Part],
+        ingested_at: datetime,
+        txns: list[Transaction],
+        target: DeltaTable | str | None,
+    ) -> None:
+        """Commit ``parts`` (in a commit thread: touches nothing of ``buf`` but what only
+        its commits use: the checked schema and the open table)."""
+        data = pa.concat_tables(
+            [p if isinstance(p, pa.Table) else p.to_arrow(ingested_at) for p in parts],
+            promote_options="permissive",
+        )
+        self._commit(buf, data, txns, target)
+
+    def close(self) -> None:
+        """Wait for the commits running, and stop the commit threads (does not flush)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     def _transactions(self, buf: _TableBuffer) -> list[Transaction]:
         """The app transactions of ``buf``'s next commit: what it covers."""
@@ -673,6 +895,16 @@ class DeltaChangelogSink(Sink):
         if counts:
             txns.append(Transaction(PARTITIONS_APP_ID, max(counts)))
         return txns
+
+    def _target(self, buf: _TableBuffer) -> str | DeltaTable:
+        """Where to commit ``buf`` when it holds no streams: the table kept from its last
+        commit (delta-rs brings it up to date at the commit, checking for conflicts with
+        commits made since)."""
+        if buf.table is None:
+            with delta_errors(f"reading {buf.uri}"):
+                if DeltaTable.is_deltatable(buf.uri, storage_options=self.storage_options):
+                    buf.table = DeltaTable(buf.uri, storage_options=self.storage_options)
+        return buf.table if buf.table is not None else buf.uri
 
     def _fenced_target(self, buf: _TableBuffer) -> str | DeltaTable:
         """Where to commit ``buf``: its URI, or, when it holds streams, the table as read
@@ -709,6 +941,7 @@ class DeltaChangelogSink(Sink):
                 lake = pa.schema(dt.schema().to_arrow())
                 plan = plan_evolution(lake, data.schema, table=buf.qualified_name)
                 if plan.widen:
+                    buf.table = None  # rewritten: opened again for the next commit
                     with delta_errors(f"widening columns of {buf.uri}"):
                         rows = widen_in_place(
                             buf.uri, plan.widen, storage_options=self.storage_options
@@ -723,18 +956,31 @@ class DeltaChangelogSink(Sink):
             buf.checked_schema = data.schema
         return cast_columns(data, buf.incoming_casts) if buf.incoming_casts else data
 
-    def _commit(self, buf: _TableBuffer, data: pa.Table) -> None:
+    def _commit(
+        self,
+        buf: _TableBuffer,
+        data: pa.Table,
+        txns: list[Transaction],
+        target: DeltaTable | str | None,
+    ) -> None:
         data = self._evolve(buf, data)
-        props = CommitProperties(app_transactions=self._transactions(buf))
-        target = self._fenced_target(buf)
-        with delta_errors(f"writing {data.num_rows} rows of {buf.qualified_name} to {buf.uri}"):
-            write_deltalake(
-                target,
-                data,
-                mode="append",
-                partition_by=list(layout.PARTITION_COLUMNS),
-                schema_mode="merge",
-                storage_options=self.storage_options,
-                commit_properties=props,
-            )
-        log.debug("committed %d rows to %s up to %s", data.num_rows, buf.uri, buf.accepted)
+        props = CommitProperties(app_transactions=txns)
+        if target is None:
+            target = self._target(buf)
+        committed = False
+        try:
+            with delta_errors(f"writing {data.num_rows} rows of {buf.qualified_name} to {buf.uri}"):
+                write_deltalake(
+                    target,
+                    data,
+                    mode="append",
+                    partition_by=list(layout.PARTITION_COLUMNS),
+                    schema_mode="merge",
+                    storage_options=self.storage_options,
+                    commit_properties=props,
+                )
+            committed = True
+        finally:
+            if not committed:
+                buf.table = None  # its state is in doubt: read the table again next time
+        log.debug("committed %d rows to %s", data.num_rows, buf.uri)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -122,14 +123,29 @@ class TransformingSink(Sink):
         self.inner.discard_snapshot(targets, lsn, slot_dropped=slot_dropped)
 
     def flush(self) -> dict[str, Any]:
+        return self._flush_with(self.inner.flush)
+
+    def flush_due_tables(self) -> dict[str, Any]:
+        """Transform what is held, then flush what the sink behind has due; everything when
+        the events held here are the ones due (their age in the sink behind starts again
+        when they reach it, and they must not wait a second ``max_seconds``). Events drained
+        early, by another table's due flush, start their age again behind: they may wait up
+        to twice ``max_seconds``."""
+        if self._oldest is not None and time.monotonic() - self._oldest >= self.max_seconds:
+            return self.flush()
+        return self._flush_with(self.inner.flush_due_tables)
+
+    def _flush_with(self, flush_inner: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         total: dict[str, Any] = {"rows": 0, "commits": 0}
         while True:
             try:
                 self._drain()
                 break
             except SinkBackpressureError:
+                # A complete flush: only that surely makes room (commits that are still
+                # running count as pending until they have landed).
                 _add_metrics(total, self.inner.flush())
-        _add_metrics(total, self.inner.flush())
+        _add_metrics(total, flush_inner())
         self._oldest = None
         return total
 
@@ -143,6 +159,13 @@ class TransformingSink(Sink):
     @property
     def pending_rows(self) -> int:
         return len(self._raw) + len(self._ready) + self.inner.pending_rows
+
+    def pending_since(self) -> int | None:
+        held = self._ready[0] if self._ready else self._raw[0] if self._raw else None
+        inner = self.inner.pending_since()
+        if held is None:
+            return inner
+        return held.commit_lsn if inner is None else min(held.commit_lsn, inner)
 
     def latest_schema(self, qualified_name: str) -> TableSchema | None:
         """The source shape last seen of a transformed table (``inner`` records the output

@@ -10,6 +10,7 @@ instead, which are the sources of truth for them.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,3 +75,46 @@ class CapturePosition:
             snapshotted=None if data.get("snapshotted") is None else set(data["snapshotted"]),
             pending_snapshots=dict(data.get("pending_snapshots") or {}),
         )
+
+
+class CommittedTransactions:
+    """The transactions handed to a sink whose end is not confirmed yet, in commit order.
+
+    A sink that commits each table on its own schedule holds some tables' rows while
+    others are durable. It tells the smallest commit LSN it still holds
+    (:meth:`sinks.base.Sink.pending_since`); every transaction that committed below it is
+    durable in every table, so the end of the newest such one may be confirmed.
+
+    Example:
+        >>> done = CommittedTransactions()
+        >>> done.add(100, 150); done.add(200, 250); done.add(300, 350)
+        >>> done.durable_end(300)  # the transaction at 300 still has rows pending
+        250
+        >>> done.durable_end(300) is None  # nothing newer became durable
+        True
+    """
+
+    __slots__ = ("_pairs",)
+
+    def __init__(self) -> None:
+        self._pairs: deque[tuple[int, int]] = deque()
+
+    def add(self, commit_lsn: int, end_lsn: int) -> None:
+        """Every change of the transaction committed at ``commit_lsn`` is in the sink."""
+        self._pairs.append((commit_lsn, end_lsn))
+
+    def durable_end(self, pending_since: int) -> int | None:
+        """The end LSN of the newest transaction that committed below ``pending_since``
+        (``None``: none since the last call); those transactions are forgotten."""
+        pairs = self._pairs
+        end = None
+        while pairs and pairs[0][0] < pending_since:
+            end = pairs.popleft()[1]
+        return end
+
+    def clear(self) -> None:
+        """Nothing is pending: every transaction handed on is durable."""
+        self._pairs.clear()
+
+    def __len__(self) -> int:
+        return len(self._pairs)

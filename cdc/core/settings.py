@@ -69,9 +69,11 @@ class LakeSettings(BaseModel):
 class BatchSettings(BaseModel):
     """When the sink commits: whichever limit is reached first.
 
-    Each flush writes one Delta commit per table, so ``max_seconds`` bounds how stale the
-    lake can be, and also how many small files streaming creates (``cdc jobs compact``
-    merges them later).
+    Each table is committed on its own schedule: when its oldest buffered row has waited
+    ``max_seconds``, or it holds its share of ``max_rows`` / ``max_bytes`` (the limit divided
+    among the tables with rows buffered). So ``max_seconds`` bounds how stale the lake can
+    be, and also how many small files streaming creates (``cdc jobs compact`` merges them
+    later). ``max_rows`` and ``max_bytes`` also cap the memory of all the buffers together.
     """
 
     max_rows: int = Field(default=100_000, gt=0)
@@ -80,6 +82,9 @@ class BatchSettings(BaseModel):
     # (benchmarks/freshness.py); at 1 s it is about 1.1 s. The cost is about 120 small files
     # a minute per busy table, which `cdc jobs compact` folds together.
     max_seconds: float = Field(default=0.5, gt=0)
+    # Tables committed at once by one flush (delta-rs releases the GIL while it writes and
+    # commits). None: 4 on a local disk, 16 on an object store (see sinks.delta_changelog).
+    commit_threads: int | None = Field(default=None, ge=1)
 
 
 #: A librdkafka property value, passed through to the client unchanged.

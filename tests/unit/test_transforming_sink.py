@@ -97,3 +97,16 @@ def test_snapshot_rows_wait_for_the_events_held_before_them(tmp_path: Path) -> N
     s.flush()
     assert [r[1:] for r in written(tmp_path)] == [("c", 1, 5, 10), ("r", 3, 7, 14)]
     assert s.latest_schema("shop.items") == ITEMS  # the source shape, for capture's checks
+
+
+def test_pending_since_covers_the_events_held_and_those_behind(tmp_path: Path) -> None:
+    s = sink(tmp_path, max_seconds=0.2)
+    assert s.pending_since() is None
+    s.add(event("c", 1, 5, 0))  # held here, untransformed: its commit LSN (10) is pending
+    assert s.pending_since() == 10 and not s.flush_due()
+    time.sleep(0.2)
+    assert s.flush_due()
+    # The events held here are the ones due: everything is committed, not just started.
+    s.flush_due_tables()
+    assert s.pending_rows == 0 and s.pending_since() is None
+    assert written(tmp_path) == [(0, "c", 1, 5, 10)]
