@@ -24,16 +24,12 @@ import psycopg
 from catalog import lake_layout as layout
 from catalog.commit_safety import require_safe_commits
 from catalog.errors import CatalogError
-from catalog.kafka_schema_registry import KafkaSchemaRegistry
 from cdc.core.errors import ConfigError, TransientError
 from cdc.core.events import ChangeEvent
 from cdc.core.lsn import format_lsn
 from cdc.core.position import CapturePosition
 from cdc.core.settings import Settings
 from cdc.core.table_schema import TableSchema
-from cdc.kafka.errors import wrap_kafka_error
-from cdc.kafka.position_store import KafkaPositionStore
-from cdc.kafka.producer import KafkaProducerSink, producer_config
 from cdc.metrics import EventCounts, Metrics
 from cdc.operations import Operations
 from cdc.postgres.errors import SlotLostError, SourceConnectionError, postgres_error
@@ -709,6 +705,13 @@ def run_capture(
         >>> run_capture(settings, stop=stop)  # doctest: +SKIP
         {'snapshot_rows': 1000, 'events': 52, 'rows_written': 1052, ...}
     """
+    # Here, not at the top: confluent_kafka takes about 50 ms to load, which `cdc run` (and
+    # its snapshot's start-up) does not need.
+    from catalog.kafka_schema_registry import KafkaSchemaRegistry
+    from cdc.kafka.errors import wrap_kafka_error
+    from cdc.kafka.position_store import KafkaPositionStore
+    from cdc.kafka.producer import KafkaProducerSink, producer_config
+
     bootstrap = settings.kafka_bootstrap()
     dsn = settings.source_dsn()
     kafka = settings.kafka
