@@ -12,14 +12,16 @@ replays from the last confirmed LSN) and duplicates nothing (the replay is filte
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Iterator
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import psycopg
+import pyarrow as pa
 
 from catalog import lake_layout as layout
 from catalog.commit_safety import require_safe_commits
@@ -316,6 +318,7 @@ class CapturePipeline:
             schemas = describe_tables(conn, tables)
         read_at = datetime.now(UTC)
         lsn = position.snapshot_lsn
+        copied: dict[str, int] = {}
         with SnapshotReader(self.dsn, snapshot_name) as reader:
             for key in tables:
                 schema = schemas.get(key)
@@ -327,18 +330,38 @@ class CapturePipeline:
                     self._record_gap(schema, lsn, read_at)
                 if self.progress:
                     self.progress.table_started(name, reader.estimate_rows(schema))
-                copied = 0
-                for batch in reader.read_table(schema):
-                    if self.stop.is_set():
-                        raise _Stopped
-                    self._add_snapshot(schema, batch, lsn=lsn, first_seq=copied, read_at=read_at)
-                    copied += batch.num_rows
-                    if self.progress:
-                        self.progress.rows_copied(name, batch.num_rows)
+                with (
+                    contextlib.closing(reader.read_table(schema)) as batches,
+                    contextlib.closing(self._copied(name, batches, copied)) as rows,
+                ):
+                    written = self.sink.add_initial_snapshot(
+                        schema, rows, lsn=lsn, read_at=read_at, flush=self._flush
+                    )
+                if written["commits"]:  # the sink wrote the rows as they came: as for a flush
+                    self.metrics["rows_written"] += written["rows"]
+                    self.metrics["commits"] += written["commits"]
+                    self._flushed(written)
                 if self.progress:
-                    self.progress.table_done(name, copied)
-                self.metrics["snapshot_rows"] += copied
+                    self.progress.table_done(name, copied.get(name, 0))
+                self.metrics["snapshot_rows"] += copied.get(name, 0)
         self._flush()
+
+    def _copied(
+        self, name: str, batches: Iterator[pa.Table], copied: dict[str, int]
+    ) -> Generator[pa.Table, None, None]:
+        """``batches`` of ``name``'s initial snapshot, counted in ``copied`` as they pass to
+        the sink; raises _Stopped when the pipeline is asked to stop."""
+        for batch in batches:
+            if self.stop.is_set():
+                raise _Stopped
+            rows = batch.num_rows
+            copied[name] = copied.get(name, 0) + rows
+            self._snapshot_unflushed[name] = self._snapshot_unflushed.get(name, 0) + rows
+            if self.prometheus is not None:
+                self.prometheus.snapshot_rows.labels(name).inc(rows)
+            if self.progress:
+                self.progress.rows_copied(name, rows)
+            yield batch
 
     def _record_gap(self, schema: TableSchema, snapshot_lsn: int, read_at: datetime) -> None:
         """A truncate just before a re-snapshot's rows (at ``snapshot_lsn``): rows deleted

@@ -193,7 +193,7 @@ class SnapshotReader:
             ) from e
         return int(row[0]) if row and row[0] is not None and row[0] >= 0 else None
 
-    def read_table(self, table: TableSchema) -> Iterator[pa.Table]:
+    def read_table(self, table: TableSchema) -> Generator[pa.Table, None, None]:
         """Yields the table's rows as Arrow tables typed like :func:`pgtypes.arrow_type`."""
         names = table.column_names
         # Partitioned tables: selecting from the root reads every partition, which matches
