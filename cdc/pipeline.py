@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Generator, Iterator
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import psycopg
 import pyarrow as pa
@@ -57,8 +57,9 @@ from sinks.base import PositionStore, Sink, SnapshotProgress
 from sinks.delta_changelog import DeltaChangelogSink
 from sinks.errors import SinkBackpressureError
 from sinks.position_store import LakePositionStore
-from sinks.transformed import TransformingSink
-from transforms import Transforms
+
+if TYPE_CHECKING:
+    from transforms import Transforms
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,10 @@ class CapturePipeline:
         self.transforms: Transforms | None = None
         self.transform_status: dict[str, Any] = {"rules": [], "pushdown": None}
         if settings.transforms.rules:
+            # Imported here: the rules (and DuckDB behind them) are not loaded without rules.
+            from sinks.transformed import TransformingSink
+            from transforms import Transforms
+
             self.transforms = Transforms(settings.transforms, source=settings.config_file)
             self.sink = TransformingSink(
                 self.sink, self.transforms, max_seconds=settings.batch.max_seconds
@@ -227,6 +232,8 @@ class CapturePipeline:
         """The error for a slot that is gone, saying how to start over."""
         copied = (self.position.snapshotted if self.position else None) or set()
         names = sorted({f"{s}.{t}" for s, t in self._tables} | copied)
+        from sinks.transformed import TransformingSink
+
         sink = self.sink
         if isinstance(sink, TransformingSink):  # the lake holds the routed names
             routes = sink.transforms
@@ -681,6 +688,8 @@ def transforms_status(settings: Settings) -> dict[str, Any]:
         >>> transforms_status(load_settings("cdc.toml"))  # doctest: +SKIP
         {'rules': [{'index': 0, 'tables': ['crm.*'], ...}], 'pushdown': {'publish': [...], ...}}
     """
+    from transforms import Transforms
+
     rules = (
         Transforms(settings.transforms, source=settings.config_file).describe()
         if settings.transforms.rules
