@@ -194,13 +194,12 @@ class SnapshotReader:
         return int(row[0]) if row and row[0] is not None and row[0] >= 0 else None
 
     def _copies_directly(self, table: TableSchema) -> bool:
-        """Whether ``COPY table TO`` reads all of ``table``: an ordinary table without
-        row-level security (COPY of a partitioned table, or of one under row-level
-        security, is refused by the server)."""
+        """Whether ``COPY table TO`` can read ``table``: an ordinary one (the server
+        refuses it for a partitioned table). Row-level security policies apply to both
+        forms alike."""
         try:
             row = self._conn.execute(
-                "SELECT relkind = 'r' AND NOT relrowsecurity FROM pg_class "
-                "WHERE oid = %s::regclass",
+                "SELECT relkind = 'r' FROM pg_class WHERE oid = %s::regclass",
                 [sql.Identifier(table.schema, table.table).as_string(self._conn)],
             ).fetchone()
         except psycopg.Error as e:
@@ -219,7 +218,7 @@ class SnapshotReader:
             query = sql.SQL("COPY {} ({}) TO STDOUT (FORMAT csv)").format(relation, columns)
         else:
             # Partitioned tables: selecting from the root reads every partition, which
-            # matches publishing through the root. Row-level security applies only there.
+            # matches publishing through the root.
             query = sql.SQL("COPY (SELECT {} FROM {}) TO STDOUT (FORMAT csv)").format(
                 columns, relation
             )

@@ -146,13 +146,12 @@ def test_raising_out_of_the_loop_stops_the_reader(pg_dsn: str, pg_conn: psycopg.
     assert reader._conn.closed
 
 
-def test_partitioned_row_secured_and_mixed_case_tables_are_read_whole(
+def test_partitioned_and_row_secured_tables_are_read_as_the_role_sees_them(
     pg_dsn: str, pg_conn: psycopg.Connection
 ) -> None:
-    """An ordinary table is copied directly (``COPY t TO``); a partitioned one, which the
-    server does not copy directly, and one under row-level security (where ``COPY t TO``
-    is refused to a role the policy applies to) are read through a SELECT: whole, or as
-    the policy lets the role see them; NULLs and composite keys of mixed types included."""
+    """An ordinary table is copied directly (``COPY t TO``), a partitioned one, which the
+    server does not copy directly, through a SELECT: whole, NULLs and composite keys of
+    mixed types included; and a row-level security policy still applies to the role."""
     pg_conn.execute(
         """
         CREATE TABLE "Parted" (k text, n int, v text, PRIMARY KEY (k, n)) PARTITION BY LIST (k);
