@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -63,6 +64,8 @@ log = logging.getLogger(__name__)
 Position = tuple[int, int]  # (commit_lsn, seq)
 _FALLBACK_TYPE = pa.map_(pa.string(), pa.string())
 _NOTHING_WRITTEN: Position = (-1, -1)
+#: How often (seconds) a caller waiting for a snapshot write wakes up (to run signal handlers).
+_JOIN_POLL_SECONDS = 0.1
 
 _METADATA_FIELDS = [
     pa.field(layout.OP, pa.string(), nullable=False),
@@ -629,11 +632,16 @@ class DeltaChangelogSink(Sink):
         casts = buf.incoming_casts
         rows = 0
         failure: list[BaseException] = []
+        abandoned = threading.Event()
 
         def changelog() -> Iterator[pa.RecordBatch]:  # pulled by delta-rs, GIL taken per batch
             nonlocal rows
             try:
                 for batch in batches:
+                    if abandoned.is_set():
+                        raise TerminalSinkError(
+                            f"the snapshot of {buf.qualified_name} was abandoned"
+                        )
                     if batch.num_rows:
                         data = _snapshot_rows(table, batch, lsn, rows, read_at)
                         rows += batch.num_rows
@@ -643,21 +651,39 @@ class DeltaChangelogSink(Sink):
                 raise
 
         what = f"writing the snapshot of {buf.qualified_name} to {buf.uri}"
+        errors: list[BaseException] = []
+
+        def write() -> None:
+            try:
+                with delta_errors(what):
+                    write_deltalake(
+                        buf.uri,
+                        pa.RecordBatchReader.from_batches(shape, changelog()),
+                        mode="append",
+                        partition_by=list(layout.PARTITION_COLUMNS),
+                        schema_mode="merge",
+                        storage_options=self.storage_options,
+                        target_file_size=self.batch.max_bytes,
+                    )
+            except BaseException as e:  # handed to the calling thread below
+                errors.append(e)
+
+        # In a thread of its own, so that the calling thread stays in Python while the
+        # table is copied and runs signal handlers (a SIGTERM sets the caller's stop, which
+        # ``batches`` obeys): delta-rs holds the thread it is called from until it is done.
+        writer = threading.Thread(target=write, name="cdc-snapshot-write", daemon=True)
+        writer.start()
         try:
-            with delta_errors(what):
-                write_deltalake(
-                    buf.uri,
-                    pa.RecordBatchReader.from_batches(shape, changelog()),
-                    mode="append",
-                    partition_by=list(layout.PARTITION_COLUMNS),
-                    schema_mode="merge",
-                    storage_options=self.storage_options,
-                    target_file_size=self.batch.max_bytes,
-                )
-        except BaseException:
-            if failure:
-                raise failure[0] from None
+            while writer.is_alive():
+                writer.join(_JOIN_POLL_SECONDS)
+        except BaseException:  # KeyboardInterrupt: end the stream, then the writer
+            abandoned.set()
+            writer.join()
             raise
+        if failure:
+            raise failure[0]
+        if errors:
+            raise errors[0]
         if not rows:
             return {"rows": 0, "commits": 0, "tables": {}, "duration_s": 0.0}
         buf.accepted = (lsn, rows - 1)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 import uuid
@@ -388,6 +390,40 @@ def test_a_crash_inside_a_streamed_table_copy_is_redone_without_duplicates(
             f"SELECT count(DISTINCT (_cdc_lsn, _cdc_seq)), max(_cdc_seq) FROM {changes}"
         ).fetchone() == (20000, 19999)
         assert lk.sql("SELECT count(*) FROM public.keyless_changes").fetchone() == (50,)
+
+
+def test_a_signal_during_a_table_copy_stops_it_at_the_next_batch(
+    pg_dsn: str, pg_conn: psycopg.Connection, lake_dir: str
+) -> None:
+    """The signal handler (cdc run's sets the stop event) runs while delta-rs is writing a
+    table: the copy stops at its next batch, not when the table is done."""
+    pg_conn.execute("CREATE TABLE big (id bigint PRIMARY KEY, v text)")
+    pg_conn.execute(
+        "INSERT INTO big SELECT g, repeat(md5(g::text), 3) FROM generate_series(1, 300000) g"
+    )
+    pipeline = CapturePipeline(
+        load_settings(**{"source.dsn": pg_dsn, "lake.path": lake_dir, "name": "test"})
+    )
+    batches: list[int] = []
+
+    class SignalAtFirstBatch:
+        def table_started(self, name: str, estimated_rows: int | None) -> None: ...
+        def table_done(self, name: str, rows: int) -> None: ...
+
+        def rows_copied(self, name: str, rows: int) -> None:
+            batches.append(rows)
+            if len(batches) == 1:
+                os.kill(os.getpid(), signal.SIGUSR1)
+
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: pipeline.stop.set())
+    try:
+        pipeline.progress = SignalAtFirstBatch()
+        assert pipeline.run()["snapshot_interrupted"] is True
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert 1 <= len(batches) < 4 and sum(batches) < 300000
+    changes = DeltaTable(layout.changes_uri(lake_dir, "public.big"))
+    assert changes.to_pyarrow_table().num_rows == 0
 
 
 def test_snapshot_never_streams_only(
