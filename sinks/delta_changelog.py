@@ -8,6 +8,10 @@ are dropped instead of written twice. Because the watermark is per change and no
 transaction, a flush may split a large transaction across commits and a crash in between
 still neither loses nor duplicates a row.
 
+An initial snapshot does not go through the buffers:
+:meth:`DeltaChangelogSink.add_initial_snapshot` writes each table's rows as they are read, in
+one streamed write, then records the watermark.
+
 Kafka mode (``cdc sink``) adds *streams*: a stream is one topic-partition (``"<topic>:<p>"``),
 and :meth:`DeltaChangelogSink.add` takes it with the message's offset. Each commit then
 records, per stream it covers, the offset of the last message handled
