@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import http.client
 import logging
 import os
 import threading
@@ -234,6 +233,8 @@ class _Signer:
             f"AWS4-HMAC-SHA256 Credential={self.key_id}/{scope}, SignedHeaders={signed}, "
             f"Signature={signature}"
         )
+        import http.client  # here: only object stores are probed, and it takes 5-40 ms to load
+
         cls = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
         conn = cls(host, timeout=30)
         try:

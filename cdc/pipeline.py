@@ -12,28 +12,26 @@ replays from the last confirmed LSN) and duplicates nothing (the replay is filte
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Iterator
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import psycopg
+import pyarrow as pa
 
 from catalog import lake_layout as layout
 from catalog.commit_safety import require_safe_commits
 from catalog.errors import CatalogError
-from catalog.kafka_schema_registry import KafkaSchemaRegistry
 from cdc.core.errors import ConfigError, TransientError
 from cdc.core.events import ChangeEvent
 from cdc.core.lsn import format_lsn
 from cdc.core.position import CapturePosition, CommittedTransactions
 from cdc.core.settings import Settings
 from cdc.core.table_schema import TableSchema
-from cdc.kafka.errors import wrap_kafka_error
-from cdc.kafka.position_store import KafkaPositionStore
-from cdc.kafka.producer import KafkaProducerSink, producer_config
 from cdc.metrics import EventCounts, Metrics
 from cdc.operations import Operations
 from cdc.postgres.columnar import ChangeBatch
@@ -61,8 +59,9 @@ from sinks.base import PositionStore, Sink, SnapshotProgress
 from sinks.delta_changelog import DeltaChangelogSink
 from sinks.errors import SinkBackpressureError
 from sinks.position_store import LakePositionStore
-from sinks.transformed import TransformingSink
-from transforms import Transforms
+
+if TYPE_CHECKING:
+    from transforms import Transforms
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +116,10 @@ class CapturePipeline:
         self.transforms: Transforms | None = None
         self.transform_status: dict[str, Any] = {"rules": [], "pushdown": None}
         if settings.transforms.rules:
+            # Imported here: the rules (and DuckDB behind them) are not loaded without rules.
+            from sinks.transformed import TransformingSink
+            from transforms import Transforms
+
             self.transforms = Transforms(settings.transforms, source=settings.config_file)
             self.sink = TransformingSink(
                 self.sink, self.transforms, max_seconds=settings.batch.max_seconds
@@ -237,6 +240,8 @@ class CapturePipeline:
         """The error for a slot that is gone, saying how to start over."""
         copied = (self.position.snapshotted if self.position else None) or set()
         names = sorted({f"{s}.{t}" for s, t in self._tables} | copied)
+        from sinks.transformed import TransformingSink
+
         sink = self.sink
         if isinstance(sink, TransformingSink):  # the lake holds the routed names
             routes = sink.transforms
@@ -328,6 +333,7 @@ class CapturePipeline:
             schemas = describe_tables(conn, tables)
         read_at = datetime.now(UTC)
         lsn = position.snapshot_lsn
+        copied: dict[str, int] = {}
         with SnapshotReader(self.dsn, snapshot_name) as reader:
             for key in tables:
                 schema = schemas.get(key)
@@ -339,18 +345,38 @@ class CapturePipeline:
                     self._record_gap(schema, lsn, read_at)
                 if self.progress:
                     self.progress.table_started(name, reader.estimate_rows(schema))
-                copied = 0
-                for batch in reader.read_table(schema):
-                    if self.stop.is_set():
-                        raise _Stopped
-                    self._add_snapshot(schema, batch, lsn=lsn, first_seq=copied, read_at=read_at)
-                    copied += batch.num_rows
-                    if self.progress:
-                        self.progress.rows_copied(name, batch.num_rows)
+                with (
+                    contextlib.closing(reader.read_table(schema)) as batches,
+                    contextlib.closing(self._copied(name, batches, copied)) as rows,
+                ):
+                    written = self.sink.add_initial_snapshot(
+                        schema, rows, lsn=lsn, read_at=read_at, flush=self._flush
+                    )
+                if written["commits"]:  # the sink wrote the rows as they came: as for a flush
+                    self.metrics["rows_written"] += written["rows"]
+                    self.metrics["commits"] += written["commits"]
+                    self._flushed(written)
                 if self.progress:
-                    self.progress.table_done(name, copied)
-                self.metrics["snapshot_rows"] += copied
+                    self.progress.table_done(name, copied.get(name, 0))
+                self.metrics["snapshot_rows"] += copied.get(name, 0)
         self._flush()
+
+    def _copied(
+        self, name: str, batches: Iterator[pa.Table], copied: dict[str, int]
+    ) -> Generator[pa.Table, None, None]:
+        """``batches`` of ``name``'s initial snapshot, counted in ``copied`` as they pass to
+        the sink; raises _Stopped when the pipeline is asked to stop."""
+        for batch in batches:
+            if self.stop.is_set():
+                raise _Stopped
+            rows = batch.num_rows
+            copied[name] = copied.get(name, 0) + rows
+            self._snapshot_unflushed[name] = self._snapshot_unflushed.get(name, 0) + rows
+            if self.prometheus is not None:
+                self.prometheus.snapshot_rows.labels(name).inc(rows)
+            if self.progress:
+                self.progress.rows_copied(name, rows)
+            yield batch
 
     def _record_gap(self, schema: TableSchema, snapshot_lsn: int, read_at: datetime) -> None:
         """A truncate just before a re-snapshot's rows (at ``snapshot_lsn``): rows deleted
@@ -720,6 +746,8 @@ def transforms_status(settings: Settings) -> dict[str, Any]:
         >>> transforms_status(load_settings("cdc.toml"))  # doctest: +SKIP
         {'rules': [{'index': 0, 'tables': ['crm.*'], ...}], 'pushdown': {'publish': [...], ...}}
     """
+    from transforms import Transforms
+
     rules = (
         Transforms(settings.transforms, source=settings.config_file).describe()
         if settings.transforms.rules
@@ -767,6 +795,13 @@ def run_capture(
         >>> run_capture(settings, stop=stop)  # doctest: +SKIP
         {'snapshot_rows': 1000, 'events': 52, 'rows_written': 1052, ...}
     """
+    # Here, not at the top: confluent_kafka takes about 50 ms to load, which `cdc run` (and
+    # its snapshot's start-up) does not need.
+    from catalog.kafka_schema_registry import KafkaSchemaRegistry
+    from cdc.kafka.errors import wrap_kafka_error
+    from cdc.kafka.position_store import KafkaPositionStore
+    from cdc.kafka.producer import KafkaProducerSink, producer_config
+
     bootstrap = settings.kafka_bootstrap()
     dsn = settings.source_dsn()
     kafka = settings.kafka

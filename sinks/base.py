@@ -17,6 +17,7 @@ everything received.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -25,6 +26,7 @@ import pyarrow as pa
 from cdc.core.events import ChangeEvent
 from cdc.core.position import CapturePosition
 from cdc.core.table_schema import TableSchema
+from sinks.errors import SinkBackpressureError
 
 
 class Sink(ABC):
@@ -51,6 +53,37 @@ class Sink(ABC):
         """Buffer snapshot rows (op ``r``) in Arrow form, positioned at ``(lsn, first_seq..)``.
 
         Raises SinkBackpressureError when the buffers are full."""
+
+    def add_initial_snapshot(
+        self,
+        table: TableSchema,
+        batches: Iterable[pa.Table],
+        *,
+        lsn: int,
+        read_at: datetime,
+        flush: Callable[[], object],
+    ) -> dict[str, Any]:
+        """Add all of ``table``'s rows in an initial snapshot at ``lsn``, seq 0, 1, 2...
+
+        ``batches`` is consumed to its end. ``flush`` makes room when the buffers are full
+        (the caller's flush, with its retries). Returns the metrics of the commits this call
+        made itself, in the form of :meth:`flush`'s (``commits`` 0: none, everything is
+        buffered for the next flush). This default adds each batch with
+        :meth:`add_snapshot`; a sink may write the rows as they come instead.
+
+        Hazard: only for a snapshot that is redone from the start when it is interrupted
+        (``discard_snapshot`` first, as the initial snapshot is): an interrupted call may
+        leave rows durable that no watermark covers yet.
+        """
+        first_seq = 0
+        for batch in batches:
+            try:
+                self.add_snapshot(table, batch, lsn=lsn, first_seq=first_seq, read_at=read_at)
+            except SinkBackpressureError:
+                flush()
+                self.add_snapshot(table, batch, lsn=lsn, first_seq=first_seq, read_at=read_at)
+            first_seq += batch.num_rows
+        return {"rows": 0, "commits": 0, "tables": {}, "duration_s": 0.0}
 
     @abstractmethod
     def discard_snapshot(

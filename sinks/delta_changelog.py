@@ -8,6 +8,10 @@ are dropped instead of written twice. Because the watermark is per change and no
 transaction, a flush may split a large transaction across commits and a crash in between
 still neither loses nor duplicates a row.
 
+An initial snapshot does not go through the buffers:
+:meth:`DeltaChangelogSink.add_initial_snapshot` writes each table's rows as they are read, in
+one streamed write, then records the watermark.
+
 Kafka mode (``cdc sink``) adds *streams*: a stream is one topic-partition (``"<topic>:<p>"``),
 and :meth:`DeltaChangelogSink.add` takes it with the message's offset. Each commit then
 records, per stream it covers, the offset of the last message handled
@@ -24,8 +28,9 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -68,6 +73,8 @@ _NOTHING_WRITTEN: Position = (-1, -1)
 #: Commit threads when ``BatchSettings.commit_threads`` is not set, by where the lake is.
 LOCAL_COMMIT_THREADS = 4
 REMOTE_COMMIT_THREADS = 16
+#: How often (seconds) a caller waiting for a snapshot write wakes up (to run signal handlers).
+_JOIN_POLL_SECONDS = 0.1
 
 _METADATA_FIELDS = [
     pa.field(layout.OP, pa.string(), nullable=False),
@@ -221,6 +228,38 @@ def changelog_table(
         unchanged_toast if unchanged_toast is not None else pa.nulls(n, pa.list_(pa.string())),
         fallback if fallback is not None else pa.nulls(n, type=_FALLBACK_TYPE),
         pc.cast(commit_ts, pa.date32()),
+    ]
+    return pa.Table.from_arrays(columns, schema=arrow_schema)
+
+
+def _snapshot_rows(
+    table: TableSchema,
+    batch: pa.RecordBatch | pa.Table,
+    lsn: int,
+    first_seq: int,
+    read_at: datetime,
+) -> pa.Table:
+    """Snapshot rows in changelog form: op ``r`` at ``(lsn, first_seq..)``, read at ``read_at``."""
+    n = batch.num_rows
+    arrow_schema = changelog_arrow_schema(table)
+    # Metadata columns are built in Arrow from scalars (no per-row Python objects).
+    commit_ts = pa.scalar(read_at, type=pa.timestamp("us", tz="UTC"))
+    seqs = pc.cumulative_sum(  # first_seq, first_seq + 1, ...
+        pa.repeat(pa.scalar(1, type=pa.int64()), n),
+        start=pa.scalar(first_seq - 1, type=pa.int64()),
+    )
+    columns = [batch.column(c.name) for c in table.columns] + [
+        pa.repeat(pa.scalar("r", type=pa.string()), n),
+        pa.repeat(pa.scalar(lsn, type=pa.int64()), n),
+        seqs,
+        pa.nulls(n, type=pa.int64()),
+        pa.repeat(commit_ts, n),
+        pa.nulls(n, type=pa.timestamp("us", tz="UTC")),
+        pa.nulls(n, type=pa.list_(pa.string())),
+        batch.column(layout.FALLBACK)
+        if layout.FALLBACK in batch.column_names
+        else pa.nulls(n, type=_FALLBACK_TYPE),
+        pa.repeat(commit_ts.cast(pa.date32()), n),
     ]
     return pa.Table.from_arrays(columns, schema=arrow_schema)
 
@@ -598,29 +637,121 @@ class DeltaChangelogSink(Sink):
         if (lsn, first_seq + n - 1) <= buf.accepted:
             return
         self._check_capacity()
-        arrow_schema = changelog_arrow_schema(table)
-        # Metadata columns are built in Arrow from scalars (no per-row Python objects).
-        commit_ts = pa.scalar(read_at, type=pa.timestamp("us", tz="UTC"))
-        seqs = pc.cumulative_sum(  # first_seq, first_seq + 1, ...
-            pa.repeat(pa.scalar(1, type=pa.int64()), n),
-            start=pa.scalar(first_seq - 1, type=pa.int64()),
-        )
-        columns = [batch.column(c.name) for c in table.columns] + [
-            pa.repeat(pa.scalar("r", type=pa.string()), n),
-            pa.repeat(pa.scalar(lsn, type=pa.int64()), n),
-            seqs,
-            pa.nulls(n, type=pa.int64()),
-            pa.repeat(commit_ts, n),
-            pa.nulls(n, type=pa.timestamp("us", tz="UTC")),
-            pa.nulls(n, type=pa.list_(pa.string())),
-            batch.column(layout.FALLBACK)
-            if layout.FALLBACK in batch.column_names
-            else pa.nulls(n, type=_FALLBACK_TYPE),
-            pa.repeat(commit_ts.cast(pa.date32()), n),
-        ]
-        buf.parts.append(pa.Table.from_arrays(columns, schema=arrow_schema))
+        buf.parts.append(_snapshot_rows(table, batch, lsn, first_seq, read_at))
         buf.accepted = (lsn, first_seq + n - 1)
         self._account(buf, n, batch.nbytes, lsn)
+
+    def add_initial_snapshot(
+        self,
+        table: TableSchema,
+        batches: Iterable[pa.Table],
+        *,
+        lsn: int,
+        read_at: datetime,
+        flush: Callable[[], object],
+    ) -> dict[str, Any]:
+        """Write ``table``'s initial snapshot as it is read: one streamed Delta write (files
+        of up to ``batch.max_bytes`` of Parquet), then a commit of no rows that records the
+        watermark ``(lsn, last seq)``.
+
+        delta-rs encodes the Parquet without the GIL while the caller's reader copies the
+        next rows, and no row waits in this sink's buffers: memory holds the batches in
+        flight and the file being encoded. When rows at or after ``(lsn, 0)`` are already
+        accepted (a replay to deduplicate), the rows go through :meth:`add_snapshot`
+        instead (:meth:`Sink.add_initial_snapshot`).
+
+        Hazard: between the two commits the rows are in the table with no watermark. A run
+        that stops there has not finished its snapshot, so the next run discards them
+        (:meth:`discard_snapshot`) and copies again, as after any interrupted initial
+        snapshot. A failed write is not retried (its batches are consumed): the error, or
+        the one ``batches`` raised, ends the snapshot.
+        """
+        buf = self._buffer(table)
+        if buf.accepted >= (lsn, 0):
+            return super().add_initial_snapshot(
+                table, batches, lsn=lsn, read_at=read_at, flush=flush
+            )
+        if buf.rows:
+            flush()  # what is buffered first (a re-snapshot's gap marker), in its own commit
+        started = time.monotonic()
+        shape = self._evolve(buf, changelog_arrow_schema(table).empty_table()).schema
+        casts = buf.incoming_casts
+        rows = 0
+        failure: list[BaseException] = []
+        abandoned = threading.Event()
+
+        def changelog() -> Iterator[pa.RecordBatch]:  # pulled by delta-rs, GIL taken per batch
+            nonlocal rows
+            try:
+                for batch in batches:
+                    if abandoned.is_set():
+                        raise TerminalSinkError(
+                            f"the snapshot of {buf.qualified_name} was abandoned"
+                        )
+                    if batch.num_rows:
+                        data = _snapshot_rows(table, batch, lsn, rows, read_at)
+                        rows += batch.num_rows
+                        yield from (cast_columns(data, casts) if casts else data).to_batches()
+            except BaseException as e:  # delta-rs only sees a failed stream: keep the cause
+                failure.append(e)
+                raise
+
+        what = f"writing the snapshot of {buf.qualified_name} to {buf.uri}"
+        errors: list[BaseException] = []
+
+        def write() -> None:
+            try:
+                with delta_errors(what):
+                    write_deltalake(
+                        buf.uri,
+                        pa.RecordBatchReader.from_batches(shape, changelog()),
+                        mode="append",
+                        partition_by=list(layout.PARTITION_COLUMNS),
+                        schema_mode="merge",
+                        storage_options=self.storage_options,
+                        target_file_size=self.batch.max_bytes,
+                    )
+            except BaseException as e:  # handed to the calling thread below
+                errors.append(e)
+
+        # In a thread of its own, so that the calling thread stays in Python while the
+        # table is copied and runs signal handlers (a SIGTERM sets the caller's stop, which
+        # ``batches`` obeys): delta-rs holds the thread it is called from until it is done.
+        writer = threading.Thread(target=write, name="cdc-snapshot-write", daemon=True)
+        writer.start()
+        try:
+            while writer.is_alive():
+                writer.join(_JOIN_POLL_SECONDS)
+        except BaseException:  # KeyboardInterrupt: end the stream, then the writer
+            abandoned.set()
+            writer.join()
+            raise
+        if failure:
+            raise failure[0]
+        if errors:
+            raise errors[0]
+        if not rows:
+            return {"rows": 0, "commits": 0, "tables": {}, "duration_s": 0.0}
+        buf.accepted = (lsn, rows - 1)
+        props = CommitProperties(app_transactions=self._transactions(buf))
+        with delta_errors(f"recording the snapshot watermark of {buf.qualified_name}"):
+            write_deltalake(
+                buf.uri,
+                shape.empty_table(),
+                mode="append",
+                partition_by=list(layout.PARTITION_COLUMNS),
+                storage_options=self.storage_options,
+                commit_properties=props,
+            )
+        buf.written = buf.accepted
+        buf.table = None  # written through its URI: the open table is behind
+        log.debug("snapshot of %d rows written to %s up to %s", rows, buf.uri, buf.accepted)
+        return {
+            "rows": rows,
+            "commits": 2,
+            "tables": {buf.qualified_name: rows},
+            "duration_s": round(time.monotonic() - started, 4),
+        }
 
     def _account(self, buf: _TableBuffer, rows: int, size: int, lsn: int) -> None:
         if buf.oldest is None:

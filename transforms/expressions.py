@@ -9,15 +9,19 @@ disabled, so an expression cannot read or write anything outside its batch.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import duckdb
 import orjson
+
+if TYPE_CHECKING:
+    import duckdb
 
 
 def connect() -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB connection for rule evaluation: one thread (capture runs the
     sink beside it), no file, network or extension access."""
+    import duckdb  # here: DuckDB loads in about 30 ms, and only rules with SQL need it
+
     conn = duckdb.connect(
         config={
             "enable_external_access": False,

@@ -30,9 +30,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
 from operator import add, itemgetter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import duckdb
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -53,6 +52,9 @@ from transforms.masks import (
     mask_text,
     parse_mask,
 )
+
+if TYPE_CHECKING:
+    import duckdb
 
 log = logging.getLogger(__name__)
 
@@ -675,6 +677,8 @@ class Transforms:
     def _run(
         self, query: str, batch: pa.Table, rules: tuple[Rule, ...], table: TableSchema
     ) -> pa.Table:
+        import duckdb  # loaded by _connection already; here for its error class
+
         conn = self._connection()
         try:
             return conn.from_arrow(batch).query("batch", query).to_arrow_table()

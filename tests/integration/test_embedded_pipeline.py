@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 import uuid
+from typing import Any
 
 import psycopg
 import pytest
@@ -17,6 +20,7 @@ from cdc.core.settings import load_settings
 from cdc.pipeline import CapturePipeline
 from cdc.postgres.errors import PrerequisiteError
 from cdc.postgres.slots import ensure_publication, get_slot
+from sinks.delta_changelog import DeltaChangelogSink
 from sinks.position_store import LakePositionStore
 from tests.plugins.lake import (
     assert_lake_matches_postgres,
@@ -307,7 +311,7 @@ def test_interrupted_snapshot_is_redone_from_scratch(
     pipeline.source.close()
     position = LakePositionStore(lake_dir, "test").load()
     assert position is not None and not position.snapshot_done
-    # Table a was flushed (the sink's row limit forced it) before the crash.
+    # Table a's copy was committed (it is written as it is read) before the crash.
     assert DeltaTable(layout.changes_uri(lake_dir, "public.a")).to_pyarrow_table().num_rows == 30000
 
     pg_conn.execute("UPDATE a SET v = 'changed' WHERE id <= 10")
@@ -319,6 +323,108 @@ def test_interrupted_snapshot_is_redone_from_scratch(
     with Lake(lake_dir) as lk:
         # The first attempt's rows were discarded, not kept beside the second's.
         assert lk.sql("SELECT count(*) FROM public.a_changes").fetchone() == (30000,)
+
+
+class _Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize("crash_at", ["copying", "recording the watermark"])
+def test_a_crash_inside_a_streamed_table_copy_is_redone_without_duplicates(
+    pg_dsn: str, pg_conn: psycopg.Connection, lake_dir: str, crash_at: str
+) -> None:
+    """The copy of one table dies while delta-rs is writing it (nothing committed), or
+    after its rows are committed but before the commit of its watermark. Either way the next
+    run discards what is there and copies again: every row exactly once."""
+    pg_conn.execute(
+        'CREATE TABLE "Mixed Case" (k text, n int, v text, PRIMARY KEY (k, n));'
+        "CREATE TABLE keyless (v text)"
+    )
+    pg_conn.execute(
+        """INSERT INTO "Mixed Case" SELECT 'k' || (g % 7), g, CASE WHEN g % 4 = 0 THEN NULL
+        ELSE md5(g::text) END FROM generate_series(1, 20000) g"""
+    )
+    pg_conn.execute(
+        "INSERT INTO keyless SELECT NULLIF(g % 3, 0)::text FROM generate_series(1, 50) g"
+    )
+    settings = load_settings(**{"source.dsn": pg_dsn, "lake.path": lake_dir, "name": "test"})
+
+    class WatermarkCrash(DeltaChangelogSink):
+        def _transactions(self, buf: Any) -> Any:
+            if "Mixed" in buf.qualified_name:
+                raise _Crash("killed before the watermark")
+            return super()._transactions(buf)
+
+    class CopyCrash:
+        def table_started(self, name: str, estimated_rows: int | None) -> None: ...
+        def table_done(self, name: str, rows: int) -> None: ...
+
+        def rows_copied(self, name: str, rows: int) -> None:
+            if "Mixed" in name:
+                raise _Crash("killed while copying")
+
+    if crash_at == "copying":
+        pipeline = CapturePipeline(settings, progress=CopyCrash())
+    else:
+        sink = WatermarkCrash(lake_dir, app_id="cdc-lakehouse:test", batch=settings.batch)
+        pipeline = CapturePipeline(settings, sink=sink)
+    with pytest.raises(_Crash, match="killed"):
+        pipeline.prepare()
+    pipeline.source.close()
+    position = LakePositionStore(lake_dir, "test").load()
+    assert position is not None and not position.snapshot_done
+    mixed = DeltaTable(layout.changes_uri(lake_dir, "public.Mixed Case"))
+    assert mixed.to_pyarrow_table().num_rows == (0 if crash_at == "copying" else 20000)
+    assert mixed.transaction_version("cdc-lakehouse:test:lsn") is None  # no watermark either way
+
+    with running_pipeline(pg_dsn, lake_dir) as pipeline:
+        wait_caught_up(pipeline, pg_dsn)
+        assert pipeline.metrics["snapshot_rows"] == 20050
+    assert_lake_matches_postgres(
+        pg_dsn, lake_dir, 'public."Mixed Case"', ["k", "n", "v"], ["k", "n"]
+    )
+    with Lake(lake_dir) as lk:
+        # The first attempt's rows were discarded, not kept beside the second's.
+        changes = 'public."Mixed Case_changes"'
+        assert lk.sql(f"SELECT count(*) FROM {changes}").fetchone() == (20000,)
+        assert lk.sql(
+            f"SELECT count(DISTINCT (_cdc_lsn, _cdc_seq)), max(_cdc_seq) FROM {changes}"
+        ).fetchone() == (20000, 19999)
+        assert lk.sql("SELECT count(*) FROM public.keyless_changes").fetchone() == (50,)
+
+
+def test_a_signal_during_a_table_copy_stops_it_at_the_next_batch(
+    pg_dsn: str, pg_conn: psycopg.Connection, lake_dir: str
+) -> None:
+    """The signal handler (cdc run's sets the stop event) runs while delta-rs is writing a
+    table: the copy stops at its next batch, not when the table is done."""
+    pg_conn.execute("CREATE TABLE big (id bigint PRIMARY KEY, v text)")
+    pg_conn.execute(
+        "INSERT INTO big SELECT g, repeat(md5(g::text), 3) FROM generate_series(1, 300000) g"
+    )
+    pipeline = CapturePipeline(
+        load_settings(**{"source.dsn": pg_dsn, "lake.path": lake_dir, "name": "test"})
+    )
+    batches: list[int] = []
+
+    class SignalAtFirstBatch:
+        def table_started(self, name: str, estimated_rows: int | None) -> None: ...
+        def table_done(self, name: str, rows: int) -> None: ...
+
+        def rows_copied(self, name: str, rows: int) -> None:
+            batches.append(rows)
+            if len(batches) == 1:
+                os.kill(os.getpid(), signal.SIGUSR1)
+
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: pipeline.stop.set())
+    try:
+        pipeline.progress = SignalAtFirstBatch()
+        assert pipeline.run()["snapshot_interrupted"] is True
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert 1 <= len(batches) < 4 and sum(batches) < 300000
+    changes = DeltaTable(layout.changes_uri(lake_dir, "public.big"))
+    assert changes.to_pyarrow_table().num_rows == 0
 
 
 def test_snapshot_never_streams_only(
