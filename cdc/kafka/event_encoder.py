@@ -448,7 +448,7 @@ class EventEncoder:
                         envelope if schema is None else {"schema": schema, "payload": envelope}
                     )
                 except orjson.JSONEncodeError:
-                    pass  # _value moves the values JSON cannot hold to cdc_fallback
+                    value = None  # _value moves the values JSON cannot hold to cdc_fallback
         if value is None:
             value = self._value(codec, event)
         headers: list[tuple[str, str | bytes | None]] = [
