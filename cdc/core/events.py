@@ -114,27 +114,35 @@ def envelope_payload(
     database: str,
     commit_ts_ms: int,
     transaction_id: str | None,
+    commit_ts_us: int | None = None,
 ) -> dict[str, Any]:
     """The envelope's layout around row images already encoded (key order included, which
     the JSON bytes depend on). :func:`debezium_envelope` encodes the rows and calls it; the
-    Kafka encoder's fast path calls it with its own compiled rows and cached values."""
+    Kafka encoder's fast path calls it with its own compiled rows and cached values.
+
+    ``commit_ts_us``: also the commit time in microseconds, as ``source.ts_us`` and
+    ``source.ts_ns`` (Debezium 2.6+), after ``source.xmin``."""
+    source = {
+        "version": CONNECTOR_VERSION,
+        "connector": "postgresql",
+        "name": server_name,
+        "ts_ms": commit_ts_ms,
+        "snapshot": "true" if event.op == "r" else "false",
+        "db": database,
+        "sequence": f'[null,"{event.lsn}"]',
+        "schema": event.table.schema,
+        "table": event.table.table,
+        "txId": event.txid,
+        "lsn": event.lsn,
+        "xmin": None,
+    }
+    if commit_ts_us is not None:
+        source["ts_us"] = commit_ts_us
+        source["ts_ns"] = commit_ts_us * 1000
     return {
         "before": before,
         "after": after,
-        "source": {
-            "version": CONNECTOR_VERSION,
-            "connector": "postgresql",
-            "name": server_name,
-            "ts_ms": commit_ts_ms,
-            "snapshot": "true" if event.op == "r" else "false",
-            "db": database,
-            "sequence": f'[null,"{event.lsn}"]',
-            "schema": event.table.schema,
-            "table": event.table.table,
-            "txId": event.txid,
-            "lsn": event.lsn,
-            "xmin": None,
-        },
+        "source": source,
         "op": event.op,
         "ts_ms": event.ts_ms,
         "transaction": None

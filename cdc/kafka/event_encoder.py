@@ -403,17 +403,59 @@ class EventEncoder:
         self, event: ChangeEvent, *, partitions: int | None = None
     ) -> tuple[str, bytes | None, bytes, list[tuple[str, str | bytes | None]], int | None]:
         """The change message of ``event`` as ``(topic, key, value, headers, partition)``:
-        :meth:`encode`'s first message, without the object (capture's hot path)."""
-        codec = self.codec(event.table)
+        :meth:`encode`'s first message, without the object (capture's hot path).
+
+        The common case (no fallback texts, every value encodable) is done here in one go,
+        with the commit's cached values; anything else goes to :meth:`_value`, which gives
+        the same bytes the general way."""
+        codec = self._last
+        if codec is None or codec.schema is not event.table:
+            codec = self.codec(event.table)
+        if self._ts[0] is not event.commit_ts:
+            self._times(event)
+        _ts, millis, micros, micros_header = self._ts
+        tx = self._tx
+        if tx[0] != event.txid or tx[1] != event.commit_lsn:
+            self._transaction(event)
+            tx = self._tx
         key = self._key(codec, event)
         partition = keyless_partition(event, partitions) if key is None and partitions else None
-        value = self._value(codec, event)
-        micros = self._times(event)[2]
+        value = None
+        if not event.fallback:
+            row = codec.row
+            try:
+                after = None if event.after is None else row(event.after)
+                before = None if event.before is None else row(event.before)
+            except ValueConversionError:
+                pass  # _value keeps the refused value's text in cdc_fallback
+            else:
+                if after is not None and event.unchanged_toast:
+                    for name in event.unchanged_toast:
+                        after.pop(name, None)
+                envelope = envelope_payload(
+                    event,
+                    before=before,
+                    after=after,
+                    server_name=self.prefix,
+                    database=self.database,
+                    commit_ts_ms=millis,
+                    transaction_id=None if event.txid is None else tx[2],
+                    commit_ts_us=micros,
+                )
+                schema = codec.value_schema
+                try:
+                    value = orjson.dumps(
+                        envelope if schema is None else {"schema": schema, "payload": envelope}
+                    )
+                except orjson.JSONEncodeError:
+                    value = None  # _value moves the values JSON cannot hold to cdc_fallback
+        if value is None:
+            value = self._value(codec, event)
         headers: list[tuple[str, str | bytes | None]] = [
             (HEADER_SCHEMA_ID, codec.schema_id),
-            (HEADER_LSN, self._transaction(event)[1]),
+            (HEADER_LSN, tx[3]),
             (HEADER_SEQ, str(event.seq).encode()),
-            (HEADER_COMMIT_TS_US, micros),
+            (HEADER_COMMIT_TS_US, micros_header),
         ]
         return codec.topic, key, value, headers, partition
 

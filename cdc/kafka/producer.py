@@ -163,6 +163,7 @@ class KafkaProducerSink(Sink):
         self._last_table: TableSchema | None = None
         self._last_partitions = 0
         self._unpolled = 0  # events added since the last poll
+        self._deliver = self._on_delivery  # bound once, not once per message
 
     # -- tables -------------------------------------------------------------------------
 
@@ -269,7 +270,7 @@ class KafkaProducerSink(Sink):
                 headers=headers,
                 # -1 (RD_KAFKA_PARTITION_UA): the partitioner picks by key.
                 partition=-1 if partition is None else partition,
-                on_delivery=self._on_delivery,
+                on_delivery=self._deliver,
             )
         except BaseException as e:
             with self._lock:

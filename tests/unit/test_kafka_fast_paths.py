@@ -12,10 +12,10 @@ import orjson
 import pytest
 
 from cdc.core.events import ChangeEvent, debezium_envelope
-from cdc.core.kafka_format import HEADER_COMMIT_TS_US, HEADER_LSN, HEADER_SCHEMA_ID
+from cdc.core.kafka_format import HEADER_COMMIT_TS_US, HEADER_LSN, HEADER_SCHEMA_ID, HEADER_SEQ
 from cdc.core.pgtypes import Oid
 from cdc.core.table_schema import ColumnSchema, TableSchema
-from cdc.kafka.event_encoder import EventEncoder
+from cdc.kafka.event_encoder import EventEncoder, keyless_partition
 from sinks.errors import UndecodableMessageError
 from sinks.event_decoding import EventDecoder
 from tests.plugins.samples import ROW, TYPES, event
@@ -64,7 +64,10 @@ def events() -> list[ChangeEvent]:
     naive.commit_ts = datetime(2026, 1, 1, 10, 0, 0, 123456)
     before_1970 = event("c", after=ROW, seq=32)
     before_1970.commit_ts = datetime(1969, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
-    return [*out, untxed, naive, before_1970]
+    later_commit = event("c", after=ROW, seq=0)
+    later_commit.commit_lsn += 0x100
+    # Back to the first commit: the encoder's cached commit values must follow.
+    return [*out, untxed, naive, before_1970, later_commit, event("d", before=key_only, seq=33)]
 
 
 def reference_value(event: ChangeEvent, micros: int) -> bytes:
@@ -79,8 +82,14 @@ def test_compiled_encoding_gives_the_general_paths_bytes(format: str) -> None:
     encoder = EventEncoder(prefix="shop", database="shopdb", format=format)  # type: ignore[arg-type]
     for e in events():
         [change, *_] = encoder.encode(e, partitions=3)
-        micros = int(dict(change.headers)[HEADER_COMMIT_TS_US])
+        headers = dict(change.headers)
+        micros = int(headers[HEADER_COMMIT_TS_US])
         expected = reference_value(e, micros)
+        # The commit's cached values belong to this event's commit, whatever came before.
+        assert headers[HEADER_LSN] == str(e.commit_lsn).encode()
+        assert headers[HEADER_SEQ] == str(e.seq).encode()
+        assert headers[HEADER_SCHEMA_ID] == str(e.table.schema_id()).encode()
+        assert change.partition == (keyless_partition(e, 3) if change.key is None else None)
         value = orjson.loads(change.value)
         if format == "json-with-schema":
             assert orjson.dumps(value["payload"]) == expected
