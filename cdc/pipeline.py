@@ -360,6 +360,8 @@ class CapturePipeline:
                     self.progress.table_done(name, copied.get(name, 0))
                 self.metrics["snapshot_rows"] += copied.get(name, 0)
         self._flush()
+        if self.progress:
+            self.progress.snapshot_finished()
 
     def _copied(
         self, name: str, batches: Iterator[pa.Table], copied: dict[str, int]
