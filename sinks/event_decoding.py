@@ -901,7 +901,24 @@ class EventDecoder:
         source = doc.get("source")
         if op.__class__ is not str or op not in _ROW_OPS or source.__class__ is not dict:
             return None
-        sid, lsn_raw, seq_raw, ts_raw = _position_headers(headers)
+        if headers.__class__ is list and len(headers) == 4:
+            # Capture's four headers, in the order it writes them: no search needed.
+            (n0, sid), (n1, lsn_raw), (n2, seq_raw), (n3, ts_raw) = headers
+            if (
+                n0 != HEADER_SCHEMA_ID
+                or n1 != HEADER_LSN
+                or n2 != HEADER_SEQ
+                or n3 != HEADER_COMMIT_TS_US
+                or not (
+                    sid.__class__ is bytes
+                    and lsn_raw.__class__ is bytes
+                    and seq_raw.__class__ is bytes
+                    and ts_raw.__class__ is bytes
+                )
+            ):
+                sid, lsn_raw, seq_raw, ts_raw = _position_headers(headers)
+        else:
+            sid, lsn_raw, seq_raw, ts_raw = _position_headers(headers)
         if sid is None or lsn_raw is None or seq_raw is None or ts_raw is None:
             return None
         try:

@@ -77,7 +77,7 @@ from sinks.errors import (
     TransientSinkError,
     UndecodableMessageError,
 )
-from sinks.event_decoding import ColumnRun, Decoded, EventDecoder, Prepared
+from sinks.event_decoding import ColumnRun, Decoded, EventDecoder
 from transforms import Transforms
 
 __all__ = [
@@ -574,20 +574,35 @@ class KafkaSinkWorker:
         path, in its place in the partition's order."""
         run: ColumnRun | None = None
         run_part: _Partition | None = None
+        prepare = self.decoder.prepare
+        owned = self._owned
         for message in messages:
-            prepared = self._prepare(message)
-            if prepared is not None:
-                part, offset, item = prepared
-                if run is not None and (run_part is not part or not run.fits(item)):
-                    if not self._add_run(run, run_part, epoch):
-                        return
-                    run = None
-                if run is None:
-                    run, run_part = ColumnRun(item.shape), part
-                run.append(item, offset, message)
-                part.next_offset = offset + 1
-                self.metrics["messages"] += 1
-                continue
+            # The checks of _decode, inline: this loop runs once per message.
+            part = None
+            if message.error() is None:
+                offset = message.offset()
+                part = owned.get((message.topic(), message.partition()))  # type: ignore[arg-type]
+                if part is not None and part.table is not None and offset is not None:
+                    if offset < part.next_offset:
+                        continue  # fetched before a seek back
+                    headers = message.headers()
+                    item = prepare(
+                        message.value(),
+                        list(headers.items()) if isinstance(headers, dict) else headers,
+                    )
+                    # (Another table's event is a dead letter: _handle says so.)
+                    if item is not None and item.table_name == part.table:
+                        if run is not None and (run_part is not part or not run.fits(item)):
+                            if not self._add_run(run, run_part, epoch):
+                                return
+                            run = None
+                        if run is None:
+                            run, run_part = ColumnRun(item.shape), part
+                        run.append(item, offset, message)
+                        part.next_offset = offset + 1
+                        continue
+            # Errors, skipped messages, a partition's first message (which learns the
+            # partition's table) and whatever prepare() does not take: one by one.
             if run is not None:
                 if not self._add_run(run, run_part, epoch):
                     return
@@ -598,30 +613,11 @@ class KafkaSinkWorker:
         if run is not None:
             self._add_run(run, run_part, epoch)
 
-    def _prepare(self, message: Message) -> tuple[_Partition, int, Prepared] | None:
-        """A message for a column-wise run, or None when :meth:`_handle` must take it."""
-        if message.error() is not None:
-            return None
-        topic, partition, offset = message.topic(), message.partition(), message.offset()
-        if topic is None or partition is None or offset is None:
-            return None
-        part = self._owned.get((topic, partition))
-        if part is None or offset < part.next_offset or part.table is None:
-            # Skipped by _handle (revoked, or fetched before a seek back), or the first
-            # message of a partition, which learns the partition's table.
-            return None
-        headers = message.headers()
-        prepared = self.decoder.prepare(
-            message.value(), list(headers.items()) if isinstance(headers, dict) else headers
-        )
-        if prepared is None or prepared.table_name != part.table:
-            return None  # another table's event: _handle makes it a dead letter
-        return part, offset, prepared
-
     def _add_run(self, run: ColumnRun, part: _Partition | None, epoch: int) -> bool:
         """Add a run column-wise, or its messages one by one when it does not type; False
         when what was buffered was discarded meanwhile (the rest is read again)."""
         assert part is not None  # set with the run
+        self.metrics["messages"] += len(run.offsets)
         changes = self.decoder.columns(run)
         if changes is None:
             for message, offset in zip(run.items, run.offsets, strict=True):
