@@ -742,6 +742,8 @@ class ColumnRun:
         a position at or below the last one, such as a capture replay, starts a new run)."""
         if prepared.shape is not self.shape:
             return False
+        if not self.lsns:
+            return True
         lsn = self.lsns[-1]
         return prepared.commit_lsn > lsn or (
             prepared.commit_lsn == lsn and prepared.seq > self.seqs[-1]
@@ -775,6 +777,12 @@ class ColumnarChanges(NamedTuple):
     size_bytes: int
 
 
+def _within_range(micros: pa.Array) -> bool:
+    """Whether microseconds since 1970 (nulls aside) are all within Python's datetimes."""
+    lo, hi = pc.min_max(micros).values()
+    return (lo.as_py() is None) or (lo.as_py() >= _TS_RANGE[0] and hi.as_py() <= _TS_RANGE[1])
+
+
 def _typed_column(values: list[Any], kind: str, decode: _Decode, arrow: pa.DataType) -> pa.Array:
     """One column of a run as ``arrow``, equal to what the per-message path gives (its
     decoder per value, then ``pa.array`` at the flush). Raises what the decoder or Arrow
@@ -786,7 +794,9 @@ def _typed_column(values: list[Any], kind: str, decode: _Decode, arrow: pa.DataT
             return pa.array(values, type=arrow)
         texts = pa.array(values, type=pa.string())
         if pc.all(pc.match_substring_regex(texts, _ZONED_TEXT)).as_py() is not False:
-            return texts.cast(arrow)
+            cast = texts.cast(arrow)
+            if _within_range(cast.cast(pa.int64())):  # a zone may shift it out of years 1-9999
+                return cast
     return pa.array([None if v is None else decode(v) for v in values], type=arrow)
 
 
@@ -971,8 +981,7 @@ class EventDecoder:
                     return None
                 values.append(_typed_column(column, kind, decode, arrow))
             micros = pa.array(run.commit_ts_us, type=pa.int64())
-            lo, hi = pc.min_max(micros).values()
-            if lo.as_py() < _TS_RANGE[0] or hi.as_py() > _TS_RANGE[1]:
+            if not _within_range(micros):
                 return None
             return ColumnarChanges(
                 shape.schema,
