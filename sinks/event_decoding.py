@@ -749,6 +749,20 @@ class ColumnRun:
             prepared.commit_lsn == lsn and prepared.seq > self.seqs[-1]
         )
 
+    def halves(self) -> tuple[ColumnRun, ColumnRun]:
+        """The first and the second half of the run, each a run of its own."""
+        mid = len(self.offsets) // 2
+        first, second = ColumnRun(self.shape), ColumnRun(self.shape)
+        for part, cut in ((first, slice(None, mid)), (second, slice(mid, None))):
+            part.ops, part.rows = self.ops[cut], self.rows[cut]
+            part.lsns, part.seqs, part.txids = self.lsns[cut], self.seqs[cut], self.txids[cut]
+            part.commit_ts_us, part.offsets = self.commit_ts_us[cut], self.offsets[cut]
+            part.items = self.items[cut]
+        # (Sizes only count towards the batch's byte limit: shared in proportion.)
+        first.size = self.size * mid // max(len(self.offsets), 1)
+        second.size = self.size - first.size
+        return first, second
+
     def append(self, prepared: Prepared, offset: int, item: Any) -> None:
         self.ops.append(prepared.op)
         self.rows.append(prepared.row)

@@ -111,6 +111,9 @@ _TABLE_REFRESH_SECONDS = 5.0
 #: ... and while messages keep coming (reading the registry blocks the loop for a round trip).
 _TABLE_REFRESH_BUSY_SECONDS = 30.0
 _PROGRESS_SECONDS = 1.0
+#: A run that does not type column-wise is halved down to this size before its messages
+#: are decoded one by one.
+_MIN_SPLIT = 64
 #: The garbage collector's generation-0 threshold while run_sink runs (see there).
 _GC_THRESHOLD = 50_000
 
@@ -620,7 +623,14 @@ class KafkaSinkWorker:
         when what was buffered was discarded meanwhile (the rest is read again)."""
         assert part is not None  # set with the run
         self.metrics["messages"] += len(run.offsets)
+        return self._add_typed(run, part, epoch)
+
+    def _add_typed(self, run: ColumnRun, part: _Partition, epoch: int) -> bool:
         changes = self.decoder.columns(run)
+        if changes is None and len(run.offsets) >= _MIN_SPLIT:
+            # Halve it, so only a small run around the value that does not type (a
+            # dead letter, most likely) is decoded message by message.
+            return all(self._add_typed(half, part, epoch) for half in run.halves())
         if changes is None:
             for message, offset in zip(run.items, run.offsets, strict=True):
                 item = self._decode_owned(

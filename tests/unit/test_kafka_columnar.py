@@ -289,3 +289,21 @@ def test_encoded_values_decode_column_wise_as_message_by_message(
     decoder = new_decoder(MIXED)
     warm(decoder, messages)
     assert by_columns(decoder, messages) == by_message(new_decoder(MIXED), messages)
+
+
+def test_halves_of_a_run_are_runs_of_its_halves() -> None:
+    decoder = new_decoder(MIXED)
+    messages = encode([mixed("c", n, seq=n) for n in range(1, 8)])
+    warm(decoder, messages)
+    run = ColumnRun(decoder.prepare(*messages[0]).shape)  # type: ignore[union-attr]
+    for offset, (value, headers) in enumerate(messages):
+        run.append(decoder.prepare(value, headers), offset, offset)  # type: ignore[arg-type]
+    first, second = run.halves()
+    assert first.offsets + second.offsets == run.offsets == first.items + second.items
+    assert first.seqs + second.seqs == run.seqs and first.rows + second.rows == run.rows
+    assert first.size + second.size == run.size
+    whole, one, two = (decoder.columns(r) for r in (run, first, second))
+    assert whole is not None and one is not None and two is not None
+    assert [pa.concat_arrays([a, b]) for a, b in zip(one.values, two.values, strict=True)] == (
+        whole.values
+    )
