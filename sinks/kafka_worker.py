@@ -2,8 +2,10 @@
 
 Any number of workers share the table topics through one consumer group. Each batches
 events per table and writes them with :class:`~sinks.delta_changelog.DeltaChangelogSink`
-(the layout embedded mode writes, so the DuckDB views work unchanged); messages it cannot
-decode or that do not fit their schema go to :class:`~sinks.dead_letters.DeadLetterSink`.
+in the layout embedded mode writes, so the DuckDB views work unchanged (runs of capture's
+messages are decoded column-wise, the rest message by message: see
+:meth:`KafkaSinkWorker._handle_columnar`); messages it cannot decode or that do not fit
+their schema go to :class:`~sinks.dead_letters.DeadLetterSink`.
 
 Exactly-once, as kafka-delta-ingest does it:
 
@@ -803,7 +805,7 @@ def run_sink(
 ) -> dict[str, Any]:
     """Consume the table topics as one member of ``settings.kafka_group`` and write them to
     the lake until ``stop`` is set; returns metrics (messages, rows_written, commits,
-    dead_letters, tombstones, rebalances, resets).
+    dead_letters, tombstones, columnar_messages, rebalances, resets).
 
     Start as many as you like with the same group: they share the partitions, and when one
     stops or dies the others take its partitions over without losing or repeating a row.
