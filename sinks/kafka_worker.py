@@ -581,6 +581,7 @@ class KafkaSinkWorker:
         path, in its place in the partition's order."""
         run: ColumnRun | None = None
         run_part: _Partition | None = None
+        room = 0
         prepare = self.decoder.prepare
         owned = self._owned
         for message in messages:
@@ -605,8 +606,14 @@ class KafkaSinkWorker:
                             run = None
                         if run is None:
                             run, run_part = ColumnRun(item.shape), part
+                            # Up to the batch's row limit, as the per-message path fills it.
+                            room = max(1, self.settings.batch.max_rows - self.sink.pending_rows)
                         run.append(item, offset, message)
                         part.next_offset = offset + 1
+                        if len(run.offsets) >= room:
+                            if not self._add_run(run, run_part, epoch):
+                                return
+                            run = None
                         continue
             # Errors, skipped messages, a partition's first message (which learns the
             # partition's table) and whatever prepare() does not take: one by one.
