@@ -486,21 +486,18 @@ class _Shape:
 # What a column's decoder does with values of the usual JSON type, so the compiled row
 # can take them as they are: (connect decoder, Arrow type test) -> the condition on v.
 def _fast_condition(decode: _Decode, arrow: pa.DataType, i: int, ns: dict[str, Any]) -> str | None:
-    if decode is _int and pa.types.is_integer(arrow):
+    kind = _column_kind(decode, arrow)
+    if kind == "int":
         bits = arrow.bit_width
         lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
         if pa.types.is_unsigned_integer(arrow):
             lo, hi = 0, 2**bits - 1
         ns[f"lo{i}"], ns[f"hi{i}"] = lo, hi
         return f"v.__class__ is int and lo{i} <= v <= hi{i}"
-    if (decode is _str or decode is _interval_text) and (
-        pa.types.is_string(arrow) or pa.types.is_large_string(arrow)
-    ):
+    if kind == "str":
         return "v.__class__ is str and v != U"
-    if decode is _float and pa.types.is_floating(arrow):
-        return "v.__class__ is float"
-    if decode is _bool and pa.types.is_boolean(arrow):
-        return "v.__class__ is bool"
+    if kind in ("float", "bool"):
+        return f"v.__class__ is {kind}"
     return None
 
 

@@ -116,6 +116,14 @@ def by_columns(decoder: EventDecoder, messages: list[Message]) -> list[str] | No
     return [repr(a.to_pylist()) for a in changes.values + meta]
 
 
+def assert_same(table: TableSchema, events: list[ChangeEvent], format: str = "json") -> None:
+    """The events' messages decode column-wise (every one of them) as message by message."""
+    messages = encode(events, format)
+    decoder = new_decoder(table)
+    warm(decoder, messages)
+    assert by_columns(decoder, messages) == by_message(new_decoder(table), messages)
+
+
 def mixed_row(n: int, **overrides: Any) -> tuple[Any, ...]:
     values = {
         "Order": n,
@@ -150,27 +158,18 @@ def test_every_type_decodes_column_wise_as_message_by_message() -> None:
         event("d", before=nulls, seq=5),
     ]
     for format in ("json", "json-with-schema"):
-        messages = encode(events, format)
-        decoder = new_decoder(TYPES)
-        warm(decoder, messages)
-        assert by_columns(decoder, messages) == by_message(new_decoder(TYPES), messages)
+        assert_same(TYPES, events, format)
 
 
 def test_composite_mixed_keys_quoted_names_and_keyless_tables() -> None:
     events = [mixed("c", n, seq=n) for n in range(1, 40)]
     events += [mixed("u", 5, seq=50, qty=None, gift=None), mixed("d", 6, seq=51)]
-    messages = encode(events)
-    decoder = new_decoder(MIXED)
-    warm(decoder, messages)
-    assert by_columns(decoder, messages) == by_message(new_decoder(MIXED), messages)
+    assert_same(MIXED, events)
 
     at = datetime(2026, 6, 1, 6, 30, tzinfo=UTC)
     keyless = [event("c", after=(f"line {n}", at), table=KEYLESS, seq=n) for n in range(5)]
     keyless.append(event("c", after=(None, None), table=KEYLESS, seq=9))
-    messages = encode(keyless)
-    decoder = new_decoder(KEYLESS)
-    warm(decoder, messages)
-    assert by_columns(decoder, messages) == by_message(new_decoder(KEYLESS), messages)
+    assert_same(KEYLESS, keyless)
 
 
 def test_what_the_column_wise_path_leaves_to_the_per_message_path() -> None:
@@ -285,10 +284,7 @@ def test_encoded_values_decode_column_wise_as_message_by_message(
         else event(op, after=row, table=MIXED, seq=seq)
         for seq, (op, row) in enumerate(changes)
     ]
-    messages = encode(events)
-    decoder = new_decoder(MIXED)
-    warm(decoder, messages)
-    assert by_columns(decoder, messages) == by_message(new_decoder(MIXED), messages)
+    assert_same(MIXED, events)
 
 
 def test_halves_of_a_run_are_runs_of_its_halves() -> None:
