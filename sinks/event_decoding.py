@@ -46,6 +46,7 @@ from typing import Any, Final, NamedTuple
 
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from catalog.errors import CatalogError
 from cdc.core import pgtypes
@@ -64,8 +65,11 @@ from sinks.errors import UndecodableMessageError
 
 __all__ = [
     "DEBEZIUM_UNAVAILABLE",
+    "ColumnRun",
+    "ColumnarChanges",
     "Decoded",
     "EventDecoder",
+    "Prepared",
     "UndecodableMessageError",
     "connect_column_type",
 ]
@@ -475,27 +479,52 @@ class _Shape:
     qualified: str = ""  # schema.qualified_name, for the shapes of registered schemas
     # Positions of the columns the lake stores as text, by name (see _restore_texts).
     text_columns: dict[str, int] = dataclasses.field(default_factory=dict)
+    # How the column-wise path types each column: (kind, Arrow type), see _column_kind.
+    column_types: tuple[tuple[str, pa.DataType], ...] = ()
 
 
 # What a column's decoder does with values of the usual JSON type, so the compiled row
 # can take them as they are: (connect decoder, Arrow type test) -> the condition on v.
 def _fast_condition(decode: _Decode, arrow: pa.DataType, i: int, ns: dict[str, Any]) -> str | None:
-    if decode is _int and pa.types.is_integer(arrow):
+    kind = _column_kind(decode, arrow)
+    if kind == "int":
         bits = arrow.bit_width
         lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
         if pa.types.is_unsigned_integer(arrow):
             lo, hi = 0, 2**bits - 1
         ns[f"lo{i}"], ns[f"hi{i}"] = lo, hi
         return f"v.__class__ is int and lo{i} <= v <= hi{i}"
+    if kind == "str":
+        return "v.__class__ is str and v != U"
+    if kind in ("float", "bool"):
+        return f"v.__class__ is {kind}"
+    return None
+
+
+def _column_kind(decode: _Decode, arrow: pa.DataType) -> str:
+    """How the column-wise path types a column whose Connect decoder is ``decode``:
+    ``int``/``str``/``float``/``bool`` take JSON values of exactly that type as they are
+    (as the compiled row does), ``zoned`` casts ZonedTimestamp texts in Arrow, and
+    ``python`` (every other column, or a column with other JSON types in a batch) runs the
+    column's own decoder per value, exactly as the per-message path does."""
+    if decode is _int and pa.types.is_integer(arrow):
+        return "int"
     if (decode is _str or decode is _interval_text) and (
         pa.types.is_string(arrow) or pa.types.is_large_string(arrow)
     ):
-        return "v.__class__ is str and v != U"
+        return "str"
     if decode is _float and pa.types.is_floating(arrow):
-        return "v.__class__ is float"
+        return "float"
     if decode is _bool and pa.types.is_boolean(arrow):
-        return "v.__class__ is bool"
-    return None
+        return "bool"
+    if (
+        decode is _zoned_timestamp
+        and pa.types.is_timestamp(arrow)
+        and arrow.tz is not None
+        and arrow.unit == "us"
+    ):
+        return "zoned"
+    return "python"
 
 
 def _compile_row(
@@ -532,6 +561,7 @@ def _compile_row(
 def _shape(schema: TableSchema, field_schemas: Sequence[dict[str, Any]] | None) -> _Shape:
     decoders = []
     conditions: list[str | None] = []
+    column_types: list[tuple[str, pa.DataType]] = []
     ns: dict[str, Any] = {}
     for i, column in enumerate(schema.columns):
         field = (
@@ -547,6 +577,7 @@ def _shape(schema: TableSchema, field_schemas: Sequence[dict[str, Any]] | None) 
             composed = remember_last(composed, str)
         decoders.append(composed)
         conditions.append(_fast_condition(decode, arrow, i, ns))
+        column_types.append((_column_kind(decode, arrow), arrow))
     names = schema.column_names
     fast = _compile_row(names, conditions, tuple(decoders), ns, schema.qualified_name)
     return _Shape(
@@ -558,6 +589,7 @@ def _shape(schema: TableSchema, field_schemas: Sequence[dict[str, Any]] | None) 
         fast,
         schema.qualified_name,
         _text_columns(schema),
+        tuple(column_types),
     )
 
 
@@ -638,6 +670,147 @@ def _position_headers(
     )
 
 
+# -- column-wise decoding ---------------------------------------------------------------------
+
+_ROW_OPS: Final = frozenset({"c", "r", "u", "d"})
+_NONE_TYPE: Final = type(None)
+_SIMPLE_TYPES: Final[dict[str, frozenset[type]]] = {
+    "int": frozenset({int, _NONE_TYPE}),
+    "str": frozenset({str, _NONE_TYPE}),
+    "float": frozenset({float, _NONE_TYPE}),
+    "bool": frozenset({bool, _NONE_TYPE}),
+    "zoned": frozenset({str, _NONE_TYPE}),
+}
+#: The ZonedTimestamp texts whose Arrow cast gives exactly what datetime.fromisoformat(...)
+#: .astimezone(UTC) gives (years 1-9999, at most microseconds, an offset in hours and
+#: minutes); other texts take the per-value decoder.
+_ZONED_TEXT: Final = (
+    r"^(000[1-9]|00[1-9]\d|0[1-9]\d\d|[1-9]\d{3})-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])"
+    r"T([01]\d|2[0-3]):[0-5]\d:[0-5]\d(\.\d{1,6})?(Z|[+-]([01]\d|2[0-3]):[0-5]\d)$"
+)
+_TS_RANGE: Final = (-62_135_596_800_000_000, 253_402_300_799_999_999)  # years 1-9999, in us
+_UTC_MICROS: Final = pa.timestamp("us", tz="UTC")
+
+
+class Prepared(NamedTuple):
+    """A message of ours the column-wise path can take (see :meth:`EventDecoder.prepare`):
+    a complete row image of a known schema version at an exact position."""
+
+    shape: _Shape
+    op: str
+    row: dict[str, Any]  # ``after``, or ``before`` for a delete
+    commit_lsn: int
+    seq: int
+    txid: int | None
+    commit_ts_us: int
+    size: int
+
+    @property
+    def table_name(self) -> str:
+        """The qualified name of the table the message is of."""
+        return self.shape.qualified
+
+
+@dataclass(slots=True)
+class ColumnRun:
+    """Consecutive messages of one partition and one schema version, in ascending
+    ``(commit_lsn, seq)`` order, gathered for :meth:`EventDecoder.columns`.
+
+    ``items`` holds what the caller needs to handle each message again on its own (the
+    Kafka message), should the run not type column-wise."""
+
+    shape: _Shape
+    ops: list[str] = dataclasses.field(default_factory=list)
+    rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    lsns: list[int] = dataclasses.field(default_factory=list)
+    seqs: list[int] = dataclasses.field(default_factory=list)
+    txids: list[int | None] = dataclasses.field(default_factory=list)
+    commit_ts_us: list[int] = dataclasses.field(default_factory=list)
+    offsets: list[int] = dataclasses.field(default_factory=list)
+    items: list[Any] = dataclasses.field(default_factory=list)
+    size: int = 0
+
+    @property
+    def schema(self) -> TableSchema:
+        return self.shape.schema
+
+    def fits(self, prepared: Prepared) -> bool:
+        """Whether ``prepared`` continues this run (same schema version, a later position:
+        a position at or below the last one, such as a capture replay, starts a new run)."""
+        if prepared.shape is not self.shape:
+            return False
+        if not self.lsns:
+            return True
+        lsn = self.lsns[-1]
+        return prepared.commit_lsn > lsn or (
+            prepared.commit_lsn == lsn and prepared.seq > self.seqs[-1]
+        )
+
+    def halves(self) -> tuple[ColumnRun, ColumnRun]:
+        """The first and the second half of the run, each a run of its own."""
+        mid = len(self.offsets) // 2
+        first, second = ColumnRun(self.shape), ColumnRun(self.shape)
+        for part, cut in ((first, slice(None, mid)), (second, slice(mid, None))):
+            part.ops, part.rows = self.ops[cut], self.rows[cut]
+            part.lsns, part.seqs, part.txids = self.lsns[cut], self.seqs[cut], self.txids[cut]
+            part.commit_ts_us, part.offsets = self.commit_ts_us[cut], self.offsets[cut]
+            part.items = self.items[cut]
+        # (Sizes only count towards the batch's byte limit: shared in proportion.)
+        first.size = self.size * mid // max(len(self.offsets), 1)
+        second.size = self.size - first.size
+        return first, second
+
+    def append(self, prepared: Prepared, offset: int, item: Any) -> None:
+        self.ops.append(prepared.op)
+        self.rows.append(prepared.row)
+        self.lsns.append(prepared.commit_lsn)
+        self.seqs.append(prepared.seq)
+        self.txids.append(prepared.txid)
+        self.commit_ts_us.append(prepared.commit_ts_us)
+        self.offsets.append(offset)
+        self.items.append(item)
+        self.size += prepared.size
+
+
+class ColumnarChanges(NamedTuple):
+    """A run typed column by column: one array per column of ``schema`` (the row image of
+    each change: ``before`` for a delete, ``after`` otherwise), and the per-change
+    metadata, ready for :func:`sinks.delta_changelog.changelog_table`."""
+
+    schema: TableSchema
+    values: list[pa.Array]
+    ops: pa.Array
+    lsns: pa.Array
+    seqs: pa.Array
+    txids: pa.Array
+    commit_ts: pa.Array
+    offsets: pa.Array
+    size_bytes: int
+
+
+def _within_range(micros: pa.Array) -> bool:
+    """Whether microseconds since 1970 (nulls aside) are all within Python's datetimes."""
+    lo, hi = pc.min_max(micros).values()
+    return (lo.as_py() is None) or (lo.as_py() >= _TS_RANGE[0] and hi.as_py() <= _TS_RANGE[1])
+
+
+def _typed_column(values: list[Any], kind: str, decode: _Decode, arrow: pa.DataType) -> pa.Array:
+    """One column of a run as ``arrow``, equal to what the per-message path gives (its
+    decoder per value, then ``pa.array`` at the flush). Raises what the decoder or Arrow
+    raises for a value that does not fit (the caller then decodes message by message)."""
+    simple = _SIMPLE_TYPES.get(kind)
+    if simple is not None and set(map(type, values)) <= simple:
+        if kind != "zoned":
+            # Exactly the JSON type the column takes as it is: Arrow range-checks integers.
+            return pa.array(values, type=arrow)
+        texts = pa.array(values, type=pa.string())
+        if pc.all(pc.match_substring_regex(texts, _ZONED_TEXT)).as_py() is not False:
+            cast = texts.cast(arrow)
+            if _within_range(cast.cast(pa.int64())):  # a zone may shift it out of years 1-9999
+                return cast
+    return pa.array([None if v is None else decode(v) for v in values], type=arrow)
+
+
 class EventDecoder:
     """Decodes Kafka messages into change events, caching table shapes across messages.
 
@@ -665,6 +838,8 @@ class EventDecoder:
         self._headers = _Headers()
         # The last commit time header and its datetime (a transaction's events share it).
         self._commit_ts: tuple[bytes | None, datetime | None] = (None, None)
+        # The last commit time header and its microseconds (the column-wise path).
+        self._ts_us: tuple[bytes | None, int] = (None, 0)
 
     def decode(
         self,
@@ -715,6 +890,123 @@ class EventDecoder:
                 shape = self._inferred_shape(envelope, key, qualified)
         self._latest[qualified] = shape
         return self._event(shape, envelope, meta, offset, len(value))
+
+    # -- column-wise ----------------------------------------------------------------------
+
+    def prepare(
+        self, value: bytes | None, headers: Sequence[tuple[str, bytes | str | None]] | None
+    ) -> Prepared | None:
+        """The message parsed for the column-wise path, or None when it needs :meth:`decode`.
+
+        Taken: messages of ours (schema id, commit LSN, seq and commit time headers) of a
+        schema id already known, ops ``c``/``r``/``u``/``d`` with exactly the schema's
+        columns in the row image (``after``, or ``before`` for a delete, and nothing in the
+        other), integer ``source.lsn``/``txId`` and no ``cdc_fallback``. Everything else
+        (tombstones, truncates, TOAST-partial rows, fallback texts, a new schema id, a
+        malformed message) returns None, so that :meth:`decode` decides, as it always did,
+        what the message is or why it is a dead letter. Never raises for bad input.
+        """
+        if value is None:
+            return None
+        try:
+            doc = orjson.loads(value)
+        except orjson.JSONDecodeError:
+            return None
+        if doc.__class__ is not dict:
+            return None
+        if "payload" in doc and "schema" in doc:
+            doc = doc["payload"]
+            if doc.__class__ is not dict:
+                return None
+        op = doc.get("op")
+        source = doc.get("source")
+        if op.__class__ is not str or op not in _ROW_OPS or source.__class__ is not dict:
+            return None
+        if headers.__class__ is list and len(headers) == 4:
+            # Capture's four headers, in the order it writes them: no search needed.
+            (n0, sid), (n1, lsn_raw), (n2, seq_raw), (n3, ts_raw) = headers
+            if (
+                n0 != HEADER_SCHEMA_ID
+                or n1 != HEADER_LSN
+                or n2 != HEADER_SEQ
+                or n3 != HEADER_COMMIT_TS_US
+                or not (
+                    sid.__class__ is bytes
+                    and lsn_raw.__class__ is bytes
+                    and seq_raw.__class__ is bytes
+                    and ts_raw.__class__ is bytes
+                )
+            ):
+                sid, lsn_raw, seq_raw, ts_raw = _position_headers(headers)
+        else:
+            sid, lsn_raw, seq_raw, ts_raw = _position_headers(headers)
+        if sid is None or lsn_raw is None or seq_raw is None or ts_raw is None:
+            return None
+        try:
+            shape = self._by_id.get(self._headers.schema_id(sid))  # type: ignore[arg-type]
+            if shape is None:
+                return None  # decode() looks it up (and caches it for the next message)
+            commit_lsn = self._headers.commit_lsn(lsn_raw)
+            seq = _parse_header(seq_raw, HEADER_SEQ)
+            cached = self._ts_us
+            if cached[0] == ts_raw:
+                ts_us = cached[1]
+            else:
+                ts_us = _parse_header(ts_raw, HEADER_COMMIT_TS_US)
+                self._ts_us = (ts_raw, ts_us)
+        except UndecodableMessageError:
+            return None
+        schema = shape.schema
+        if source.get("schema") != schema.schema or source.get("table") != schema.table:
+            return None
+        lsn, txid = source.get("lsn"), source.get("txId")
+        if (lsn is not None and lsn.__class__ is not int) or (
+            txid is not None and txid.__class__ is not int
+        ):
+            return None
+        if doc.get("cdc_fallback") is not None:
+            return None
+        if op == "d":
+            row, other = doc.get("before"), doc.get("after")
+        else:
+            row, other = doc.get("after"), doc.get("before")
+        if other is not None or row.__class__ is not dict or row.keys() != shape.positions.keys():
+            return None
+        self._latest[shape.qualified] = shape
+        return Prepared(shape, op, row, commit_lsn, seq, txid, ts_us, len(value))  # type: ignore[arg-type]
+
+    def columns(self, run: ColumnRun) -> ColumnarChanges | None:
+        """``run`` typed column by column, or None when some value needs the per-message
+        path (a value a decoder refuses, Debezium's unavailable placeholder, a commit time
+        out of range): the caller then hands each message of the run to :meth:`decode`, which
+        gives the same rows, or the dead letter with its reason."""
+        shape = run.shape
+        rows = run.rows
+        values = []
+        try:
+            for name, decode, (kind, arrow) in zip(
+                shape.names, shape.decoders, shape.column_types, strict=True
+            ):
+                column = [row[name] for row in rows]
+                if DEBEZIUM_UNAVAILABLE in column:
+                    return None
+                values.append(_typed_column(column, kind, decode, arrow))
+            micros = pa.array(run.commit_ts_us, type=pa.int64())
+            if not _within_range(micros):
+                return None
+            return ColumnarChanges(
+                shape.schema,
+                values,
+                ops=pa.array(run.ops, type=pa.string()),
+                lsns=pa.array(run.lsns, type=pa.int64()),
+                seqs=pa.array(run.seqs, type=pa.int64()),
+                txids=pa.array(run.txids, type=pa.int64()),
+                commit_ts=micros.cast(_UTC_MICROS),
+                offsets=pa.array(run.offsets, type=pa.int64()),
+                size_bytes=run.size,
+            )
+        except _BAD_VALUE:
+            return None
 
     # -- shapes -------------------------------------------------------------------------
 

@@ -2,8 +2,10 @@
 
 Any number of workers share the table topics through one consumer group. Each batches
 events per table and writes them with :class:`~sinks.delta_changelog.DeltaChangelogSink`
-(the layout embedded mode writes, so the DuckDB views work unchanged); messages it cannot
-decode or that do not fit their schema go to :class:`~sinks.dead_letters.DeadLetterSink`.
+in the layout embedded mode writes, so the DuckDB views work unchanged (runs of capture's
+messages are decoded column-wise, the rest message by message: see
+:meth:`KafkaSinkWorker._handle_columnar`); messages it cannot decode or that do not fit
+their schema go to :class:`~sinks.dead_letters.DeadLetterSink`.
 
 Exactly-once, as kafka-delta-ingest does it:
 
@@ -68,7 +70,7 @@ from cdc.core.kafka_format import (
 from cdc.core.settings import Settings
 from cdc.core.table_schema import TableSchema
 from sinks.dead_letters import DeadLetter, DeadLetterSink
-from sinks.delta_changelog import DeltaChangelogSink, stream_app_id
+from sinks.delta_changelog import DeltaChangelogSink, changelog_table, stream_app_id
 from sinks.errors import (
     KafkaConsumerError,
     KafkaConsumerUnavailableError,
@@ -77,7 +79,7 @@ from sinks.errors import (
     TransientSinkError,
     UndecodableMessageError,
 )
-from sinks.event_decoding import Decoded, EventDecoder
+from sinks.event_decoding import ColumnRun, Decoded, EventDecoder
 from transforms import Transforms
 
 __all__ = [
@@ -111,6 +113,9 @@ _TABLE_REFRESH_SECONDS = 5.0
 #: ... and while messages keep coming (reading the registry blocks the loop for a round trip).
 _TABLE_REFRESH_BUSY_SECONDS = 30.0
 _PROGRESS_SECONDS = 1.0
+#: A run that does not type column-wise is halved down to this size before its messages
+#: are decoded one by one.
+_MIN_SPLIT = 64
 #: The garbage collector's generation-0 threshold while run_sink runs (see there).
 _GC_THRESHOLD = 50_000
 
@@ -156,6 +161,9 @@ class KafkaSinkWorker:
             ``batch`` are used; ``name`` is the app id of the offsets in Delta, so a new
             group with the same name continues where the old one stopped.
         stop: Set it to flush, leave the group and return.
+        columnar: Decode consecutive messages of one partition and schema version
+            column-wise (the default); False decodes every message on its own (the same
+            rows and dead letters, slower).
     """
 
     def __init__(
@@ -164,8 +172,12 @@ class KafkaSinkWorker:
         *,
         stop: threading.Event | None = None,
         on_flush: Callable[[dict[str, Any]], None] | None = None,
+        columnar: bool = True,
     ) -> None:
         self.settings = settings
+        #: Decode runs of messages column-wise (False: every message on its own, the
+        #: reference the column-wise path is tested against).
+        self.columnar = columnar
         self.stop = stop or threading.Event()
         #: Called after each successful flush with the sink's result plus "dead_letters"
         #: (letters committed) and "duration_s": the hook of the Prometheus metrics.
@@ -235,6 +247,8 @@ class KafkaSinkWorker:
             "commits": 0,
             "dead_letters": 0,
             "tombstones": 0,
+            # Messages decoded column-wise (the rest, message by message).
+            "columnar_messages": 0,
             "rebalances": 0,
             "resets": 0,
         }
@@ -456,6 +470,8 @@ class KafkaSinkWorker:
                 epoch = self._epoch
                 if self.transforms is not None:
                     self._handle_transformed(messages, epoch)
+                elif self.columnar:
+                    self._handle_columnar(messages, epoch)
                 else:
                     for message in messages:
                         self._handle(message)
@@ -520,6 +536,12 @@ class KafkaSinkWorker:
             return None  # revoked meanwhile, or fetched before a seek back
         part.next_offset = offset + 1
         self.metrics["messages"] += 1
+        return self._decode_owned(message, part, topic, partition, offset)
+
+    def _decode_owned(
+        self, message: Message, part: _Partition, topic: str, partition: int, offset: int
+    ) -> tuple[_Partition, Decoded, int] | None:
+        """:meth:`_decode` of a message already counted as handled."""
         try:
             headers = message.headers()
             decoded = self.decoder.decode(
@@ -550,6 +572,111 @@ class KafkaSinkWorker:
             )
             return None
         return part, decoded, offset
+
+    def _handle_columnar(self, messages: list[Message], epoch: int) -> None:
+        """Handle a consumed batch column-wise where it can: consecutive messages of one
+        partition and one schema version that :meth:`EventDecoder.prepare` takes gather in
+        a run, added to the sink as Arrow columns in one go; every other message (and every
+        message of a run :meth:`EventDecoder.columns` cannot type) takes the per-message
+        path, in its place in the partition's order."""
+        run: ColumnRun | None = None
+        run_part: _Partition | None = None
+        room = 0
+        prepare = self.decoder.prepare
+        owned = self._owned
+        for message in messages:
+            # The checks of _decode, inline: this loop runs once per message.
+            part = None
+            if message.error() is None:
+                offset = message.offset()
+                part = owned.get((message.topic(), message.partition()))  # type: ignore[arg-type]
+                if part is not None and part.table is not None and offset is not None:
+                    if offset < part.next_offset:
+                        continue  # fetched before a seek back
+                    headers = message.headers()
+                    item = prepare(
+                        message.value(),
+                        list(headers.items()) if isinstance(headers, dict) else headers,
+                    )
+                    # (Another table's event is a dead letter: _handle says so.)
+                    if item is not None and item.table_name == part.table:
+                        if run is not None and (run_part is not part or not run.fits(item)):
+                            if not self._add_run(run, run_part, epoch):
+                                return
+                            run = None
+                        if run is None:
+                            run, run_part = ColumnRun(item.shape), part
+                            # Up to the batch's row limit, as the per-message path fills it.
+                            room = max(1, self.settings.batch.max_rows - self.sink.pending_rows)
+                        run.append(item, offset, message)
+                        part.next_offset = offset + 1
+                        if len(run.offsets) >= room:
+                            if not self._add_run(run, run_part, epoch):
+                                return
+                            run = None
+                        continue
+            # Errors, skipped messages, a partition's first message (which learns the
+            # partition's table) and whatever prepare() does not take: one by one.
+            if run is not None:
+                if not self._add_run(run, run_part, epoch):
+                    return
+                run = None
+            self._handle(message)
+            if self._epoch != epoch:
+                return  # sought back to Delta's offsets: the rest comes again
+        if run is not None:
+            self._add_run(run, run_part, epoch)
+
+    def _add_run(self, run: ColumnRun, part: _Partition | None, epoch: int) -> bool:
+        """Add a run column-wise, or its messages one by one when it does not type; False
+        when what was buffered was discarded meanwhile (the rest is read again)."""
+        assert part is not None  # set with the run
+        self.metrics["messages"] += len(run.offsets)
+        return self._add_typed(run, part, epoch)
+
+    def _add_typed(self, run: ColumnRun, part: _Partition, epoch: int) -> bool:
+        changes = self.decoder.columns(run)
+        if changes is None and len(run.offsets) >= _MIN_SPLIT:
+            # Halve it, so only a small run around the value that does not type (a
+            # dead letter, most likely) is decoded message by message.
+            return all(self._add_typed(half, part, epoch) for half in run.halves())
+        if changes is None:
+            for message, offset in zip(run.items, run.offsets, strict=True):
+                item = self._decode_owned(
+                    message, part, message.topic() or "", message.partition() or 0, offset
+                )
+                if item is not None:
+                    self._add(*item)
+                if self._epoch != epoch:
+                    return False
+            return True
+        self.metrics["columnar_messages"] += len(run.offsets)
+        data = changelog_table(
+            changes.schema,
+            changes.values,
+            ops=changes.ops,
+            lsns=changes.lsns,
+            seqs=changes.seqs,
+            txids=changes.txids,
+            commit_ts=changes.commit_ts,
+        )
+
+        def add() -> None:
+            self.sink.add_changes(
+                changes.schema,
+                data,
+                size_bytes=changes.size_bytes,
+                stream=part.stream,
+                offsets=changes.offsets,
+            )
+
+        try:
+            add()
+        except SinkBackpressureError:
+            if self._flush():
+                add()
+            # else: reset and sought back; the run is read again
+        return self._epoch == epoch
 
     def _add(self, part: _Partition, decoded: Decoded, offset: int) -> None:
         event = decoded.event
@@ -685,7 +812,7 @@ def run_sink(
 ) -> dict[str, Any]:
     """Consume the table topics as one member of ``settings.kafka_group`` and write them to
     the lake until ``stop`` is set; returns metrics (messages, rows_written, commits,
-    dead_letters, tombstones, rebalances, resets).
+    dead_letters, tombstones, columnar_messages, rebalances, resets).
 
     Start as many as you like with the same group: they share the partitions, and when one
     stops or dies the others take its partitions over without losing or repeating a row.

@@ -1,0 +1,305 @@
+"""The column-wise decoding of ``cdc sink`` (EventDecoder.prepare/columns) gives exactly
+what decoding message by message gives, and leaves to that path what it cannot type."""
+
+from __future__ import annotations
+
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import orjson
+import pyarrow as pa
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cdc.core import pgtypes
+from cdc.core.events import ChangeEvent
+from cdc.core.kafka_format import HEADER_SCHEMA_ID, HEADER_SEQ
+from cdc.core.pgtypes import Oid
+from cdc.core.table_schema import ColumnSchema, TableSchema
+from cdc.kafka.event_encoder import EventEncoder
+from sinks.event_decoding import DEBEZIUM_UNAVAILABLE, ColumnRun, EventDecoder
+from tests.plugins.samples import ROW, TYPES, event
+
+NUMERIC_10_2 = ((10 << 16) | 2) + 4
+MIXED = TableSchema(
+    "Shop",
+    "Order Lines",
+    (
+        ColumnSchema("Order", Oid.INT4, -1, True),
+        ColumnSchema("sku", Oid.TEXT, -1, True),
+        ColumnSchema("at", Oid.TIMESTAMPTZ, -1, True),
+        ColumnSchema("qty", Oid.INT2),
+        ColumnSchema("price", Oid.NUMERIC, NUMERIC_10_2),
+        ColumnSchema("ratio", Oid.FLOAT8),
+        ColumnSchema("gift", Oid.BOOL),
+        ColumnSchema("day", Oid.DATE),
+        ColumnSchema("blob", Oid.BYTEA),
+        ColumnSchema("Doc", Oid.JSONB),
+    ),
+)
+KEYLESS = TableSchema(
+    "public", "log", (ColumnSchema("line", Oid.TEXT), ColumnSchema("at", Oid.TIMESTAMPTZ))
+)
+Message = tuple[bytes | None, list[tuple[str, bytes]]]
+
+
+def encode(events: list[ChangeEvent], format: str = "json") -> list[Message]:
+    encoder = EventEncoder(prefix="shop", database="shopdb", format=format)  # type: ignore[arg-type]
+    # (Without the tombstones that follow deletes: the per-message path skips them.)
+    return [
+        (m.value, list(m.headers))  # type: ignore[misc]
+        for e in events
+        for m in encoder.encode(e, partitions=1)
+        if m.value is not None
+    ]
+
+
+def new_decoder(*tables: TableSchema) -> EventDecoder:
+    by_id = {t.schema_id(): t for t in tables}
+    return EventDecoder(by_id.__getitem__)
+
+
+def warm(decoder: EventDecoder, messages: list[Message]) -> None:
+    """Decode one message per schema id by the per-message path (which looks the id up,
+    as the worker does with the first message of a schema version)."""
+    seen = set()
+    for value, headers in messages:
+        sid = dict(headers).get(HEADER_SCHEMA_ID)
+        if sid not in seen and value is not None:
+            seen.add(sid)
+            decoder.decode(key=None, value=value, headers=headers)
+
+
+def by_message(decoder: EventDecoder, messages: list[Message]) -> list[str]:
+    """The changelog columns message by message, as DeltaChangelogSink builds them."""
+    events = [
+        d.event
+        for value, headers in messages
+        if (d := decoder.decode(key=None, value=value, headers=headers)) is not None
+    ]
+    table = events[0].table
+    rows = [e.before if e.op == "d" else e.after for e in events]
+    columns = [
+        pa.array(
+            [r[i] for r in rows],  # type: ignore[index]
+            type=pgtypes.arrow_type(c.type_oid, c.type_modifier),
+        )
+        for i, c in enumerate(table.columns)
+    ]
+    meta = [
+        pa.array([e.op for e in events]),
+        pa.array([e.commit_lsn for e in events], pa.int64()),
+        pa.array([e.seq for e in events], pa.int64()),
+        pa.array([e.txid for e in events], pa.int64()),
+        pa.array([e.commit_ts for e in events], pa.timestamp("us", tz="UTC")),
+    ]
+    return [repr(a.to_pylist()) for a in columns + meta]
+
+
+def by_columns(decoder: EventDecoder, messages: list[Message]) -> list[str] | None:
+    run = None
+    for offset, (value, headers) in enumerate(messages):
+        prepared = decoder.prepare(value, headers)
+        assert prepared is not None, value
+        if run is None:
+            run = ColumnRun(prepared.shape)
+        assert run.fits(prepared)
+        run.append(prepared, offset, None)
+    assert run is not None
+    changes = decoder.columns(run)
+    if changes is None:
+        return None
+    assert changes.offsets.to_pylist() == list(range(len(messages)))
+    assert changes.size_bytes == sum(len(v or b"") for v, _ in messages)
+    meta = [changes.ops, changes.lsns, changes.seqs, changes.txids, changes.commit_ts]
+    return [repr(a.to_pylist()) for a in changes.values + meta]
+
+
+def assert_same(table: TableSchema, events: list[ChangeEvent], format: str = "json") -> None:
+    """The events' messages decode column-wise (every one of them) as message by message."""
+    messages = encode(events, format)
+    decoder = new_decoder(table)
+    warm(decoder, messages)
+    assert by_columns(decoder, messages) == by_message(new_decoder(table), messages)
+
+
+def mixed_row(n: int, **overrides: Any) -> tuple[Any, ...]:
+    values = {
+        "Order": n,
+        "sku": f"sku-{n} ünï",
+        "at": datetime(2026, 1, 1, tzinfo=UTC) + timedelta(microseconds=n * 1001),
+        "qty": n % 7 or None,
+        "price": Decimal(n) / 100,
+        "ratio": n / 3,
+        "gift": n % 2 == 0,
+        "day": date(2026, 1, 1) + timedelta(days=n),
+        "blob": bytes([n % 256, 0, 255]),
+        "Doc": orjson.dumps({"n": n}).decode(),
+    }
+    values.update(overrides)
+    return tuple(values[c.name] for c in MIXED.columns)
+
+
+def mixed(op: str, n: int, seq: int, **overrides: Any) -> ChangeEvent:
+    row = mixed_row(n, **overrides)
+    if op == "d":
+        return event("d", before=row, table=MIXED, seq=seq)
+    return event(op, after=row, table=MIXED, seq=seq)
+
+
+def test_every_type_decodes_column_wise_as_message_by_message() -> None:
+    nulls = (8,) + (None,) * (len(ROW) - 1)
+    events = [
+        event("c", after=ROW, seq=1),
+        event("r", after=ROW, seq=2),
+        event("u", after=ROW, seq=3),
+        event("c", after=nulls, seq=4),
+        event("d", before=nulls, seq=5),
+    ]
+    for format in ("json", "json-with-schema"):
+        assert_same(TYPES, events, format)
+
+
+def test_composite_mixed_keys_quoted_names_and_keyless_tables() -> None:
+    events = [mixed("c", n, seq=n) for n in range(1, 40)]
+    events += [mixed("u", 5, seq=50, qty=None, gift=None), mixed("d", 6, seq=51)]
+    assert_same(MIXED, events)
+
+    at = datetime(2026, 6, 1, 6, 30, tzinfo=UTC)
+    keyless = [event("c", after=(f"line {n}", at), table=KEYLESS, seq=n) for n in range(5)]
+    keyless.append(event("c", after=(None, None), table=KEYLESS, seq=9))
+    assert_same(KEYLESS, keyless)
+
+
+def test_what_the_column_wise_path_leaves_to_the_per_message_path() -> None:
+    decoder = new_decoder(MIXED)
+    [(good, headers)] = encode([mixed("c", 1, seq=1)])
+    warm(decoder, [(good, headers)])
+    assert decoder.prepare(good, headers) is not None
+    doc = orjson.loads(good)
+
+    def variant(**changes: Any) -> bytes:
+        return orjson.dumps({**doc, **changes})
+
+    partial = dict(doc["after"])
+    del partial["qty"]  # an unchanged TOASTed value capture left out
+    refused = [
+        (None, headers),  # a tombstone
+        (b"not json", headers),
+        (variant(op="t", after=None), headers),  # a truncate
+        (variant(op="x"), headers),
+        (variant(op=["c"]), headers),
+        (variant(after=partial), headers),
+        (variant(after={**doc["after"], "extra": 1}), headers),
+        (variant(cdc_fallback={"price": "NaN"}), headers),
+        (variant(before=doc["after"]), headers),  # a row image in both
+        (variant(op="d"), headers),  # a delete without 'before'
+        (variant(source={**doc["source"], "table": "other"}), headers),
+        (variant(source={**doc["source"], "lsn": "16"}), headers),
+        (good, [h for h in headers if h[0] != HEADER_SEQ]),  # not capture's exact position
+        (good, [(k, b"x" if k == HEADER_SEQ else v) for k, v in headers]),
+        (good, [(k, b"99" if k == HEADER_SCHEMA_ID else v) for k, v in headers]),  # unknown id
+    ]
+    for value, hs in refused:
+        assert decoder.prepare(value, hs) is None, value
+
+
+def test_a_run_with_a_value_it_cannot_type_is_left_to_the_per_message_path() -> None:
+    decoder = new_decoder(MIXED)
+    messages = encode([mixed("c", n, seq=n) for n in range(1, 5)])
+    warm(decoder, messages)
+    for column, bad in [("qty", "many"), ("qty", 70000), ("sku", DEBEZIUM_UNAVAILABLE)]:
+        doc = orjson.loads(messages[2][0])  # type: ignore[arg-type]
+        doc["after"][column] = bad
+        changed = [*messages[:2], (orjson.dumps(doc), messages[2][1]), *messages[3:]]
+        assert by_columns(decoder, changed) is None, (column, bad)
+
+
+def test_a_replayed_position_starts_a_new_run() -> None:
+    decoder = new_decoder(MIXED)
+    messages = encode([mixed("c", 1, seq=1), mixed("c", 2, seq=2)])
+    warm(decoder, messages)
+    first, second = (decoder.prepare(v, h) for v, h in messages)
+    assert first is not None and second is not None
+    run = ColumnRun(first.shape)
+    run.append(first, 0, None)
+    assert run.fits(second)
+    run.append(second, 1, None)
+    assert not run.fits(first)  # capture re-sent it after a restart
+
+
+def test_zoned_timestamps_the_arrow_cast_does_not_take_use_the_decoder() -> None:
+    decoder = new_decoder(KEYLESS)
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    messages = encode([event("c", after=("a", at), table=KEYLESS, seq=n) for n in range(4)])
+    warm(decoder, messages)
+    texts = [
+        "2026-01-01T03:00:00.5+03:00",
+        "2026-01-01 00:00:00Z",  # Python takes the space, the pattern does not: decoder
+        "0001-01-01T00:00:00Z",
+        "9999-12-31T23:59:59.999999Z",
+    ]
+    changed = []
+    for (value, headers), text in zip(messages, texts, strict=True):
+        doc = orjson.loads(value)  # type: ignore[arg-type]
+        doc["after"]["at"] = text
+        changed.append((orjson.dumps(doc), headers))
+    assert by_columns(decoder, changed) == by_message(new_decoder(KEYLESS), changed)
+    for text in ["2026-01-01T00:00:00", "0001-01-01T00:00:00+01:00", "0000-12-31T23:00:00-01:00"]:
+        doc = orjson.loads(messages[0][0])  # type: ignore[arg-type]
+        doc["after"]["at"] = text
+        # Python refuses these (no offset, or out of range in UTC): so must the run.
+        assert by_columns(decoder, [(orjson.dumps(doc), messages[0][1])]) is None, text
+
+
+_ints = st.none() | st.integers(-(2**31), 2**31 - 1)
+_rows = st.tuples(
+    st.integers(-(2**31), 2**31 - 1),  # Order (a key)
+    st.text(max_size=20),  # sku (a key)
+    st.datetimes(
+        min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30), timezones=st.just(UTC)
+    ),
+    st.none() | st.integers(-(2**15), 2**15 - 1),
+    st.none() | st.decimals(min_value=-(10**7), max_value=10**7, places=2, allow_nan=False),
+    st.none() | st.floats(),
+    st.none() | st.booleans(),
+    st.none() | st.dates(),
+    st.none() | st.binary(max_size=8),
+    st.none()
+    | st.dictionaries(st.text(max_size=3), _ints, max_size=2).map(
+        lambda d: orjson.dumps(d).decode()
+    ),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from("cud"), _rows), min_size=1, max_size=12))
+def test_encoded_values_decode_column_wise_as_message_by_message(
+    changes: list[tuple[str, tuple[Any, ...]]],
+) -> None:
+    events = [
+        event("d", before=row, table=MIXED, seq=seq)
+        if op == "d"
+        else event(op, after=row, table=MIXED, seq=seq)
+        for seq, (op, row) in enumerate(changes)
+    ]
+    assert_same(MIXED, events)
+
+
+def test_halves_of_a_run_are_runs_of_its_halves() -> None:
+    decoder = new_decoder(MIXED)
+    messages = encode([mixed("c", n, seq=n) for n in range(1, 8)])
+    warm(decoder, messages)
+    run = ColumnRun(decoder.prepare(*messages[0]).shape)  # type: ignore[union-attr]
+    for offset, (value, headers) in enumerate(messages):
+        run.append(decoder.prepare(value, headers), offset, offset)  # type: ignore[arg-type]
+    first, second = run.halves()
+    assert first.offsets + second.offsets == run.offsets == first.items + second.items
+    assert first.seqs + second.seqs == run.seqs and first.rows + second.rows == run.rows
+    assert first.size + second.size == run.size
+    whole, one, two = (decoder.columns(r) for r in (run, first, second))
+    assert whole is not None and one is not None and two is not None
+    assert [pa.concat_arrays([a, b]) for a, b in zip(one.values, two.values, strict=True)] == (
+        whole.values
+    )
