@@ -325,6 +325,25 @@ class _TableBuffer:
     inflight: _InFlight | None = None  # its commit running now (one at a time per table)
 
 
+def _accept(
+    buf: _TableBuffer,
+    mark: _StreamMark | None,
+    position: Position,
+    offset: int | None,
+    *,
+    dedupe: bool,
+) -> None:
+    """Move the watermark to ``position``, just buffered: the table's, or in Kafka mode the
+    stream's (with the offset handled)."""
+    if mark is None:
+        buf.accepted = position
+        return
+    if dedupe:
+        mark.accepted = position
+    if offset is not None:
+        mark.offset_accepted = offset
+
+
 class DeltaChangelogSink(Sink):
     """Writes change events to ``<root>/<schema>.<table>/changes`` Delta tables.
 
@@ -534,13 +553,7 @@ class DeltaChangelogSink(Sink):
         rows.commit_ts.append(event.commit_ts)
         rows.unchanged.append(list(event.unchanged_toast) if event.unchanged_toast else None)
         rows.fallback.append(event.fallback)
-        if mark is None:
-            buf.accepted = position
-        else:
-            if dedupe:
-                mark.accepted = position
-            if offset is not None:
-                mark.offset_accepted = offset
+        _accept(buf, mark, position, offset, dedupe=dedupe)
         self._account(buf, 1, event.size_bytes, event.commit_lsn)
 
     def add_changes(
@@ -600,13 +613,7 @@ class DeltaChangelogSink(Sink):
         self._check_capacity()
         last = (changes.column(layout.LSN)[-1].as_py(), changes.column(layout.SEQ)[-1].as_py())
         buf.parts.append(_Changes(changes))
-        if mark is None:
-            buf.accepted = last
-        else:
-            if dedupe:
-                mark.accepted = last
-            if last_offset is not None:
-                mark.offset_accepted = last_offset
+        _accept(buf, mark, last, last_offset, dedupe=dedupe)
         self._account(
             buf,
             changes.num_rows,
