@@ -19,10 +19,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from datetime import UTC, datetime
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from confluent_kafka.admin import AdminClient
 
@@ -41,6 +43,7 @@ from sinks.errors import SinkBackpressureError, TerminalSinkError, TransientSink
 
 __all__ = [
     "KafkaProducerSink",
+    "changelog_events",
     "producer_config",
 ]
 
@@ -65,6 +68,8 @@ _POLL_EVERY: Final = 64
 
 #: Truncates that undo a partial snapshot sort after every row it sent (see discard_snapshot).
 _AFTER_ANY_SEQ: Final = 2**62
+
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def producer_config(settings: Settings) -> dict[str, Any]:
@@ -326,6 +331,33 @@ class KafkaProducerSink(Sink):
             self._unpolled = 0
             self._producer.poll(0)
 
+    def add_changes(self, table: TableSchema, changes: pa.Table, *, lsns: pa.Array) -> None:
+        """Produce the rows of a columnar batch (``cdc capture``'s fast path: a
+        :class:`~cdc.postgres.columnar.ChangeBatch`'s ``changes`` and ``lsns``): for each row
+        the same messages as :meth:`add` of the :class:`~cdc.core.events.ChangeEvent` the
+        per-event path makes of the same change (``ts_ms`` aside, the wall-clock time).
+
+        Waits for room in the producer's queue instead of raising SinkBackpressureError, as
+        :meth:`add_snapshot` does: a batch is half sent when the queue fills up, and its
+        first rows must not be sent twice.
+        """
+        for event in changelog_events(table, changes, lsns=lsns):
+            try:
+                self.add(event)
+            except SinkBackpressureError:
+                deadline = time.monotonic() + self.delivery_timeout
+                while True:
+                    self._producer.poll(0.05)
+                    try:
+                        self.add(event)
+                        break
+                    except SinkBackpressureError:
+                        if time.monotonic() >= deadline:
+                            raise TransientSinkError(
+                                f"the producer queue stayed full for {self.delivery_timeout}s:"
+                                " the brokers do not acknowledge"
+                            ) from None
+
     def add_snapshot(
         self,
         table: TableSchema,
@@ -493,6 +525,60 @@ class KafkaProducerSink(Sink):
         self._producer.purge()
         self._producer.poll(0)
         close_client(self._producer)  # nothing left to flush: returns at once
+
+
+def changelog_events(
+    table: TableSchema, changes: pa.Table, *, lsns: pa.Array
+) -> Iterator[ChangeEvent]:
+    """The :class:`~cdc.core.events.ChangeEvent` of each row of a columnar batch (changelog
+    rows, see :func:`sinks.delta_changelog.changelog_table`, and each row's own message
+    LSN), equal to what
+    :class:`~cdc.postgres.protocol.assembler.ChangeAssembler` makes of the same messages
+    (``ts_ms`` and ``size_bytes`` aside: the batch keeps only its total size).
+
+    The builder takes only inserts (``c``: ``after``), updates without an old tuple (``u``:
+    ``after``, unchanged TOAST columns null and named) and deletes (``d``: ``before``).
+    Commit times that repeat are one object, as the assembler's are (the encoder caches by
+    identity).
+    """
+    n = changes.num_rows
+    if n == 0:
+        return
+    columns = [changes.column(c.name).to_pylist() for c in table.columns]
+    rows = zip(*columns, strict=True) if columns else iter([()] * n)
+    ops = changes.column(layout.OP).to_pylist()
+    commit_lsns = changes.column(layout.LSN).to_pylist()
+    seqs = changes.column(layout.SEQ).to_pylist()
+    txids = changes.column(layout.TXID).to_pylist()
+    stamps = pc.cast(changes.column(layout.COMMIT_TS), pa.int64()).to_pylist()
+    own_lsns = lsns.to_pylist()
+    unchanged = changes.column(layout.UNCHANGED_TOAST)
+    unchanged_rows = unchanged.to_pylist() if unchanged.null_count < n else None
+    fallback = changes.column(layout.FALLBACK)
+    fallback_rows = fallback.to_pylist() if fallback.null_count < n else None
+    times: dict[int, datetime] = {}
+    for i, row in enumerate(rows):
+        stamp = stamps[i]
+        commit_ts = times.get(stamp)
+        if commit_ts is None:
+            commit_ts = times[stamp] = _EPOCH + timedelta(microseconds=stamp)
+        op = ops[i]
+        names = unchanged_rows[i] if unchanged_rows is not None else None
+        texts = fallback_rows[i] if fallback_rows is not None else None
+        yield ChangeEvent(
+            op,
+            table,
+            row if op == "d" else None,
+            None if op == "d" else row,
+            commit_lsns[i],
+            seqs[i],
+            txids[i],
+            commit_ts,
+            own_lsns[i],
+            tuple(names) if names else (),
+            # pyarrow gives map values as lists of (key, value) pairs.
+            dict(texts) if texts else None,
+        )
 
 
 def _admin_config(producer: dict[str, Any]) -> dict[str, Any]:

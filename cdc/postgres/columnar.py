@@ -50,7 +50,9 @@ class ChangeBatch:
     :func:`sinks.delta_changelog.changelog_table`), in ascending ``(commit_lsn, seq)``.
 
     ``op_counts`` counts the rows per op; ``size_bytes`` is what they took on the wire;
-    ``commit_ts`` is the commit time of the newest one.
+    ``commit_ts`` is the commit time of the newest one; ``message_lsns`` holds each row's
+    own WAL position (Debezium's ``source.lsn``, :attr:`ChangeEvent.lsn
+    <cdc.core.events.ChangeEvent.lsn>`) as native int64 bytes (see :attr:`lsns`).
     """
 
     table: TableSchema
@@ -59,6 +61,12 @@ class ChangeBatch:
     op_counts: dict[str, int] = field(default_factory=dict)
     size_bytes: int = 0
     commit_ts: datetime = _UNIX_EPOCH
+    message_lsns: bytes = b""
+
+    @property
+    def lsns(self) -> pa.Array:
+        """Each row's own message LSN (int64), in row order."""
+        return pa.Array.from_buffers(pa.int64(), self.rows, [None, pa.py_buffer(self.message_lsns)])
 
 
 Item = ChangeEvent | TransactionCommitted | ChangeBatch
@@ -107,7 +115,7 @@ class ColumnarDecoder:
 
     def feed(self, payload: bytes | memoryview, *, lsn: int, in_stream: bool = False) -> list[Item]:
         """Items that ``payload`` completes (often none: its row was buffered)."""
-        code = self.builder.feed(payload, 0, in_stream)
+        code = self.builder.feed(payload, 0, in_stream, lsn)
         if code > 0:
             return []
         return self.not_taken(code, payload, lsn=lsn, in_stream=in_stream)
@@ -121,12 +129,12 @@ class ColumnarDecoder:
         relation = builder.relation
         if code == compiled.RELATION_FULL:
             out += self.cut(relation)
-            code = builder.feed(payload, 0, in_stream)
+            code = builder.feed(payload, 0, in_stream, lsn)
         elif code == compiled.UNKNOWN_RELATION:
             schema = self.assembler.table_schema(relation)
             self._schemas[relation] = schema
             builder.register(relation, len(schema.columns))
-            code = builder.feed(payload, 0, in_stream)
+            code = builder.feed(payload, 0, in_stream, lsn)
         if code > 0:
             return out
         size = len(payload) - (4 if in_stream else 0)
@@ -181,7 +189,7 @@ def _micros(ts: datetime) -> int:
 
 
 def _batch(schema: TableSchema, taken: tuple[Any, ...]) -> ChangeBatch:
-    n, columns, unchanged, ops, op_offsets, lsns, seqs, txids, stamps, size, counts = taken
+    n, columns, unchanged, ops, op_offsets, lsns, seqs, txids, stamps, size, counts, own = taken
     values: list[pa.Array] = []
     fallbacks: dict[str, pa.Array] = {}
     for col, (valid, offsets, data) in zip(schema.columns, columns, strict=True):
@@ -207,7 +215,7 @@ def _batch(schema: TableSchema, taken: tuple[Any, ...]) -> ChangeBatch:
         fallback=_fallback(n, fallbacks) if fallbacks else None,
     )
     last = _UNIX_EPOCH + timedelta(microseconds=int.from_bytes(stamps[-8:], "little", signed=True))
-    return ChangeBatch(schema, changes, n, {k: v for k, v in counts.items() if v}, size, last)
+    return ChangeBatch(schema, changes, n, {k: v for k, v in counts.items() if v}, size, last, own)
 
 
 def _unchanged(schema: TableSchema, n: int, bitmaps: list[bytes]) -> pa.Array:
