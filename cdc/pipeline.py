@@ -536,7 +536,9 @@ class CapturePipeline:
         sink = self.sink
         if not isinstance(sink, DeltaChangelogSink):
             # The Kafka sink (see _columnar_sink) waits for room in its queue itself.
-            sink.add_changes(batch.table, batch.changes, lsns=batch.lsns)  # type: ignore[attr-defined]
+            sink.add_changes(  # type: ignore[attr-defined]
+                batch.table, batch.changes, lsns=batch.lsns, texts=batch.texts
+            )
             return
         try:
             sink.add_changes(batch.table, batch.changes, size_bytes=batch.size_bytes)

@@ -35,7 +35,8 @@ from cdc.core.errors import ConfigError
 from cdc.core.events import ChangeEvent
 from cdc.core.kafka_format import Format, client_config, close_client, is_retriable
 from cdc.core.settings import BatchSettings, Settings
-from cdc.core.table_schema import TableSchema
+from cdc.core import pgtypes
+from cdc.core.table_schema import ColumnSchema, TableSchema
 from cdc.kafka.errors import KafkaRejectedError, KafkaUnavailableError, wrap_kafka_error
 from cdc.kafka.event_encoder import EncodedMessage, EventEncoder
 from sinks.base import Sink
@@ -331,9 +332,17 @@ class KafkaProducerSink(Sink):
             self._unpolled = 0
             self._producer.poll(0)
 
-    def add_changes(self, table: TableSchema, changes: pa.Table, *, lsns: pa.Array) -> None:
+    def add_changes(
+        self,
+        table: TableSchema,
+        changes: pa.Table,
+        *,
+        lsns: pa.Array,
+        texts: tuple[pa.Array, ...] = (),
+    ) -> None:
         """Produce the rows of a columnar batch (``cdc capture``'s fast path: a
-        :class:`~cdc.postgres.columnar.ChangeBatch`'s ``changes`` and ``lsns``): for each row
+        :class:`~cdc.postgres.columnar.ChangeBatch`'s ``changes``, ``lsns`` and ``texts``,
+        see :func:`changelog_events`): for each row
         the same messages as :meth:`add` of the :class:`~cdc.core.events.ChangeEvent` the
         per-event path makes of the same change (``ts_ms`` aside, the wall-clock time).
 
@@ -341,7 +350,7 @@ class KafkaProducerSink(Sink):
         :meth:`add_snapshot` does: a batch is half sent when the queue fills up, and its
         first rows must not be sent twice.
         """
-        for event in changelog_events(table, changes, lsns=lsns):
+        for event in changelog_events(table, changes, lsns=lsns, texts=texts):
             try:
                 self.add(event)
             except SinkBackpressureError:
@@ -528,11 +537,15 @@ class KafkaProducerSink(Sink):
 
 
 def changelog_events(
-    table: TableSchema, changes: pa.Table, *, lsns: pa.Array
+    table: TableSchema,
+    changes: pa.Table,
+    *,
+    lsns: pa.Array,
+    texts: tuple[pa.Array, ...] = (),
 ) -> Iterator[ChangeEvent]:
     """The :class:`~cdc.core.events.ChangeEvent` of each row of a columnar batch (changelog
-    rows, see :func:`sinks.delta_changelog.changelog_table`, and each row's own message
-    LSN), equal to what
+    rows, see :func:`sinks.delta_changelog.changelog_table`, each row's own message LSN,
+    and the values' texts as sent), equal to what
     :class:`~cdc.postgres.protocol.assembler.ChangeAssembler` makes of the same messages
     (``ts_ms`` and ``size_bytes`` aside: the batch keeps only its total size).
 
@@ -544,7 +557,9 @@ def changelog_events(
     n = changes.num_rows
     if n == 0:
         return
-    columns = [changes.column(c.name).to_pylist() for c in table.columns]
+    columns = [
+        _column_values(changes, c, texts[j] if texts else None) for j, c in enumerate(table.columns)
+    ]
     rows = zip(*columns, strict=True) if columns else iter([()] * n)
     ops = changes.column(layout.OP).to_pylist()
     commit_lsns = changes.column(layout.LSN).to_pylist()
@@ -579,6 +594,27 @@ def changelog_events(
             # pyarrow gives map values as lists of (key, value) pairs.
             dict(texts) if texts else None,
         )
+
+
+def _column_values(changes: pa.Table, column: ColumnSchema, text: pa.Array | None) -> list[Any]:
+    """The Python values of one column of a batch, as the per-value parser gives them.
+
+    Arrow's float32 narrows a ``float4`` value, which the parser keeps as a double (and the
+    Debezium JSON shows in full): such columns are parsed from their text where typed."""
+    typed = changes.column(column.name)
+    if text is None or not _has_float32(typed.type):
+        return typed.to_pylist()
+    parse = pgtypes.text_parser(column.type_oid, column.type_modifier)
+    return [
+        None if value is None else parse(raw)
+        for value, raw in zip(typed.to_pylist(), text.to_pylist(), strict=True)
+    ]
+
+
+def _has_float32(dtype: pa.DataType) -> bool:
+    if pa.types.is_float32(dtype):
+        return True
+    return bool(pa.types.is_list(dtype)) and _has_float32(dtype.value_type)
 
 
 def _admin_config(producer: dict[str, Any]) -> dict[str, Any]:

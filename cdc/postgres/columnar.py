@@ -52,7 +52,9 @@ class ChangeBatch:
     ``op_counts`` counts the rows per op; ``size_bytes`` is what they took on the wire;
     ``commit_ts`` is the commit time of the newest one; ``message_lsns`` holds each row's
     own WAL position (Debezium's ``source.lsn``, :attr:`ChangeEvent.lsn
-    <cdc.core.events.ChangeEvent.lsn>`) as native int64 bytes (see :attr:`lsns`).
+    <cdc.core.events.ChangeEvent.lsn>`) as native int64 bytes (see :attr:`lsns`);
+    ``texts`` the values as PostgreSQL sent them, one string array per column (the typed
+    columns are made from them; ``float4`` values, say, are wider as text than as float32).
     """
 
     table: TableSchema
@@ -62,6 +64,7 @@ class ChangeBatch:
     size_bytes: int = 0
     commit_ts: datetime = _UNIX_EPOCH
     message_lsns: bytes = b""
+    texts: tuple[pa.Array, ...] = ()
 
     @property
     def lsns(self) -> pa.Array:
@@ -191,11 +194,13 @@ def _micros(ts: datetime) -> int:
 def _batch(schema: TableSchema, taken: tuple[Any, ...]) -> ChangeBatch:
     n, columns, unchanged, ops, op_offsets, lsns, seqs, txids, stamps, size, counts, own = taken
     values: list[pa.Array] = []
+    texts: list[pa.Array] = []
     fallbacks: dict[str, pa.Array] = {}
     for col, (valid, offsets, data) in zip(schema.columns, columns, strict=True):
         text = pa.Array.from_buffers(
             pa.string(), n, [pa.py_buffer(valid), pa.py_buffer(offsets), pa.py_buffer(data)]
         )
+        texts.append(text)
         typed, fallback = pgtypes.text_to_arrow_lossless(text, col.type_oid, col.type_modifier)
         values.append(typed)
         if fallback is not None:
@@ -215,7 +220,8 @@ def _batch(schema: TableSchema, taken: tuple[Any, ...]) -> ChangeBatch:
         fallback=_fallback(n, fallbacks) if fallbacks else None,
     )
     last = _UNIX_EPOCH + timedelta(microseconds=int.from_bytes(stamps[-8:], "little", signed=True))
-    return ChangeBatch(schema, changes, n, {k: v for k, v in counts.items() if v}, size, last, own)
+    counted = {k: v for k, v in counts.items() if v}
+    return ChangeBatch(schema, changes, n, counted, size, last, own, tuple(texts))
 
 
 def _unchanged(schema: TableSchema, n: int, bitmaps: list[bytes]) -> pa.Array:
