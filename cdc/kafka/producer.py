@@ -71,6 +71,8 @@ _POLL_EVERY: Final = 64
 _AFTER_ANY_SEQ: Final = 2**62
 
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_EPOCH_NAIVE: Final = datetime(1970, 1, 1)
+_MICROS_PER_UNIT: Final = {"s": 1_000_000, "ms": 1000, "us": 1}
 
 
 def producer_config(settings: Settings) -> dict[str, Any]:
@@ -572,27 +574,40 @@ def changelog_events(
     fallback = changes.column(layout.FALLBACK)
     fallback_rows = fallback.to_pylist() if fallback.null_count < n else None
     times: dict[int, datetime] = {}
-    for i, row in enumerate(rows):
-        stamp = stamps[i]
+    # The batch's wall-clock time: its rows were made into events together.
+    ts_ms = time.time_ns() // 1_000_000
+    none = [None] * n
+    for op, row, commit_lsn, seq, txid, stamp, lsn, names, texts in zip(
+        ops,
+        rows,
+        commit_lsns,
+        seqs,
+        txids,
+        stamps,
+        own_lsns,
+        unchanged_rows if unchanged_rows is not None else none,
+        fallback_rows if fallback_rows is not None else none,
+        strict=True,
+    ):
         commit_ts = times.get(stamp)
         if commit_ts is None:
             commit_ts = times[stamp] = _EPOCH + timedelta(microseconds=stamp)
-        op = ops[i]
-        names = unchanged_rows[i] if unchanged_rows is not None else None
-        texts = fallback_rows[i] if fallback_rows is not None else None
+        deleted = op == "d"
         yield ChangeEvent(
             op,
             table,
-            row if op == "d" else None,
-            None if op == "d" else row,
-            commit_lsns[i],
-            seqs[i],
-            txids[i],
+            row if deleted else None,
+            None if deleted else row,
+            commit_lsn,
+            seq,
+            txid,
             commit_ts,
-            own_lsns[i],
+            lsn,
             tuple(names) if names else (),
             # pyarrow gives map values as lists of (key, value) pairs.
             dict(texts) if texts else None,
+            0,
+            ts_ms,
         )
 
 
@@ -602,7 +617,16 @@ def _column_values(changes: pa.Table, column: ColumnSchema, text: pa.Array | Non
     Arrow's float32 narrows a ``float4`` value, which the parser keeps as a double (and the
     Debezium JSON shows in full): such columns are parsed from their text where typed."""
     typed = changes.column(column.name)
-    if text is None or not _has_float32(typed.type):
+    dtype = typed.type
+    if pa.types.is_timestamp(dtype) and dtype.unit in _MICROS_PER_UNIT:
+        # pyarrow makes a datetime several times slower than adding to the epoch does.
+        epoch = _EPOCH if dtype.tz is not None else _EPOCH_NAIVE
+        factor = _MICROS_PER_UNIT[dtype.unit]
+        return [
+            None if v is None else epoch + timedelta(microseconds=v * factor)
+            for v in pc.cast(typed, pa.int64()).to_pylist()
+        ]
+    if text is None or not _has_float32(dtype):
         return typed.to_pylist()
     parse = pgtypes.text_parser(column.type_oid, column.type_modifier)
     return [
