@@ -31,11 +31,11 @@ from confluent_kafka.admin import AdminClient
 from catalog import lake_layout as layout
 from catalog.errors import CatalogError
 from catalog.kafka_schema_registry import KafkaSchemaRegistry, create_topics
+from cdc.core import pgtypes
 from cdc.core.errors import ConfigError
 from cdc.core.events import ChangeEvent
 from cdc.core.kafka_format import Format, client_config, close_client, is_retriable
 from cdc.core.settings import BatchSettings, Settings
-from cdc.core import pgtypes
 from cdc.core.table_schema import ColumnSchema, TableSchema
 from cdc.kafka.errors import KafkaRejectedError, KafkaUnavailableError, wrap_kafka_error
 from cdc.kafka.event_encoder import EncodedMessage, EventEncoder
