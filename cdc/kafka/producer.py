@@ -291,12 +291,17 @@ class KafkaProducerSink(Sink):
 
     def _produce_waiting(self, message: EncodedMessage) -> None:
         """Produce, waiting for room in the queue (up to ``delivery_timeout``)."""
+        self._waiting(self._produce, message, BufferError)
+
+    def _waiting(self, send: Any, item: Any, full: type[Exception]) -> None:
+        """``send(item)``, again while it raises ``full`` (the queue is full), serving
+        delivery reports in between, for up to ``delivery_timeout``."""
         deadline = time.monotonic() + self.delivery_timeout
         while True:
             try:
-                self._produce(message)
+                send(item)
                 return
-            except BufferError:
+            except full:
                 if time.monotonic() >= deadline:
                     raise TransientSinkError(
                         f"the producer queue stayed full for {self.delivery_timeout}s: the "
@@ -352,22 +357,12 @@ class KafkaProducerSink(Sink):
         :meth:`add_snapshot` does: a batch is half sent when the queue fills up, and its
         first rows must not be sent twice.
         """
+        add = self.add
         for event in changelog_events(table, changes, lsns=lsns, texts=texts):
             try:
-                self.add(event)
+                add(event)
             except SinkBackpressureError:
-                deadline = time.monotonic() + self.delivery_timeout
-                while True:
-                    self._producer.poll(0.05)
-                    try:
-                        self.add(event)
-                        break
-                    except SinkBackpressureError:
-                        if time.monotonic() >= deadline:
-                            raise TransientSinkError(
-                                f"the producer queue stayed full for {self.delivery_timeout}s:"
-                                " the brokers do not acknowledge"
-                            ) from None
+                self._waiting(add, event, SinkBackpressureError)
 
     def add_snapshot(
         self,

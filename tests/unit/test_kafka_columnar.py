@@ -279,7 +279,8 @@ def test_columnar_capture_sends_the_per_event_messages(
     assert _messages(got, fmt) == _messages(expected, fmt)
 
 
-def test_batches_keep_each_rows_own_lsn() -> None:
+def _transaction(*changes: Any) -> list[bytes]:
+    """The wide table's Relation, then ``changes`` in one transaction (commit LSN 0x9000)."""
     wide = Relation(
         WIDE_REL,
         "Sales",
@@ -287,17 +288,21 @@ def test_batches_keep_each_rows_own_lsn() -> None:
         "d",
         tuple(RelationColumn(n, oid, mod, key) for n, oid, mod, key, _ in WIDE),
     )
-    row = tuple("1" if oid in (Oid.INT4, Oid.INT2, Oid.INT8) else None for _, oid, _, _, _ in WIDE)
-    row = ("1", "eu", "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", *row[3:])
     ts = datetime(2024, 5, 1, tzinfo=UTC)
-    messages = [
+    return [
         encode(wide),
         encode(Begin(0x9000, ts, 42)),
-        encode(Insert(WIDE_REL, row)),
-        encode(Update(WIDE_REL, row)),
-        encode(Delete(WIDE_REL, _key_only(row), "K")),
+        *(encode(c) for c in changes),
         encode(Commit(0, 0x9000, 0x9010, ts)),
     ]
+
+
+def test_batches_keep_each_rows_own_lsn() -> None:
+    row = tuple("1" if oid in (Oid.INT4, Oid.INT2, Oid.INT8) else None for _, oid, _, _, _ in WIDE)
+    row = ("1", "eu", "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", *row[3:])
+    messages = _transaction(
+        Insert(WIDE_REL, row), Update(WIDE_REL, row), Delete(WIDE_REL, _key_only(row), "K")
+    )
     for in_stream in (False, True):
         got, batches = _columnar(messages, 0, in_stream=in_stream)
         assert batches == 1
@@ -316,20 +321,7 @@ def test_unchanged_toast_and_fallbacks_survive_the_batch(fmt: str) -> None:
     rest[WIDE.index(next(c for c in WIDE if c[0] == "born")) - 3] = "infinity"
     rest[-1] = UNCHANGED_TOAST
     row = (*base, *rest)
-    wide = Relation(
-        WIDE_REL,
-        "Sales",
-        "Order Lines",
-        "d",
-        tuple(RelationColumn(n, oid, mod, key) for n, oid, mod, key, _ in WIDE),
-    )
-    ts = datetime(2024, 5, 1, tzinfo=UTC)
-    messages = [
-        encode(wide),
-        encode(Begin(0x9000, ts, 42)),
-        encode(Update(WIDE_REL, row)),
-        encode(Commit(0, 0x9000, 0x9010, ts)),
-    ]
+    messages = _transaction(Update(WIDE_REL, row))
     got, batches = _columnar(messages, 0)
     assert batches == 1
     (event,) = got
