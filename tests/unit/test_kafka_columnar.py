@@ -328,3 +328,29 @@ def test_unchanged_toast_and_fallbacks_survive_the_batch(fmt: str) -> None:
     assert event.unchanged_toast == ("Note",)
     assert event.fallback == {"born": "infinity"}
     assert _messages(got, fmt) == _messages(_per_event(messages), fmt)
+
+
+def test_replayed_spill_records_keep_their_own_lsn() -> None:
+    """A streamed transaction's changes are replayed from spill records (Int64 data_start,
+    Int32 xid, Int32 length, the in-stream message): each row's LSN is its record's."""
+    row = ("5", "eu", "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", *([None] * (len(WIDE) - 3)))
+    head = _transaction()[:2]
+    changes = [encode(Insert(WIDE_REL, row)), encode(Delete(WIDE_REL, _key_only(row), "K"))]
+    records = b"".join(
+        struct.pack(">qII", 0x7000 + 0x40 * i, 901, len(c) + 4)
+        + c[:1]
+        + struct.pack(">I", 901)
+        + c[1:]
+        for i, c in enumerate(changes)
+    )
+    decoder = ColumnarDecoder(ChangeAssembler())
+    for payload in head:
+        decoder.feed(payload, lsn=1)
+    decoder.feed(changes[0], lsn=2)  # registers the relation
+    decoder.cut_all()
+    pos, taken, status = decoder.builder.replay_records(records, 0, set(), 100)
+    assert (pos, taken, status) == (len(records), 2, 0)
+    (batch,) = decoder.cut_all()
+    assert batch.lsns.to_pylist() == [0x7000, 0x7040]
+    events = list(changelog_events(batch.table, batch.changes, lsns=batch.lsns, texts=batch.texts))
+    assert [(e.op, e.lsn, e.seq) for e in events] == [("c", 0x7000, 1), ("d", 0x7040, 2)]
