@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator
@@ -74,6 +75,10 @@ FLUSH_RETRY_SECONDS = 120.0
 #: Rows (and items) per read in columnar mode: a batch of a table costs a fixed ~0.1 ms of
 #: Arrow building, so fewer, larger batches; memory stays bounded by it all the same.
 COLUMNAR_MAX_ITEMS = 20_000
+
+#: ``cdc capture`` takes the columnar path too (rows to Kafka from Arrow batches, see
+#: KafkaProducerSink.add_changes); False: one event per change, decoded in Python.
+KAFKA_COLUMNAR = True
 
 
 class _Stopped(Exception):
@@ -518,7 +523,7 @@ class CapturePipeline:
             self.sink.add(item)
 
     def _handle_batch(self, batch: ChangeBatch) -> None:
-        """Hand a columnar batch to the sink (columnar mode: the sink is the Delta one).
+        """Hand a columnar batch to the sink (columnar mode: the Delta or Kafka one).
 
         Its rows are plain inserts, updates and deletes: the key changes that need
         :meth:`SourceQueries.fill_unchanged_toast` come as events."""
@@ -531,12 +536,30 @@ class CapturePipeline:
         if self._snapshots is not None:
             self._snapshots.observe(batch.table)
         sink = self.sink
-        assert isinstance(sink, DeltaChangelogSink)
+        if not isinstance(sink, DeltaChangelogSink):
+            # The Kafka sink (see _columnar_sink) waits for room in its queue itself.
+            sink.add_changes(  # type: ignore[attr-defined]
+                batch.table, batch.changes, lsns=batch.lsns, texts=batch.texts
+            )
+            return
         try:
             sink.add_changes(batch.table, batch.changes, size_bytes=batch.size_bytes)
         except SinkBackpressureError:
             self._flush()
             sink.add_changes(batch.table, batch.changes, size_bytes=batch.size_bytes)
+
+    def _columnar_sink(self) -> bool:
+        """Whether the sink takes columnar batches: the Delta one, and the Kafka one (not
+        wrapped: transforms take events)."""
+        if type(self.sink) is DeltaChangelogSink:
+            return True
+        # Only loaded by run_capture: `cdc run` does not pay for confluent_kafka's import.
+        producer = sys.modules.get("cdc.kafka.producer")
+        return (
+            KAFKA_COLUMNAR
+            and producer is not None
+            and type(self.sink) is producer.KafkaProducerSink
+        )
 
     def _durable_lsn(self, source: StreamingSource) -> int:
         """The newest LSN that PostgreSQL may forget: everything before it is in Delta.
@@ -579,8 +602,8 @@ class CapturePipeline:
         return durable
 
     def stream(self, position: CapturePosition, conn: ReplicationConnection | None) -> None:
-        # Batches go to the Delta sink as Arrow; transforms and Kafka take events.
-        columnar = compiled.enabled() and type(self.sink) is DeltaChangelogSink
+        # Batches go to the Delta and Kafka sinks as Arrow; transforms take events.
+        columnar = compiled.enabled() and self._columnar_sink()
         source = StreamingSource(
             self.dsn,
             slot=self.settings.slot_name,

@@ -19,21 +19,24 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from datetime import UTC, datetime
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from confluent_kafka.admin import AdminClient
 
 from catalog import lake_layout as layout
 from catalog.errors import CatalogError
 from catalog.kafka_schema_registry import KafkaSchemaRegistry, create_topics
+from cdc.core import pgtypes
 from cdc.core.errors import ConfigError
 from cdc.core.events import ChangeEvent
 from cdc.core.kafka_format import Format, client_config, close_client, is_retriable
 from cdc.core.settings import BatchSettings, Settings
-from cdc.core.table_schema import TableSchema
+from cdc.core.table_schema import ColumnSchema, TableSchema
 from cdc.kafka.errors import KafkaRejectedError, KafkaUnavailableError, wrap_kafka_error
 from cdc.kafka.event_encoder import EncodedMessage, EventEncoder
 from sinks.base import Sink
@@ -41,6 +44,7 @@ from sinks.errors import SinkBackpressureError, TerminalSinkError, TransientSink
 
 __all__ = [
     "KafkaProducerSink",
+    "changelog_events",
     "producer_config",
 ]
 
@@ -65,6 +69,10 @@ _POLL_EVERY: Final = 64
 
 #: Truncates that undo a partial snapshot sort after every row it sent (see discard_snapshot).
 _AFTER_ANY_SEQ: Final = 2**62
+
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_EPOCH_NAIVE: Final = datetime(1970, 1, 1)
+_MICROS_PER_UNIT: Final = {"s": 1_000_000, "ms": 1000, "us": 1}
 
 
 def producer_config(settings: Settings) -> dict[str, Any]:
@@ -283,12 +291,17 @@ class KafkaProducerSink(Sink):
 
     def _produce_waiting(self, message: EncodedMessage) -> None:
         """Produce, waiting for room in the queue (up to ``delivery_timeout``)."""
+        self._waiting(self._produce, message, BufferError)
+
+    def _waiting(self, send: Any, item: Any, full: type[Exception]) -> None:
+        """``send(item)``, again while it raises ``full`` (the queue is full), serving
+        delivery reports in between, for up to ``delivery_timeout``."""
         deadline = time.monotonic() + self.delivery_timeout
         while True:
             try:
-                self._produce(message)
+                send(item)
                 return
-            except BufferError:
+            except full:
                 if time.monotonic() >= deadline:
                     raise TransientSinkError(
                         f"the producer queue stayed full for {self.delivery_timeout}s: the "
@@ -325,6 +338,31 @@ class KafkaProducerSink(Sink):
             # about as much as producing (flush_due and flush poll as well).
             self._unpolled = 0
             self._producer.poll(0)
+
+    def add_changes(
+        self,
+        table: TableSchema,
+        changes: pa.Table,
+        *,
+        lsns: pa.Array,
+        texts: tuple[pa.Array, ...] = (),
+    ) -> None:
+        """Produce the rows of a columnar batch (``cdc capture``'s fast path: a
+        :class:`~cdc.postgres.columnar.ChangeBatch`'s ``changes``, ``lsns`` and ``texts``,
+        see :func:`changelog_events`): for each row
+        the same messages as :meth:`add` of the :class:`~cdc.core.events.ChangeEvent` the
+        per-event path makes of the same change (``ts_ms`` aside, the wall-clock time).
+
+        Waits for room in the producer's queue instead of raising SinkBackpressureError, as
+        :meth:`add_snapshot` does: a batch is half sent when the queue fills up, and its
+        first rows must not be sent twice.
+        """
+        add = self.add
+        for event in changelog_events(table, changes, lsns=lsns, texts=texts):
+            try:
+                add(event)
+            except SinkBackpressureError:
+                self._waiting(add, event, SinkBackpressureError)
 
     def add_snapshot(
         self,
@@ -493,6 +531,109 @@ class KafkaProducerSink(Sink):
         self._producer.purge()
         self._producer.poll(0)
         close_client(self._producer)  # nothing left to flush: returns at once
+
+
+def changelog_events(
+    table: TableSchema,
+    changes: pa.Table,
+    *,
+    lsns: pa.Array,
+    texts: tuple[pa.Array, ...] = (),
+) -> Iterator[ChangeEvent]:
+    """The :class:`~cdc.core.events.ChangeEvent` of each row of a columnar batch (changelog
+    rows, see :func:`sinks.delta_changelog.changelog_table`, each row's own message LSN,
+    and the values' texts as sent), equal to what
+    :class:`~cdc.postgres.protocol.assembler.ChangeAssembler` makes of the same messages
+    (``ts_ms`` and ``size_bytes`` aside: the batch keeps only its total size).
+
+    The builder takes only inserts (``c``: ``after``), updates without an old tuple (``u``:
+    ``after``, unchanged TOAST columns null and named) and deletes (``d``: ``before``).
+    Commit times that repeat are one object, as the assembler's are (the encoder caches by
+    identity).
+    """
+    n = changes.num_rows
+    if n == 0:
+        return
+    columns = [
+        _column_values(changes, c, texts[j] if texts else None) for j, c in enumerate(table.columns)
+    ]
+    rows = zip(*columns, strict=True) if columns else iter([()] * n)
+    ops = changes.column(layout.OP).to_pylist()
+    commit_lsns = changes.column(layout.LSN).to_pylist()
+    seqs = changes.column(layout.SEQ).to_pylist()
+    txids = changes.column(layout.TXID).to_pylist()
+    stamps = pc.cast(changes.column(layout.COMMIT_TS), pa.int64()).to_pylist()
+    own_lsns = lsns.to_pylist()
+    unchanged = changes.column(layout.UNCHANGED_TOAST)
+    unchanged_rows = unchanged.to_pylist() if unchanged.null_count < n else None
+    fallback = changes.column(layout.FALLBACK)
+    fallback_rows = fallback.to_pylist() if fallback.null_count < n else None
+    times: dict[int, datetime] = {}
+    # The batch's wall-clock time: its rows were made into events together.
+    ts_ms = time.time_ns() // 1_000_000
+    none = [None] * n
+    for op, row, commit_lsn, seq, txid, stamp, lsn, names, texts in zip(
+        ops,
+        rows,
+        commit_lsns,
+        seqs,
+        txids,
+        stamps,
+        own_lsns,
+        unchanged_rows if unchanged_rows is not None else none,
+        fallback_rows if fallback_rows is not None else none,
+        strict=True,
+    ):
+        commit_ts = times.get(stamp)
+        if commit_ts is None:
+            commit_ts = times[stamp] = _EPOCH + timedelta(microseconds=stamp)
+        deleted = op == "d"
+        yield ChangeEvent(
+            op,
+            table,
+            row if deleted else None,
+            None if deleted else row,
+            commit_lsn,
+            seq,
+            txid,
+            commit_ts,
+            lsn,
+            tuple(names) if names else (),
+            # pyarrow gives map values as lists of (key, value) pairs.
+            dict(texts) if texts else None,
+            0,
+            ts_ms,
+        )
+
+
+def _column_values(changes: pa.Table, column: ColumnSchema, text: pa.Array | None) -> list[Any]:
+    """The Python values of one column of a batch, as the per-value parser gives them.
+
+    Arrow's float32 narrows a ``float4`` value, which the parser keeps as a double (and the
+    Debezium JSON shows in full): such columns are parsed from their text where typed."""
+    typed = changes.column(column.name)
+    dtype = typed.type
+    if pa.types.is_timestamp(dtype) and dtype.unit in _MICROS_PER_UNIT:
+        # pyarrow makes a datetime several times slower than adding to the epoch does.
+        epoch = _EPOCH if dtype.tz is not None else _EPOCH_NAIVE
+        factor = _MICROS_PER_UNIT[dtype.unit]
+        return [
+            None if v is None else epoch + timedelta(microseconds=v * factor)
+            for v in pc.cast(typed, pa.int64()).to_pylist()
+        ]
+    if text is None or not _has_float32(dtype):
+        return typed.to_pylist()
+    parse = pgtypes.text_parser(column.type_oid, column.type_modifier)
+    return [
+        None if value is None else parse(raw)
+        for value, raw in zip(typed.to_pylist(), text.to_pylist(), strict=True)
+    ]
+
+
+def _has_float32(dtype: pa.DataType) -> bool:
+    if pa.types.is_float32(dtype):
+        return True
+    return bool(pa.types.is_list(dtype)) and _has_float32(dtype.value_type)
 
 
 def _admin_config(producer: dict[str, Any]) -> dict[str, Any]:

@@ -50,7 +50,11 @@ class ChangeBatch:
     :func:`sinks.delta_changelog.changelog_table`), in ascending ``(commit_lsn, seq)``.
 
     ``op_counts`` counts the rows per op; ``size_bytes`` is what they took on the wire;
-    ``commit_ts`` is the commit time of the newest one.
+    ``commit_ts`` is the commit time of the newest one; ``message_lsns`` holds each row's
+    own WAL position (Debezium's ``source.lsn``, :attr:`ChangeEvent.lsn
+    <cdc.core.events.ChangeEvent.lsn>`) as native int64 bytes (see :attr:`lsns`);
+    ``texts`` the values as PostgreSQL sent them, one string array per column (the typed
+    columns are made from them; ``float4`` values, say, are wider as text than as float32).
     """
 
     table: TableSchema
@@ -59,6 +63,13 @@ class ChangeBatch:
     op_counts: dict[str, int] = field(default_factory=dict)
     size_bytes: int = 0
     commit_ts: datetime = _UNIX_EPOCH
+    message_lsns: bytes = b""
+    texts: tuple[pa.Array, ...] = ()
+
+    @property
+    def lsns(self) -> pa.Array:
+        """Each row's own message LSN (int64), in row order."""
+        return pa.Array.from_buffers(pa.int64(), self.rows, [None, pa.py_buffer(self.message_lsns)])
 
 
 Item = ChangeEvent | TransactionCommitted | ChangeBatch
@@ -107,7 +118,7 @@ class ColumnarDecoder:
 
     def feed(self, payload: bytes | memoryview, *, lsn: int, in_stream: bool = False) -> list[Item]:
         """Items that ``payload`` completes (often none: its row was buffered)."""
-        code = self.builder.feed(payload, 0, in_stream)
+        code = self.builder.feed(payload, 0, in_stream, lsn)
         if code > 0:
             return []
         return self.not_taken(code, payload, lsn=lsn, in_stream=in_stream)
@@ -121,12 +132,12 @@ class ColumnarDecoder:
         relation = builder.relation
         if code == compiled.RELATION_FULL:
             out += self.cut(relation)
-            code = builder.feed(payload, 0, in_stream)
+            code = builder.feed(payload, 0, in_stream, lsn)
         elif code == compiled.UNKNOWN_RELATION:
             schema = self.assembler.table_schema(relation)
             self._schemas[relation] = schema
             builder.register(relation, len(schema.columns))
-            code = builder.feed(payload, 0, in_stream)
+            code = builder.feed(payload, 0, in_stream, lsn)
         if code > 0:
             return out
         size = len(payload) - (4 if in_stream else 0)
@@ -181,13 +192,15 @@ def _micros(ts: datetime) -> int:
 
 
 def _batch(schema: TableSchema, taken: tuple[Any, ...]) -> ChangeBatch:
-    n, columns, unchanged, ops, op_offsets, lsns, seqs, txids, stamps, size, counts = taken
+    n, columns, unchanged, ops, op_offsets, lsns, seqs, txids, stamps, size, counts, own = taken
     values: list[pa.Array] = []
+    texts: list[pa.Array] = []
     fallbacks: dict[str, pa.Array] = {}
     for col, (valid, offsets, data) in zip(schema.columns, columns, strict=True):
         text = pa.Array.from_buffers(
             pa.string(), n, [pa.py_buffer(valid), pa.py_buffer(offsets), pa.py_buffer(data)]
         )
+        texts.append(text)
         typed, fallback = pgtypes.text_to_arrow_lossless(text, col.type_oid, col.type_modifier)
         values.append(typed)
         if fallback is not None:
@@ -207,7 +220,8 @@ def _batch(schema: TableSchema, taken: tuple[Any, ...]) -> ChangeBatch:
         fallback=_fallback(n, fallbacks) if fallbacks else None,
     )
     last = _UNIX_EPOCH + timedelta(microseconds=int.from_bytes(stamps[-8:], "little", signed=True))
-    return ChangeBatch(schema, changes, n, {k: v for k, v in counts.items() if v}, size, last)
+    counted = {k: v for k, v in counts.items() if v}
+    return ChangeBatch(schema, changes, n, counted, size, last, own, tuple(texts))
 
 
 def _unchanged(schema: TableSchema, n: int, bitmaps: list[bytes]) -> pa.Array:

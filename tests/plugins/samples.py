@@ -7,8 +7,11 @@ what capture parses them into (so tests follow the type mapping wherever it stor
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
 from typing import Any
+
+import orjson
 
 from cdc.core import pgtypes
 from cdc.core.events import ChangeEvent
@@ -98,3 +101,50 @@ def event(
         lsn=0x16B374D000 + seq,
         **kw,
     )
+
+
+# A composite key of mixed types with quoted, mixed-case names; a keyless table.
+NUMERIC_10_2 = ((10 << 16) | 2) + 4
+MIXED = TableSchema(
+    "Shop",
+    "Order Lines",
+    (
+        ColumnSchema("Order", Oid.INT4, -1, True),
+        ColumnSchema("sku", Oid.TEXT, -1, True),
+        ColumnSchema("at", Oid.TIMESTAMPTZ, -1, True),
+        ColumnSchema("qty", Oid.INT2),
+        ColumnSchema("price", Oid.NUMERIC, NUMERIC_10_2),
+        ColumnSchema("ratio", Oid.FLOAT8),
+        ColumnSchema("gift", Oid.BOOL),
+        ColumnSchema("day", Oid.DATE),
+        ColumnSchema("blob", Oid.BYTEA),
+        ColumnSchema("Doc", Oid.JSONB),
+    ),
+)
+KEYLESS = TableSchema(
+    "public", "log", (ColumnSchema("line", Oid.TEXT), ColumnSchema("at", Oid.TIMESTAMPTZ))
+)
+
+
+def mixed_row(n: int, **overrides: Any) -> tuple[Any, ...]:
+    values = {
+        "Order": n,
+        "sku": f"sku-{n} ünï",
+        "at": datetime(2026, 1, 1, tzinfo=UTC) + timedelta(microseconds=n * 1001),
+        "qty": n % 7 or None,
+        "price": Decimal(n) / 100,
+        "ratio": n / 3,
+        "gift": n % 2 == 0,
+        "day": date(2026, 1, 1) + timedelta(days=n),
+        "blob": bytes([n % 256, 0, 255]),
+        "Doc": orjson.dumps({"n": n}).decode(),
+    }
+    values.update(overrides)
+    return tuple(values[c.name] for c in MIXED.columns)
+
+
+def mixed(op: str, n: int, seq: int, **overrides: Any) -> ChangeEvent:
+    row = mixed_row(n, **overrides)
+    if op == "d":
+        return event("d", before=row, table=MIXED, seq=seq)
+    return event(op, after=row, table=MIXED, seq=seq)

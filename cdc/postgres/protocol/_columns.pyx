@@ -144,6 +144,7 @@ cdef class _Relation:
     cdef Buf seqs
     cdef Buf txids
     cdef Buf stamps
+    cdef Buf msg_lsns  # each row's own message LSN (Debezium's source.lsn)
     cdef Py_ssize_t rows
     cdef Py_ssize_t size
     cdef Py_ssize_t counts[3]  # c, u, d
@@ -168,6 +169,7 @@ cdef class _Relation:
         self.seqs = Buf(NULL, 0, 0)
         self.txids = Buf(NULL, 0, 0)
         self.stamps = Buf(NULL, 0, 0)
+        self.msg_lsns = Buf(NULL, 0, 0)
         self._reset()
 
     cdef int _reset(self) except -1:
@@ -183,7 +185,7 @@ cdef class _Relation:
             self.unchanged[j].size = 0
         self.any_unchanged = False
         self.ops.size = self.lsns.size = self.seqs.size = 0
-        self.txids.size = self.stamps.size = 0
+        self.txids.size = self.stamps.size = self.msg_lsns.size = 0
         self.rows = 0
         self.size = 0
         self.counts[0] = self.counts[1] = self.counts[2] = 0
@@ -207,6 +209,7 @@ cdef class _Relation:
         buf_free(&self.seqs)
         buf_free(&self.txids)
         buf_free(&self.stamps)
+        buf_free(&self.msg_lsns)
 
     cdef void _rollback(self, int upto) noexcept:
         """Undo the columns ``0 .. upto-1`` of a row that turned out malformed."""
@@ -300,7 +303,8 @@ cdef class _Relation:
         return 1
 
     cdef int _append_meta(
-        self, char op, int64_t lsn, int64_t seq, int64_t xid, int64_t stamp, Py_ssize_t size
+        self, char op, int64_t lsn, int64_t seq, int64_t xid, int64_t stamp, Py_ssize_t size,
+        int64_t msg_lsn,
     ) except -1:
         buf_reserve(&self.ops, 1)
         self.ops.data[self.ops.size] = op
@@ -317,6 +321,9 @@ cdef class _Relation:
         buf_reserve(&self.stamps, 8)
         memcpy(self.stamps.data + self.stamps.size, &stamp, 8)
         self.stamps.size += 8
+        buf_reserve(&self.msg_lsns, 8)
+        memcpy(self.msg_lsns.data + self.msg_lsns.size, &msg_lsn, 8)
+        self.msg_lsns.size += 8
         self.rows += 1
         self.size += size
         if op == 99:  # c
@@ -414,12 +421,13 @@ cdef class ColumnBuilder:
         rel = self._relations.get(relation_id)
         return (<_Relation>rel).rows if rel is not None else 0
 
-    def feed(self, data, Py_ssize_t offset, bint in_stream):
+    def feed(self, data, Py_ssize_t offset, bint in_stream, int64_t lsn=0):
         """Append the row of one pgoutput message.
 
         ``data`` holds the message from ``offset`` on: 0 for a bare payload, 25 for a whole
         XLogData frame (then its WAL start updates :attr:`received`). ``in_stream``: the
         protocol-2 form, with the xid after the tag (as spilled, see stream_spill).
+        ``lsn``: the message's own WAL position for a bare payload (a frame carries it).
 
         Returns the rows now buffered (all relations) when the row was appended, else
         NOT_TAKEN (decode it with the pure decoder), UNKNOWN_RELATION (``register`` the
@@ -440,15 +448,19 @@ cdef class ColumnBuilder:
                     self.relation = -1
                     return 0
                 start = <int64_t>((<uint64_t>be32(buf + 1) << 32) | be32(buf + 5))
-            code = self._feed(buf, offset, end, in_stream)
+                lsn = start
+            code = self._feed(buf, offset, end, in_stream, lsn)
             if code > 0 and start > self.received:
                 self.received = start
             return code
         finally:
             PyBuffer_Release(&view)
 
-    cdef int _feed(self, const uint8_t* buf, Py_ssize_t pos, Py_ssize_t end, bint in_stream) except -3:
-        """Append the row of the message in ``buf[pos:end]``; see :meth:`feed`."""
+    cdef int _feed(
+        self, const uint8_t* buf, Py_ssize_t pos, Py_ssize_t end, bint in_stream, int64_t msg_lsn
+    ) except -3:
+        """Append the row of the message in ``buf[pos:end]`` (at WAL ``msg_lsn``); see
+        :meth:`feed`."""
         cdef Py_ssize_t begin = pos
         cdef uint8_t tag, kind
         cdef char op
@@ -498,7 +510,7 @@ cdef class ColumnBuilder:
             return 0
         rel._append_meta(
             op, self._lsn, self.seq, self._xid, self._stamp,
-            end - begin - (4 if in_stream else 0),
+            end - begin - (4 if in_stream else 0), msg_lsn,
         )
         self.seq += 1
         self.pending += 1
@@ -544,7 +556,11 @@ cdef class ColumnBuilder:
                         pos += 16 + length
                         records += 1
                         continue
-                code = self._feed(buf, pos + 16, pos + 16 + length, True)
+                # The record starts with the change's Int64 data_start (big-endian).
+                code = self._feed(
+                    buf, pos + 16, pos + 16 + length, True,
+                    <int64_t>((<uint64_t>be32(buf + pos) << 32) | be32(buf + pos + 4)),
+                )
                 if code <= 0:
                     self.code = code
                     return pos, records, 1
@@ -626,11 +642,12 @@ cdef class ColumnBuilder:
         """The buffered rows of ``relation_id`` as Arrow buffers, or None; empties them.
 
         Returns ``(rows, columns, unchanged, ops, op_offsets, lsns, seqs, txids, stamps,
-        size, counts)``: per column ``(validity, offsets, data)`` bytes and, when some row
+        size, counts, msg_lsns)``: per column ``(validity, offsets, data)`` bytes and, when some row
         has an unchanged TOAST value, per column its bitmap bytes (else None); the per-row
         metadata as bytes (ops one byte a row with their int32 string offsets, the others
         native int64);
-        ``counts`` the rows per op ``{"c": .., "u": .., "d": ..}``.
+        ``counts`` the rows per op ``{"c": .., "u": .., "d": ..}``; ``msg_lsns`` each row's
+        own message LSN (native int64; ``lsns`` is the commit LSN).
         """
         found = self._relations.get(relation_id)
         if found is None:
@@ -663,6 +680,7 @@ cdef class ColumnBuilder:
             buf_bytes(&rel.stamps),
             rel.size,
             {"c": rel.counts[0], "u": rel.counts[1], "d": rel.counts[2]},
+            buf_bytes(&rel.msg_lsns),
         )
         self.pending -= rel.rows
         rel._reset()

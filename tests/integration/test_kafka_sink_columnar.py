@@ -23,8 +23,7 @@ from cdc.kafka.event_encoder import EventEncoder
 from sinks.dead_letters import dlq_uri
 from sinks.kafka_worker import KafkaSinkWorker
 from tests.plugins.kafka_pipeline import Background, background, settings, unique, wait_sunk
-from tests.plugins.samples import ROW, TYPES, event
-from tests.unit.test_kafka_columnar import KEYLESS, MIXED, mixed
+from tests.plugins.samples import KEYLESS, MIXED, ROW, TYPES, event, mixed
 
 pytestmark = pytest.mark.kafka
 

@@ -3,8 +3,7 @@ what decoding message by message gives, and leaves to that path what it cannot t
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime, timedelta
-from decimal import Decimal
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -15,32 +14,11 @@ from hypothesis import strategies as st
 from cdc.core import pgtypes
 from cdc.core.events import ChangeEvent
 from cdc.core.kafka_format import HEADER_SCHEMA_ID, HEADER_SEQ
-from cdc.core.pgtypes import Oid
-from cdc.core.table_schema import ColumnSchema, TableSchema
+from cdc.core.table_schema import TableSchema
 from cdc.kafka.event_encoder import EventEncoder
 from sinks.event_decoding import DEBEZIUM_UNAVAILABLE, ColumnRun, EventDecoder
-from tests.plugins.samples import ROW, TYPES, event
+from tests.plugins.samples import KEYLESS, MIXED, ROW, TYPES, event, mixed
 
-NUMERIC_10_2 = ((10 << 16) | 2) + 4
-MIXED = TableSchema(
-    "Shop",
-    "Order Lines",
-    (
-        ColumnSchema("Order", Oid.INT4, -1, True),
-        ColumnSchema("sku", Oid.TEXT, -1, True),
-        ColumnSchema("at", Oid.TIMESTAMPTZ, -1, True),
-        ColumnSchema("qty", Oid.INT2),
-        ColumnSchema("price", Oid.NUMERIC, NUMERIC_10_2),
-        ColumnSchema("ratio", Oid.FLOAT8),
-        ColumnSchema("gift", Oid.BOOL),
-        ColumnSchema("day", Oid.DATE),
-        ColumnSchema("blob", Oid.BYTEA),
-        ColumnSchema("Doc", Oid.JSONB),
-    ),
-)
-KEYLESS = TableSchema(
-    "public", "log", (ColumnSchema("line", Oid.TEXT), ColumnSchema("at", Oid.TIMESTAMPTZ))
-)
 Message = tuple[bytes | None, list[tuple[str, bytes]]]
 
 
@@ -122,30 +100,6 @@ def assert_same(table: TableSchema, events: list[ChangeEvent], format: str = "js
     decoder = new_decoder(table)
     warm(decoder, messages)
     assert by_columns(decoder, messages) == by_message(new_decoder(table), messages)
-
-
-def mixed_row(n: int, **overrides: Any) -> tuple[Any, ...]:
-    values = {
-        "Order": n,
-        "sku": f"sku-{n} ünï",
-        "at": datetime(2026, 1, 1, tzinfo=UTC) + timedelta(microseconds=n * 1001),
-        "qty": n % 7 or None,
-        "price": Decimal(n) / 100,
-        "ratio": n / 3,
-        "gift": n % 2 == 0,
-        "day": date(2026, 1, 1) + timedelta(days=n),
-        "blob": bytes([n % 256, 0, 255]),
-        "Doc": orjson.dumps({"n": n}).decode(),
-    }
-    values.update(overrides)
-    return tuple(values[c.name] for c in MIXED.columns)
-
-
-def mixed(op: str, n: int, seq: int, **overrides: Any) -> ChangeEvent:
-    row = mixed_row(n, **overrides)
-    if op == "d":
-        return event("d", before=row, table=MIXED, seq=seq)
-    return event(op, after=row, table=MIXED, seq=seq)
 
 
 def test_every_type_decodes_column_wise_as_message_by_message() -> None:
