@@ -40,7 +40,7 @@ soak: $(STAMP)
 	CDC_SOAK_SECONDS=$(CDC_SOAK_SECONDS) $(BIN)/python -m pytest -m soak -s -p no:cacheprovider \
 		tests/integration/test_soak.py $(PYTEST_ARGS)
 
-## bench: install, then run every benchmark against its physical limit (~7 min);
+## bench: install, then run every benchmark against its physical limit (~10 min);
 ## writes benchmarks/results/latest.json and latest.png
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)
