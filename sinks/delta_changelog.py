@@ -323,6 +323,18 @@ class _TableBuffer:
     # something else may have changed the table (an error, a widening, a discard).
     table: DeltaTable | None = None
     inflight: _InFlight | None = None  # its commit running now (one at a time per table)
+    # The last commit failed without saying whether it landed (see DeltaChangelogSink._write).
+    in_doubt: bool = False
+
+
+def _after(data: pa.Table, position: Position) -> pa.Table:
+    """The rows of ``data`` after ``position`` (``(commit_lsn, seq)``)."""
+    if position == _NOTHING_WRITTEN:
+        return data
+    lsn, seq = position
+    lsns, seqs = data.column(layout.LSN), data.column(layout.SEQ)
+    newer = pc.or_(pc.greater(lsns, lsn), pc.and_(pc.equal(lsns, lsn), pc.greater(seqs, seq)))
+    return data.filter(newer)
 
 
 def _accept(
@@ -955,6 +967,7 @@ class DeltaChangelogSink(Sink):
                     mark.offset_written = offset
                 continue
             failures[name] = error
+            buf.in_doubt = True
             buf.parts[:0] = flight.parts
             if buf.oldest is None:
                 buf.first_lsn = flight.first_lsn
@@ -1002,7 +1015,17 @@ class DeltaChangelogSink(Sink):
             [p if isinstance(p, pa.Table) else p.to_arrow(ingested_at) for p in parts],
             promote_options="permissive",
         )
+        if buf.in_doubt and not buf.streams:
+            # A failed commit may still have landed: an object store can take the PUT of
+            # the log entry and lose its answer (a timeout). The watermark the table
+            # records decides which of the rows are still to write. (Kafka mode needs no
+            # check: a failed flush makes the worker re-read from the offsets in Delta.)
+            data = _after(data, self._read_watermark(buf.uri))
+            if data.num_rows == 0:
+                buf.in_doubt = False
+                return
         self._commit(buf, data, txns, target)
+        buf.in_doubt = False
 
     def close(self) -> None:
         """Wait for the commits running, and stop the commit threads (does not flush)."""

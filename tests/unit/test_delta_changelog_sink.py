@@ -16,7 +16,7 @@ from cdc.core.pgtypes import Oid
 from cdc.core.settings import BatchSettings
 from cdc.core.table_schema import ColumnSchema, TableSchema
 from sinks.delta_changelog import DeltaChangelogSink, changelog_arrow_schema, changelog_table
-from sinks.errors import SinkBackpressureError
+from sinks.errors import SinkBackpressureError, TransientSinkError
 
 ITEMS = TableSchema(
     "shop", "items", (ColumnSchema("id", Oid.INT8, -1, True), ColumnSchema("name", Oid.TEXT))
@@ -245,4 +245,38 @@ def test_add_changes_in_kafka_mode_drops_handled_offsets_and_counts_them_done(
     uri = layout.changes_uri(str(tmp_path), ITEMS.qualified_name)
     dt = DeltaTable(uri)
     assert dt.transaction_version(f"t:{stream}:offset") == 15
+    assert [r["id"] for r in changes(tmp_path, ITEMS).to_pylist()] == [0, 1, 2, 3, 4]
+
+
+def test_a_commit_that_landed_but_reported_a_failure_is_not_written_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An object store can take the PUT of the log entry and lose its answer: the commit
+    failed for the sink but is in the table. The retry writes only what is not."""
+    import sinks.delta_changelog as delta_changelog
+
+    real_write = delta_changelog.write_deltalake
+    lost_answers = [OSError("operation timed out after the store took the PUT")]
+
+    def write_then_lose_the_answer(*args: object, **kwargs: object) -> None:
+        real_write(*args, **kwargs)  # type: ignore[arg-type]
+        if lost_answers:
+            raise lost_answers.pop()
+
+    sink = DeltaChangelogSink(str(tmp_path), app_id="t")
+    for seq in range(3):
+        sink.add(event(ITEMS, "c", (seq, f"n{seq}"), 100, seq))
+    monkeypatch.setattr(delta_changelog, "write_deltalake", write_then_lose_the_answer)
+    with pytest.raises(TransientSinkError):
+        sink.flush()
+    assert sink.pending_rows == 3  # as far as the sink knows, nothing landed
+    sink.add(event(ITEMS, "c", (3, "n3"), 101, 0))
+    assert sink.flush()["rows"] == 4
+    assert [r["id"] for r in changes(tmp_path, ITEMS).to_pylist()] == [0, 1, 2, 3]
+    # A retry that finds everything already written writes nothing.
+    lost_answers.append(OSError("timed out again"))
+    sink.add(event(ITEMS, "c", (4, "n4"), 102, 0))
+    with pytest.raises(TransientSinkError):
+        sink.flush()
+    assert sink.flush()["rows"] == 1 and sink.pending_rows == 0
     assert [r["id"] for r in changes(tmp_path, ITEMS).to_pylist()] == [0, 1, 2, 3, 4]
