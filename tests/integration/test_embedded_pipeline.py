@@ -22,6 +22,7 @@ from cdc.postgres.errors import PrerequisiteError
 from cdc.postgres.slots import ensure_publication, get_slot
 from sinks.delta_changelog import DeltaChangelogSink
 from sinks.position_store import LakePositionStore
+from tests.plugins.failures import SnapshotHook
 from tests.plugins.lake import (
     assert_lake_matches_postgres,
     duplicate_positions,
@@ -297,11 +298,7 @@ def test_interrupted_snapshot_is_redone_from_scratch(
     class Crash(Exception):
         pass
 
-    class CrashInSecondTable:
-        def table_started(self, name: str, estimated_rows: int | None) -> None: ...
-        def table_done(self, name: str, rows: int) -> None: ...
-        def snapshot_finished(self) -> None: ...
-
+    class CrashInSecondTable(SnapshotHook):
         def rows_copied(self, name: str, rows: int) -> None:
             if name == "public.b":
                 raise Crash
@@ -356,11 +353,7 @@ def test_a_crash_inside_a_streamed_table_copy_is_redone_without_duplicates(
                 raise _Crash("killed before the watermark")
             return super()._transactions(buf)
 
-    class CopyCrash:
-        def table_started(self, name: str, estimated_rows: int | None) -> None: ...
-        def table_done(self, name: str, rows: int) -> None: ...
-        def snapshot_finished(self) -> None: ...
-
+    class CopyCrash(SnapshotHook):
         def rows_copied(self, name: str, rows: int) -> None:
             if "Mixed" in name:
                 raise _Crash("killed while copying")
@@ -409,11 +402,7 @@ def test_a_signal_during_a_table_copy_stops_it_at_the_next_batch(
     )
     batches: list[int] = []
 
-    class SignalAtFirstBatch:
-        def table_started(self, name: str, estimated_rows: int | None) -> None: ...
-        def table_done(self, name: str, rows: int) -> None: ...
-        def snapshot_finished(self) -> None: ...
-
+    class SignalAtFirstBatch(SnapshotHook):
         def rows_copied(self, name: str, rows: int) -> None:
             batches.append(rows)
             if len(batches) == 1:
@@ -476,14 +465,9 @@ def test_stop_during_the_snapshot_exits_cleanly_and_the_next_run_redoes_it(
         load_settings(**{"source.dsn": pg_dsn, "lake.path": lake_dir, "name": "test"})
     )
 
-    class StopAfterFirstTable:
-        def table_started(self, name: str, estimated_rows: int | None) -> None: ...
-        def rows_copied(self, name: str, rows: int) -> None: ...
-
+    class StopAfterFirstTable(SnapshotHook):
         def table_done(self, name: str, rows: int) -> None:
             pipeline.stop.set()  # what SIGTERM does
-
-        def snapshot_finished(self) -> None: ...
 
     pipeline.progress = StopAfterFirstTable()
     assert pipeline.run()["snapshot_interrupted"] is True

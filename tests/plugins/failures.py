@@ -12,7 +12,7 @@ Fixtures:
   answers 503 and counts who connected.
 
 Helpers: :func:`cdc_command`, :func:`start_cdc`, :func:`dsn_as`, :func:`wait_slot_active`,
-:func:`backend_pids`.
+:func:`backend_pids`, :class:`SnapshotHook`.
 """
 
 from __future__ import annotations
@@ -216,3 +216,21 @@ def down_object_store() -> Iterator[RecordingEndpoint]:
         yield endpoint
     finally:
         endpoint.close()
+
+
+class SnapshotHook:
+    """A snapshot progress receiver (:class:`sinks.base.SnapshotProgress`) that lets every
+    call pass: a test subclasses it and overrides the call it acts on (a crash in a given
+    table, a signal at the first batch, a stop after the first table)."""
+
+    def table_started(self, name: str, estimated_rows: int | None) -> None:
+        """Ignored."""
+
+    def rows_copied(self, name: str, rows: int) -> None:
+        """Ignored."""
+
+    def table_done(self, name: str, rows: int) -> None:
+        """Ignored."""
+
+    def snapshot_finished(self) -> None:
+        """Ignored."""
