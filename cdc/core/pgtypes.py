@@ -66,18 +66,21 @@ from __future__ import annotations
 import binascii
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal, InvalidOperation
 from enum import IntEnum
 from functools import lru_cache
-from typing import Any, Final, TypeAlias
+from typing import TYPE_CHECKING, Any, Final, TypeAlias
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from cdc.core.errors import ValueConversionError
+
+if TYPE_CHECKING:
+    from cdc.core.table_schema import ColumnSchema
 
 __all__ = [
     "ARRAY_ELEMENT_OIDS",
@@ -93,6 +96,7 @@ __all__ = [
     "text_parser",
     "text_to_arrow",
     "text_to_arrow_lossless",
+    "texts_to_arrow_lossless",
     "type_name",
 ]
 
@@ -1007,6 +1011,36 @@ def text_to_arrow_lossless(
         typed.append(value)
         fallback.append(kept)
     return pa.array(typed, type=spec.arrow), pa.array(fallback, type=pa.string())
+
+
+def texts_to_arrow_lossless(
+    texts: Sequence[pa.Array | pa.ChunkedArray], columns: Sequence[ColumnSchema], *, rows: int
+) -> tuple[list[pa.Array], pa.Array | None]:
+    """:func:`text_to_arrow_lossless` for each column of a table, with the texts of the
+    values that have no typed form gathered per row into one ``map<string, string>`` array
+    (column name -> exact text; null for rows where every value converted), the shape of
+    the changelog's ``_cdc_fallback``. The map is ``None`` when every value converted.
+
+    >>> from cdc.core.table_schema import ColumnSchema
+    >>> typed, fallback = texts_to_arrow_lossless(
+    ...     [pa.array(["1", "NaN"])], [ColumnSchema("n", Oid.NUMERIC, (5 << 16) + 4)], rows=2)
+    >>> fallback.to_pylist()
+    [None, [('n', 'NaN')]]
+    """
+    typed: list[pa.Array] = []
+    fallbacks: dict[str, list[str | None]] = {}
+    for text, column in zip(texts, columns, strict=True):
+        values, fallback = text_to_arrow_lossless(text, column.type_oid, column.type_modifier)
+        typed.append(values)
+        if fallback is not None:
+            fallbacks[column.name] = fallback.to_pylist()
+    if not fallbacks:
+        return typed, None
+    maps = [
+        {name: t[i] for name, t in fallbacks.items() if t[i] is not None} or None
+        for i in range(rows)
+    ]
+    return typed, pa.array(maps, type=pa.map_(pa.string(), pa.string()))
 
 
 def _column_label(type_oid: int, type_modifier: int) -> str:

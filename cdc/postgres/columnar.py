@@ -40,7 +40,6 @@ __all__ = ["ChangeBatch", "ColumnarDecoder"]
 
 _UNIX_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MICROSECOND = timedelta(microseconds=1)
-_FALLBACK_TYPE = pa.map_(pa.string(), pa.string())
 _TIMESTAMP = pa.timestamp("us", tz="UTC")
 
 
@@ -193,18 +192,13 @@ def _micros(ts: datetime) -> int:
 
 def _batch(schema: TableSchema, taken: tuple[Any, ...]) -> ChangeBatch:
     n, columns, unchanged, ops, op_offsets, lsns, seqs, txids, stamps, size, counts, own = taken
-    values: list[pa.Array] = []
-    texts: list[pa.Array] = []
-    fallbacks: dict[str, pa.Array] = {}
-    for col, (valid, offsets, data) in zip(schema.columns, columns, strict=True):
-        text = pa.Array.from_buffers(
+    texts = [
+        pa.Array.from_buffers(
             pa.string(), n, [pa.py_buffer(valid), pa.py_buffer(offsets), pa.py_buffer(data)]
         )
-        texts.append(text)
-        typed, fallback = pgtypes.text_to_arrow_lossless(text, col.type_oid, col.type_modifier)
-        values.append(typed)
-        if fallback is not None:
-            fallbacks[col.name] = fallback
+        for valid, offsets, data in columns
+    ]
+    values, fallback = pgtypes.texts_to_arrow_lossless(texts, schema.columns, rows=n)
     commit_ts = pa.Array.from_buffers(_TIMESTAMP, n, [None, pa.py_buffer(stamps)])
     changes = changelog_table(
         schema,
@@ -217,7 +211,7 @@ def _batch(schema: TableSchema, taken: tuple[Any, ...]) -> ChangeBatch:
         txids=pa.Array.from_buffers(pa.int64(), n, [None, pa.py_buffer(txids)]),
         commit_ts=commit_ts,
         unchanged_toast=_unchanged(schema, n, unchanged) if unchanged is not None else None,
-        fallback=_fallback(n, fallbacks) if fallbacks else None,
+        fallback=fallback,
     )
     last = _UNIX_EPOCH + timedelta(microseconds=int.from_bytes(stamps[-8:], "little", signed=True))
     counted = {k: v for k, v in counts.items() if v}
@@ -233,10 +227,3 @@ def _unchanged(schema: TableSchema, n: int, bitmaps: list[bytes]) -> pa.Array:
     names = schema.column_names
     rows = [[names[j] for j, f in enumerate(flags) if f[i]] or None for i in range(n)]
     return pa.array(rows, type=pa.list_(pa.string()))
-
-
-def _fallback(n: int, fallbacks: dict[str, pa.Array]) -> pa.Array:
-    """The ``_cdc_fallback`` maps (as in the snapshot's ``_typed_batch``)."""
-    texts = {name: arr.to_pylist() for name, arr in fallbacks.items()}
-    rows = [{name: t[i] for name, t in texts.items() if t[i] is not None} or None for i in range(n)]
-    return pa.array(rows, type=_FALLBACK_TYPE)

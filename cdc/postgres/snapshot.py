@@ -135,25 +135,12 @@ def _parse_chunk(chunk: bytearray, column_names: list[str]) -> pa.Table:
 def _typed_batch(table: TableSchema, batch: pa.RecordBatch | pa.Table) -> pa.Table:
     """Convert one batch of text columns; values without a typed form keep their exact text
     in a ``_cdc_fallback`` map column (added only when some value needed it)."""
-    columns: list[pa.Array] = []
-    fallbacks: dict[str, pa.Array] = {}
-    for i, c in enumerate(table.columns):
-        typed, fallback = pgtypes.text_to_arrow_lossless(
-            batch.column(i), c.type_oid, c.type_modifier
-        )
-        columns.append(typed)
-        if fallback is not None:
-            fallbacks[c.name] = fallback
+    columns, fallback = pgtypes.texts_to_arrow_lossless(
+        batch.columns, table.columns, rows=batch.num_rows
+    )
     result = pa.Table.from_arrays(columns, names=list(table.column_names))
-    if fallbacks:
-        texts = {name: arr.to_pylist() for name, arr in fallbacks.items()}
-        rows = [
-            {name: t[i] for name, t in texts.items() if t[i] is not None} or None
-            for i in range(batch.num_rows)
-        ]
-        result = result.append_column(
-            layout.FALLBACK, pa.array(rows, type=pa.map_(pa.string(), pa.string()))
-        )
+    if fallback is not None:
+        result = result.append_column(layout.FALLBACK, fallback)
     return result
 
 
