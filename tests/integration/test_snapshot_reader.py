@@ -224,3 +224,15 @@ def test_compiled_and_python_drains_read_the_same_rows(
     assert ours.to_pylist() == reference.to_pylist()
     assert ours.schema == reference.schema
     assert ours.column(schema.column_names[0]).null_count == (10_000 if table == "keyless" else 0)
+
+
+def test_rows_larger_than_a_chunk_arrive_whole(pg_dsn: str, pg_conn: psycopg.Connection) -> None:
+    # Rows of several MiB against chunks of 1 KiB: each chunk grows to hold its row.
+    pg_conn.execute("CREATE TABLE wide (id int PRIMARY KEY, t text)")
+    pg_conn.execute(
+        "INSERT INTO wide SELECT g, repeat(md5(g::text), g * 40000) FROM generate_series(1, 3) g"
+    )
+    batches = _read_all(pg_dsn, _schema(pg_conn, "wide"), 1024)
+    assert len(batches) == 3
+    rows = pa.concat_tables(batches).to_pylist()
+    assert [(r["id"], len(r["t"])) for r in rows] == [(g, g * 40000 * 32) for g in (1, 2, 3)]
