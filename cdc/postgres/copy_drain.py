@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import importlib
 import os
 from pathlib import Path
 from typing import Any
 
 from psycopg import pq
+
+from cdc.postgres.protocol import compiled
 
 __all__ = ["AVAILABLE", "END", "FAILED", "MORE", "compiled_drain"]
 
@@ -35,15 +36,7 @@ FAILED = 2
 #: The libpq functions the drain calls.
 _FUNCTIONS = ("PQgetCopyData", "PQconsumeInput", "PQfreemem", "PQsocket")
 
-
-def _load() -> Any:
-    try:
-        return importlib.import_module("cdc.postgres._copy_drain").CopyDrain
-    except ImportError:  # not built: no compiler (or no Cython) at install time
-        return None
-
-
-_CopyDrain: Any = _load()
+_CopyDrain: Any = compiled.load_extension("cdc.postgres._copy_drain", "CopyDrain")
 
 #: The extension was built and imports.
 AVAILABLE: bool = _CopyDrain is not None
@@ -94,7 +87,7 @@ def compiled_drain(pgconn: pq.abc.PGconn) -> Any | None:
 
     Read per call, so tests and tools can flip ``CDC_PURE_PYTHON`` in-process.
     """
-    if not AVAILABLE or os.environ.get("CDC_PURE_PYTHON", "") not in ("", "0"):
+    if not AVAILABLE or compiled.pure_python_forced():
         return None
     # Documented on both of psycopg's PGconn classes, though not on their protocol class.
     pointer = getattr(pgconn, "pgconn_ptr", None)
