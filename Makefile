@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 .PHONY: demo notebook test soak bench lint format typecheck check clean
 
 # setup.py and the .pyx: the compiled decoder is rebuilt in place when they change.
-$(STAMP): pyproject.toml setup.py cdc/postgres/protocol/_columns.pyx
+$(STAMP): pyproject.toml setup.py cdc/postgres/protocol/_columns.pyx cdc/postgres/_copy_drain.pyx
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'

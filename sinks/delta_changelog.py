@@ -39,7 +39,14 @@ from typing import Any, TypeAlias
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
+from deltalake import (
+    ColumnProperties,
+    CommitProperties,
+    DeltaTable,
+    Transaction,
+    WriterProperties,
+    write_deltalake,
+)
 from deltalake.exceptions import (
     CommitFailedError,
     DeltaError,
@@ -262,6 +269,28 @@ def _snapshot_rows(
         pa.repeat(commit_ts.cast(pa.date32()), n),
     ]
     return pa.Table.from_arrays(columns, schema=arrow_schema)
+
+
+def _snapshot_writer_properties() -> WriterProperties:
+    """Parquet settings of the initial snapshot's write, which encodes the whole table while
+    the COPY runs and so competes with it (and with PostgreSQL) for the CPU.
+
+    LZ4_RAW instead of delta-rs's default Snappy: measured on the snapshot benchmark's
+    table (1M rows, a 65-character text), 0.32-0.36 s of CPU against 0.44-0.49 s, and
+    files a little smaller (72.7 MB against 74.3 MB). ``_cdc_seq`` counts up by one: the
+    delta encoding stores it in almost nothing, where a dictionary is tried for every
+    file and abandoned. Dictionaries, and statistics per page, stay as they are for every
+    other column: the constant metadata columns shrink to nothing with them, and
+    readers skip files by the statistics. ZSTD level 1 would halve the files (37 MB) for
+    Snappy's CPU; no compression at all saves 0.05 s more than LZ4_RAW but writes 9%
+    more. LZ4_RAW is read by DuckDB, delta-rs, pyarrow and Spark from 3.4.
+    """
+    return WriterProperties(
+        compression="LZ4_RAW",
+        column_properties={
+            layout.SEQ: ColumnProperties(dictionary_enabled=False, encoding="DELTA_BINARY_PACKED")
+        },
+    )
 
 
 def stream_app_id(app_id: str, stream: str, kind: str) -> str:
@@ -729,6 +758,7 @@ class DeltaChangelogSink(Sink):
                         schema_mode="merge",
                         storage_options=self.storage_options,
                         target_file_size=self.batch.max_bytes,
+                        writer_properties=_snapshot_writer_properties(),
                     )
             except BaseException as e:  # handed to the calling thread below
                 errors.append(e)

@@ -4,8 +4,9 @@ Rows travel as COPY ... CSV bytes. A reader thread drains the COPY at the libpq 
 (PostgreSQL sends one message per row) and joins the rows into chunks of about
 ``block_bytes``; each chunk holds whole rows, so pyarrow parses it as a CSV document of its
 own, and its columns are converted vectorized (:func:`cdc.core.pgtypes.text_to_arrow_lossless`).
-No per-row Python runs beyond taking the message, and the COPY keeps flowing while the
-caller converts and writes the previous chunk (pyarrow and deltalake release the GIL).
+No per-row Python runs beyond taking the message (none at all with the compiled drain of
+:mod:`cdc.postgres.copy_drain`), and the COPY keeps flowing while the caller converts and
+writes the previous chunk (pyarrow and deltalake release the GIL).
 Memory stays bounded by a few chunks, whatever the table size.
 
 The snapshot and the stream meet at the slot's consistent point: the exported snapshot
@@ -30,6 +31,7 @@ from psycopg import pq, sql
 from catalog import lake_layout as layout
 from cdc.core import pgtypes
 from cdc.core.table_schema import TableSchema
+from cdc.postgres import copy_drain
 from cdc.postgres.errors import postgres_error
 from cdc.postgres.replication import session_conninfo
 
@@ -39,6 +41,7 @@ DEFAULT_BLOCK_BYTES = 8 * 1024 * 1024
 _READ_AHEAD = 2
 #: How often (seconds) a waiting reader thread checks that it is still wanted.
 _POLL_SECONDS = 0.1
+_POLL_MS = int(_POLL_SECONDS * 1000)
 
 
 class _End:
@@ -47,15 +50,40 @@ class _End:
 
 def _drain_copy(
     pgconn: pq.abc.PGconn, encoding: str, block_bytes: int, stop: threading.Event
-) -> Iterator[bytearray]:
+) -> Iterator[bytes | bytearray]:
     """Yield the rows of the COPY OUT in progress on ``pgconn``, joined into chunks of whole
     rows of about ``block_bytes``; then read the COPY's final result (raising its error,
     its message decoded with ``encoding``, the connection's Python codec name).
 
-    Runs in the reader thread: waits for the socket with ``select`` (which releases the
-    GIL), never inside libpq. Stops early, leaving the COPY in progress, when ``stop`` is
-    set; the COPY context (``Copy.finish``) then cancels it.
+    Runs in the reader thread: waits for the socket with ``select`` or ``poll`` (either
+    releases the GIL), never inside libpq. The compiled drain (:mod:`cdc.postgres.copy_drain`)
+    takes the rows without the GIL at all. Stops early, leaving the COPY in progress, when
+    ``stop`` is set; the COPY context (``Copy.finish``) then cancels it.
     """
+    drain = copy_drain.compiled_drain(pgconn)
+    if drain is not None:
+        ended = yield from _rows_compiled(drain, pgconn, encoding, block_bytes, stop)
+    else:
+        ended = yield from _rows(pgconn, block_bytes, stop)
+    if not ended:
+        return
+    while pgconn.is_busy():
+        select.select([pgconn.socket], [], [], _POLL_SECONDS)
+        pgconn.consume_input()
+    # As psycopg's own COPY does (generators.copy_from): the first error result wins.
+    error: psycopg.Error | None = None
+    while (result := pgconn.get_result()) is not None:
+        if result.status != pq.ExecStatus.COMMAND_OK and error is None:
+            error = psycopg.errors.error_from_result(result, encoding=encoding)
+    if error is not None:
+        raise error
+
+
+def _rows(
+    pgconn: pq.abc.PGconn, block_bytes: int, stop: threading.Event
+) -> Generator[bytearray, None, bool]:
+    """The rows of the COPY in chunks, taken one by one with psycopg; returns whether the
+    COPY ended (False: ``stop`` was set first)."""
     get = pgconn.get_copy_data
     # Each row is appended to the chunk at once: keeping the rows' own buffers alive until
     # a join costs three times as much (an object per row, and the GC passes over them).
@@ -69,7 +97,7 @@ def _drain_copy(
                 chunk = bytearray()
         elif nbytes == 0:
             if stop.is_set():
-                return
+                return False
             # Also lets the consumer thread take the GIL (about every hundred rows).
             if select.select([pgconn.socket], [], [], _POLL_SECONDS)[0]:
                 pgconn.consume_input()
@@ -77,16 +105,23 @@ def _drain_copy(
             break
     if chunk:
         yield chunk
-    while pgconn.is_busy():
-        select.select([pgconn.socket], [], [], _POLL_SECONDS)
-        pgconn.consume_input()
-    # As psycopg's own COPY does (generators.copy_from): the first error result wins.
-    error: psycopg.Error | None = None
-    while (result := pgconn.get_result()) is not None:
-        if result.status != pq.ExecStatus.COMMAND_OK and error is None:
-            error = psycopg.errors.error_from_result(result, encoding=encoding)
-    if error is not None:
-        raise error
+    return True
+
+
+def _rows_compiled(
+    drain: Any, pgconn: pq.abc.PGconn, encoding: str, block_bytes: int, stop: threading.Event
+) -> Generator[bytes, None, bool]:
+    """:func:`_rows`, each chunk taken by the compiled drain in one call without the GIL."""
+    while True:
+        status, chunk = drain.drain(block_bytes, _POLL_MS)
+        if chunk:
+            yield chunk
+        if status == copy_drain.END:
+            return True
+        if status == copy_drain.FAILED:  # what psycopg raises for PQgetCopyData's -2
+            raise psycopg.OperationalError(pgconn.get_error_message(encoding))
+        if stop.is_set():
+            return False
 
 
 def _read_ahead(items: Iterator[object], out: queue.Queue[object], stop: threading.Event) -> None:
@@ -110,7 +145,7 @@ def _read_ahead(items: Iterator[object], out: queue.Queue[object], stop: threadi
     out.put(end)  # never blocks for long: the consumer takes every item until this one
 
 
-def _parse_chunk(chunk: bytearray, column_names: list[str]) -> pa.Table:
+def _parse_chunk(chunk: bytes | bytearray, column_names: list[str]) -> pa.Table:
     """Parse a chunk of whole COPY CSV rows into string columns, as one block."""
     return pacsv.read_csv(
         pa.py_buffer(chunk),

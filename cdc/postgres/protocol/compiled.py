@@ -24,6 +24,8 @@ __all__ = [
     "UNKNOWN_RELATION",
     "ColumnBuilder",
     "enabled",
+    "load_extension",
+    "pure_python_forced",
 ]
 
 #: What ColumnBuilder.feed returns when it did not append the row (see _columns.pyx).
@@ -32,15 +34,22 @@ UNKNOWN_RELATION = -1
 RELATION_FULL = -2
 
 
-def _load() -> Any:
+def load_extension(module: str, attribute: str) -> Any:
+    """``attribute`` of the optional compiled extension ``module``, or None when it is not
+    built (no compiler, or no Cython, at install time)."""
     try:
-        return importlib.import_module("cdc.postgres.protocol._columns").ColumnBuilder
-    except ImportError:  # not built: no compiler (or no Cython) at install time
+        return getattr(importlib.import_module(module), attribute)
+    except ImportError:
         return None
 
 
+def pure_python_forced() -> bool:
+    """``CDC_PURE_PYTHON`` asks for the pure-Python paths (any value but empty or ``0``)."""
+    return os.environ.get("CDC_PURE_PYTHON", "") not in ("", "0")
+
+
 #: The compiled builder class, or None when the extension is not built.
-ColumnBuilder: Any = _load()
+ColumnBuilder: Any = load_extension("cdc.postgres.protocol._columns", "ColumnBuilder")
 
 #: The extension was built and imports.
 AVAILABLE: bool = ColumnBuilder is not None
@@ -51,4 +60,4 @@ def enabled() -> bool:
 
     Read when a stream starts, so tests and tools can flip the variable in-process.
     """
-    return AVAILABLE and os.environ.get("CDC_PURE_PYTHON", "") in ("", "0")
+    return AVAILABLE and not pure_python_forced()
