@@ -392,6 +392,7 @@ class KafkaSinkWorker:
         if not self._cooperative:
             # Eager: everything was revoked (and flushed) first. A new sink forgets what
             # the previous assignment read from Delta.
+            self.sink.close()
             self.sink = self._new_sink()
             self.dlq.discard()
         self._assign_offsets(partitions)
@@ -424,6 +425,9 @@ class KafkaSinkWorker:
             consumer.incremental_unassign(partitions)
 
     def _discard(self) -> None:
+        # Commits still running in the old sink's threads end first (landed or not), so
+        # that the offsets read from Delta afterwards include every commit that landed.
+        self.sink.close()
         self.sink = self._new_sink()
         self.dlq.discard()
         self._dlq_since = None
@@ -478,7 +482,8 @@ class KafkaSinkWorker:
                         if self._epoch != epoch:
                             break  # sought back to Delta's offsets: the rest comes again
                 if self._flush_due():
-                    self._flush()
+                    # Commits run in the sink's commit threads while this loop reads on.
+                    self._flush(wait=False)
                 elif not self.sink.pending_rows and not self.dlq.pending:
                     self._report_progress()
                 self._refresh_tables(busy=bool(messages))
@@ -492,6 +497,7 @@ class KafkaSinkWorker:
             try:
                 self.consumer.close()  # leaves the group: the others take over at once
             finally:
+                self.sink.close()
                 self.producer.flush(5)  # dead letters are produced before their commit
                 close_client(self.producer)
                 self.registry.close()
@@ -713,14 +719,23 @@ class KafkaSinkWorker:
         since = self._dlq_since
         return since is not None and time.monotonic() - since >= self.settings.batch.max_seconds
 
-    def _flush(self, *, reseek: bool = True) -> bool:
+    def _flush(self, *, reseek: bool = True, wait: bool = True) -> bool:
         """Commit dead letters, then the tables. On a failure, discard everything held and
-        (with ``reseek``) seek back to the offsets recorded in Delta; returns False then."""
+        (with ``reseek``) seek back to the offsets recorded in Delta; returns False then.
+
+        With ``wait=False`` only the tables that are due are committed, in the sink's
+        commit threads (:meth:`DeltaChangelogSink.flush_due_tables`), and this returns at
+        once: consuming goes on while delta-rs writes. The offsets a commit records are
+        taken when it starts, and a table has one commit running at a time, so the order of
+        commits and offsets is that of the blocking flush. A commit that failed is reported
+        at the next call, which then discards and re-reads as a failed blocking flush does.
+        """
         try:
-            # Dead letters first: the tables' offsets may cover the letters' messages.
             started = time.monotonic()
-            dead = self.dlq.flush()
-            written = self.sink.flush()
+            # Dead letters first, always to the end: the tables' offsets may cover the
+            # letters' messages.
+            dead = self.dlq.flush() if wait or self.dlq.pending else {"commits": 0}
+            written = self.sink.flush() if wait else self.sink.flush_due_tables()
         except (TransientSinkError, TransientCatalogError) as e:
             self.metrics["resets"] += 1
             log.warning("%s: flush failed, re-reading from Delta's offsets: %s", self.worker_id, e)
@@ -731,9 +746,12 @@ class KafkaSinkWorker:
             self._backoff = min(self._backoff * 2, 10.0)
             return False
         self._backoff = 0.2
-        self._dlq_since = None
+        if not self.dlq.pending:
+            self._dlq_since = None
         self.metrics["rows_written"] += written["rows"]
         self.metrics["commits"] += written["commits"] + dead["commits"]
+        if not (wait or written["commits"] or dead["commits"]):
+            return True  # commits started; none has ended yet
         if self.on_flush is not None:
             self.on_flush(
                 dict(
@@ -742,7 +760,9 @@ class KafkaSinkWorker:
                     duration_s=time.monotonic() - started,
                 )
             )
-        self._report_progress(force=True)
+        # (After commits that ran in the background, the group's offsets may run ahead of
+        # Delta by the commits still running: they are for monitoring only.)
+        self._report_progress(force=wait)
         return True
 
     def _report_progress(self, *, force: bool = False) -> None:
