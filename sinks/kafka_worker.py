@@ -31,6 +31,7 @@ Hazards:
 from __future__ import annotations
 
 import gc
+import itertools
 import logging
 import os
 import socket
@@ -79,7 +80,7 @@ from sinks.errors import (
     TransientSinkError,
     UndecodableMessageError,
 )
-from sinks.event_decoding import ColumnRun, Decoded, EventDecoder
+from sinks.event_decoding import ColumnarChanges, ColumnRun, Decoded, EventDecoder
 from transforms import Transforms
 
 __all__ = [
@@ -247,8 +248,10 @@ class KafkaSinkWorker:
             "commits": 0,
             "dead_letters": 0,
             "tombstones": 0,
-            # Messages decoded column-wise (the rest, message by message).
+            # Messages decoded column-wise (the rest, message by message), and of those
+            # the ones typed by pyarrow.json straight from their bytes.
             "columnar_messages": 0,
+            "json_typed_messages": 0,
             "rebalances": 0,
             "resets": 0,
         }
@@ -580,11 +583,84 @@ class KafkaSinkWorker:
         return part, decoded, offset
 
     def _handle_columnar(self, messages: list[Message], epoch: int) -> None:
-        """Handle a consumed batch column-wise where it can: consecutive messages of one
-        partition and one schema version that :meth:`EventDecoder.prepare` takes gather in
-        a run, added to the sink as Arrow columns in one go; every other message (and every
+        """Handle a consumed batch column-wise where it can.
+
+        Each stretch of consecutive messages of one partition goes to :meth:`_add_stretch`
+        (pyarrow.json over the values, the fastest); what that does not take goes to
+        :meth:`_handle_prepared`, then message by message, in the partition's order."""
+        owned = self._owned
+        start, end = 0, len(messages)
+        while start < end:
+            first = messages[start]
+            key = (first.topic(), first.partition())
+            stop = start + 1
+            while stop < end and (messages[stop].topic(), messages[stop].partition()) == key:
+                stop += 1
+            part = owned.get(key)  # type: ignore[arg-type]
+            stretch = messages[start:stop]
+            start = stop
+            if part is not None and part.table is None:
+                # The partition's first message learns its table, on its own.
+                if not self._handle_prepared(stretch[:1], epoch):
+                    return
+                stretch = stretch[1:]
+            if part is None or part.table is None or any(m.error() for m in stretch):
+                done = self._handle_prepared(stretch, epoch)
+            else:
+                done = self._add_stretch(stretch, part, epoch)
+            if not done or self._epoch != epoch:
+                return  # sought back to Delta's offsets: the rest comes again
+
+    def _add_stretch(self, messages: list[Message], part: _Partition, epoch: int) -> bool:
+        """Add consecutive messages of ``part`` typed by pyarrow.json, in pieces of at most
+        the room left in the batch (see :meth:`_add_piece`); False when what was buffered
+        was discarded meanwhile (the rest is read again)."""
+        offsets = [m.offset() for m in messages]
+        # Fetched before a seek back: skipped, as the per-message path skips them.
+        skip = 0
+        while skip < len(offsets) and offsets[skip] < part.next_offset:  # type: ignore[operator]
+            skip += 1
+        if skip:
+            messages, offsets = messages[skip:], offsets[skip:]
+        if any(a >= b for a, b in itertools.pairwise(offsets)):  # type: ignore[operator]
+            # (Never from one fetch; the per-message path skips what is below an offset.)
+            return self._handle_prepared(messages, epoch)
+        while messages:
+            room = max(1, self.settings.batch.max_rows - self.sink.pending_rows)
+            if not self._add_piece(messages[:room], offsets[:room], part, epoch):  # type: ignore[arg-type]
+                return False
+            messages, offsets = messages[room:], offsets[room:]
+        return True
+
+    def _add_piece(
+        self, messages: list[Message], offsets: list[int], part: _Partition, epoch: int
+    ) -> bool:
+        """Add messages typed by pyarrow.json; when they do not type so, their halves
+        (down to :data:`_MIN_SPLIT`, so a dead letter holds back only the few around it),
+        then :meth:`_handle_prepared`. False when what was buffered was discarded."""
+        headers = [m.headers() for m in messages]
+        changes = self.decoder.columns_of_values(
+            [m.value() for m in messages], headers, offsets, table=part.table or ""
+        )
+        if changes is None:
+            if len(messages) >= _MIN_SPLIT and self.decoder.json_typable(headers[0]):
+                mid = len(messages) // 2
+                return self._add_piece(
+                    messages[:mid], offsets[:mid], part, epoch
+                ) and self._add_piece(messages[mid:], offsets[mid:], part, epoch)
+            return self._handle_prepared(messages, epoch)
+        part.next_offset = offsets[-1] + 1
+        self.metrics["messages"] += len(messages)
+        self.metrics["json_typed_messages"] += len(messages)
+        return self._add_columns(changes, part, epoch)
+
+    def _handle_prepared(self, messages: list[Message], epoch: int) -> bool:
+        """Handle messages column-wise where :meth:`EventDecoder.prepare` takes them:
+        consecutive messages of one partition and one schema version gather in a run,
+        added to the sink as Arrow columns in one go; every other message (and every
         message of a run :meth:`EventDecoder.columns` cannot type) takes the per-message
-        path, in its place in the partition's order."""
+        path, in its place in the partition's order. False when what was buffered was
+        discarded meanwhile (the rest is read again)."""
         run: ColumnRun | None = None
         run_part: _Partition | None = None
         room = 0
@@ -608,7 +684,7 @@ class KafkaSinkWorker:
                     if item is not None and item.table_name == part.table:
                         if run is not None and (run_part is not part or not run.fits(item)):
                             if not self._add_run(run, run_part, epoch):
-                                return
+                                return False
                             run = None
                         if run is None:
                             run, run_part = ColumnRun(item.shape), part
@@ -618,20 +694,21 @@ class KafkaSinkWorker:
                         part.next_offset = offset + 1
                         if len(run.offsets) >= room:
                             if not self._add_run(run, run_part, epoch):
-                                return
+                                return False
                             run = None
                         continue
             # Errors, skipped messages, a partition's first message (which learns the
             # partition's table) and whatever prepare() does not take: one by one.
             if run is not None:
                 if not self._add_run(run, run_part, epoch):
-                    return
+                    return False
                 run = None
             self._handle(message)
             if self._epoch != epoch:
-                return  # sought back to Delta's offsets: the rest comes again
+                return False  # sought back to Delta's offsets: the rest comes again
         if run is not None:
-            self._add_run(run, run_part, epoch)
+            return self._add_run(run, run_part, epoch)
+        return True
 
     def _add_run(self, run: ColumnRun, part: _Partition | None, epoch: int) -> bool:
         """Add a run column-wise, or its messages one by one when it does not type; False
@@ -656,7 +733,12 @@ class KafkaSinkWorker:
                 if self._epoch != epoch:
                     return False
             return True
-        self.metrics["columnar_messages"] += len(run.offsets)
+        return self._add_columns(changes, part, epoch)
+
+    def _add_columns(self, changes: ColumnarChanges, part: _Partition, epoch: int) -> bool:
+        """Add a run typed column-wise to the sink; False when what was buffered was
+        discarded meanwhile (the rest is read again)."""
+        self.metrics["columnar_messages"] += len(changes.offsets)
         data = changelog_table(
             changes.schema,
             changes.values,
@@ -832,7 +914,7 @@ def run_sink(
 ) -> dict[str, Any]:
     """Consume the table topics as one member of ``settings.kafka_group`` and write them to
     the lake until ``stop`` is set; returns metrics (messages, rows_written, commits,
-    dead_letters, tombstones, columnar_messages, rebalances, resets).
+    dead_letters, tombstones, columnar_messages, json_typed_messages, rebalances, resets).
 
     Start as many as you like with the same group: they share the partitions, and when one
     stops or dies the others take its partitions over without losing or repeating a row.
