@@ -1175,29 +1175,14 @@ class EventDecoder:
             if parsed.num_rows != n or parsed.schema.names != ["v"]:
                 return None
             envelope = parsed.column(0).combine_chunks()
-            return self._envelope_columns(shape, envelope, values, lsns, seqs, micros, offsets)
+            changes = self._envelope_columns(shape, envelope, values, lsns, seqs, micros, offsets)
         except (*_BAD_VALUE, pa.ArrowException):
             # Arrow's parse and cast errors (ArrowInvalid is a ValueError, a text that is not
             # UTF-8 a UnicodeDecodeError), or a value a decoder refuses.
             return None
-
-    def json_typable(self, headers: Any) -> bool:
-        """Whether messages with these headers name a known schema version whose columns
-        :meth:`columns_of_values` types (so that a run of them it refuses holds a message
-        it refuses, and a part of the run may still be taken)."""
-        try:
-            [(name, sid_raw), *_rest] = headers
-            if name != HEADER_SCHEMA_ID or sid_raw.__class__ is not bytes:
-                return False
-            shape = self._by_id.get(int(sid_raw))
-        except (TypeError, ValueError):
-            return False
-        if shape is None:
-            return False
-        schema = self._json_schemas.get(id(shape), False)
-        if schema is False:
-            schema = self._json_schemas[id(shape)] = _json_schema(shape)
-        return schema is not None
+        if changes is not None:
+            self._latest[shape.qualified] = shape  # as decode() and prepare() note it
+        return changes
 
     def _envelope_columns(
         self,

@@ -117,6 +117,8 @@ _PROGRESS_SECONDS = 1.0
 #: A run that does not type column-wise is halved down to this size before its messages
 #: are decoded one by one.
 _MIN_SPLIT = 64
+#: Stretches of a partition that skip pyarrow.json after it refused one (see _add_piece).
+_JSON_SKIP = 8
 #: The garbage collector's generation-0 threshold while run_sink runs (see there).
 _GC_THRESHOLD = 50_000
 
@@ -150,6 +152,7 @@ class _Partition:
     table: str | None  # the table this partition feeds, once known
     next_offset: int  # messages below it are handled (or are being re-read after a seek)
     reported: int = -1  # the offset last committed to the group (monitoring)
+    json_skip: int = 0  # stretches left that skip pyarrow.json (it refused one lately)
 
 
 class KafkaSinkWorker:
@@ -604,7 +607,10 @@ class KafkaSinkWorker:
                 if not self._handle_prepared(stretch[:1], epoch):
                     return
                 stretch = stretch[1:]
-            if part is None or part.table is None or any(m.error() for m in stretch):
+            if part is not None and part.json_skip:
+                part.json_skip -= 1
+                done = self._handle_prepared(stretch, epoch)
+            elif part is None or part.table is None or any(m.error() for m in stretch):
                 done = self._handle_prepared(stretch, epoch)
             else:
                 done = self._add_stretch(stretch, part, epoch)
@@ -635,19 +641,18 @@ class KafkaSinkWorker:
     def _add_piece(
         self, messages: list[Message], offsets: list[int], part: _Partition, epoch: int
     ) -> bool:
-        """Add messages typed by pyarrow.json; when they do not type so, their halves
-        (down to :data:`_MIN_SPLIT`, so a dead letter holds back only the few around it),
-        then :meth:`_handle_prepared`. False when what was buffered was discarded."""
-        headers = [m.headers() for m in messages]
+        """Add messages typed by pyarrow.json, or by :meth:`_handle_prepared` when they do
+        not type so (the next few stretches of the partition then skip pyarrow.json: a
+        table whose messages it never takes pays for one parse in a few). False when what
+        was buffered was discarded meanwhile."""
         changes = self.decoder.columns_of_values(
-            [m.value() for m in messages], headers, offsets, table=part.table or ""
+            [m.value() for m in messages],
+            [m.headers() for m in messages],
+            offsets,
+            table=part.table or "",
         )
         if changes is None:
-            if len(messages) >= _MIN_SPLIT and self.decoder.json_typable(headers[0]):
-                mid = len(messages) // 2
-                return self._add_piece(
-                    messages[:mid], offsets[:mid], part, epoch
-                ) and self._add_piece(messages[mid:], offsets[mid:], part, epoch)
+            part.json_skip = _JSON_SKIP
             return self._handle_prepared(messages, epoch)
         part.next_offset = offsets[-1] + 1
         self.metrics["messages"] += len(messages)

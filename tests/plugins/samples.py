@@ -143,11 +143,15 @@ def mixed_row(n: int, **overrides: Any) -> tuple[Any, ...]:
     return tuple(values[c.name] for c in MIXED.columns)
 
 
-def mixed(op: str, n: int, seq: int, **overrides: Any) -> ChangeEvent:
-    row = mixed_row(n, **overrides)
+def change(op: str, row: tuple[Any, ...], *, table: TableSchema, seq: int) -> ChangeEvent:
+    """An event of ``op`` with ``row`` as its row image (``before`` for a delete)."""
     if op == "d":
-        return event("d", before=row, table=MIXED, seq=seq)
-    return event(op, after=row, table=MIXED, seq=seq)
+        return event("d", before=row, table=table, seq=seq)
+    return event(op, after=row, table=table, seq=seq)
+
+
+def mixed(op: str, n: int, seq: int, **overrides: Any) -> ChangeEvent:
+    return change(op, mixed_row(n, **overrides), table=MIXED, seq=seq)
 
 
 # Only the column kinds the sink's pyarrow.json path types (integers, texts, booleans,
@@ -182,7 +186,4 @@ def plain_row(n: int, **overrides: Any) -> tuple[Any, ...]:
 
 
 def plain(op: str, n: int, seq: int, **overrides: Any) -> ChangeEvent:
-    row = plain_row(n, **overrides)
-    if op == "d":
-        return event("d", before=row, table=PLAIN, seq=seq)
-    return event(op, after=row, table=PLAIN, seq=seq)
+    return change(op, plain_row(n, **overrides), table=PLAIN, seq=seq)

@@ -18,7 +18,17 @@ from cdc.core.kafka_format import HEADER_LSN, HEADER_SCHEMA_ID, HEADER_SEQ
 from cdc.core.table_schema import TableSchema
 from cdc.kafka.event_encoder import EventEncoder
 from sinks.event_decoding import DEBEZIUM_UNAVAILABLE, ColumnRun, EventDecoder
-from tests.plugins.samples import KEYLESS, MIXED, PLAIN, ROW, TYPES, event, mixed, plain
+from tests.plugins.samples import (
+    KEYLESS,
+    MIXED,
+    PLAIN,
+    ROW,
+    TYPES,
+    change,
+    event,
+    mixed,
+    plain,
+)
 
 Message = tuple[bytes | None, list[tuple[str, bytes]]]
 
@@ -233,13 +243,9 @@ _rows = st.tuples(
 def test_encoded_values_decode_column_wise_as_message_by_message(
     changes: list[tuple[str, tuple[Any, ...]]],
 ) -> None:
-    events = [
-        event("d", before=row, table=MIXED, seq=seq)
-        if op == "d"
-        else event(op, after=row, table=MIXED, seq=seq)
-        for seq, (op, row) in enumerate(changes)
-    ]
-    assert_same(MIXED, events)
+    assert_same(
+        MIXED, [change(op, row, table=MIXED, seq=seq) for seq, (op, row) in enumerate(changes)]
+    )
 
 
 def test_halves_of_a_run_are_runs_of_its_halves() -> None:
@@ -409,12 +415,7 @@ _plain_rows = st.tuples(
 def test_encoded_values_decode_by_pyarrow_json_as_message_by_message(
     changes: list[tuple[str, tuple[Any, ...]]],
 ) -> None:
-    events = [
-        event("d", before=row, table=PLAIN, seq=seq)
-        if op == "d"
-        else event(op, after=row, table=PLAIN, seq=seq)
-        for seq, (op, row) in enumerate(changes)
-    ]
+    events = [change(op, row, table=PLAIN, seq=seq) for seq, (op, row) in enumerate(changes)]
     assert_same_by_values(PLAIN, events)
 
 
