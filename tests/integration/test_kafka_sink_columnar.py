@@ -84,11 +84,13 @@ def produce(bootstrap: str, prefix: str) -> None:
         ]
         for key, value, headers in messages:
             producer.produce(topic, key=key, value=value, headers=headers, partition=0)
-        # Partition 1: a part of them again, with an event of another table in the middle.
+        # Partition 1: a part of them again, with an event of another table in the middle
+        # (but for PLAIN: a clean stretch, all typed by pyarrow.json but the first).
         other = next(t for t in changes() if t is not table)
         [stray] = encoder.encode(changes()[other][0])
         again = messages[60:90]
-        again.insert(10, (stray.key, stray.value, stray.headers))
+        if table is not PLAIN:
+            again.insert(10, (stray.key, stray.value, stray.headers))
         for key, value, headers in again:
             producer.produce(topic, key=key, value=value, headers=headers, partition=1)
     assert producer.flush(15) == 0
@@ -143,13 +145,14 @@ def test_column_wise_and_per_message_decoding_write_the_same_lake(
         assert fast[metric] == slow[metric], metric
     assert fast_tables == slow_tables
     assert fast_letters == slow_letters
-    # Most went column-wise; every table got rows; the dead letters: garbage and a stray
-    # event per topic, and a misfit where the first column is not text.
+    # Most went column-wise; every table got rows; the dead letters: garbage per topic, a
+    # stray event per topic but PLAIN's, and a misfit where the first column is not text.
+
     assert slow["columnar_messages"] == slow["json_typed_messages"] == 0
     assert fast["columnar_messages"] > 0.5 * fast["messages"], fast
     assert fast["json_typed_messages"] > 0, fast
     sizes = {name: len(rows) for name, rows in fast_tables.items()}
     assert all(size > 30 for size in sizes.values()), sizes
-    assert len(fast_letters) == 10
+    assert len(fast_letters) == 9
     assert {x["reason"].split(":")[0] for x in fast_letters} >= {"value is not JSON"}
     assert pa.array([x["offset"] for x in fast_letters]).null_count == 0
