@@ -147,7 +147,6 @@ def test_column_wise_and_per_message_decoding_write_the_same_lake(
     assert fast_letters == slow_letters
     # Most went column-wise; every table got rows; the dead letters: garbage per topic, a
     # stray event per topic but PLAIN's, and a misfit where the first column is not text.
-
     assert slow["columnar_messages"] == slow["json_typed_messages"] == 0
     assert fast["columnar_messages"] > 0.5 * fast["messages"], fast
     assert fast["json_typed_messages"] > 0, fast
