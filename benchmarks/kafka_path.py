@@ -27,7 +27,9 @@ timed from its start, process start-up included, one after the other:
   reach the last offset of every partition, polled every 0.2 s on one DeltaTable brought up
   to date incrementally; then it is stopped with SIGTERM (not timed). ``rows_in_lake``
   counts the rows of the changelog table afterwards (it must equal ``rows``). Ratio: sink
-  rows/s over raw-consumer rows/s; target >= 0.70.
+  rows/s over raw-consumer rows/s; target >= 0.70. ``raw_consume_cpu_s`` and
+  ``cdc_sink_cpu_s`` are the CPU seconds (user + system, all threads) each had used when
+  it was done: steadier than wall-clock times on a shared machine.
 
 Both consumers join a consumer group, which takes about 3 s on Tansu, so at small sizes the
 join dominates both times. The numbers are wall-clock times on a possibly shared machine:
@@ -66,7 +68,7 @@ CONSUMER = {"session.timeout.ms": 6000}
 #: The bare consumer: argv is bootstrap, topic, group, messages, consumer properties (JSON).
 #: Prints JSON: the wall-clock time (time.time()) of its first and of its last message.
 RAW_CONSUMER = """
-import json, sys, time
+import json, resource, sys, time
 from confluent_kafka import Consumer
 bootstrap, topic, group, wanted = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 consumer = Consumer({
@@ -89,8 +91,10 @@ while seen < wanted:
     if first is None and seen:
         first = time.time()
 done = time.time()
+usage = resource.getrusage(resource.RUSAGE_SELF)
 consumer.close()
-print(json.dumps({"first_at": first, "done_at": done, "messages": seen, "bytes": size}))
+print(json.dumps({"first_at": first, "done_at": done, "messages": seen, "bytes": size,
+                  "cpu_s": usage.ru_utime + usage.ru_stime}))
 """
 
 
@@ -137,8 +141,9 @@ def _topic_contents(bootstrap: str, topic: str, rows: int) -> dict[int, tuple[in
         consumer.close()
 
 
-def _raw_consume(bootstrap: str, topic: str, rows: int) -> tuple[float, float]:
-    """Seconds until the bare consumer had ``rows`` messages, and until its first one."""
+def _raw_consume(bootstrap: str, topic: str, rows: int) -> tuple[float, float, float]:
+    """Seconds until the bare consumer had ``rows`` messages, until its first one, and the
+    CPU seconds it had used by then."""
     started = time.time()
     done = subprocess.run(
         [
@@ -156,7 +161,7 @@ def _raw_consume(bootstrap: str, topic: str, rows: int) -> tuple[float, float]:
         timeout=1800,
     )
     report = json.loads(done.stdout)
-    return report["done_at"] - started, report["first_at"] - started
+    return report["done_at"] - started, report["first_at"] - started, report["cpu_s"]
 
 
 class _SinkOffsets:
@@ -189,8 +194,11 @@ class _SinkOffsets:
 
 def _cdc_sink(
     bootstrap: str, topic: str, lake: Path, contents: dict[int, tuple[int, int]]
-) -> float:
-    return c.time_child(
+) -> tuple[float, float]:
+    """Seconds until ``cdc sink`` had recorded every offset in Delta, and the CPU seconds
+    it had used by then."""
+    cpu: list[float] = []
+    seconds = c.time_child(
         c.cdc_command(
             "sink",
             *("--kafka", bootstrap, "--lake", str(lake), "--group", f"bench-sink-{uuid.uuid4()}"),
@@ -200,7 +208,9 @@ def _cdc_sink(
         what="cdc sink",
         env={"CDC_KAFKA__CONSUMER": json.dumps(CONSUMER)},
         interval=0.2,
+        before_stop=lambda pid: cpu.append(c.cpu_seconds(pid)),
     )
+    return seconds, cpu[0]
 
 
 def run(dsn: str, workdir: Path, rows: int, bootstrap: str) -> list[dict[str, Any]]:
@@ -239,9 +249,9 @@ def run(dsn: str, workdir: Path, rows: int, bootstrap: str) -> list[dict[str, An
     }
     print(json.dumps(capture), flush=True)
 
-    raw_s, raw_first_s = _raw_consume(bootstrap, topic, rows)
+    raw_s, raw_first_s, raw_cpu_s = _raw_consume(bootstrap, topic, rows)
     lake = workdir / "lake-kafka"
-    sink_s = _cdc_sink(bootstrap, topic, lake, contents)
+    sink_s, sink_cpu_s = _cdc_sink(bootstrap, topic, lake, contents)
     in_lake = DeltaTable(layout.changes_uri(str(lake), TABLE)).to_pyarrow_dataset().count_rows()
     if in_lake != rows:
         raise RuntimeError(f"the lake holds {in_lake} rows of {TABLE}, not {rows}")
@@ -253,6 +263,8 @@ def run(dsn: str, workdir: Path, rows: int, bootstrap: str) -> list[dict[str, An
         "raw_consume_s": round(raw_s, 2),
         "raw_first_message_s": round(raw_first_s, 2),
         "cdc_sink_s": round(sink_s, 2),
+        "raw_consume_cpu_s": round(raw_cpu_s, 2),
+        "cdc_sink_cpu_s": round(sink_cpu_s, 2),
         "raw_consume_rows_per_s": round(rows / raw_s),
         "cdc_sink_rows_per_s": round(rows / sink_s),
         "ratio": c.ratio(raw_s, sink_s),

@@ -47,6 +47,7 @@ from typing import Any, Final, NamedTuple
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.json as pj
 
 from catalog.errors import CatalogError
 from cdc.core import pgtypes
@@ -690,6 +691,7 @@ _ZONED_TEXT: Final = (
 )
 _TS_RANGE: Final = (-62_135_596_800_000_000, 253_402_300_799_999_999)  # years 1-9999, in us
 _UTC_MICROS: Final = pa.timestamp("us", tz="UTC")
+_ROW_OP_VALUES: Final = pa.array(sorted(_ROW_OPS), type=pa.string())
 
 
 class Prepared(NamedTuple):
@@ -803,12 +805,111 @@ def _typed_column(values: list[Any], kind: str, decode: _Decode, arrow: pa.DataT
         if kind != "zoned":
             # Exactly the JSON type the column takes as it is: Arrow range-checks integers.
             return pa.array(values, type=arrow)
-        texts = pa.array(values, type=pa.string())
-        if pc.all(pc.match_substring_regex(texts, _ZONED_TEXT)).as_py() is not False:
-            cast = texts.cast(arrow)
-            if _within_range(cast.cast(pa.int64())):  # a zone may shift it out of years 1-9999
-                return cast
+        return _zoned_column(pa.array(values, type=pa.string()), arrow, decode)
     return pa.array([None if v is None else decode(v) for v in values], type=arrow)
+
+
+def _zoned_column(texts: pa.Array, arrow: pa.DataType, decode: _Decode) -> pa.Array:
+    """ZonedTimestamp texts as ``arrow``: cast in Arrow where that gives exactly what the
+    decoder gives, else the decoder per value (which raises for a text it refuses)."""
+    if pc.all(pc.match_substring_regex(texts, _ZONED_TEXT)).as_py() is not False:
+        cast = texts.cast(arrow)
+        if _within_range(cast.cast(pa.int64())):  # a zone may shift it out of years 1-9999
+            return cast
+    return pa.array([None if v is None else decode(v) for v in texts.to_pylist()], type=arrow)
+
+
+#: The Arrow type pyarrow.json parses a column of each kind as (see _column_kind): exactly
+#: the JSON type the compiled row takes as it is. Other kinds are not typed by pyarrow.json.
+_JSON_KINDS: Final[dict[str, pa.DataType]] = {
+    "int": pa.int64(),
+    "str": pa.string(),
+    "bool": pa.bool_(),
+    "zoned": pa.string(),
+}
+#: Capture's envelope around the row images (cdc.core.events.envelope_payload), field by
+#: field: with ``unexpected_field_behavior="error"`` anything else in a message (another
+#: producer's fields, ``cdc_fallback``, a row column the schema does not have) fails the
+#: parse, and the run takes the message-by-message path.
+_SOURCE_TYPE: Final = pa.struct(
+    [
+        ("version", pa.string()),
+        ("connector", pa.string()),
+        ("name", pa.string()),
+        ("ts_ms", pa.int64()),
+        ("snapshot", pa.string()),
+        ("db", pa.string()),
+        ("sequence", pa.string()),
+        ("schema", pa.string()),
+        ("table", pa.string()),
+        ("txId", pa.int64()),
+        ("lsn", pa.int64()),
+        ("xmin", pa.int64()),
+        ("ts_us", pa.int64()),
+        ("ts_ns", pa.int64()),
+    ]
+)
+_TRANSACTION_TYPE: Final = pa.struct(
+    [("id", pa.string()), ("total_order", pa.int64()), ("data_collection_order", pa.int64())]
+)
+#: Each value is parsed as ``{"v": <value>}``: a value that is not exactly one JSON value
+#: (two objects, nothing) breaks its line instead of shifting the rows after it.
+_JSON_OPEN: Final = b'{"v":'
+_JSON_SEPARATOR: Final = b'}\n{"v":'
+_JSON_CLOSE: Final = b"}"
+
+
+def _json_schema(shape: _Shape) -> pa.Schema | None:
+    """The explicit pyarrow.json schema of messages of ``shape`` (None: a column of a kind
+    pyarrow.json does not type exactly)."""
+    fields = []
+    for name, (kind, _arrow) in zip(shape.names, shape.column_types, strict=True):
+        json_type = _JSON_KINDS.get(kind)
+        if json_type is None:
+            return None
+        fields.append(pa.field(name, json_type))
+    row = pa.struct(fields)
+    envelope = pa.struct(
+        [
+            ("before", row),
+            ("after", row),
+            ("source", _SOURCE_TYPE),
+            ("op", pa.string()),
+            ("ts_ms", pa.int64()),
+            ("transaction", _TRANSACTION_TYPE),
+        ]
+    )
+    return pa.schema([("v", envelope)])
+
+
+def _header_column(pairs: tuple[Any, ...], name: str) -> pa.Array | None:
+    """One of capture's integer headers of every message of a run, as int64 (None: a name
+    other than ``name``, a missing value or one Arrow does not parse as an integer)."""
+    names, raws = zip(*pairs, strict=True)
+    if set(names) != {name}:
+        return None
+    texts = pa.array(raws, type=pa.binary())
+    if texts.null_count:
+        return None
+    # Arrow's integer parsing is stricter than int() (no sign, spaces or underscores):
+    # what it refuses takes the per-message path, which says what is wrong.
+    return texts.cast(pa.string()).cast(pa.int64())
+
+
+def _ascending(lsns: pa.Array, seqs: pa.Array) -> bool:
+    """Whether the ``(lsn, seq)`` positions ascend strictly (what a run needs)."""
+    if len(lsns) < 2:
+        return True
+    prev_l, next_l = lsns[:-1], lsns[1:]
+    later = pc.or_(
+        pc.greater(next_l, prev_l),
+        pc.and_(pc.equal(next_l, prev_l), pc.greater(seqs[1:], seqs[:-1])),
+    )
+    return bool(pc.all(later).as_py())
+
+
+def _all_equal(values: pa.Array, expected: str) -> bool:
+    return values.null_count == 0 and bool(pc.all(pc.equal(values, expected)).as_py())
 
 
 class EventDecoder:
@@ -840,6 +941,8 @@ class EventDecoder:
         self._commit_ts: tuple[bytes | None, datetime | None] = (None, None)
         # The last commit time header and its microseconds (the column-wise path).
         self._ts_us: tuple[bytes | None, int] = (None, 0)
+        # The explicit pyarrow.json schema of each shape's envelope (None: not JSON-typable).
+        self._json_schemas: dict[int, pa.Schema | None] = {}
 
     def decode(
         self,
@@ -1007,6 +1110,155 @@ class EventDecoder:
             )
         except _BAD_VALUE:
             return None
+
+    def columns_of_values(
+        self,
+        values: Sequence[bytes | None],
+        headers: Sequence[Any],
+        offsets: Sequence[int],
+        *,
+        table: str,
+    ) -> ColumnarChanges | None:
+        """Consecutive messages of one partition of ``table``, typed column-wise straight
+        from their JSON bytes with ``pyarrow.json`` (one parse of the concatenated values,
+        without the GIL, on Arrow's threads), or None when the run needs
+        :meth:`prepare`/:meth:`columns` or :meth:`decode`.
+
+        Taken, all or nothing: what :meth:`prepare` takes (capture's four headers in its
+        order, one schema id already known, ``c``/``r``/``u``/``d`` with exactly the
+        schema's columns in the row image and nothing in the other, integer
+        ``source.lsn``/``txId``, no ``cdc_fallback``), in ascending ``(commit_lsn, seq)``
+        order, of a schema whose columns are integers, texts, booleans or ZonedTimestamps,
+        in exactly capture's envelope. A missing key and a null are the same to
+        pyarrow.json, so the rows with a null in their image are read again with orjson to
+        tell an unchanged TOAST value (absent) from a NULL. Never raises for bad input:
+        every message of a run it does not take gives the rows, or the dead letter, of the
+        message-by-message path.
+        """
+        n = len(values)
+        if n == 0 or len(headers) != n or len(offsets) != n:
+            return None
+        try:
+            if set(map(len, headers)) != {4}:
+                return None
+            sid_pairs, lsn_pairs, seq_pairs, ts_pairs = zip(*headers, strict=True)
+            sids = set(sid_pairs)
+            if len(sids) != 1:
+                return None
+            [(name, sid_raw)] = sids
+            if name != HEADER_SCHEMA_ID or sid_raw.__class__ is not bytes:
+                return None
+            shape = self._by_id.get(int(sid_raw))
+            if shape is None or shape.qualified != table:
+                return None
+            schema = self._json_schemas.get(id(shape), False)
+            if schema is False:
+                schema = self._json_schemas[id(shape)] = _json_schema(shape)
+            if schema is None:
+                return None
+            lsns = _header_column(lsn_pairs, HEADER_LSN)
+            seqs = _header_column(seq_pairs, HEADER_SEQ)
+            micros = _header_column(ts_pairs, HEADER_COMMIT_TS_US)
+            if lsns is None or seqs is None or micros is None:
+                return None
+            if not _ascending(lsns, seqs) or not _within_range(micros):
+                return None
+            joined = _JSON_SEPARATOR.join(values)  # type: ignore[arg-type]
+            if joined.count(b"\n") != n - 1:
+                return None  # a newline in a value: lines would not be messages
+            parsed = pj.read_json(
+                pa.BufferReader(_JSON_OPEN + joined + _JSON_CLOSE),
+                parse_options=pj.ParseOptions(
+                    explicit_schema=schema, unexpected_field_behavior="error"
+                ),
+            )
+            if parsed.num_rows != n or parsed.schema.names != ["v"]:
+                return None
+            envelope = parsed.column(0).combine_chunks()
+            changes = self._envelope_columns(shape, envelope, values, lsns, seqs, micros, offsets)
+        except (*_BAD_VALUE, pa.ArrowException):
+            # Arrow's parse and cast errors (ArrowInvalid is a ValueError, a text that is not
+            # UTF-8 a UnicodeDecodeError), or a value a decoder refuses.
+            return None
+        if changes is not None:
+            self._latest[shape.qualified] = shape  # as decode() and prepare() note it
+        return changes
+
+    def _envelope_columns(
+        self,
+        shape: _Shape,
+        envelope: pa.StructArray,
+        values: Sequence[bytes | None],
+        lsns: pa.Array,
+        seqs: pa.Array,
+        micros: pa.Array,
+        offsets: Sequence[int],
+    ) -> ColumnarChanges | None:
+        """:meth:`columns_of_values` after the parse: the checks of :meth:`prepare`, column
+        by column, and the typed columns."""
+        if envelope.null_count:
+            return None
+        op = envelope.field("op")
+        source = envelope.field("source")
+        if op.null_count or source.null_count:
+            return None
+        if not pc.all(pc.is_in(op, value_set=_ROW_OP_VALUES)).as_py():
+            return None
+        schema = shape.schema
+        if not _all_equal(source.field("schema"), schema.schema) or not _all_equal(
+            source.field("table"), schema.table
+        ):
+            return None
+        before, after = envelope.field("before"), envelope.field("after")
+        deletes = pc.equal(op, "d")
+        if pc.any(deletes).as_py():
+            if not (
+                pc.all(pc.equal(before.is_valid(), deletes)).as_py()
+                and pc.all(pc.not_equal(after.is_valid(), deletes)).as_py()
+            ):
+                return None
+            images = [
+                pc.if_else(deletes, before.field(i), after.field(i))
+                for i in range(len(shape.names))
+            ]
+        else:
+            if before.null_count != len(before) or after.null_count:
+                return None
+            images = [after.field(i) for i in range(len(shape.names))]
+        nulls = None
+        for column in images:
+            if column.null_count:
+                nulls = column.is_null() if nulls is None else pc.or_(nulls, column.is_null())
+        if nulls is not None:
+            # Null or absent? Only the message itself can say (absent: unchanged TOAST).
+            positions = shape.positions.keys()
+            ops = op.to_pylist()
+            for i in pc.indices_nonzero(nulls).to_pylist():
+                doc = orjson.loads(values[i])
+                row = doc.get("before" if ops[i] == "d" else "after")
+                if row.__class__ is not dict or row.keys() != positions:
+                    return None
+        typed = []
+        for column, decode, (kind, arrow) in zip(
+            images, shape.decoders, shape.column_types, strict=True
+        ):
+            if kind in ("str", "zoned") and pc.any(pc.equal(column, DEBEZIUM_UNAVAILABLE)).as_py():
+                return None  # Debezium's placeholder: the per-message path knows it
+            if kind == "zoned":
+                typed.append(_zoned_column(column, arrow, decode))
+            else:
+                typed.append(column if column.type == arrow else column.cast(arrow))
+        return ColumnarChanges(
+            schema,
+            typed,
+            ops=op,
+            lsns=lsns,
+            seqs=seqs,
+            txids=source.field("txId"),
+            commit_ts=micros.cast(_UTC_MICROS),
+            offsets=pa.array(offsets, type=pa.int64()),
+            size_bytes=sum(map(len, values)),  # type: ignore[arg-type]
+        )
 
     # -- shapes -------------------------------------------------------------------------
 

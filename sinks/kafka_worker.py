@@ -31,6 +31,7 @@ Hazards:
 from __future__ import annotations
 
 import gc
+import itertools
 import logging
 import os
 import socket
@@ -79,7 +80,7 @@ from sinks.errors import (
     TransientSinkError,
     UndecodableMessageError,
 )
-from sinks.event_decoding import ColumnRun, Decoded, EventDecoder
+from sinks.event_decoding import ColumnarChanges, ColumnRun, Decoded, EventDecoder
 from transforms import Transforms
 
 __all__ = [
@@ -116,6 +117,8 @@ _PROGRESS_SECONDS = 1.0
 #: A run that does not type column-wise is halved down to this size before its messages
 #: are decoded one by one.
 _MIN_SPLIT = 64
+#: Stretches of a partition that skip pyarrow.json after it refused one (see _add_piece).
+_JSON_SKIP = 8
 #: The garbage collector's generation-0 threshold while run_sink runs (see there).
 _GC_THRESHOLD = 50_000
 
@@ -149,6 +152,7 @@ class _Partition:
     table: str | None  # the table this partition feeds, once known
     next_offset: int  # messages below it are handled (or are being re-read after a seek)
     reported: int = -1  # the offset last committed to the group (monitoring)
+    json_skip: int = 0  # stretches left that skip pyarrow.json (it refused one lately)
 
 
 class KafkaSinkWorker:
@@ -247,8 +251,10 @@ class KafkaSinkWorker:
             "commits": 0,
             "dead_letters": 0,
             "tombstones": 0,
-            # Messages decoded column-wise (the rest, message by message).
+            # Messages decoded column-wise (the rest, message by message), and of those
+            # the ones typed by pyarrow.json straight from their bytes.
             "columnar_messages": 0,
+            "json_typed_messages": 0,
             "rebalances": 0,
             "resets": 0,
         }
@@ -392,6 +398,7 @@ class KafkaSinkWorker:
         if not self._cooperative:
             # Eager: everything was revoked (and flushed) first. A new sink forgets what
             # the previous assignment read from Delta.
+            self.sink.close()
             self.sink = self._new_sink()
             self.dlq.discard()
         self._assign_offsets(partitions)
@@ -424,6 +431,9 @@ class KafkaSinkWorker:
             consumer.incremental_unassign(partitions)
 
     def _discard(self) -> None:
+        # Commits still running in the old sink's threads end first (landed or not), so
+        # that the offsets read from Delta afterwards include every commit that landed.
+        self.sink.close()
         self.sink = self._new_sink()
         self.dlq.discard()
         self._dlq_since = None
@@ -478,7 +488,8 @@ class KafkaSinkWorker:
                         if self._epoch != epoch:
                             break  # sought back to Delta's offsets: the rest comes again
                 if self._flush_due():
-                    self._flush()
+                    # Commits run in the sink's commit threads while this loop reads on.
+                    self._flush(wait=False)
                 elif not self.sink.pending_rows and not self.dlq.pending:
                     self._report_progress()
                 self._refresh_tables(busy=bool(messages))
@@ -492,6 +503,7 @@ class KafkaSinkWorker:
             try:
                 self.consumer.close()  # leaves the group: the others take over at once
             finally:
+                self.sink.close()
                 self.producer.flush(5)  # dead letters are produced before their commit
                 close_client(self.producer)
                 self.registry.close()
@@ -574,11 +586,86 @@ class KafkaSinkWorker:
         return part, decoded, offset
 
     def _handle_columnar(self, messages: list[Message], epoch: int) -> None:
-        """Handle a consumed batch column-wise where it can: consecutive messages of one
-        partition and one schema version that :meth:`EventDecoder.prepare` takes gather in
-        a run, added to the sink as Arrow columns in one go; every other message (and every
+        """Handle a consumed batch column-wise where it can.
+
+        Each stretch of consecutive messages of one partition goes to :meth:`_add_stretch`
+        (pyarrow.json over the values, the fastest); what that does not take goes to
+        :meth:`_handle_prepared`, then message by message, in the partition's order."""
+        owned = self._owned
+        start, end = 0, len(messages)
+        while start < end:
+            first = messages[start]
+            key = (first.topic(), first.partition())
+            stop = start + 1
+            while stop < end and (messages[stop].topic(), messages[stop].partition()) == key:
+                stop += 1
+            part = owned.get(key)  # type: ignore[arg-type]
+            stretch = messages[start:stop]
+            start = stop
+            if part is not None and part.table is None:
+                # The partition's first message learns its table, on its own.
+                if not self._handle_prepared(stretch[:1], epoch):
+                    return
+                stretch = stretch[1:]
+            if part is not None and part.json_skip:
+                part.json_skip -= 1
+                done = self._handle_prepared(stretch, epoch)
+            elif part is None or part.table is None or any(m.error() for m in stretch):
+                done = self._handle_prepared(stretch, epoch)
+            else:
+                done = self._add_stretch(stretch, part, epoch)
+            if not done or self._epoch != epoch:
+                return  # sought back to Delta's offsets: the rest comes again
+
+    def _add_stretch(self, messages: list[Message], part: _Partition, epoch: int) -> bool:
+        """Add consecutive messages of ``part`` typed by pyarrow.json, in pieces of at most
+        the room left in the batch (see :meth:`_add_piece`); False when what was buffered
+        was discarded meanwhile (the rest is read again)."""
+        offsets = [m.offset() for m in messages]
+        # Fetched before a seek back: skipped, as the per-message path skips them.
+        skip = 0
+        while skip < len(offsets) and offsets[skip] < part.next_offset:  # type: ignore[operator]
+            skip += 1
+        if skip:
+            messages, offsets = messages[skip:], offsets[skip:]
+        if any(a >= b for a, b in itertools.pairwise(offsets)):  # type: ignore[operator]
+            # (Never from one fetch; the per-message path skips what is below an offset.)
+            return self._handle_prepared(messages, epoch)
+        while messages:
+            room = max(1, self.settings.batch.max_rows - self.sink.pending_rows)
+            if not self._add_piece(messages[:room], offsets[:room], part, epoch):  # type: ignore[arg-type]
+                return False
+            messages, offsets = messages[room:], offsets[room:]
+        return True
+
+    def _add_piece(
+        self, messages: list[Message], offsets: list[int], part: _Partition, epoch: int
+    ) -> bool:
+        """Add messages typed by pyarrow.json, or by :meth:`_handle_prepared` when they do
+        not type so (the next few stretches of the partition then skip pyarrow.json: a
+        table whose messages it never takes pays for one parse in a few). False when what
+        was buffered was discarded meanwhile."""
+        changes = self.decoder.columns_of_values(
+            [m.value() for m in messages],
+            [m.headers() for m in messages],
+            offsets,
+            table=part.table or "",
+        )
+        if changes is None:
+            part.json_skip = _JSON_SKIP
+            return self._handle_prepared(messages, epoch)
+        part.next_offset = offsets[-1] + 1
+        self.metrics["messages"] += len(messages)
+        self.metrics["json_typed_messages"] += len(messages)
+        return self._add_columns(changes, part, epoch)
+
+    def _handle_prepared(self, messages: list[Message], epoch: int) -> bool:
+        """Handle messages column-wise where :meth:`EventDecoder.prepare` takes them:
+        consecutive messages of one partition and one schema version gather in a run,
+        added to the sink as Arrow columns in one go; every other message (and every
         message of a run :meth:`EventDecoder.columns` cannot type) takes the per-message
-        path, in its place in the partition's order."""
+        path, in its place in the partition's order. False when what was buffered was
+        discarded meanwhile (the rest is read again)."""
         run: ColumnRun | None = None
         run_part: _Partition | None = None
         room = 0
@@ -602,7 +689,7 @@ class KafkaSinkWorker:
                     if item is not None and item.table_name == part.table:
                         if run is not None and (run_part is not part or not run.fits(item)):
                             if not self._add_run(run, run_part, epoch):
-                                return
+                                return False
                             run = None
                         if run is None:
                             run, run_part = ColumnRun(item.shape), part
@@ -612,20 +699,21 @@ class KafkaSinkWorker:
                         part.next_offset = offset + 1
                         if len(run.offsets) >= room:
                             if not self._add_run(run, run_part, epoch):
-                                return
+                                return False
                             run = None
                         continue
             # Errors, skipped messages, a partition's first message (which learns the
             # partition's table) and whatever prepare() does not take: one by one.
             if run is not None:
                 if not self._add_run(run, run_part, epoch):
-                    return
+                    return False
                 run = None
             self._handle(message)
             if self._epoch != epoch:
-                return  # sought back to Delta's offsets: the rest comes again
+                return False  # sought back to Delta's offsets: the rest comes again
         if run is not None:
-            self._add_run(run, run_part, epoch)
+            return self._add_run(run, run_part, epoch)
+        return True
 
     def _add_run(self, run: ColumnRun, part: _Partition | None, epoch: int) -> bool:
         """Add a run column-wise, or its messages one by one when it does not type; False
@@ -650,7 +738,12 @@ class KafkaSinkWorker:
                 if self._epoch != epoch:
                     return False
             return True
-        self.metrics["columnar_messages"] += len(run.offsets)
+        return self._add_columns(changes, part, epoch)
+
+    def _add_columns(self, changes: ColumnarChanges, part: _Partition, epoch: int) -> bool:
+        """Add a run typed column-wise to the sink; False when what was buffered was
+        discarded meanwhile (the rest is read again)."""
+        self.metrics["columnar_messages"] += len(changes.offsets)
         data = changelog_table(
             changes.schema,
             changes.values,
@@ -713,14 +806,23 @@ class KafkaSinkWorker:
         since = self._dlq_since
         return since is not None and time.monotonic() - since >= self.settings.batch.max_seconds
 
-    def _flush(self, *, reseek: bool = True) -> bool:
+    def _flush(self, *, reseek: bool = True, wait: bool = True) -> bool:
         """Commit dead letters, then the tables. On a failure, discard everything held and
-        (with ``reseek``) seek back to the offsets recorded in Delta; returns False then."""
+        (with ``reseek``) seek back to the offsets recorded in Delta; returns False then.
+
+        With ``wait=False`` only the tables that are due are committed, in the sink's
+        commit threads (:meth:`DeltaChangelogSink.flush_due_tables`), and this returns at
+        once: consuming goes on while delta-rs writes. The offsets a commit records are
+        taken when it starts, and a table has one commit running at a time, so the order of
+        commits and offsets is that of the blocking flush. A commit that failed is reported
+        at the next call, which then discards and re-reads as a failed blocking flush does.
+        """
         try:
-            # Dead letters first: the tables' offsets may cover the letters' messages.
             started = time.monotonic()
-            dead = self.dlq.flush()
-            written = self.sink.flush()
+            # Dead letters first, always to the end: the tables' offsets may cover the
+            # letters' messages.
+            dead = self.dlq.flush() if wait or self.dlq.pending else {"commits": 0}
+            written = self.sink.flush() if wait else self.sink.flush_due_tables()
         except (TransientSinkError, TransientCatalogError) as e:
             self.metrics["resets"] += 1
             log.warning("%s: flush failed, re-reading from Delta's offsets: %s", self.worker_id, e)
@@ -731,9 +833,12 @@ class KafkaSinkWorker:
             self._backoff = min(self._backoff * 2, 10.0)
             return False
         self._backoff = 0.2
-        self._dlq_since = None
+        if not self.dlq.pending:
+            self._dlq_since = None
         self.metrics["rows_written"] += written["rows"]
         self.metrics["commits"] += written["commits"] + dead["commits"]
+        if not (wait or written["commits"] or dead["commits"]):
+            return True  # commits started; none has ended yet
         if self.on_flush is not None:
             self.on_flush(
                 dict(
@@ -742,7 +847,9 @@ class KafkaSinkWorker:
                     duration_s=time.monotonic() - started,
                 )
             )
-        self._report_progress(force=True)
+        # (After commits that ran in the background, the group's offsets may run ahead of
+        # Delta by the commits still running: they are for monitoring only.)
+        self._report_progress(force=wait)
         return True
 
     def _report_progress(self, *, force: bool = False) -> None:
@@ -812,7 +919,7 @@ def run_sink(
 ) -> dict[str, Any]:
     """Consume the table topics as one member of ``settings.kafka_group`` and write them to
     the lake until ``stop`` is set; returns metrics (messages, rows_written, commits,
-    dead_letters, tombstones, columnar_messages, rebalances, resets).
+    dead_letters, tombstones, columnar_messages, json_typed_messages, rebalances, resets).
 
     Start as many as you like with the same group: they share the partitions, and when one
     stops or dies the others take its partitions over without losing or repeating a row.

@@ -20,6 +20,7 @@ from cdc.core.kafka_format import HEADER_SCHEMA_ID
 from cdc.core.pgtypes import Oid
 from cdc.core.table_schema import ColumnSchema, TableSchema
 from cdc.kafka.event_encoder import EventEncoder
+from sinks import delta_changelog
 from sinks.dead_letters import dlq_uri
 from sinks.delta_changelog import DeltaChangelogSink
 from sinks.errors import TransientSinkError
@@ -184,8 +185,9 @@ def test_topics_written_by_debezium_are_ingested(
         assert row["weight"] == "NaN"  # a JSON string: a text column
 
 
+@pytest.mark.parametrize("failing", ["flush", "commit thread"])
 def test_a_failed_flush_rereads_from_the_recorded_offsets_without_loss_or_duplicates(
-    kafka_broker: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    kafka_broker: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str
 ) -> None:
     prefix, lake = unique("rst"), str(tmp_path / "lake")
     topic = f"{prefix}.shop.items"
@@ -200,18 +202,31 @@ def test_a_failed_flush_rereads_from_the_recorded_offsets_without_loss_or_duplic
         messages.append((m.key, m.value, m.headers))
     produce(kafka_broker, topic, messages)
 
-    # Every other flush fails once (a commit conflict, an object store hiccup...), including
-    # flushes forced by backpressure in the middle of a batch of messages.
-    real_flush = DeltaChangelogSink.flush
     calls = {"n": 0}
+    if failing == "flush":
+        # Every other flush fails once (a commit conflict, an object store hiccup...),
+        # including flushes forced by backpressure in the middle of a batch of messages.
+        real_flush = DeltaChangelogSink.flush
 
-    def flaky_flush(self: DeltaChangelogSink) -> dict:
-        calls["n"] += 1
-        if calls["n"] in (2, 4, 6) and self.pending_rows:
-            raise TransientSinkError("injected: the object store timed out")
-        return real_flush(self)
+        def flaky_flush(self: DeltaChangelogSink) -> dict:
+            calls["n"] += 1
+            if calls["n"] in (2, 4, 6) and self.pending_rows:
+                raise TransientSinkError("injected: the object store timed out")
+            return real_flush(self)
 
-    monkeypatch.setattr(DeltaChangelogSink, "flush", flaky_flush)
+        monkeypatch.setattr(DeltaChangelogSink, "flush", flaky_flush)
+    else:
+        # Commits that fail in the commit threads, while the worker reads on (the flushes
+        # it does not wait for): the failure is seen at its next flush.
+        real_write = delta_changelog.write_deltalake
+
+        def flaky_write(*args: object, **kwargs: object) -> None:
+            calls["n"] += 1
+            if calls["n"] in (2, 4, 6):
+                raise OSError("injected: the object store timed out")
+            real_write(*args, **kwargs)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(delta_changelog, "write_deltalake", flaky_write)
     group = f"{prefix}-g"
     sink = sink_thread(
         settings(

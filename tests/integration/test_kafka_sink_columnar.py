@@ -23,7 +23,7 @@ from cdc.kafka.event_encoder import EventEncoder
 from sinks.dead_letters import dlq_uri
 from sinks.kafka_worker import KafkaSinkWorker
 from tests.plugins.kafka_pipeline import Background, background, settings, unique, wait_sunk
-from tests.plugins.samples import KEYLESS, MIXED, ROW, TYPES, event, mixed
+from tests.plugins.samples import KEYLESS, MIXED, PLAIN, ROW, TYPES, event, mixed, plain
 
 pytestmark = pytest.mark.kafka
 
@@ -54,7 +54,17 @@ def changes() -> dict[Any, list[ChangeEvent]]:
     types = [event("c", after=(n, *ROW[1:]), seq=n) for n in range(10, 60)]
     types += [event("c", after=nulls, seq=100), event("d", before=key_only, seq=101)]
     types += [event("u", before=ROW, after=ROW, seq=102), event("r", after=ROW, seq=103)]
-    return {MIXED: orders, KEYLESS: log, TYPES: types}
+
+    # Typed by pyarrow.json: NULLs, an unchanged TOAST value, deletes, a truncate, a replay.
+    lines = [plain("c", n, seq=n) for n in range(1, 150)]
+    toast = plain("u", 3, seq=200, Note=None)
+    toast.unchanged_toast = ("Note",)
+    lines += [toast, *[plain("u", n, seq=300 + n, Note=None) for n in range(1, 20)]]
+    lines += [plain("d", n, seq=400 + n) for n in range(20, 40)]
+    lines += [event("t", table=PLAIN, seq=500), *[plain("c", n, seq=600 + n) for n in range(9)]]
+    lines += lines[120:160]
+    lines += [plain("c", n, seq=700 + n) for n in range(800, 900)]
+    return {MIXED: orders, KEYLESS: log, TYPES: types, PLAIN: lines}
 
 
 def produce(bootstrap: str, prefix: str) -> None:
@@ -74,11 +84,13 @@ def produce(bootstrap: str, prefix: str) -> None:
         ]
         for key, value, headers in messages:
             producer.produce(topic, key=key, value=value, headers=headers, partition=0)
-        # Partition 1: a part of them again, with an event of another table in the middle.
+        # Partition 1: a part of them again, with an event of another table in the middle
+        # (but for PLAIN: a clean stretch, all typed by pyarrow.json but the first).
         other = next(t for t in changes() if t is not table)
         [stray] = encoder.encode(changes()[other][0])
         again = messages[60:90]
-        again.insert(10, (stray.key, stray.value, stray.headers))
+        if table is not PLAIN:
+            again.insert(10, (stray.key, stray.value, stray.headers))
         for key, value, headers in again:
             producer.produce(topic, key=key, value=value, headers=headers, partition=1)
     assert producer.flush(15) == 0
@@ -133,12 +145,13 @@ def test_column_wise_and_per_message_decoding_write_the_same_lake(
         assert fast[metric] == slow[metric], metric
     assert fast_tables == slow_tables
     assert fast_letters == slow_letters
-    # Most went column-wise; every table got rows; the dead letters: garbage and a stray
-    # event per topic, and a misfit where the first column is not text.
-    assert slow["columnar_messages"] == 0
+    # Most went column-wise; every table got rows; the dead letters: garbage per topic, a
+    # stray event per topic but PLAIN's, and a misfit where the first column is not text.
+    assert slow["columnar_messages"] == slow["json_typed_messages"] == 0
     assert fast["columnar_messages"] > 0.5 * fast["messages"], fast
+    assert fast["json_typed_messages"] > 0, fast
     sizes = {name: len(rows) for name, rows in fast_tables.items()}
     assert all(size > 30 for size in sizes.values()), sizes
-    assert len(fast_letters) == 7
+    assert len(fast_letters) == 9
     assert {x["reason"].split(":")[0] for x in fast_letters} >= {"value is not JSON"}
     assert pa.array([x["offset"] for x in fast_letters]).null_count == 0

@@ -143,8 +143,47 @@ def mixed_row(n: int, **overrides: Any) -> tuple[Any, ...]:
     return tuple(values[c.name] for c in MIXED.columns)
 
 
-def mixed(op: str, n: int, seq: int, **overrides: Any) -> ChangeEvent:
-    row = mixed_row(n, **overrides)
+def change(op: str, row: tuple[Any, ...], *, table: TableSchema, seq: int) -> ChangeEvent:
+    """An event of ``op`` with ``row`` as its row image (``before`` for a delete)."""
     if op == "d":
-        return event("d", before=row, table=MIXED, seq=seq)
-    return event(op, after=row, table=MIXED, seq=seq)
+        return event("d", before=row, table=table, seq=seq)
+    return event(op, after=row, table=table, seq=seq)
+
+
+def mixed(op: str, n: int, seq: int, **overrides: Any) -> ChangeEvent:
+    return change(op, mixed_row(n, **overrides), table=MIXED, seq=seq)
+
+
+# Only the column kinds the sink's pyarrow.json path types (integers, texts, booleans,
+# timestamptz): a composite key of mixed types, quoted mixed-case names.
+PLAIN = TableSchema(
+    "Shop",
+    "Plain Lines",
+    (
+        ColumnSchema("Order", Oid.INT4, -1, True),
+        ColumnSchema("sku", Oid.TEXT, -1, True),
+        ColumnSchema("Big", Oid.INT8),
+        ColumnSchema("qty", Oid.INT2),
+        ColumnSchema("gift", Oid.BOOL),
+        ColumnSchema("at", Oid.TIMESTAMPTZ),
+        ColumnSchema("Note", Oid.TEXT),
+    ),
+)
+
+
+def plain_row(n: int, **overrides: Any) -> tuple[Any, ...]:
+    values = {
+        "Order": n,
+        "sku": f"sku-{n} ünï \"q\" \\ {{'x': 1}}",
+        "Big": n * 10**12,
+        "qty": n % 7 or None,
+        "gift": n % 2 == 0 if n % 3 else None,
+        "at": datetime(2026, 1, 1, tzinfo=UTC) + timedelta(microseconds=n * 1001),
+        "Note": f"note {n}" if n % 5 else None,
+    }
+    values.update(overrides)
+    return tuple(values[c.name] for c in PLAIN.columns)
+
+
+def plain(op: str, n: int, seq: int, **overrides: Any) -> ChangeEvent:
+    return change(op, plain_row(n, **overrides), table=PLAIN, seq=seq)

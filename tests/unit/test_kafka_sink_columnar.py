@@ -1,5 +1,6 @@
-"""The column-wise decoding of ``cdc sink`` (EventDecoder.prepare/columns) gives exactly
-what decoding message by message gives, and leaves to that path what it cannot type."""
+"""The column-wise decoding of ``cdc sink`` (EventDecoder.prepare/columns, and
+EventDecoder.columns_of_values with pyarrow.json) gives exactly what decoding message by
+message gives, and leaves to that path what it cannot type."""
 
 from __future__ import annotations
 
@@ -13,11 +14,21 @@ from hypothesis import strategies as st
 
 from cdc.core import pgtypes
 from cdc.core.events import ChangeEvent
-from cdc.core.kafka_format import HEADER_SCHEMA_ID, HEADER_SEQ
+from cdc.core.kafka_format import HEADER_LSN, HEADER_SCHEMA_ID, HEADER_SEQ
 from cdc.core.table_schema import TableSchema
 from cdc.kafka.event_encoder import EventEncoder
 from sinks.event_decoding import DEBEZIUM_UNAVAILABLE, ColumnRun, EventDecoder
-from tests.plugins.samples import KEYLESS, MIXED, ROW, TYPES, event, mixed
+from tests.plugins.samples import (
+    KEYLESS,
+    MIXED,
+    PLAIN,
+    ROW,
+    TYPES,
+    change,
+    event,
+    mixed,
+    plain,
+)
 
 Message = tuple[bytes | None, list[tuple[str, bytes]]]
 
@@ -232,13 +243,9 @@ _rows = st.tuples(
 def test_encoded_values_decode_column_wise_as_message_by_message(
     changes: list[tuple[str, tuple[Any, ...]]],
 ) -> None:
-    events = [
-        event("d", before=row, table=MIXED, seq=seq)
-        if op == "d"
-        else event(op, after=row, table=MIXED, seq=seq)
-        for seq, (op, row) in enumerate(changes)
-    ]
-    assert_same(MIXED, events)
+    assert_same(
+        MIXED, [change(op, row, table=MIXED, seq=seq) for seq, (op, row) in enumerate(changes)]
+    )
 
 
 def test_halves_of_a_run_are_runs_of_its_halves() -> None:
@@ -257,3 +264,169 @@ def test_halves_of_a_run_are_runs_of_its_halves() -> None:
     assert [pa.concat_arrays([a, b]) for a, b in zip(one.values, two.values, strict=True)] == (
         whole.values
     )
+
+
+# -- pyarrow.json over a run's values (EventDecoder.columns_of_values) ---------------------
+
+
+def by_values(decoder: EventDecoder, messages: list[Message], table: TableSchema) -> Any:
+    """The changelog columns of a run typed by pyarrow.json, or None when it is not taken."""
+    changes = decoder.columns_of_values(
+        [v for v, _ in messages],
+        [h for _, h in messages],
+        list(range(len(messages))),
+        table=table.qualified_name,
+    )
+    if changes is None:
+        return None
+    assert changes.offsets.to_pylist() == list(range(len(messages)))
+    assert changes.size_bytes == sum(len(v or b"") for v, _ in messages)
+    meta = [changes.ops, changes.lsns, changes.seqs, changes.txids, changes.commit_ts]
+    for array, column in zip(changes.values, table.columns, strict=True):
+        assert array.type == pgtypes.arrow_type(column.type_oid, column.type_modifier)
+    return [repr(a.to_pylist()) for a in changes.values + meta]
+
+
+def assert_same_by_values(table: TableSchema, events: list[ChangeEvent]) -> None:
+    messages = encode(events)
+    decoder = new_decoder(table)
+    warm(decoder, messages)
+    assert by_values(decoder, messages, table) == by_message(new_decoder(table), messages)
+
+
+def plain_events() -> list[ChangeEvent]:
+    events = [plain("c", n, seq=n) for n in range(1, 40)]  # NULLs among them
+    events += [plain("u", 5, seq=50, qty=None, gift=None, Note=None), plain("d", 6, seq=51)]
+    events += [plain("r", 7, seq=52), plain("c", 8, seq=53, Big=-(2**63), qty=-(2**15))]
+    return events
+
+
+def test_pyarrow_json_types_runs_as_message_by_message() -> None:
+    assert_same_by_values(PLAIN, plain_events())
+    assert_same_by_values(PLAIN, [plain("d", n, seq=n) for n in range(1, 6)])  # deletes only
+    at = datetime(2026, 6, 1, 6, 30, tzinfo=UTC)
+    keyless = [event("c", after=(f"line {n}", at), table=KEYLESS, seq=n) for n in range(5)]
+    keyless.append(event("c", after=(None, None), table=KEYLESS, seq=9))
+    assert_same_by_values(KEYLESS, keyless)
+
+
+def test_pyarrow_json_leaves_whole_runs_to_the_other_paths() -> None:
+    table = PLAIN.qualified_name
+    messages = encode([plain("c", n, seq=n) for n in range(1, 5)])
+    decoder = new_decoder(PLAIN)
+    warm(decoder, messages)
+    assert by_values(decoder, messages, PLAIN) is not None
+    good, headers = messages[1]
+    assert good is not None
+    doc = orjson.loads(good)
+
+    def variant(**changes: Any) -> bytes:
+        return orjson.dumps({**doc, **changes})
+
+    def after(**changes: Any) -> bytes:
+        return variant(after={**doc["after"], **changes})
+
+    partial = dict(doc["after"])
+    del partial["Note"]  # an unchanged TOASTed value capture left out: not a NULL
+    text = good.decode()
+    refused = [
+        (None, headers),  # a tombstone
+        (b"not json", headers),
+        (b"", headers),
+        (b"null", headers),
+        (good + b"\n", headers),  # whitespace the per-message path takes, but a new line
+        (text.replace(',"source"', ',\n"source"').encode(), headers),
+        (good[:-1] + b',"op":"c"}', headers),  # a key twice
+        (good + good, headers),  # two values in one message (with the empty one below)
+        (variant(op="t", after=None), headers),  # a truncate
+        (variant(op="x"), headers),
+        (variant(op=None), headers),
+        (variant(op=["c"]), headers),
+        (variant(after=partial), headers),
+        (variant(after=None), headers),
+        (after(extra=1), headers),
+        (after(qty=70000), headers),  # out of the column's range
+        (after(qty=1.0), headers),  # the per-message path takes it
+        (good.replace(b'"Big":2000000000000', b'"Big":18446744073709551616'), headers),
+        (after(sku=5), headers),
+        (after(gift="yes"), headers),
+        (after(Note=DEBEZIUM_UNAVAILABLE), headers),
+        (after(at="2026-01-01 00:00:00"), headers),  # no offset: Python refuses it
+        (variant(cdc_fallback={"Note": "x"}), headers),
+        (variant(before=doc["after"]), headers),  # a row image in both
+        (variant(op="d"), headers),  # a delete without 'before'
+        (variant(source={**doc["source"], "table": "other"}), headers),
+        (variant(source={**doc["source"], "lsn": "16"}), headers),
+        (variant(source={**doc["source"], "extra": 1}), headers),  # not capture's envelope
+        (variant(ts_us=1), headers),
+        (good.replace(b'"sku"', b'"SKU"'), headers),  # names are case-sensitive
+        (b"\xff" + good, headers),
+        (good, [h for h in headers if h[0] != HEADER_SEQ]),  # not capture's exact position
+        (good, [*headers, ("x", b"1")]),
+        (good, headers[::-1]),
+        (good, [(k, b"x" if k == HEADER_SEQ else v) for k, v in headers]),
+        (good, [(k, b" 2" if k == HEADER_SEQ else v) for k, v in headers]),
+        (good, [(k, None if k == HEADER_LSN else v) for k, v in headers]),
+        (good, [(k, b"99" if k == HEADER_SCHEMA_ID else v) for k, v in headers]),  # unknown id
+        (good, [(k, b"1" if k == HEADER_SEQ else v) for k, v in headers]),  # not ascending
+        (good, None),
+    ]
+    for value, hs in refused:
+        run = [messages[0], (value, hs), messages[2]]
+        if value == good + good:
+            run.append((b"", headers))
+        assert by_values(decoder, run, PLAIN) is None, (value, hs)
+    # Another table's run, and a table of kinds pyarrow.json does not type.
+    assert decoder.columns_of_values([good], [headers], [0], table="Shop.other") is None
+    mixed_messages = encode([mixed("c", n, seq=n) for n in range(1, 4)])
+    warm(decoder_mixed := new_decoder(MIXED), mixed_messages)
+    assert by_values(decoder_mixed, mixed_messages, MIXED) is None
+    assert decoder.columns_of_values([], [], [], table=table) is None
+
+
+def test_pyarrow_json_tells_a_null_from_an_absent_column() -> None:
+    decoder = new_decoder(PLAIN)
+    messages = encode([plain("c", 1, seq=1), plain("u", 2, seq=2, Note=None)])
+    warm(decoder, messages)
+    assert by_values(decoder, messages, PLAIN) == by_message(new_decoder(PLAIN), messages)
+    toast = plain("u", 3, seq=3, Note=None)
+    toast.unchanged_toast = ("Note",)
+    with_toast = encode([plain("c", 1, seq=1), toast])
+    assert b'"Note"' not in (with_toast[1][0] or b"")
+    assert by_values(decoder, with_toast, PLAIN) is None
+
+
+_plain_rows = st.tuples(
+    st.integers(-(2**31), 2**31 - 1),
+    st.text(max_size=20),
+    st.none() | st.integers(-(2**63), 2**63 - 1),
+    st.none() | st.integers(-(2**15), 2**15 - 1),
+    st.none() | st.booleans(),
+    st.none()
+    | st.datetimes(
+        min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30), timezones=st.just(UTC)
+    ),
+    st.none() | st.text(max_size=30),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from("crud"), _plain_rows), min_size=1, max_size=12))
+def test_encoded_values_decode_by_pyarrow_json_as_message_by_message(
+    changes: list[tuple[str, tuple[Any, ...]]],
+) -> None:
+    events = [change(op, row, table=PLAIN, seq=seq) for seq, (op, row) in enumerate(changes)]
+    assert_same_by_values(PLAIN, events)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.binary(max_size=40) | st.text(max_size=40).map(str.encode))
+def test_any_bytes_among_good_values_are_taken_only_as_the_per_message_path_takes_them(
+    junk: bytes,
+) -> None:
+    messages = encode([plain("c", n, seq=n) for n in range(1, 4)])
+    decoder = new_decoder(PLAIN)
+    warm(decoder, messages)
+    run = [messages[0], (junk, messages[1][1]), messages[2]]
+    typed = by_values(decoder, run, PLAIN)
+    assert typed is None  # never a change event of capture's envelope
