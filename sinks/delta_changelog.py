@@ -56,6 +56,7 @@ from cdc.core.events import ChangeEvent
 from cdc.core.settings import BatchSettings
 from cdc.core.table_schema import TableSchema
 from sinks.base import Sink
+from sinks.delta_append import LocalAppender, local_path, open_appender
 from sinks.errors import (
     SinkBackpressureError,
     SinkError,
@@ -322,9 +323,18 @@ class _TableBuffer:
     # replays its log, which costs about as much as the commit itself. Dropped whenever
     # something else may have changed the table (an error, a widening, a discard).
     table: DeltaTable | None = None
+    # On a local disk, the appender that commits its rows instead of delta-rs (see
+    # sinks.delta_append), dropped with ``table``.
+    appender: LocalAppender | None = None
     inflight: _InFlight | None = None  # its commit running now (one at a time per table)
     # The last commit failed without saying whether it landed (see DeltaChangelogSink._write).
     in_doubt: bool = False
+
+
+def _forget_table(buf: _TableBuffer) -> None:
+    """Drop what is kept of ``buf``'s table: something may have changed it."""
+    buf.table = None
+    buf.appender = None
 
 
 def _after(data: pa.Table, position: Position) -> pa.Table:
@@ -393,6 +403,7 @@ class DeltaChangelogSink(Sink):
         self._pending_rows = 0
         self._pending_bytes = 0
         self._partition_counts: dict[str, int] = {}
+        self._local = local_path(self.root) is not None
 
     @property
     def _lsn_app(self) -> str:
@@ -500,7 +511,7 @@ class DeltaChangelogSink(Sink):
         for schema_name, table in tables:
             name = f"{schema_name}.{table}"
             if name in self._tables:
-                self._tables[name].table = None  # rows deleted under it
+                _forget_table(self._tables[name])  # rows deleted under it
             uri = layout.changes_uri(self.root, name)
             with delta_errors(f"deleting the interrupted snapshot from {uri}"):
                 if DeltaTable.is_deltatable(uri, storage_options=self.storage_options):
@@ -763,7 +774,7 @@ class DeltaChangelogSink(Sink):
                 commit_properties=props,
             )
         buf.written = buf.accepted
-        buf.table = None  # written through its URI: the open table is behind
+        _forget_table(buf)  # written through its URI: the open table is behind
         log.debug("snapshot of %d rows written to %s up to %s", rows, buf.uri, buf.accepted)
         return {
             "rows": rows,
@@ -894,11 +905,10 @@ class DeltaChangelogSink(Sink):
     def _threads(self) -> int:
         if self.batch.commit_threads is not None:
             return self.batch.commit_threads
-        # Measured (benchmarks/many_tables.py): on a local disk, commits are CPU-bound in
-        # delta-rs, and a few threads keep two cores busy; on an object store each commit
-        # waits for several round trips, so more of them overlap.
-        local = "://" not in self.root or self.root.startswith("file://")
-        return LOCAL_COMMIT_THREADS if local else REMOTE_COMMIT_THREADS
+        # Measured (benchmarks/many_tables.py): on a local disk, commits are CPU-bound,
+        # and a few threads keep two cores busy; on an object store each commit waits for
+        # several round trips, so more of them overlap.
+        return LOCAL_COMMIT_THREADS if self._local else REMOTE_COMMIT_THREADS
 
     def _submit(
         self, buf: _TableBuffer, ingested_at: datetime, failures: dict[str, BaseException]
@@ -1102,7 +1112,7 @@ class DeltaChangelogSink(Sink):
                 lake = pa.schema(dt.schema().to_arrow())
                 plan = plan_evolution(lake, data.schema, table=buf.qualified_name)
                 if plan.widen:
-                    buf.table = None  # rewritten: opened again for the next commit
+                    _forget_table(buf)  # rewritten: opened again for the next commit
                     with delta_errors(f"widening columns of {buf.uri}"):
                         rows = widen_in_place(
                             buf.uri, plan.widen, storage_options=self.storage_options
@@ -1125,6 +1135,8 @@ class DeltaChangelogSink(Sink):
         target: DeltaTable | str | None,
     ) -> None:
         data = self._evolve(buf, data)
+        if target is None and self._append(buf, data, txns):
+            return
         props = CommitProperties(app_transactions=txns)
         if target is None:
             target = self._target(buf)
@@ -1144,4 +1156,26 @@ class DeltaChangelogSink(Sink):
         finally:
             if not committed:
                 buf.table = None  # its state is in doubt: read the table again next time
+            buf.appender = None  # behind this commit: opened again for the next one
         log.debug("committed %d rows to %s", data.num_rows, buf.uri)
+
+    def _append(self, buf: _TableBuffer, data: pa.Table, txns: list[Transaction]) -> bool:
+        """Commit ``data`` with the blind append of :mod:`sinks.delta_append` when the
+        lake is on a local disk and the rows fit the table as they are; ``False`` when
+        delta-rs must commit them (an object store, a schema to evolve, a table changed
+        by another writer)."""
+        if not self._local:
+            return False
+        what = f"appending {data.num_rows} rows to {buf.uri}"
+        with delta_errors(what):
+            if buf.appender is None:
+                buf.appender = open_appender(buf.uri)
+            if buf.appender is None or not buf.appender.accepts(data):
+                return False
+            version = buf.appender.append(data, transactions=[(t.app_id, t.version) for t in txns])
+        if version is None:
+            buf.appender = None
+            return False
+        buf.table = None  # behind the append: opened again if delta-rs commits next
+        log.debug("appended %d rows to %s at version %d", data.num_rows, buf.uri, version)
+        return True
