@@ -43,6 +43,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 import uuid
 from collections.abc import Iterable
@@ -54,13 +55,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from deltalake import DeltaTable, Schema
-from deltalake.exceptions import DeltaError, TableNotFoundError
+from deltalake.exceptions import DeltaError
 
 from sinks.errors import TransientSinkError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LocalAppender", "file_stats", "local_path", "open_appender"]
+__all__ = ["LocalAppender", "file_stats", "local_path", "log_state", "open_appender"]
 
 #: Writer features whose rules an append keeps by itself: none asks anything of an added
 #: file that this writer does not do (invariants and check constraints are refused below
@@ -77,6 +78,7 @@ _HIVE_NULL = "__HIVE_DEFAULT_PARTITION__"
 #: maximum would make it smaller than the value, and readers would skip the file wrongly).
 _MAX_STAT_STRING = 64
 _CLIENT = "cdc-lakehouse"
+_COMMIT_NAME = re.compile(r"\d{20}\.json")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -105,7 +107,7 @@ def open_appender(uri: str) -> LocalAppender | None:
     delta-rs: the table is not on a local disk, does not exist yet, or has a feature this
     writer does not keep (see the module's docstring).
 
-    Reads the table once (its newest version, protocol and metadata).
+    Reads only what an append needs from the log (:func:`log_state`), not the file list.
 
     Example:
         >>> appender = open_appender("./lake/shop.orders/changes")  # doctest: +SKIP
@@ -115,17 +117,15 @@ def open_appender(uri: str) -> LocalAppender | None:
     path = local_path(uri)
     if path is None or not _links_work(path):
         return None
-    try:
-        table = DeltaTable(uri)
-    except TableNotFoundError:
-        return None  # created by delta-rs's first commit
-    protocol = table.protocol()
-    metadata = table.metadata()
-    config = metadata.configuration
-    schema = json.loads(table.schema().to_json())
+    state = log_state(path)
+    if state is None:
+        return None
+    version, protocol, metadata = state
+    config = metadata.get("configuration") or {}
+    schema = json.loads(metadata["schemaString"])
     if (
-        protocol.min_writer_version > _MAX_WRITER_VERSION
-        or not set(protocol.writer_features or ()) <= _WRITER_FEATURES
+        protocol.get("minWriterVersion", 0) > _MAX_WRITER_VERSION
+        or not set(protocol.get("writerFeatures") or ()) <= _WRITER_FEATURES
         or config.get("delta.columnMapping.mode", "none") != "none"
         or any(key.startswith("delta.constraints.") for key in config)
         or any(
@@ -133,21 +133,75 @@ def open_appender(uri: str) -> LocalAppender | None:
         )
     ):
         return None
-    fields = _types(table.schema().to_json())
-    partitions = list(metadata.partition_columns)
+    fields = _types(metadata["schemaString"])
+    partitions = list(metadata.get("partitionColumns") or ())
     for name in partitions:
-        kind = fields[name][0]
-        if json.loads(kind) not in ("date", "byte", "short", "integer", "long"):
+        if json.loads(fields[name][0]) not in ("date", "byte", "short", "integer", "long"):
             return None
     return LocalAppender(
         path,
-        version=table.version(),
+        version=version,
         fields=fields,
         partition_columns=partitions,
         checkpoint_interval=int(
             config.get("delta.checkpointInterval", _DEFAULT_CHECKPOINT_INTERVAL)
         ),
     )
+
+
+def log_state(path: str) -> tuple[int, dict[str, Any], dict[str, Any]] | None:
+    """``(newest version, protocol, metaData)`` of the Delta table at the local ``path``,
+    read from its newest checkpoint (only those two columns) and the commits after it;
+    ``None`` when there is no table, or a log this reader does not follow (a checkpoint
+    in several parts or in the V2 form: delta-rs is asked instead).
+
+    Opening the table with delta-rs costs 10-30 ms per table (it lists every file); this
+    costs well under one, which matters when a pipeline starts with hundreds of tables.
+
+    Example:
+        >>> log_state("./lake/shop.orders/changes")[0]  # doctest: +SKIP
+        12
+    """
+    log_dir = os.path.join(path, "_delta_log")
+    try:
+        names = os.listdir(log_dir)
+    except FileNotFoundError:
+        return None
+    versions = sorted(int(n[:20]) for n in names if _COMMIT_NAME.fullmatch(n))
+    protocol: dict[str, Any] | None = None
+    metadata: dict[str, Any] | None = None
+    checkpoint = -1
+    try:
+        with open(os.path.join(log_dir, "_last_checkpoint")) as f:
+            last = json.load(f)
+    except FileNotFoundError:
+        last = None
+    if last is not None:
+        if "parts" in last or "v2Checkpoint" in last:
+            return None
+        checkpoint = int(last["version"])
+        state = pq.read_table(
+            os.path.join(log_dir, f"{checkpoint:020d}.checkpoint.parquet"),
+            columns=["protocol", "metaData"],
+        )
+        for row in state.to_pylist():
+            protocol = row["protocol"] or protocol
+            metadata = row["metaData"] or metadata
+        if metadata is not None and isinstance(metadata.get("configuration"), list):
+            metadata["configuration"] = dict(metadata["configuration"])  # an Arrow map
+    newer = [v for v in versions if v > checkpoint]
+    if newer != list(range(checkpoint + 1, checkpoint + 1 + len(newer))):
+        return None  # a gap: not a log this reader follows
+    for version in newer:
+        with open(os.path.join(log_dir, f"{version:020d}.json")) as f:
+            for line in f:
+                if '"protocol"' in line or '"metaData"' in line:
+                    action = json.loads(line)
+                    protocol = action.get("protocol", protocol)
+                    metadata = action.get("metaData", metadata)
+    if protocol is None or metadata is None:
+        return None
+    return (newer[-1] if newer else checkpoint), protocol, metadata
 
 
 def _links_work(path: str) -> bool:

@@ -4,6 +4,7 @@ delta-rs and by DuckDB's delta extension (no PostgreSQL needed)."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tempfile
 from collections.abc import Iterator
@@ -25,7 +26,7 @@ from catalog.lake import Lake
 from cdc.core.events import ChangeEvent
 from cdc.core.table_schema import TableSchema
 from jobs.retention import droppable_partitions
-from sinks.delta_append import file_stats, open_appender
+from sinks.delta_append import file_stats, log_state, open_appender
 from sinks.delta_changelog import DeltaChangelogSink, changelog_arrow_schema
 from sinks.errors import TransientSinkError
 from tests.plugins import samples
@@ -283,3 +284,39 @@ def test_what_the_append_does_not_take_goes_to_delta_rs(tmp_path: Path) -> None:
         rows(1).schema.get_field_index(layout.LSN), layout.LSN, pa.array([None, 1, 2], pa.int64())
     )
     assert not appender.accepts(no_lsn)  # a NOT NULL column with a null
+
+
+def test_the_log_state_read_without_delta_rs_matches_delta_rs(tmp_path: Path) -> None:
+    """Version, protocol and metadata as the appender reads them (the newest checkpoint's
+    two columns and the commits after it) against delta-rs, through checkpoints, a
+    compaction, a widened schema and a check constraint."""
+    uri = new_table(tmp_path, **{"delta.checkpointInterval": "2"})
+
+    def same() -> None:
+        state = log_state(uri)
+        assert state is not None
+        version, protocol, metadata = state
+        table = DeltaTable(uri)
+        assert version == table.version()
+        expected = table.protocol()
+        assert protocol["minWriterVersion"] == expected.min_writer_version
+        assert (protocol.get("writerFeatures") or None) == expected.writer_features
+        assert json.loads(metadata["schemaString"]) == json.loads(table.schema().to_json())
+        assert metadata["partitionColumns"] == table.metadata().partition_columns
+        assert metadata["configuration"] == table.metadata().configuration
+
+    same()
+    appender = open_appender(uri)
+    assert appender is not None
+    for lsn in range(1, 4):
+        appender.append(rows(lsn), transactions=[("t:lsn", lsn)])
+        same()
+    DeltaTable(uri).optimize.compact()
+    same()
+    write_deltalake(
+        uri, rows(5).append_column("added", pa.array([1, 2, 3])), mode="append", schema_mode="merge"
+    )
+    same()
+    DeltaTable(uri).alter.add_constraint({"positive_order": '"Order" > 0'})
+    same()
+    assert log_state(str(tmp_path / "missing")) is None
