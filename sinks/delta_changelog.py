@@ -74,6 +74,10 @@ _NOTHING_WRITTEN: Position = (-1, -1)
 #: Commit threads when ``BatchSettings.commit_threads`` is not set, by where the lake is.
 LOCAL_COMMIT_THREADS = 4
 REMOTE_COMMIT_THREADS = 16
+#: How soon to look again when every commit thread is taken (see _commit_room).
+_BUSY_POLL_SECONDS = 0.01
+#: Weight of the newest sample in the moving averages of commit times and call intervals.
+_AVERAGE_WEIGHT = 0.2
 #: How often (seconds) a caller waiting for a snapshot write wakes up (to run signal handlers).
 _JOIN_POLL_SECONDS = 0.1
 
@@ -331,6 +335,11 @@ class _TableBuffer:
     in_doubt: bool = False
 
 
+def _average(average: float | None, sample: float) -> float:
+    """An exponential moving average (the first sample when there is none yet)."""
+    return sample if average is None else average + _AVERAGE_WEIGHT * (sample - average)
+
+
 def _forget_table(buf: _TableBuffer) -> None:
     """Drop what is kept of ``buf``'s table: something may have changed it."""
     buf.table = None
@@ -404,6 +413,10 @@ class DeltaChangelogSink(Sink):
         self._pending_bytes = 0
         self._partition_counts: dict[str, int] = {}
         self._local = local_path(self.root) is not None
+        # Recent commit time and interval between flush_due_tables calls (see _commit_room).
+        self._commit_seconds: float | None = None
+        self._call_interval: float | None = None
+        self._last_due_call: float | None = None
 
     @property
     def _lsn_app(self) -> str:
@@ -824,15 +837,34 @@ class DeltaChangelogSink(Sink):
         return self.batch.max_rows / active, self.batch.max_bytes / active
 
     def _due(self) -> list[_TableBuffer]:
+        """The tables due for a commit, the one waiting longest first."""
         now = time.monotonic()
         rows, size = self._shares()
         age = self.batch.max_seconds
-        return [
+        due = [
             buf
             for buf in self._active.values()
             if buf.inflight is None
             and (buf.rows >= rows or buf.bytes >= size or now - (buf.oldest or now) >= age)
         ]
+        due.sort(key=lambda buf: buf.oldest or now)
+        return due
+
+    def _commit_room(self) -> int | None:
+        """How many more commits :meth:`flush_due_tables` may start now (``None``: no
+        limit, before any commit has been timed).
+
+        A commit takes its table's rows when it is submitted, and rows that arrive while
+        it waits in the queue wait for the table's next commit. With hundreds of due
+        tables and a queue of all of them, that doubles the staleness. So only as many
+        commits are queued as the threads will start before the caller's next call (from
+        the recent commit time and call interval, with half again as margin), the oldest
+        tables first; the others keep gathering rows and go in a later call."""
+        if self._commit_seconds is None or self._call_interval is None:
+            return None
+        threads = self._threads()
+        per_call = threads * self._call_interval / max(self._commit_seconds, 1e-4)
+        return max(threads, math.ceil(1.5 * per_call)) - len(self._inflight)
 
     def flush_due(self) -> bool:
         """Whether some table is due (its oldest row has waited ``max_seconds``, or it
@@ -848,6 +880,9 @@ class DeltaChangelogSink(Sink):
         for buf in self._inflight.values():
             if buf.inflight is not None and buf.inflight.future and buf.inflight.future.done():
                 return 0.0
+        room = self._commit_room()
+        if room is not None and room <= 0:
+            return _BUSY_POLL_SECONDS  # due or not, nothing can start until a commit ends
         rows, size = self._shares()
         oldest = math.inf
         for buf in self._active.values():
@@ -895,11 +930,21 @@ class DeltaChangelogSink(Sink):
         of a commit that failed (its rows are buffered again).
         """
         started = time.monotonic()
+        if self._last_due_call is not None:
+            # Capped: after a quiet spell the caller is back to calling at least this often.
+            interval = min(started - self._last_due_call, self.batch.max_seconds)
+            self._call_interval = _average(self._call_interval, interval)
+        self._last_due_call = started
         written, failures = self._collect(block=False)
         ingested_at = datetime.now(UTC)
+        room = self._commit_room()
         for buf in self._due():
+            if room is not None and room <= 0:
+                break
             if buf.qualified_name not in failures:
                 self._submit(buf, ingested_at, failures)
+                if room is not None:
+                    room -= 1
         return self._result(written, failures, started)
 
     def _threads(self) -> int:
@@ -1021,6 +1066,20 @@ class DeltaChangelogSink(Sink):
     ) -> None:
         """Commit ``parts`` (in a commit thread: touches nothing of ``buf`` but what only
         its commits use: the checked schema and the open table)."""
+        started = time.monotonic()
+        try:
+            self._write_parts(buf, parts, ingested_at, txns, target)
+        finally:
+            self._commit_seconds = _average(self._commit_seconds, time.monotonic() - started)
+
+    def _write_parts(
+        self,
+        buf: _TableBuffer,
+        parts: list[Part],
+        ingested_at: datetime,
+        txns: list[Transaction],
+        target: DeltaTable | str | None,
+    ) -> None:
         data = pa.concat_tables(
             [p if isinstance(p, pa.Table) else p.to_arrow(ingested_at) for p in parts],
             promote_options="permissive",
