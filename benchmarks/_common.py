@@ -21,6 +21,7 @@ import psycopg
 from cdc.cli.local_postgres import LocalPostgres
 from cdc.core.lsn import format_lsn, parse_lsn
 from cdc.postgres.slots import ensure_publication
+from sinks.position_store import LakePositionStore
 
 RESULTS_DIR = Path(__file__).parent / "results"
 
@@ -63,6 +64,16 @@ def confirmed_lsn(conn: psycopg.Connection, slot: str) -> int:
         [slot],
     ).fetchone()
     return parse_lsn(row[0]) if row and row[0] else 0
+
+
+def snapshot_done(lake: Path, pipeline: str) -> bool:
+    """Whether ``pipeline``'s position file in ``lake`` says its initial snapshot is done
+    (it is saved only after the snapshot's last Delta commit)."""
+    try:
+        position = LakePositionStore(str(lake), pipeline).load()
+    except (OSError, ValueError):  # not there yet, or caught mid-replace
+        return False
+    return position is not None and position.snapshot_done
 
 
 def wait_until(

@@ -178,8 +178,10 @@ def measure(
         proc = c.spawn(argv, env)
         try:
             snapshot_end = c.current_lsn(conn)
+            # The slot's confirmed LSN passes snapshot_end as soon as the slot exists,
+            # before the tables are copied: wait for the position file too.
             c.wait_until(
-                lambda: c.confirmed_lsn(conn, NAME) >= snapshot_end,
+                lambda: c.snapshot_done(lake, NAME) and c.confirmed_lsn(conn, NAME) >= snapshot_end,
                 proc,
                 what=f"{NAME}: initial snapshot",
                 timeout=600,

@@ -34,7 +34,6 @@ from deltalake import DeltaTable
 
 from benchmarks import _common as c
 from catalog import lake_layout as layout
-from sinks.position_store import LakePositionStore
 
 TARGET = 0.50
 TABLE = "public.snap"
@@ -61,23 +60,14 @@ def _copy(dsn: str) -> float:
     return time.perf_counter() - started
 
 
-def _snapshot_done(store: LakePositionStore) -> bool:
-    try:
-        position = store.load()
-    except (OSError, ValueError):  # not there yet, or caught mid-replace
-        return False
-    return position is not None and position.snapshot_done
-
-
 def _cdc_run(dsn: str, lake: Path) -> float:
-    store = LakePositionStore(str(lake), PIPELINE)
     return c.time_child(
         c.cdc_command(
             "run",
             *("--source", dsn, "--lake", str(lake), "--name", PIPELINE),
             *("--tables", TABLE, "--snapshot", "initial"),
         ),
-        lambda: _snapshot_done(store),
+        lambda: c.snapshot_done(lake, PIPELINE),
         what="cdc run snapshot",
     )
 

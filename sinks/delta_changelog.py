@@ -63,6 +63,7 @@ from cdc.core.events import ChangeEvent
 from cdc.core.settings import BatchSettings
 from cdc.core.table_schema import TableSchema
 from sinks.base import Sink
+from sinks.delta_append import LocalAppender, local_path, open_appender
 from sinks.errors import (
     SinkBackpressureError,
     SinkError,
@@ -80,6 +81,10 @@ _NOTHING_WRITTEN: Position = (-1, -1)
 #: Commit threads when ``BatchSettings.commit_threads`` is not set, by where the lake is.
 LOCAL_COMMIT_THREADS = 4
 REMOTE_COMMIT_THREADS = 16
+#: How soon to look again when every commit thread is taken (see _commit_room).
+_BUSY_POLL_SECONDS = 0.01
+#: Weight of the newest sample in the moving averages of commit times and call intervals.
+_AVERAGE_WEIGHT = 0.2
 #: How often (seconds) a caller waiting for a snapshot write wakes up (to run signal handlers).
 _JOIN_POLL_SECONDS = 0.1
 
@@ -351,9 +356,23 @@ class _TableBuffer:
     # replays its log, which costs about as much as the commit itself. Dropped whenever
     # something else may have changed the table (an error, a widening, a discard).
     table: DeltaTable | None = None
+    # On a local disk, the appender that commits its rows instead of delta-rs (see
+    # sinks.delta_append), dropped with ``table``.
+    appender: LocalAppender | None = None
     inflight: _InFlight | None = None  # its commit running now (one at a time per table)
     # The last commit failed without saying whether it landed (see DeltaChangelogSink._write).
     in_doubt: bool = False
+
+
+def _average(average: float | None, sample: float) -> float:
+    """An exponential moving average (the first sample when there is none yet)."""
+    return sample if average is None else average + _AVERAGE_WEIGHT * (sample - average)
+
+
+def _forget_table(buf: _TableBuffer) -> None:
+    """Drop what is kept of ``buf``'s table: something may have changed it."""
+    buf.table = None
+    buf.appender = None
 
 
 def _after(data: pa.Table, position: Position) -> pa.Table:
@@ -422,6 +441,11 @@ class DeltaChangelogSink(Sink):
         self._pending_rows = 0
         self._pending_bytes = 0
         self._partition_counts: dict[str, int] = {}
+        self._local = local_path(self.root) is not None
+        # Recent commit time and interval between flush_due_tables calls (see _commit_room).
+        self._commit_seconds: float | None = None
+        self._call_interval: float | None = None
+        self._last_due_call: float | None = None
 
     @property
     def _lsn_app(self) -> str:
@@ -529,7 +553,7 @@ class DeltaChangelogSink(Sink):
         for schema_name, table in tables:
             name = f"{schema_name}.{table}"
             if name in self._tables:
-                self._tables[name].table = None  # rows deleted under it
+                _forget_table(self._tables[name])  # rows deleted under it
             uri = layout.changes_uri(self.root, name)
             with delta_errors(f"deleting the interrupted snapshot from {uri}"):
                 if DeltaTable.is_deltatable(uri, storage_options=self.storage_options):
@@ -793,7 +817,7 @@ class DeltaChangelogSink(Sink):
                 commit_properties=props,
             )
         buf.written = buf.accepted
-        buf.table = None  # written through its URI: the open table is behind
+        _forget_table(buf)  # written through its URI: the open table is behind
         log.debug("snapshot of %d rows written to %s up to %s", rows, buf.uri, buf.accepted)
         return {
             "rows": rows,
@@ -843,15 +867,34 @@ class DeltaChangelogSink(Sink):
         return self.batch.max_rows / active, self.batch.max_bytes / active
 
     def _due(self) -> list[_TableBuffer]:
+        """The tables due for a commit, the one waiting longest first."""
         now = time.monotonic()
         rows, size = self._shares()
         age = self.batch.max_seconds
-        return [
+        due = [
             buf
             for buf in self._active.values()
             if buf.inflight is None
             and (buf.rows >= rows or buf.bytes >= size or now - (buf.oldest or now) >= age)
         ]
+        due.sort(key=lambda buf: buf.oldest or now)
+        return due
+
+    def _commit_room(self) -> int | None:
+        """How many more commits :meth:`flush_due_tables` may start now (``None``: no
+        limit, before any commit has been timed).
+
+        A commit takes its table's rows when it is submitted, and rows that arrive while
+        it waits in the queue wait for the table's next commit. With hundreds of due
+        tables and a queue of all of them, that doubles the staleness. So only as many
+        commits are queued as the threads will start before the caller's next call (from
+        the recent commit time and call interval, with half again as margin), the oldest
+        tables first; the others keep gathering rows and go in a later call."""
+        if self._commit_seconds is None or self._call_interval is None:
+            return None
+        threads = self._threads()
+        per_call = threads * self._call_interval / max(self._commit_seconds, 1e-4)
+        return max(threads, math.ceil(1.5 * per_call)) - len(self._inflight)
 
     def flush_due(self) -> bool:
         """Whether some table is due (its oldest row has waited ``max_seconds``, or it
@@ -867,6 +910,9 @@ class DeltaChangelogSink(Sink):
         for buf in self._inflight.values():
             if buf.inflight is not None and buf.inflight.future and buf.inflight.future.done():
                 return 0.0
+        room = self._commit_room()
+        if room is not None and room <= 0:
+            return _BUSY_POLL_SECONDS  # due or not, nothing can start until a commit ends
         rows, size = self._shares()
         oldest = math.inf
         for buf in self._active.values():
@@ -914,21 +960,30 @@ class DeltaChangelogSink(Sink):
         of a commit that failed (its rows are buffered again).
         """
         started = time.monotonic()
+        if self._last_due_call is not None:
+            # Capped: after a quiet spell the caller is back to calling at least this often.
+            interval = min(started - self._last_due_call, self.batch.max_seconds)
+            self._call_interval = _average(self._call_interval, interval)
+        self._last_due_call = started
         written, failures = self._collect(block=False)
         ingested_at = datetime.now(UTC)
+        room = self._commit_room()
         for buf in self._due():
+            if room is not None and room <= 0:
+                break
             if buf.qualified_name not in failures:
                 self._submit(buf, ingested_at, failures)
+                if room is not None:
+                    room -= 1
         return self._result(written, failures, started)
 
     def _threads(self) -> int:
         if self.batch.commit_threads is not None:
             return self.batch.commit_threads
-        # Measured (benchmarks/many_tables.py): on a local disk, commits are CPU-bound in
-        # delta-rs, and a few threads keep two cores busy; on an object store each commit
-        # waits for several round trips, so more of them overlap.
-        local = "://" not in self.root or self.root.startswith("file://")
-        return LOCAL_COMMIT_THREADS if local else REMOTE_COMMIT_THREADS
+        # Measured (benchmarks/many_tables.py): on a local disk, commits are CPU-bound,
+        # and a few threads keep two cores busy; on an object store each commit waits for
+        # several round trips, so more of them overlap.
+        return LOCAL_COMMIT_THREADS if self._local else REMOTE_COMMIT_THREADS
 
     def _submit(
         self, buf: _TableBuffer, ingested_at: datetime, failures: dict[str, BaseException]
@@ -1041,6 +1096,20 @@ class DeltaChangelogSink(Sink):
     ) -> None:
         """Commit ``parts`` (in a commit thread: touches nothing of ``buf`` but what only
         its commits use: the checked schema and the open table)."""
+        started = time.monotonic()
+        try:
+            self._write_parts(buf, parts, ingested_at, txns, target)
+        finally:
+            self._commit_seconds = _average(self._commit_seconds, time.monotonic() - started)
+
+    def _write_parts(
+        self,
+        buf: _TableBuffer,
+        parts: list[Part],
+        ingested_at: datetime,
+        txns: list[Transaction],
+        target: DeltaTable | str | None,
+    ) -> None:
         data = pa.concat_tables(
             [p if isinstance(p, pa.Table) else p.to_arrow(ingested_at) for p in parts],
             promote_options="permissive",
@@ -1132,7 +1201,7 @@ class DeltaChangelogSink(Sink):
                 lake = pa.schema(dt.schema().to_arrow())
                 plan = plan_evolution(lake, data.schema, table=buf.qualified_name)
                 if plan.widen:
-                    buf.table = None  # rewritten: opened again for the next commit
+                    _forget_table(buf)  # rewritten: opened again for the next commit
                     with delta_errors(f"widening columns of {buf.uri}"):
                         rows = widen_in_place(
                             buf.uri, plan.widen, storage_options=self.storage_options
@@ -1155,6 +1224,8 @@ class DeltaChangelogSink(Sink):
         target: DeltaTable | str | None,
     ) -> None:
         data = self._evolve(buf, data)
+        if target is None and self._append(buf, data, txns):
+            return
         props = CommitProperties(app_transactions=txns)
         if target is None:
             target = self._target(buf)
@@ -1174,4 +1245,26 @@ class DeltaChangelogSink(Sink):
         finally:
             if not committed:
                 buf.table = None  # its state is in doubt: read the table again next time
+            buf.appender = None  # behind this commit: opened again for the next one
         log.debug("committed %d rows to %s", data.num_rows, buf.uri)
+
+    def _append(self, buf: _TableBuffer, data: pa.Table, txns: list[Transaction]) -> bool:
+        """Commit ``data`` with the blind append of :mod:`sinks.delta_append` when the
+        lake is on a local disk and the rows fit the table as they are; ``False`` when
+        delta-rs must commit them (an object store, a schema to evolve, a table changed
+        by another writer)."""
+        if not self._local:
+            return False
+        what = f"appending {data.num_rows} rows to {buf.uri}"
+        with delta_errors(what):
+            if buf.appender is None:
+                buf.appender = open_appender(buf.uri)
+            if buf.appender is None or not buf.appender.accepts(data):
+                return False
+            version = buf.appender.append(data, transactions=[(t.app_id, t.version) for t in txns])
+        if version is None:
+            buf.appender = None
+            return False
+        buf.table = None  # behind the append: opened again if delta-rs commits next
+        log.debug("appended %d rows to %s at version %d", data.num_rows, buf.uri, version)
+        return True

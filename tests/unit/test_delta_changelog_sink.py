@@ -248,25 +248,44 @@ def test_add_changes_in_kafka_mode_drops_handled_offsets_and_counts_them_done(
     assert [r["id"] for r in changes(tmp_path, ITEMS).to_pylist()] == [0, 1, 2, 3, 4]
 
 
+@pytest.mark.parametrize("commit_path", ["delta-rs", "local append"])
 def test_a_commit_that_landed_but_reported_a_failure_is_not_written_again(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, commit_path: str
 ) -> None:
     """An object store can take the PUT of the log entry and lose its answer: the commit
-    failed for the sink but is in the table. The retry writes only what is not."""
+    failed for the sink but is in the table. The retry writes only what is not. (A local
+    append cannot lose its answer, but the sink's recovery must not depend on which path
+    committed.)"""
+    import sinks.delta_append as delta_append
     import sinks.delta_changelog as delta_changelog
 
-    real_write = delta_changelog.write_deltalake
     lost_answers = [OSError("operation timed out after the store took the PUT")]
+    if commit_path == "delta-rs":
+        real_write = delta_changelog.write_deltalake
 
-    def write_then_lose_the_answer(*args: object, **kwargs: object) -> None:
-        real_write(*args, **kwargs)  # type: ignore[arg-type]
-        if lost_answers:
-            raise lost_answers.pop()
+        def write_then_lose_the_answer(*args: object, **kwargs: object) -> None:
+            real_write(*args, **kwargs)  # type: ignore[arg-type]
+            if lost_answers:
+                raise lost_answers.pop()
+
+        monkeypatch.setattr(delta_changelog, "open_appender", lambda uri: None)
+    else:
+        real_append = delta_append.LocalAppender.append
+
+        def write_then_lose_the_answer(*args: object, **kwargs: object) -> int | None:  # type: ignore[misc]
+            version = real_append(*args, **kwargs)  # type: ignore[arg-type]
+            if lost_answers:
+                raise lost_answers.pop()
+            return version
 
     sink = DeltaChangelogSink(str(tmp_path), app_id="t")
+    sink.ensure_table(ITEMS)
     for seq in range(3):
         sink.add(event(ITEMS, "c", (seq, f"n{seq}"), 100, seq))
-    monkeypatch.setattr(delta_changelog, "write_deltalake", write_then_lose_the_answer)
+    if commit_path == "delta-rs":
+        monkeypatch.setattr(delta_changelog, "write_deltalake", write_then_lose_the_answer)
+    else:
+        monkeypatch.setattr(delta_append.LocalAppender, "append", write_then_lose_the_answer)
     with pytest.raises(TransientSinkError):
         sink.flush()
     assert sink.pending_rows == 3  # as far as the sink knows, nothing landed

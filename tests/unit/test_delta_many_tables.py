@@ -7,6 +7,7 @@ import time
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 from deltalake import DeltaTable
@@ -220,3 +221,48 @@ def test_committed_transactions_give_the_newest_end_below_the_oldest_pending() -
     assert len(done) == 1
     assert done.durable_end(10**9) == 350
     assert done.durable_end(10**9) is None
+
+
+def test_commits_start_only_as_fast_as_the_threads_take_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Slow commits (0.2 s each, as on a distant object store) and one commit thread:
+    flush_due_tables queues no more than the thread starts before the next call, the
+    table waiting longest first, and a waiting table's new rows go into its first commit
+    instead of waiting for a second one."""
+    import sinks.delta_append as delta_append
+
+    real_append = delta_append.LocalAppender.append
+
+    def slow_append(self: delta_append.LocalAppender, *args: Any, **kwargs: Any) -> int | None:
+        time.sleep(0.2)
+        return real_append(self, *args, **kwargs)
+
+    tables = [composite(i) for i in range(3)] + [KEYLESS]
+    sink = DeltaChangelogSink(
+        str(tmp_path), app_id="t", batch=BatchSettings(max_seconds=0.05, commit_threads=1)
+    )
+    for table in tables:
+        sink.ensure_table(table)
+    monkeypatch.setattr(delta_append.LocalAppender, "append", slow_append)
+    for table in tables:  # times the commits: 0.2 s
+        sink.add(event(table, row(table, 1), 1))
+    sink.flush()
+    sink.flush_due_tables()
+    sink.flush_due_tables()  # called back to back: the caller comes back at once
+    for lsn, table in enumerate(tables, start=2):
+        sink.add(event(table, row(table, lsn), lsn))
+        time.sleep(0.01)  # tables[0] waits longest
+    time.sleep(0.06)
+    sink.flush_due_tables()
+    assert sink.seconds_until_flush() > 0  # the thread is taken: nothing else may start
+    assert not sink.flush_due_tables()["commits"]
+    last = tables[-1]
+    sink.add(event(last, row(last, 9), 9))  # joins the rows still waiting
+    landed = wait_landed(sink)
+    assert landed["tables"] == {tables[0].qualified_name: 1}  # the oldest went first
+    while sink.pending_rows:
+        wait_landed(sink)
+    assert [versions(tmp_path, t) for t in tables] == [2, 2, 2, 2]  # one commit each
+    assert written(tmp_path, last) == expected(last, [1, 5, 9])
+    sink.close()
