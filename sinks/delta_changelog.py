@@ -1098,33 +1098,23 @@ class DeltaChangelogSink(Sink):
         its commits use: the checked schema and the open table)."""
         started = time.monotonic()
         try:
-            self._write_parts(buf, parts, ingested_at, txns, target)
+            data = pa.concat_tables(
+                [p if isinstance(p, pa.Table) else p.to_arrow(ingested_at) for p in parts],
+                promote_options="permissive",
+            )
+            if buf.in_doubt and not buf.streams:
+                # A failed commit may still have landed: an object store can take the PUT of
+                # the log entry and lose its answer (a timeout). The watermark the table
+                # records decides which of the rows are still to write. (Kafka mode needs no
+                # check: a failed flush makes the worker re-read from the offsets in Delta.)
+                data = _after(data, self._read_watermark(buf.uri))
+                if data.num_rows == 0:
+                    buf.in_doubt = False
+                    return
+            self._commit(buf, data, txns, target)
+            buf.in_doubt = False
         finally:
             self._commit_seconds = _average(self._commit_seconds, time.monotonic() - started)
-
-    def _write_parts(
-        self,
-        buf: _TableBuffer,
-        parts: list[Part],
-        ingested_at: datetime,
-        txns: list[Transaction],
-        target: DeltaTable | str | None,
-    ) -> None:
-        data = pa.concat_tables(
-            [p if isinstance(p, pa.Table) else p.to_arrow(ingested_at) for p in parts],
-            promote_options="permissive",
-        )
-        if buf.in_doubt and not buf.streams:
-            # A failed commit may still have landed: an object store can take the PUT of
-            # the log entry and lose its answer (a timeout). The watermark the table
-            # records decides which of the rows are still to write. (Kafka mode needs no
-            # check: a failed flush makes the worker re-read from the offsets in Delta.)
-            data = _after(data, self._read_watermark(buf.uri))
-            if data.num_rows == 0:
-                buf.in_doubt = False
-                return
-        self._commit(buf, data, txns, target)
-        buf.in_doubt = False
 
     def close(self) -> None:
         """Wait for the commits running, and stop the commit threads (does not flush)."""

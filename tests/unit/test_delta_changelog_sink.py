@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from datetime import UTC, date, datetime
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pytest
@@ -260,32 +261,28 @@ def test_a_commit_that_landed_but_reported_a_failure_is_not_written_again(
     import sinks.delta_changelog as delta_changelog
 
     lost_answers = [OSError("operation timed out after the store took the PUT")]
+    # The commit path under test: delta-rs's write, or the local append.
+    module, name = (
+        (delta_changelog, "write_deltalake")
+        if commit_path == "delta-rs"
+        else (delta_append.LocalAppender, "append")
+    )
+    real_commit = getattr(module, name)
+
+    def commit_then_lose_the_answer(*args: Any, **kwargs: Any) -> Any:
+        result = real_commit(*args, **kwargs)
+        if lost_answers:
+            raise lost_answers.pop()
+        return result
+
     if commit_path == "delta-rs":
-        real_write = delta_changelog.write_deltalake
-
-        def write_then_lose_the_answer(*args: object, **kwargs: object) -> None:
-            real_write(*args, **kwargs)  # type: ignore[arg-type]
-            if lost_answers:
-                raise lost_answers.pop()
-
         monkeypatch.setattr(delta_changelog, "open_appender", lambda uri: None)
-    else:
-        real_append = delta_append.LocalAppender.append
-
-        def write_then_lose_the_answer(*args: object, **kwargs: object) -> int | None:  # type: ignore[misc]
-            version = real_append(*args, **kwargs)  # type: ignore[arg-type]
-            if lost_answers:
-                raise lost_answers.pop()
-            return version
 
     sink = DeltaChangelogSink(str(tmp_path), app_id="t")
     sink.ensure_table(ITEMS)
     for seq in range(3):
         sink.add(event(ITEMS, "c", (seq, f"n{seq}"), 100, seq))
-    if commit_path == "delta-rs":
-        monkeypatch.setattr(delta_changelog, "write_deltalake", write_then_lose_the_answer)
-    else:
-        monkeypatch.setattr(delta_append.LocalAppender, "append", write_then_lose_the_answer)
+    monkeypatch.setattr(module, name, commit_then_lose_the_answer)
     with pytest.raises(TransientSinkError):
         sink.flush()
     assert sink.pending_rows == 3  # as far as the sink knows, nothing landed
