@@ -162,20 +162,24 @@ def log_state(path: str) -> tuple[int, dict[str, Any], dict[str, Any]] | None:
         >>> log_state("./lake/shop.orders/changes")[0]  # doctest: +SKIP
         12
     """
-    log_dir = os.path.join(path, "_delta_log")
     try:
-        names = os.listdir(log_dir)
-    except FileNotFoundError:
+        return _read_log_state(os.path.join(path, "_delta_log"))
+    except (OSError, ValueError, KeyError, pa.ArrowException):
+        # No table, or a log changing under the reader (a checkpoint being written, old
+        # commits being cleaned up): delta-rs commits this time, and knows what to do.
         return None
+
+
+def _read_log_state(log_dir: str) -> tuple[int, dict[str, Any], dict[str, Any]] | None:
+    names = os.listdir(log_dir)
     versions = sorted(int(n[:20]) for n in names if _COMMIT_NAME.fullmatch(n))
     protocol: dict[str, Any] | None = None
     metadata: dict[str, Any] | None = None
     checkpoint = -1
-    try:
+    last = None
+    if "_last_checkpoint" in names:
         with open(os.path.join(log_dir, "_last_checkpoint")) as f:
             last = json.load(f)
-    except FileNotFoundError:
-        last = None
     if last is not None:
         if "parts" in last or "v2Checkpoint" in last:
             return None
@@ -184,6 +188,7 @@ def log_state(path: str) -> tuple[int, dict[str, Any], dict[str, Any]] | None:
             os.path.join(log_dir, f"{checkpoint:020d}.checkpoint.parquet"),
             columns=["protocol", "metaData"],
         )
+        state = state.filter(pc.or_(pc.is_valid(state["protocol"]), pc.is_valid(state["metaData"])))
         for row in state.to_pylist():
             protocol = row["protocol"] or protocol
             metadata = row["metaData"] or metadata
