@@ -1,4 +1,5 @@
-"""Builds the optional compiled pgoutput decoder (cdc/postgres/protocol/_columns.pyx).
+"""Builds the optional compiled pgoutput decoder (cdc/postgres/protocol/_columns.pyx) and
+the compiled ``hash`` mask (transforms/_hmac.pyx).
 
 Everything else is configured in pyproject.toml. Without a C compiler (or without Cython)
 the build prints a warning and installs the pure-Python package, which works the same, only
@@ -15,6 +16,7 @@ from setuptools.command.build_ext import build_ext
 from setuptools.errors import CCompilerError, CompileError, ExecError, LinkError, PlatformError
 
 PYX = "cdc/postgres/protocol/_columns.pyx"
+HMAC_PYX = "transforms/_hmac.pyx"
 # What a missing or failing compiler raises.
 _BUILD_ERRORS = (CCompilerError, CompileError, ExecError, LinkError, PlatformError, OSError)
 
@@ -55,7 +57,10 @@ def extensions() -> list[Extension]:
         print("warning: Cython is not installed; pure-Python package only", file=sys.stderr)
         return []
     return cythonize(
-        [Extension("cdc.postgres.protocol._columns", [PYX], extra_compile_args=["-O2"])],
+        [
+            Extension("cdc.postgres.protocol._columns", [PYX], extra_compile_args=["-O2"]),
+            Extension("transforms._hmac", [HMAC_PYX], extra_compile_args=["-O2"]),
+        ],
         compiler_directives={"language_level": "3"},
         quiet=True,
     )

@@ -138,6 +138,8 @@ class TransformingSink(Sink):
         events = [item for item in raw if not isinstance(item, _Changes)]
         if len(events) == len(raw):
             return list(self.transforms.apply(events))
+        # apply() changes events in place (their table becomes the output shape).
+        sources = {id(e): e.table.qualified_name for e in events}
         kept = {id(e) for e in self.transforms.apply(events)} if events else set()
         slots: list[_Held | list[_Changes]] = []
         runs: dict[str, list[_Changes]] = {}  # table -> its open run (a list in slots)
@@ -151,7 +153,7 @@ class TransformingSink(Sink):
                 runs[name] = run = [item]
                 slots.append(run)
             else:
-                runs.pop(item.table.qualified_name, None)  # later batches follow the event
+                runs.pop(sources[id(item)], None)  # later batches follow the event
                 if id(item) in kept:
                     slots.append(item)
         out: list[_Held] = []

@@ -19,11 +19,16 @@ error message or a log line.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import hmac
+import importlib
 import re
 from dataclasses import dataclass
-from typing import Literal
+from functools import cache
+from typing import Any, Literal
+
+import pyarrow as pa
 
 MaskKind = Literal["hash", "keep_last", "redact", "null", "truncate"]
 
@@ -120,3 +125,59 @@ def mask_text(mask: Mask, text: str | None, key: bytes) -> str | None:
     if mask.kind == "redact":
         return REDACTED
     return text[: mask.n]
+
+
+def _compiled() -> Any:
+    try:
+        return importlib.import_module("transforms._hmac")
+    except ImportError:  # not built: no compiler (or no Cython) at install time
+        return None
+
+
+_HMAC = _compiled()
+
+
+@cache
+def openssl_sha256() -> tuple[int, int, int] | None:
+    """The addresses of ``SHA256_Init``, ``SHA256_Update`` and ``SHA256_Final`` in the
+    OpenSSL that hashlib runs (None: hashlib is built without it)."""
+    try:
+        import _hashlib  # hashlib's OpenSSL binding: its library is loaded already
+
+        lib = ctypes.CDLL(_hashlib.__file__)
+        names = ("SHA256_Init", "SHA256_Update", "SHA256_Final")
+        found = tuple(ctypes.cast(getattr(lib, n), ctypes.c_void_p).value for n in names)
+    except (ImportError, OSError, AttributeError):
+        return None
+    if any(f is None for f in found):
+        return None
+    return found  # type: ignore[return-value]
+
+
+def hash_array(values: pa.Array, pads: tuple[bytes, bytes]) -> pa.Array | None:
+    """The ``hash`` mask of a ``string`` array (``pads``: :func:`hmac_pads` of the key),
+    computed without a Python object per value; None when the compiled form is not
+    available (the caller hashes value by value).
+
+    Example:
+        >>> hash_array(pa.array(["a", None]), hmac_pads(b"k")).to_pylist()[1] is None  # doctest: +SKIP
+        True
+    """
+    functions = openssl_sha256() if _HMAC is not None else None
+    if functions is None or values.type != pa.string():
+        return None
+    validity, offsets, data = values.buffers()
+    n, offset = len(values), values.offset
+    offsets = offsets.slice(0, 4 * (offset + n + 1))
+    valid, out_offsets, out = _HMAC.hmac_sha256_hex(
+        functions,
+        pads[0],
+        pads[1],
+        validity if values.null_count else None,
+        offsets,
+        data if data is not None else b"",
+        offset,
+        n,
+    )
+    buffers = [None if valid is None else pa.py_buffer(valid), pa.py_buffer(out_offsets)]
+    return pa.Array.from_buffers(pa.string(), n, [*buffers, pa.py_buffer(out)])

@@ -47,6 +47,7 @@ from transforms.masks import (
     IPAD_VARIABLE,
     OPAD_VARIABLE,
     Mask,
+    hash_array,
     hmac_pads,
     mask_sql,
     mask_text,
@@ -256,6 +257,7 @@ class Transforms:
         self._conn: duckdb.DuckDBPyConnection | None = None
         ipad, opad = hmac_pads(self._key or b"")
         self._pads = (hashlib.sha256(ipad), hashlib.sha256(opad))
+        self._pad_bytes = (ipad, opad)
         self._plans: dict[TableSchema, TablePlan | None] = {}
         self._last: tuple[TableSchema | None, TablePlan | None] = (None, None)
         # Off while validating against the catalog's shapes; on once running, when a
@@ -640,6 +642,16 @@ class Transforms:
             append(o.hexdigest())
         return out
 
+    def _hash_column(self, column: pa.ChunkedArray) -> pa.ChunkedArray:
+        """:meth:`_hash` of a text column in Arrow form: compiled when it can be."""
+        chunks = []
+        for chunk in column.chunks:
+            hashed = hash_array(chunk, self._pad_bytes) if self._key is not None else None
+            if hashed is None:
+                hashed = pa.array(self._hash(chunk.to_pylist()), type=pa.string())
+            chunks.append(hashed)
+        return pa.chunked_array(chunks, type=pa.string())
+
     @staticmethod
     def _map_fallbacks(
         table: TableSchema, rules: tuple[Rule, ...], out: dict[str, tuple[str, Mask | None]]
@@ -859,9 +871,7 @@ class Transforms:
         """The output value columns of ``data`` (typed Arrow columns of ``plan.source``,
         by position), and the query's result (its filter flags), for the Arrow paths."""
         n = data.num_rows
-        hashed = [
-            pa.array(self._hash(data.column(i).to_pylist()), type=pa.string()) for i in plan.hashed
-        ]
+        hashed = [self._hash_column(data.column(i)) for i in plan.hashed]
         result = None
         if plan.query is not None:
             sent = [data.column(i) for i in plan.inputs] + [hashed[k] for k in plan.hashed_inputs]
