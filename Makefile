@@ -6,8 +6,8 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo notebook test soak bench lint format typecheck check clean
 
-# setup.py and the .pyx: the compiled decoder is rebuilt in place when they change.
-$(STAMP): pyproject.toml setup.py cdc/postgres/protocol/_columns.pyx
+# setup.py and the .pyx files: the compiled decoder and hash are rebuilt in place when they change.
+$(STAMP): pyproject.toml setup.py cdc/postgres/protocol/_columns.pyx transforms/_hmac.pyx
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'

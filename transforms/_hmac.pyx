@@ -16,9 +16,11 @@ ctypedef int (*sha_init_t)(void *ctx) noexcept nogil
 ctypedef int (*sha_update_t)(void *ctx, const void *data, size_t length) noexcept nogil
 ctypedef int (*sha_final_t)(unsigned char *md, void *ctx) noexcept nogil
 
-# OpenSSL's SHA256_CTX is 112 bytes (every version since 1.0); contexts live in buffers of
-# this size and are copied whole.
-DEF CTX_BYTES = 256
+# OpenSSL's SHA256_CTX: 8 + 2 + 16 + 2 four-byte fields, 112 bytes in every version (it is
+# public ABI). Contexts live in buffers of twice that, of which the first 112 bytes are
+# copied.
+DEF CTX_BUFFER = 224
+DEF CTX_BYTES = 112
 
 cdef const char *_HEX = b"0123456789abcdef"
 
@@ -36,12 +38,13 @@ def hmac_sha256_hex(tuple functions, bytes ipad, bytes opad, object validity, ob
     cdef sha_init_t sha_init = <sha_init_t><size_t>functions[0]
     cdef sha_update_t sha_update = <sha_update_t><size_t>functions[1]
     cdef sha_final_t sha_final = <sha_final_t><size_t>functions[2]
-    cdef unsigned char inner0[CTX_BYTES]
-    cdef unsigned char outer0[CTX_BYTES]
-    cdef unsigned char ctx[CTX_BYTES]
+    cdef unsigned char inner0[CTX_BUFFER]
+    cdef unsigned char outer0[CTX_BUFFER]
+    cdef unsigned char ctx[CTX_BUFFER]
     cdef unsigned char digest[32]
-    memset(inner0, 0, CTX_BYTES)
-    memset(outer0, 0, CTX_BYTES)
+    memset(inner0, 0, CTX_BUFFER)
+    memset(outer0, 0, CTX_BUFFER)
+    memset(ctx, 0, CTX_BUFFER)
     cdef const unsigned char[:] ipad_view = ipad
     cdef const unsigned char[:] opad_view = opad
     sha_init(inner0)

@@ -976,13 +976,12 @@ class Transforms:
         ops = changes.column(op_column)
         keep, ops, left = self._fates(plan, ops, result)
         output = plan.output
-        if left is not None:
+        if left is not None and any(c.is_key for c in output.columns):
             # Updates that left a filter: deletes of their key (every column of a keyless
             # table), as apply() makes them.
-            if any(c.is_key for c in output.columns):
-                for i, col in enumerate(output.columns):
-                    if not col.is_key:
-                        columns[i] = pc.if_else(left, pa.scalar(None, columns[i].type), columns[i])
+            for i, col in enumerate(output.columns):
+                if not col.is_key:
+                    columns[i] = pc.if_else(left, pa.scalar(None, columns[i].type), columns[i])
         fields = [pa.field(c.name, v.type) for c, v in zip(output.columns, columns, strict=True)]
         for name in changes.column_names[n_source:]:
             column = changes.column(name)
@@ -1052,6 +1051,7 @@ class Transforms:
             return column
         renames = plan.fallback_map
         values: list[Any] = column.to_pylist()
+        mapped: list[Any]
         if unchanged:
             mapped = [
                 None

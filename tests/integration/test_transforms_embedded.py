@@ -21,7 +21,8 @@ from cdc.postgres.slots import publication_pushdown
 from tests.plugins.lake import running_pipeline, wait_caught_up
 from transforms import TransformConfigError
 
-pytestmark = pytest.mark.postgres
+# Rules run on the columnar batches of the compiled path and on events of the pure one.
+pytestmark = [pytest.mark.postgres, pytest.mark.usefixtures("capture_path")]
 
 HASH_KEY = "k3y-for-tests"
 #: Every raw value a rule masks or drops contains this, where no mask keeps it.

@@ -72,7 +72,7 @@ RULES: list[list[dict[str, Any]]] = [
         {
             "tables": ['"Sales".*'],
             "filter": "\"Region Code\" < 'm'",
-            "add_columns": {"twice": "CAST(\"Id\" AS BIGINT) * 2"},
+            "add_columns": {"twice": 'CAST("Id" AS BIGINT) * 2'},
             "drop_columns": ["doc", "ratio"],
             "rename_columns": {"Note": "Remark", "Region Code": "region"},
         },
@@ -100,7 +100,9 @@ def streams(draw: st.DrawFn) -> list[bytes]:
         identity,
         tuple(RelationColumn(n, oid, mod, key) for n, oid, mod, key in COLUMNS),
     )
-    log = Relation(LOG, "public", "Log", "f", tuple(RelationColumn(n, o, -1, False) for n, o in KEYLESS))
+    log = Relation(
+        LOG, "public", "Log", "f", tuple(RelationColumn(n, o, -1, False) for n, o in KEYLESS)
+    )
     out = [encode(orders), encode(log)]
     lsn = 0x1000
     ts = datetime(2024, 5, 1, tzinfo=UTC)
@@ -111,7 +113,17 @@ def streams(draw: st.DrawFn) -> list[bytes]:
         for _ in range(draw(st.integers(0, 14))):
             kind = draw(
                 st.sampled_from(
-                    ["insert", "insert", "update", "update", "key", "full", "delete", "log", "trunc"]
+                    [
+                        "insert",
+                        "insert",
+                        "update",
+                        "update",
+                        "key",
+                        "full",
+                        "delete",
+                        "log",
+                        "trunc",
+                    ]
                 )
             )
             if kind == "insert":
@@ -142,7 +154,9 @@ def streams(draw: st.DrawFn) -> list[bytes]:
     return out
 
 
-def _sink(root: str, rules: list[dict[str, Any]], *, max_rows: int, max_buffer: int) -> TransformingSink:
+def _sink(
+    root: str, rules: list[dict[str, Any]], *, max_rows: int, max_buffer: int
+) -> TransformingSink:
     settings = TransformSettings(
         hash_key=HASH_KEY, rules=[TransformRuleSettings.model_validate(r) for r in rules]
     )
@@ -285,7 +299,7 @@ def test_an_update_leaving_the_filter_is_a_delete_of_its_key(tmp_path: Any) -> N
 
 
 def test_a_rule_failing_on_a_batch_stops_with_the_events_error(tmp_path: Any) -> None:
-    rules = [{"tables": ['"Sales".*'], "add_columns": {"q": "CAST(\"Region Code\" AS INTEGER)"}}]
+    rules = [{"tables": ['"Sales".*'], "add_columns": {"q": 'CAST("Region Code" AS INTEGER)'}}]
     batch, messages = _one_batch(Insert(ORDERS, ROW))
     by_batch = _sink(str(tmp_path / "b"), rules, max_rows=1000, max_buffer=5000)
     by_batch.add_changes(batch.table, batch.changes)
