@@ -8,13 +8,16 @@ holds a value before its rules ran.
 Batching: :meth:`add` only appends the event to a list, and :meth:`add_changes` (capture's
 columnar batches, already Arrow) the batch; the list is transformed in one go (one DuckDB
 query per table, see :class:`transforms.Transforms`; a table's consecutive batches are
-concatenated and transformed together) when it holds ``max_buffer`` rows, or capture flushes (which it does when :meth:`flush_due` says the
-oldest event held has waited ``max_seconds``, the same limit the sink behind applies), or
-adds snapshot rows. A query costs about a millisecond however few rows it has, and the
-replication stream often delivers a few hundred changes per read, so transforming per read
-would cost more than the rules themselves. Everything keeps its arrival order, and the held
-events count in :attr:`pending_rows`, so capture confirms no LSN before they are durable
-downstream.
+concatenated and transformed together) when it holds ``max_buffer`` rows
+(``max_batch_rows`` when it takes a batch: batches are large already), or capture
+flushes (which it does when :meth:`flush_due` says the oldest event held has waited
+``max_seconds``, the same limit the sink behind applies), or adds snapshot rows. A query
+costs about a millisecond however few rows it has, and the replication stream often
+delivers a few hundred changes per read, so transforming per read would cost more than the
+rules themselves. Every table's changes keep their arrival order, and the held rows count
+in :attr:`pending_rows` and :meth:`pending_since`, so capture confirms no LSN before they
+are durable downstream. Rows a rule drops are never pending: capture confirms past them,
+and a replay drops them again.
 """
 
 from __future__ import annotations
@@ -86,11 +89,13 @@ class TransformingSink(Sink):
         *,
         max_seconds: float,
         max_buffer: int = 5000,
+        max_batch_rows: int = 20_000,
     ) -> None:
         self.inner = inner
         self.transforms = transforms
         self.max_seconds = max_seconds
         self.max_buffer = max_buffer
+        self.max_batch_rows = max_batch_rows
         # When the oldest event added since the last flush arrived: it bounds how long any
         # event waits, here and in ``inner``, as ``inner`` alone would.
         self._oldest: float | None = None
@@ -215,7 +220,7 @@ class TransformingSink(Sink):
         """
         if changes.num_rows == 0:
             return
-        if self._raw_rows >= self.max_buffer:
+        if self._raw_rows >= self.max_batch_rows:
             self._drain()
         item = _Changes(table, changes, size_bytes)
         self._hold(item, changes.num_rows, item.first_lsn)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import tempfile
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import pyarrow as pa
@@ -24,30 +24,26 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from catalog import lake_layout as layout
-from cdc.core.pgtypes import Oid
 from cdc.core.settings import BatchSettings, TransformRuleSettings, TransformSettings
 from cdc.postgres.columnar import ChangeBatch, ColumnarDecoder
 from cdc.postgres.protocol.assembler import ChangeAssembler, TransactionCommitted
 from cdc.postgres.protocol.pgoutput import (
     Begin,
     Commit,
-    Delete,
     Insert,
     Relation,
     RelationColumn,
-    Truncate,
     Update,
     decode_message,
 )
 from sinks.delta_changelog import DeltaChangelogSink
 from sinks.errors import SinkBackpressureError
 from sinks.transformed import TransformingSink
-from tests.unit.test_columnar import COLUMNS, _comparable, _key_only, rows
+from tests.unit.test_columnar import COLUMNS, _comparable, streams
 from transforms import TransformEvaluationError, Transforms
 from transforms.masks import hash_array, hmac_pads
 
-ORDERS, LOG = 16384, 16400
-KEYLESS = (("line", Oid.TEXT), ("At", Oid.TIMESTAMPTZ), ("n", Oid.INT4))
+ORDERS = 16384
 HASH_KEY = "columnar-test-key"
 
 #: Rule chains, each over both tables: masks (on a key column too), filters that read NULLs
@@ -84,75 +80,6 @@ RULES: list[list[dict[str, Any]]] = [
     ],
 ]
 
-_text = st.text(st.characters(exclude_categories=["Cs"]), max_size=8)
-
-
-@st.composite
-def streams(draw: st.DrawFn) -> list[bytes]:
-    """Encoded pgoutput messages of two tables (keyed and keyless), every kind of change."""
-    from tests.plugins.pgoutput_encode import encode
-
-    identity = draw(st.sampled_from(["d", "f"]))
-    orders = Relation(
-        ORDERS,
-        "Sales",
-        "Order Lines",
-        identity,
-        tuple(RelationColumn(n, oid, mod, key) for n, oid, mod, key in COLUMNS),
-    )
-    log = Relation(
-        LOG, "public", "Log", "f", tuple(RelationColumn(n, o, -1, False) for n, o in KEYLESS)
-    )
-    out = [encode(orders), encode(log)]
-    lsn = 0x1000
-    ts = datetime(2024, 5, 1, tzinfo=UTC)
-    for xid in range(700, 700 + draw(st.integers(1, 4))):
-        ts += timedelta(seconds=1, microseconds=draw(st.integers(0, 999_999)))
-        lsn += 0x100
-        out.append(encode(Begin(lsn + 0x80, ts, xid)))
-        for _ in range(draw(st.integers(0, 14))):
-            kind = draw(
-                st.sampled_from(
-                    [
-                        "insert",
-                        "insert",
-                        "update",
-                        "update",
-                        "key",
-                        "full",
-                        "delete",
-                        "log",
-                        "trunc",
-                    ]
-                )
-            )
-            if kind == "insert":
-                out.append(encode(Insert(ORDERS, draw(rows()))))
-            elif kind == "update":
-                out.append(encode(Update(ORDERS, draw(rows(toast=True)))))
-            elif kind == "key":
-                old = draw(rows())
-                out.append(encode(Update(ORDERS, draw(rows(toast=True)), _key_only(old), "K")))
-            elif kind == "full":
-                out.append(encode(Update(ORDERS, draw(rows(toast=True)), draw(rows()), "O")))
-            elif kind == "delete":
-                old = draw(rows())
-                if identity == "f":
-                    out.append(encode(Delete(ORDERS, old, "O")))
-                else:
-                    out.append(encode(Delete(ORDERS, _key_only(old), "K")))
-            elif kind == "log":
-                line = draw(st.none() | _text)
-                row = (line, "2024-01-02 03:04:05+00", str(draw(st.integers(-2, 2))))
-                op = draw(st.sampled_from(["insert", "insert", "delete"]))
-                out.append(encode(Insert(LOG, row) if op == "insert" else Delete(LOG, row, "O")))
-            else:
-                out.append(encode(Truncate((ORDERS, LOG), False, False)))
-            if draw(st.integers(0, 15)) == 0:
-                out.append(encode(orders))  # resent shape (cache invalidation)
-        out.append(encode(Commit(0, lsn + 0x80, lsn + 0xA0, ts)))
-    return out
-
 
 def _sink(
     root: str, rules: list[dict[str, Any]], *, max_rows: int, max_buffer: int
@@ -161,7 +88,13 @@ def _sink(
         hash_key=HASH_KEY, rules=[TransformRuleSettings.model_validate(r) for r in rules]
     )
     inner = DeltaChangelogSink(root, app_id="t", batch=BatchSettings(max_rows=max_rows))
-    return TransformingSink(inner, Transforms(settings), max_seconds=60, max_buffer=max_buffer)
+    return TransformingSink(
+        inner,
+        Transforms(settings),
+        max_seconds=60,
+        max_buffer=max_buffer,
+        max_batch_rows=max_buffer,
+    )
 
 
 def _add(sink: TransformingSink, item: Any) -> None:
@@ -214,7 +147,7 @@ def _lake(root: str) -> dict[str, list[dict[str, Any]]]:
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
-    messages=streams(),
+    messages=streams(keyless=True),
     rules=st.sampled_from(RULES),
     cut_every=st.integers(0, 7),
     max_rows=st.sampled_from([3, 1000]),
