@@ -191,16 +191,21 @@ def _pure(messages: list[bytes], sink: DeltaChangelogSink) -> None:
                 sink.add(item)
 
 
-def _columnar(messages: list[bytes], sink: DeltaChangelogSink, cut_every: int) -> int:
+def columnar_items(messages: list[bytes], cut_every: int) -> list[Any]:
+    """What the compiled decoder makes of ``messages``, cutting batches every ``cut_every``
+    messages (0: only at the end)."""
     decoder = ColumnarDecoder(ChangeAssembler())
-    batches = 0
     items: list[Any] = []
     for lsn, payload in enumerate(messages):
         items += decoder.feed(payload, lsn=lsn)
         if cut_every and lsn % cut_every == 0:
             items += decoder.cut_all()
-    items += decoder.cut_all()
-    for item in items:
+    return items + decoder.cut_all()
+
+
+def _columnar(messages: list[bytes], sink: DeltaChangelogSink, cut_every: int) -> int:
+    batches = 0
+    for item in columnar_items(messages, cut_every):
         if isinstance(item, ChangeBatch):
             batches += 1
             sink.add_changes(item.table, item.changes, size_bytes=item.size_bytes)
@@ -239,10 +244,10 @@ def test_columnar_changelog_equals_the_pure_paths(messages: list[bytes], cut_eve
         assert got.keys() == expected.keys()
         for name, table in expected.items():
             assert got[name].schema == table.schema, name
-            assert _comparable(got[name]) == _comparable(table), name
+            assert comparable(got[name]) == comparable(table), name
 
 
-def _comparable(table: pa.Table) -> list[dict[str, Any]]:
+def comparable(table: pa.Table) -> list[dict[str, Any]]:
     """Rows, with NaN made equal to itself."""
     return [
         {k: "NaN" if isinstance(v, float) and v != v else v for k, v in row.items()}

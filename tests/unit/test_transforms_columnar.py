@@ -39,7 +39,7 @@ from cdc.postgres.protocol.pgoutput import (
 from sinks.delta_changelog import DeltaChangelogSink
 from sinks.errors import SinkBackpressureError
 from sinks.transformed import TransformingSink
-from tests.unit.test_columnar import COLUMNS, _comparable, streams
+from tests.unit.test_columnar import COLUMNS, columnar_items, comparable, streams
 from transforms import TransformEvaluationError, Transforms
 from transforms.masks import hash_array, hmac_pads
 
@@ -119,19 +119,11 @@ def _events(messages: list[bytes], sink: TransformingSink) -> None:
                 _add(sink, item)
 
 
-def _batches(messages: list[bytes], sink: TransformingSink, cut_every: int) -> int:
+def _batches(messages: list[bytes], sink: TransformingSink, cut_every: int) -> None:
     assert sink.takes_changes
-    decoder = ColumnarDecoder(ChangeAssembler())
-    items: list[Any] = []
-    for lsn, payload in enumerate(messages):
-        items += decoder.feed(payload, lsn=lsn)
-        if cut_every and lsn % cut_every == 0:
-            items += decoder.cut_all()
-    items += decoder.cut_all()
-    for item in items:
+    for item in columnar_items(messages, cut_every):
         if not isinstance(item, TransactionCommitted):
             _add(sink, item)
-    return sum(isinstance(i, ChangeBatch) for i in items)
 
 
 def _lake(root: str) -> dict[str, list[dict[str, Any]]]:
@@ -141,7 +133,7 @@ def _lake(root: str) -> dict[str, list[dict[str, Any]]]:
         if DeltaTable.is_deltatable(uri):
             data = DeltaTable(uri).to_pyarrow_table().drop_columns([layout.INGESTED_AT])
             data = data.sort_by([(layout.LSN, "ascending"), (layout.SEQ, "ascending")])
-            out[name] = (data.schema, _comparable(data))
+            out[name] = (data.schema, comparable(data))
     return out
 
 
