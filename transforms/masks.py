@@ -3,9 +3,10 @@
 Each mask works on the value's text: the string itself for text columns, DuckDB's
 ``CAST(value AS VARCHAR)`` for other types. NULL stays NULL under every mask. The SQL
 forms (:func:`mask_sql`) run vectorized in DuckDB, except ``hash`` on a text column, which
-:class:`transforms.Transforms` computes with hashlib (OpenSSL's SHA-256 runs about three
-times faster than DuckDB's ``sha256``, and the hash is most of a masked row's cost; the
-result is the same). :func:`mask_text` is the same function in Python, used only for the
+:class:`transforms.Transforms` computes with OpenSSL's SHA-256 (about three times faster
+than DuckDB's ``sha256``, and the hash is most of a masked row's cost; the result is the
+same): over a whole Arrow column with :func:`hash_array` (compiled, transforms/_hmac.pyx),
+or through hashlib value by value (events, or no extension). :func:`mask_text` is the same function in Python, used only for the
 rare values that reach capture as text because their typed form cannot hold them
 (``numeric`` NaN...), and by the tests as the reference.
 
@@ -23,6 +24,7 @@ import ctypes
 import hashlib
 import hmac
 import importlib
+import os
 import re
 from dataclasses import dataclass
 from functools import cache
@@ -157,13 +159,15 @@ def openssl_sha256() -> tuple[int, int, int] | None:
 def hash_array(values: pa.Array, pads: tuple[bytes, bytes]) -> pa.Array | None:
     """The ``hash`` mask of a ``string`` array (``pads``: :func:`hmac_pads` of the key),
     computed without a Python object per value; None when the compiled form is not
-    available (the caller hashes value by value).
+    available or ``CDC_PURE_PYTHON=1`` (the caller hashes value by value).
 
     Example:
         >>> hash_array(pa.array(["a", None]), hmac_pads(b"k")).to_pylist()[1] is None  # doctest: +SKIP
         True
     """
-    functions = openssl_sha256() if _HMAC is not None else None
+    if _HMAC is None or os.environ.get("CDC_PURE_PYTHON", "") not in ("", "0"):
+        return None  # as the compiled decoder, CDC_PURE_PYTHON=1 switches it off
+    functions = openssl_sha256()
     if functions is None or values.type != pa.string():
         return None
     validity, offsets, data = values.buffers()
