@@ -222,6 +222,11 @@ class TransformingSink(Sink):
             return
         if self._raw_rows >= self.max_batch_rows:
             self._drain()
+            # Everything held is behind now, where its age counts again (up to twice
+            # ``max_seconds`` in all, see flush_due_tables): while catching up, the sink
+            # behind commits on its own schedule, as it does without rules, instead of
+            # a complete flush here every ``max_seconds``.
+            self._oldest = None
         item = _Changes(table, changes, size_bytes)
         self._hold(item, changes.num_rows, item.first_lsn)
         if table is not self._last_table:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import tempfile
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -260,3 +261,24 @@ def test_the_compiled_hash_is_hmac_sha256(values: list[str | None], key: bytes, 
     ]
     hashed = hash_array(array, hmac_pads(key))
     assert hashed is not None and hashed.to_pylist() == expected
+
+
+def test_a_batch_that_fills_the_hold_hands_the_rows_behind_on(tmp_path: Any) -> None:
+    """Catching up: once ``max_batch_rows`` are held, the next batch hands them to the sink
+    behind, whose own schedule then flushes them (not a complete flush here every
+    ``max_seconds``)."""
+    batch, _ = _one_batch(Insert(ORDERS, (*ROW[:7], "1", *ROW[8:])))
+    settings = TransformSettings(
+        hash_key=HASH_KEY, rules=[TransformRuleSettings.model_validate(r) for r in RULES[2]]
+    )
+    inner = DeltaChangelogSink(str(tmp_path), app_id="t", batch=BatchSettings(max_seconds=60))
+    sink = TransformingSink(
+        inner, Transforms(settings), max_seconds=0.05, max_buffer=5000, max_batch_rows=1
+    )
+    sink.add_changes(batch.table, batch.changes)
+    time.sleep(0.06)
+    assert sink.flush_due()  # held here for max_seconds
+    sink.add_changes(batch.table, batch.changes)  # a replay: the sink behind drops it
+    assert inner.pending_rows == 1 and sink.pending_rows == 2
+    assert not sink.flush_due()  # the first row's age counts behind now
+    assert sink.flush()["rows"] == 1 and sink.pending_rows == 0
