@@ -6,8 +6,9 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo notebook test soak bench lint format typecheck check clean
 
-# setup.py and the .pyx: the compiled decoder is rebuilt in place when they change.
-$(STAMP): pyproject.toml setup.py cdc/postgres/protocol/_columns.pyx cdc/postgres/_copy_drain.pyx
+# setup.py and the .pyx files: the compiled extensions are rebuilt in place when they change.
+$(STAMP): pyproject.toml setup.py cdc/postgres/protocol/_columns.pyx cdc/postgres/_copy_drain.pyx \
+		transforms/_hmac.pyx
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'

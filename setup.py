@@ -1,6 +1,6 @@
 """Builds the optional compiled extensions: the pgoutput decoder
-(cdc/postgres/protocol/_columns.pyx) and the COPY drain of the snapshot
-(cdc/postgres/_copy_drain.pyx).
+(cdc/postgres/protocol/_columns.pyx), the COPY drain of the snapshot
+(cdc/postgres/_copy_drain.pyx) and the ``hash`` mask (transforms/_hmac.pyx).
 
 Everything else is configured in pyproject.toml. Without a C compiler (or without Cython)
 the build prints a warning and installs the pure-Python package, which works the same, only
@@ -18,6 +18,7 @@ from setuptools.errors import CCompilerError, CompileError, ExecError, LinkError
 
 PYX = "cdc/postgres/protocol/_columns.pyx"
 COPY_DRAIN_PYX = "cdc/postgres/_copy_drain.pyx"
+HMAC_PYX = "transforms/_hmac.pyx"
 # What a missing or failing compiler raises.
 _BUILD_ERRORS = (CCompilerError, CompileError, ExecError, LinkError, PlatformError, OSError)
 
@@ -61,6 +62,7 @@ def extensions() -> list[Extension]:
         [
             Extension("cdc.postgres.protocol._columns", [PYX], extra_compile_args=["-O2"]),
             Extension("cdc.postgres._copy_drain", [COPY_DRAIN_PYX], extra_compile_args=["-O2"]),
+            Extension("transforms._hmac", [HMAC_PYX], extra_compile_args=["-O2"]),
         ],
         compiler_directives={"language_level": "3"},
         quiet=True,

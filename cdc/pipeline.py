@@ -536,22 +536,23 @@ class CapturePipeline:
         if self._snapshots is not None:
             self._snapshots.observe(batch.table)
         sink = self.sink
-        if not isinstance(sink, DeltaChangelogSink):
+        if not sink.takes_changes:
             # The Kafka sink (see _columnar_sink) waits for room in its queue itself.
             sink.add_changes(  # type: ignore[attr-defined]
                 batch.table, batch.changes, lsns=batch.lsns, texts=batch.texts
             )
             return
+        add_changes = sink.add_changes  # type: ignore[attr-defined]
         try:
-            sink.add_changes(batch.table, batch.changes, size_bytes=batch.size_bytes)
+            add_changes(batch.table, batch.changes, size_bytes=batch.size_bytes)
         except SinkBackpressureError:
             self._flush()
-            sink.add_changes(batch.table, batch.changes, size_bytes=batch.size_bytes)
+            add_changes(batch.table, batch.changes, size_bytes=batch.size_bytes)
 
     def _columnar_sink(self) -> bool:
-        """Whether the sink takes columnar batches: the Delta one, and the Kafka one (not
-        wrapped: transforms take events)."""
-        if type(self.sink) is DeltaChangelogSink:
+        """Whether the sink takes columnar batches: the Delta one (behind transforms or
+        not), and the Kafka one (not wrapped: transforms take its events)."""
+        if self.sink.takes_changes:
             return True
         # Only loaded by run_capture: `cdc run` does not pay for confluent_kafka's import.
         producer = sys.modules.get("cdc.kafka.producer")
@@ -602,7 +603,8 @@ class CapturePipeline:
         return durable
 
     def stream(self, position: CapturePosition, conn: ReplicationConnection | None) -> None:
-        # Batches go to the Delta and Kafka sinks as Arrow; transforms take events.
+        # Batches go to the Delta and Kafka sinks as Arrow (to the Delta one through
+        # transforms too); transforms in front of Kafka take events.
         columnar = compiled.enabled() and self._columnar_sink()
         source = StreamingSource(
             self.dsn,

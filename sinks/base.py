@@ -32,6 +32,14 @@ from sinks.errors import SinkBackpressureError
 class Sink(ABC):
     """Receives change events and snapshot batches and makes them durable on :meth:`flush`."""
 
+    @property
+    def takes_changes(self) -> bool:
+        """Whether the sink has ``add_changes(table, changes, *, size_bytes)``, taking
+        changes already in changelog form (see
+        :func:`sinks.delta_changelog.changelog_table`): capture then hands it columnar
+        batches instead of one event per change."""
+        return False
+
     @abstractmethod
     def ensure_table(self, table: TableSchema) -> None:
         """Make ``table``'s destination exist (an empty table is still a table)."""

@@ -455,6 +455,10 @@ class DeltaChangelogSink(Sink):
     def _seq_app(self) -> str:
         return f"{self.app_id}:seq"
 
+    @property
+    def takes_changes(self) -> bool:
+        return True
+
     # -- watermarks -------------------------------------------------------------------------
 
     def _buffer_named(self, name: str) -> _TableBuffer:

@@ -3,9 +3,10 @@
 Each mask works on the value's text: the string itself for text columns, DuckDB's
 ``CAST(value AS VARCHAR)`` for other types. NULL stays NULL under every mask. The SQL
 forms (:func:`mask_sql`) run vectorized in DuckDB, except ``hash`` on a text column, which
-:class:`transforms.Transforms` computes with hashlib (OpenSSL's SHA-256 runs about three
-times faster than DuckDB's ``sha256``, and the hash is most of a masked row's cost; the
-result is the same). :func:`mask_text` is the same function in Python, used only for the
+:class:`transforms.Transforms` computes with OpenSSL's SHA-256 (about three times faster
+than DuckDB's ``sha256``, and the hash is most of a masked row's cost; the result is the
+same): over a whole Arrow column with :func:`hash_array` (compiled, transforms/_hmac.pyx),
+or through hashlib value by value (events, or no extension). :func:`mask_text` is the same function in Python, used only for the
 rare values that reach capture as text because their typed form cannot hold them
 (``numeric`` NaN...), and by the tests as the reference.
 
@@ -19,11 +20,17 @@ error message or a log line.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import hmac
+import importlib
+import os
 import re
 from dataclasses import dataclass
-from typing import Literal
+from functools import cache
+from typing import Any, Literal
+
+import pyarrow as pa
 
 MaskKind = Literal["hash", "keep_last", "redact", "null", "truncate"]
 
@@ -120,3 +127,61 @@ def mask_text(mask: Mask, text: str | None, key: bytes) -> str | None:
     if mask.kind == "redact":
         return REDACTED
     return text[: mask.n]
+
+
+def _compiled() -> Any:
+    try:
+        return importlib.import_module("transforms._hmac")
+    except ImportError:  # not built: no compiler (or no Cython) at install time
+        return None
+
+
+_HMAC = _compiled()
+
+
+@cache
+def openssl_sha256() -> tuple[int, int, int] | None:
+    """The addresses of ``SHA256_Init``, ``SHA256_Update`` and ``SHA256_Final`` in the
+    OpenSSL that hashlib runs (None: hashlib is built without it)."""
+    try:
+        import _hashlib  # hashlib's OpenSSL binding: its library is loaded already
+
+        lib = ctypes.CDLL(_hashlib.__file__)
+        names = ("SHA256_Init", "SHA256_Update", "SHA256_Final")
+        found = tuple(ctypes.cast(getattr(lib, n), ctypes.c_void_p).value for n in names)
+    except (ImportError, OSError, AttributeError):
+        return None
+    if any(f is None for f in found):
+        return None
+    return found  # type: ignore[return-value]
+
+
+def hash_array(values: pa.Array, pads: tuple[bytes, bytes]) -> pa.Array | None:
+    """The ``hash`` mask of a ``string`` array (``pads``: :func:`hmac_pads` of the key),
+    computed without a Python object per value; None when the compiled form is not
+    available or ``CDC_PURE_PYTHON=1`` (the caller hashes value by value).
+
+    Example:
+        >>> hash_array(pa.array(["a", None]), hmac_pads(b"k")).to_pylist()[1] is None  # doctest: +SKIP
+        True
+    """
+    if _HMAC is None or os.environ.get("CDC_PURE_PYTHON", "") not in ("", "0"):
+        return None  # as the compiled decoder, CDC_PURE_PYTHON=1 switches it off
+    functions = openssl_sha256()
+    if functions is None or values.type != pa.string():
+        return None
+    validity, offsets, data = values.buffers()
+    n, offset = len(values), values.offset
+    offsets = offsets.slice(0, 4 * (offset + n + 1))
+    valid, out_offsets, out = _HMAC.hmac_sha256_hex(
+        functions,
+        pads[0],
+        pads[1],
+        validity if values.null_count else None,
+        offsets,
+        data if data is not None else b"",
+        offset,
+        n,
+    )
+    buffers = [None if valid is None else pa.py_buffer(valid), pa.py_buffer(out_offsets)]
+    return pa.Array.from_buffers(pa.string(), n, [*buffers, pa.py_buffer(out)])

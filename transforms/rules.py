@@ -47,6 +47,7 @@ from transforms.masks import (
     IPAD_VARIABLE,
     OPAD_VARIABLE,
     Mask,
+    hash_array,
     hmac_pads,
     mask_sql,
     mask_text,
@@ -136,9 +137,19 @@ class Rule:
         return self.settings.model_dump(exclude_defaults=True)
 
 
-def compile_rule(settings: TransformRuleSettings, index: int, *, source: str | None) -> Rule:
+def compile_rule(
+    settings: TransformRuleSettings,
+    index: int,
+    *,
+    source: str | None,
+    conn: Callable[[], duckdb.DuckDBPyConnection] | None = None,
+) -> Rule:
     """Check one rule on its own (what does not need the table); raises
-    :class:`TransformConfigError` naming the rule and ``source`` (the config file)."""
+    :class:`TransformConfigError` naming the rule and ``source`` (the config file).
+
+    ``conn`` gives the DuckDB connection that parses the rule's SQL (a connection costs
+    about 20 ms of start-up: share one); without it, one is opened for the rule. A rule
+    without SQL needs none."""
     rule = Rule(index, settings, (), {}, frozenset(), None, frozenset(), {}, source)
     try:
         patterns = tuple(_split_pattern(t) for t in settings.tables)
@@ -159,22 +170,27 @@ def compile_rule(settings: TransformRuleSettings, index: int, *, source: str | N
         if any(ch in "".join(route) for ch in "*?["):
             raise rule.error(f"route: {settings.route!r} must name one table, not a pattern")
     skip = frozenset(settings.skip_operations)
-    conn = expressions.connect()
-    try:
-        filter_columns: frozenset[str] = frozenset()
-        if settings.filter is not None:
-            try:
-                filter_columns = frozenset(expressions.referenced_columns(conn, settings.filter))
-            except ValueError as e:
-                raise rule.error(f"filter: {e}") from e
-        added: dict[str, frozenset[str]] = {}
-        for name, expression in settings.add_columns.items():
-            try:
-                added[name] = frozenset(expressions.referenced_columns(conn, expression))
-            except ValueError as e:
-                raise rule.error(f"add_columns.{name}: {e}") from e
-    finally:
-        conn.close()
+    filter_columns: frozenset[str] = frozenset()
+    added: dict[str, frozenset[str]] = {}
+    if settings.filter is not None or settings.add_columns:
+        own = expressions.connect() if conn is None else None
+        parser = own if own is not None else conn()  # type: ignore[misc]
+        try:
+            if settings.filter is not None:
+                try:
+                    filter_columns = frozenset(
+                        expressions.referenced_columns(parser, settings.filter)
+                    )
+                except ValueError as e:
+                    raise rule.error(f"filter: {e}") from e
+            for name, expression in settings.add_columns.items():
+                try:
+                    added[name] = frozenset(expressions.referenced_columns(parser, expression))
+                except ValueError as e:
+                    raise rule.error(f"add_columns.{name}: {e}") from e
+        finally:
+            if own is not None:
+                own.close()
     for name in settings.drop_columns:
         if name in settings.rename_columns:
             raise rule.error(f"column {name!r} is both renamed and dropped")
@@ -242,10 +258,15 @@ class Transforms:
 
     def __init__(self, settings: TransformSettings, *, source: str | None = None) -> None:
         self.source = source
-        self.rules = tuple(compile_rule(r, i, source=source) for i, r in enumerate(settings.rules))
         self._key = settings.hash_key.get_secret_value().encode() if settings.hash_key else None
         if self._key is not None and not self._key:
             self._key = None
+        # One DuckDB connection parses every rule's SQL, then evaluates it.
+        self._conn: duckdb.DuckDBPyConnection | None = None
+        self.rules = tuple(
+            compile_rule(r, i, source=source, conn=self._connection)
+            for i, r in enumerate(settings.rules)
+        )
         for rule in self.rules:
             hashed = [c for c, m in rule.masks.items() if m.kind == "hash"]
             if hashed and self._key is None:
@@ -253,9 +274,9 @@ class Transforms:
                     f"mask.{hashed[0]} = 'hash' needs transforms.hash_key "
                     "(or CDC_TRANSFORMS__HASH_KEY)"
                 )
-        self._conn: duckdb.DuckDBPyConnection | None = None
         ipad, opad = hmac_pads(self._key or b"")
         self._pads = (hashlib.sha256(ipad), hashlib.sha256(opad))
+        self._pad_bytes = (ipad, opad)
         self._plans: dict[TableSchema, TablePlan | None] = {}
         self._last: tuple[TableSchema | None, TablePlan | None] = (None, None)
         # Off while validating against the catalog's shapes; on once running, when a
@@ -640,6 +661,16 @@ class Transforms:
             append(o.hexdigest())
         return out
 
+    def _hash_column(self, column: pa.ChunkedArray) -> pa.ChunkedArray:
+        """:meth:`_hash` of a text column in Arrow form: compiled when it can be."""
+        chunks = []
+        for chunk in column.chunks:
+            hashed = hash_array(chunk, self._pad_bytes) if self._key is not None else None
+            if hashed is None:
+                hashed = pa.array(self._hash(chunk.to_pylist()), type=pa.string())
+            chunks.append(hashed)
+        return pa.chunked_array(chunks, type=pa.string())
+
     @staticmethod
     def _map_fallbacks(
         table: TableSchema, rules: tuple[Rule, ...], out: dict[str, tuple[str, Mask | None]]
@@ -853,6 +884,39 @@ class Transforms:
                 out[out_name] = masked
         return out or None
 
+    def _arrow_values(
+        self, plan: TablePlan, data: pa.Table
+    ) -> tuple[list[pa.Array | pa.ChunkedArray], pa.Table | None]:
+        """The output value columns of ``data`` (typed Arrow columns of ``plan.source``,
+        by position), and the query's result (its filter flags), for the Arrow paths."""
+        n = data.num_rows
+        hashed = [self._hash_column(data.column(i)) for i in plan.hashed]
+        result = None
+        if plan.query is not None:
+            sent = [data.column(i) for i in plan.inputs] + [hashed[k] for k in plan.hashed_inputs]
+            inputs = pa.Table.from_arrays(sent, names=plan.input_schema.names)
+            result = self._run(plan.query, inputs.cast(plan.input_schema), plan.rules, plan.source)
+        columns: list[pa.Array | pa.ChunkedArray] = []
+        n_pass, n_comp = len(plan.passthrough), len(plan.computed)
+        for col, at in zip(plan.output.columns, plan.arrange, strict=True):
+            target = pgtypes.arrow_type(col.type_oid, col.type_modifier)
+            if at < n_pass:
+                columns.append(data.column(plan.passthrough[at]))
+            elif at < n_pass + n_comp:
+                assert result is not None
+                try:
+                    columns.append(result.column(plan.computed[at - n_pass]).cast(target))
+                except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+                    raise TransformEvaluationError(
+                        f"rules of {plan.source.qualified_name}: {col.name} does not fit "
+                        f"{target}: {type(e).__name__}"
+                    ) from None
+            elif at < n_pass + n_comp + len(hashed):
+                columns.append(hashed[at - n_pass - n_comp])
+            else:
+                columns.append(pa.nulls(n, type=target))
+        return columns, result
+
     def apply_snapshot(
         self, table: TableSchema, batch: pa.Table | pa.RecordBatch, *, fallback_column: str
     ) -> tuple[TableSchema, pa.Table]:
@@ -863,27 +927,7 @@ class Transforms:
         data = batch if isinstance(batch, pa.Table) else pa.Table.from_batches([batch])
         if plan is None:
             return table, data
-        columns: list[pa.Array | pa.ChunkedArray] = []
-        result = None
-        hashed = [
-            pa.array(self._hash(data.column(i).to_pylist()), type=pa.string()) for i in plan.hashed
-        ]
-        if plan.query is not None:
-            sent = [data.column(i) for i in plan.inputs] + [hashed[k] for k in plan.hashed_inputs]
-            inputs = pa.Table.from_arrays(sent, names=plan.input_schema.names)
-            result = self._run(plan.query, inputs.cast(plan.input_schema), plan.rules, plan.source)
-        n_pass, n_comp = len(plan.passthrough), len(plan.computed)
-        for col, at in zip(plan.output.columns, plan.arrange, strict=True):
-            target = pgtypes.arrow_type(col.type_oid, col.type_modifier)
-            if at < n_pass:
-                columns.append(data.column(plan.passthrough[at]))
-            elif at < n_pass + n_comp:
-                assert result is not None
-                columns.append(result.column(plan.computed[at - n_pass]).cast(target))
-            elif at < n_pass + n_comp + len(hashed):
-                columns.append(hashed[at - n_pass - n_comp])
-            else:
-                columns.append(pa.nulls(data.num_rows, type=target))
+        columns, result = self._arrow_values(plan, data)
         names = list(plan.output.column_names)
         if fallback_column in data.column_names:
             texts = data.column(fallback_column).to_pylist()
@@ -898,6 +942,130 @@ class Transforms:
                 mask = flag if mask is None else pc.and_(mask, flag)
             out = out.filter(mask)
         return plan.output, out
+
+    def apply_changes(
+        self,
+        table: TableSchema,
+        changes: pa.Table,
+        *,
+        op_column: str,
+        unchanged_column: str,
+        fallback_column: str,
+    ) -> tuple[TableSchema, pa.Table]:
+        """Transform changes of ``table`` in changelog form (capture's columnar batches):
+        the same result, row for row, as :meth:`apply` of the events they stand for.
+
+        ``changes`` holds ``table``'s columns first (each row's image: the new row of an
+        insert or update, the old one of a delete, nulls for a truncate), then metadata
+        columns, among them the op (``c``/``u``/``d``/``t``/``r``), the unchanged-TOAST
+        name lists and the fallback text maps, named by the ``*_column`` arguments. Updates
+        carry no old row (a key change or a ``REPLICA IDENTITY FULL`` update is an event).
+        Returns the output shape and the rows to write: its columns, then the same metadata
+        columns; filtered and skipped rows are left out, an update that left a filter is a
+        delete of its key (the key columns of the new row, the others null).
+
+        Example:
+            >>> output, rows = t.apply_changes(table, changes, op_column="_cdc_op",
+            ...     unchanged_column="_cdc_unchanged_toast", fallback_column="_cdc_fallback")  # doctest: +SKIP
+        """
+        plan = self.plan(table)
+        if plan is None or changes.num_rows == 0:
+            return (table if plan is None else plan.output), changes
+        n_source = len(table.columns)
+        columns, result = self._arrow_values(plan, changes)
+        ops = changes.column(op_column)
+        keep, ops, left = self._fates(plan, ops, result)
+        output = plan.output
+        if left is not None and any(c.is_key for c in output.columns):
+            # Updates that left a filter: deletes of their key (every column of a keyless
+            # table), as apply() makes them.
+            for i, col in enumerate(output.columns):
+                if not col.is_key:
+                    columns[i] = pc.if_else(left, pa.scalar(None, columns[i].type), columns[i])
+        fields = [pa.field(c.name, v.type) for c, v in zip(output.columns, columns, strict=True)]
+        for name in changes.column_names[n_source:]:
+            column = changes.column(name)
+            if name == op_column:
+                column = ops
+            elif name == unchanged_column:
+                column = self._map_lists(plan, column, left, unchanged=True)
+            elif name == fallback_column:
+                column = self._map_lists(plan, column, left, unchanged=False)
+            columns.append(column)
+            fields.append(changes.schema.field(name))  # the metadata's nullability too
+        out = pa.Table.from_arrays(columns, schema=pa.schema(fields))
+        return output, out if keep is None else out.filter(keep)
+
+    @staticmethod
+    def _fates(
+        plan: TablePlan, ops: pa.ChunkedArray | pa.Array, result: pa.Table | None
+    ) -> tuple[pa.Array | None, pa.ChunkedArray | pa.Array, pa.Array | None]:
+        """What the skips and filters make of each row, as :meth:`_apply_plan` decides it per
+        event: the rows kept (None: all), the ops, and the updates turned into deletes
+        (None: none)."""
+        checks: list[tuple[frozenset[str], Any]] = []
+        for position, skip in enumerate(plan.skips):
+            flag = None
+            for p, alias in plan.keep_flags:
+                if p == position and result is not None:
+                    # NULL counts as false; the flag of an old row (a delete) is not read.
+                    flag = pc.fill_null(result.column(alias), False)
+                    if pc.all(flag).as_py():
+                        flag = None
+            if skip or flag is not None:
+                checks.append((skip, flag))
+        if not checks:
+            return None, ops, None
+        keep: Any = None
+        left: Any = None
+        for skip, flag in checks:
+            if skip:
+                skipped = pc.is_in(ops, value_set=pa.array(sorted(skip), pa.string()))
+                keep = pc.invert(skipped) if keep is None else pc.and_not(keep, skipped)
+            if flag is None:
+                continue
+            failed = pc.invert(flag)
+            # An insert or snapshot row that fails is dropped; an update becomes a delete
+            # (a row turned into a delete earlier is not filtered again).
+            dropped = pc.and_(failed, pc.is_in(ops, value_set=pa.array(["c", "r"])))
+            keep = pc.invert(dropped) if keep is None else pc.and_not(keep, dropped)
+            turned = pc.and_(failed, pc.equal(ops, "u"))
+            if pc.any(turned).as_py():
+                ops = pc.if_else(turned, "d", ops)
+                left = turned if left is None else pc.or_(left, turned)
+        if keep is not None:
+            keep = pc.fill_null(keep, False)
+            if pc.all(keep).as_py():
+                keep = None
+        return keep, ops, left
+
+    def _map_lists(
+        self, plan: TablePlan, column: pa.ChunkedArray, left: Any, *, unchanged: bool
+    ) -> pa.ChunkedArray | pa.Array:
+        """The unchanged-TOAST name lists (``unchanged``) or the fallback text maps of the
+        rows, renamed, masked and cut to the output's columns; null for updates turned
+        into deletes (``left``)."""
+        if left is not None:
+            column = pc.if_else(left, pa.scalar(None, column.type), column)
+        if column.null_count == len(column):
+            return column
+        renames = plan.fallback_map
+        values: list[Any] = column.to_pylist()
+        mapped: list[Any]
+        if unchanged:
+            mapped = [
+                None
+                if row is None
+                else [renames[name][0] for name in row if name in renames] or None
+                for row in values
+            ]
+        else:
+            # An empty map stays as it is, as apply() leaves an event's empty fallback.
+            mapped = [
+                None if row is None else self._fallbacks(plan, dict(row)) if row else row
+                for row in values
+            ]
+        return pa.array(mapped, type=column.type)
 
 
 def _getter(indexes: tuple[int, ...]) -> Callable[[Sequence[Any]], tuple[Any, ...]]:

@@ -21,7 +21,8 @@ from cdc.postgres.slots import publication_pushdown
 from tests.plugins.lake import running_pipeline, wait_caught_up
 from transforms import TransformConfigError
 
-pytestmark = pytest.mark.postgres
+# Rules run on the columnar batches of the compiled path and on events of the pure one.
+pytestmark = [pytest.mark.postgres, pytest.mark.usefixtures("capture_path")]
 
 HASH_KEY = "k3y-for-tests"
 #: Every raw value a rule masks or drops contains this, where no mask keeps it.
@@ -198,6 +199,38 @@ def test_rules_shape_snapshot_and_stream_and_nothing_raw_lands(
     assert reported["pushdown"]["columns"] == {"crm.Customers": ["notes"]}
     assert [r["tables"] for r in reported["rules"]] == [['crm."Customers"'], ["crm.ev*"]]
     assert HASH_KEY not in repr(reported)
+
+
+def test_a_column_added_while_streaming_is_transformed_with_the_rest(
+    pg_dsn: str, pg_conn: psycopg.Connection, lake_dir: str, config: Path
+) -> None:
+    """A source schema change mid-stream (a keyless table): the rows before and after it
+    keep their rules (the new shape gets a plan of its own), on the columnar path and the
+    per-event one. (crm."Customers" has a publication column list, see Pushdown: a column
+    added to it arrives only once the pipeline restarts.)"""
+    pg_conn.execute(SCHEMA)
+    tables = {"source.tables": ['crm."Customers"', "crm.events"]}
+    with running_pipeline(pg_dsn, lake_dir, **tables) as pipeline:
+        pg_conn.execute(f"INSERT INTO crm.events VALUES ('a', '{MARK}@a'), ('b', NULL)")
+        wait_caught_up(pipeline, pg_dsn)
+        pg_conn.execute('ALTER TABLE crm.events ADD COLUMN "Tier" int')
+        pg_conn.execute(
+            f"INSERT INTO crm.events VALUES ('c', '{MARK}@c', 3), ('d', '{MARK}@d', NULL)"
+        )
+        pg_conn.execute("DELETE FROM crm.events WHERE note = 'a'")
+        wait_caught_up(pipeline, pg_dsn)
+    with Lake(lake_dir) as lk:
+        rows = lk.sql('SELECT note, email, "Tier" FROM crm.events ORDER BY note').fetchall()
+        ops = lk.sql("SELECT _cdc_op, email FROM crm.events_changes ORDER BY _cdc_lsn, _cdc_seq")
+        changes = ops.fetchall()
+    assert rows == [
+        ("b", None, None),
+        ("c", digest(f"{MARK}@c"), 3),
+        ("d", digest(f"{MARK}@d"), None),
+    ]
+    # The delete's old row is masked too.
+    assert changes[-1] == ("d", digest(f"{MARK}@a"))
+    assert MARK not in every_value_in(lake_dir)
 
 
 def test_skip_operations_every_table_shares_go_into_the_publish_list(

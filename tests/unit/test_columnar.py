@@ -93,9 +93,25 @@ def _key_only(row: tuple[Any, ...]) -> tuple[Any, ...]:
     return tuple(v if i in KEYS else None for i, v in enumerate(row))
 
 
+#: ``streams(keyless=True)``'s second table: keyless, REPLICA IDENTITY FULL.
+KEYLESS_LOG = Relation(
+    16400,
+    "public",
+    "Log",
+    "f",
+    tuple(
+        RelationColumn(n, oid, -1, False)
+        for n, oid in (("line", Oid.TEXT), ("At", Oid.TIMESTAMPTZ), ("n", Oid.INT4))
+    ),
+)
+
+
 @st.composite
-def streams(draw: st.DrawFn) -> list[bytes]:
-    """Encoded pgoutput messages: Relations, transactions of every kind of row change."""
+def streams(draw: st.DrawFn, *, keyless: bool = False) -> list[bytes]:
+    """Encoded pgoutput messages: Relations, transactions of every kind of row change.
+
+    The second table is ``public.notes`` (an int8 key, inserts), or with ``keyless``
+    :data:`KEYLESS_LOG` (inserts and deletes of whole rows, NULLs)."""
     identity = draw(st.sampled_from(["d", "f"]))
     rel = Relation(
         16384,
@@ -105,6 +121,8 @@ def streams(draw: st.DrawFn) -> list[bytes]:
         tuple(RelationColumn(n, oid, mod, key) for n, oid, mod, key in COLUMNS),
     )
     other = Relation(16390, "public", "notes", "d", (RelationColumn("id", Oid.INT8, -1, True),))
+    if keyless:
+        other = KEYLESS_LOG
     out = [encode(rel), encode(other)]
     lsn = 0x1000
     ts = datetime(2024, 5, 1, tzinfo=UTC)
@@ -136,11 +154,24 @@ def streams(draw: st.DrawFn) -> list[bytes]:
                     out.append(encode(Delete(16384, old, "O")))
                 else:
                     out.append(encode(Delete(16384, _key_only(old), "K")))
+            elif kind == "other" and keyless:
+                line = draw(
+                    st.none() | st.text(st.characters(exclude_categories=["Cs"]), max_size=8)
+                )
+                row = (line, "2024-01-02 03:04:05+00", str(draw(st.integers(-2, 2))))
+                deleted = draw(st.booleans())
+                message = (
+                    Delete(other.relation_id, row, "O")
+                    if deleted
+                    else Insert(other.relation_id, row)
+                )
+                out.append(encode(message))
             elif kind == "other":
                 value = str(draw(st.integers(-(2**63), 2**63 - 1)))
                 out.append(encode(Insert(16390, (value,))))
             else:
-                out.append(encode(Truncate((16384,), False, False)))
+                tables = (16384, other.relation_id) if keyless else (16384,)
+                out.append(encode(Truncate(tables, False, False)))
             if draw(st.integers(0, 15)) == 0:
                 out.append(encode(rel))  # resent shape (cache invalidation)
         out.append(encode(Commit(0, lsn + 0x80, lsn + 0xA0, ts)))
@@ -160,16 +191,21 @@ def _pure(messages: list[bytes], sink: DeltaChangelogSink) -> None:
                 sink.add(item)
 
 
-def _columnar(messages: list[bytes], sink: DeltaChangelogSink, cut_every: int) -> int:
+def columnar_items(messages: list[bytes], cut_every: int) -> list[Any]:
+    """What the compiled decoder makes of ``messages``, cutting batches every ``cut_every``
+    messages (0: only at the end)."""
     decoder = ColumnarDecoder(ChangeAssembler())
-    batches = 0
     items: list[Any] = []
     for lsn, payload in enumerate(messages):
         items += decoder.feed(payload, lsn=lsn)
         if cut_every and lsn % cut_every == 0:
             items += decoder.cut_all()
-    items += decoder.cut_all()
-    for item in items:
+    return items + decoder.cut_all()
+
+
+def _columnar(messages: list[bytes], sink: DeltaChangelogSink, cut_every: int) -> int:
+    batches = 0
+    for item in columnar_items(messages, cut_every):
         if isinstance(item, ChangeBatch):
             batches += 1
             sink.add_changes(item.table, item.changes, size_bytes=item.size_bytes)
@@ -208,10 +244,10 @@ def test_columnar_changelog_equals_the_pure_paths(messages: list[bytes], cut_eve
         assert got.keys() == expected.keys()
         for name, table in expected.items():
             assert got[name].schema == table.schema, name
-            assert _comparable(got[name]) == _comparable(table), name
+            assert comparable(got[name]) == comparable(table), name
 
 
-def _comparable(table: pa.Table) -> list[dict[str, Any]]:
+def comparable(table: pa.Table) -> list[dict[str, Any]]:
     """Rows, with NaN made equal to itself."""
     return [
         {k: "NaN" if isinstance(v, float) and v != v else v for k, v in row.items()}
