@@ -262,8 +262,12 @@ class LocalAppender:
             if not set(self.partition_columns) <= incoming.keys():
                 return False
             self._accepted.append(data.schema)
-        required = [n for n, (_, nullable) in self.fields.items() if not nullable]
-        return all(n in data.column_names and data[n].null_count == 0 for n in required)
+        names = data.schema.names
+        return all(
+            n in names and data[n].null_count == 0
+            for n, (_, nullable) in self.fields.items()
+            if not nullable
+        )
 
     def append(self, data: pa.Table, *, transactions: Iterable[tuple[str, int]] = ()) -> int | None:
         """Commit ``data`` (which :meth:`accepts`) with the app ``transactions`` (``(app id,

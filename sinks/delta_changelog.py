@@ -26,6 +26,7 @@ concurrent commit of the same stream makes Delta's conflict check fail the later
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import threading
@@ -123,6 +124,7 @@ def delta_errors(what: str) -> Iterator[None]:
         raise TransientSinkError(f"{what}: {e}") from e
 
 
+@functools.lru_cache(maxsize=4096)  # built for every batch: hundreds of tables, few shapes each
 def changelog_arrow_schema(table: TableSchema) -> pa.Schema:
     """The Arrow schema of ``table``'s changelog: its columns, then the metadata columns."""
     fields = [
