@@ -112,6 +112,13 @@ def peak_rss_mib(pid: int) -> float:
     raise RuntimeError(f"no VmHWM in /proc/{pid}/status")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU seconds the live process ``pid`` has used so far (its threads
+    included; not its children)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def stop(proc: subprocess.Popen[bytes], *, timeout: float = 60) -> None:
     """SIGTERM ``proc`` (a clean stop flushes and confirms) and reap it; SIGKILL after
     ``timeout`` seconds."""

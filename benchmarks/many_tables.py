@@ -100,12 +100,6 @@ def _writer(dsn: str, per_tick: int, stop: EventType) -> None:
                 time.sleep(delay)
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User and system CPU seconds the live process ``pid`` has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _commits(table_uri: str) -> list[tuple[float, list[str]]]:
     """(visible at, data files added) per Delta version of a local table."""
     log_dir = Path(table_uri) / "_delta_log"
@@ -214,7 +208,7 @@ def measure(
                 interval=0.02,
             )
             catch_up = time.monotonic() - stopped
-            cpu = _cpu_seconds(proc.pid)
+            cpu = c.cpu_seconds(proc.pid)
         except BaseException:
             proc.kill()
             raise

@@ -106,10 +106,12 @@ def _timestamps(typed: pa.Array, _text: pa.Array | None, c: ColumnSchema) -> tup
 
 
 def _zoned_timestamps(typed: pa.Array, _text: pa.Array | None, c: ColumnSchema) -> tuple[Any, Any]:
-    # ZonedTimestamp: 'YYYY-MM-DDTHH:MM:SS.ffffff', then as pgtypes' encoder shortens it:
-    # to the column's precision when the digits beyond it are zeros (no fraction at all for
-    # precision 0), else all six.
-    text = pc.cast(pc.strftime(typed, format="%Y-%m-%dT%H:%M:%S"), _BIN)
+    # ZonedTimestamp: 'YYYY-MM-DDTHH:MM:SS.ffffff' (UTC; the year has four digits, as
+    # Python's are), then as pgtypes' encoder shortens it: to the column's precision when
+    # the digits beyond it are zeros (no fraction at all for precision 0), else all six.
+    # Cast without the zone: the same UTC values, printed 50 times faster than with it.
+    text = pc.cast(pc.cast(typed, pa.timestamp("us")), pa.string())  # 'YYYY-MM-DD HH:...'
+    text = pc.cast(pc.utf8_replace_slice(text, 10, 11, "T"), _BIN)
     precision = pgtypes.temporal_precision(c.type_modifier)
     if precision < 6:
         short = pc.binary_slice(text, 0, 20 + precision if precision else 19)
@@ -185,21 +187,34 @@ class EncodedBatch:
     """The change messages of a batch's rows, in row order, ready for ``produce``.
 
     ``deletes`` flags the rows that are deletes (a keyed delete is followed by a tombstone);
-    ``partitions`` holds -1 where the producer's partitioner picks by key.
+    ``partitions`` holds -1 where the producer's partitioner picks by key. Each row's
+    headers come from :meth:`headers` (built as they are sent: the commit's headers are
+    shared, only the seq differs from row to row).
     """
 
     topic: str
     keys: list[bytes | None]
     values: list[bytes]
-    headers: list[Headers]
     partitions: list[int]
     deletes: list[bool]
+    schema_id: bytes
+    seqs: list[bytes]  # each row's seq header
+    lsn_headers: tuple[list[tuple[str, bytes]], list[int]]  # per commit LSN, row -> which
+    time_headers: tuple[list[tuple[str, bytes]], list[int]]  # per commit time, row -> which
+
+    def headers(self) -> Iterator[Headers]:
+        """Each row's headers, in row order (those of the per-event encoder)."""
+        schema = (HEADER_SCHEMA_ID, self.schema_id)
+        lsn_header, lsn_of = self.lsn_headers
+        time_header, time_of = self.time_headers
+        for seq, lsn, at in zip(self.seqs, lsn_of, time_of, strict=True):
+            yield [schema, lsn_header[lsn], (HEADER_SEQ, seq), time_header[at]]
 
     def messages(self, *, tombstones: bool = True) -> Iterator[EncodedMessage]:
         """The messages as :meth:`EventEncoder.encode <cdc.kafka.event_encoder.EventEncoder.
         encode>` gives them, tombstones included."""
         for key, value, headers, partition, deleted in zip(
-            self.keys, self.values, self.headers, self.partitions, self.deletes, strict=True
+            self.keys, self.values, self.headers(), self.partitions, self.deletes, strict=True
         ):
             yield EncodedMessage(
                 self.topic, key, value, headers, None if partition < 0 else partition
@@ -295,7 +310,9 @@ class BatchEncoder:
         if ts_ms is None:
             ts_ms = time.time_ns() // 1_000_000
         if n == 0:
-            return EncodedBatch(codec.topic, [], [], [], [], [])
+            return EncodedBatch(
+                codec.topic, [], [], [], [], codec.schema_id, [], ([], []), ([], [])
+            )
         shape = self._layout(table)
         changes = changes.combine_chunks()
 
@@ -328,7 +345,6 @@ class BatchEncoder:
         nanos = _per_commit([str(s * 1000).encode() for s in stamps.dictionary.to_pylist()], stamps)
         commits = column(layout.LSN).dictionary_encode()
         commit_lsns = commits.dictionary.to_pylist()
-        lsn_header = _per_commit([str(v).encode() for v in commit_lsns], commits)
         formatted = _per_commit([format_lsn(v).encode() for v in commit_lsns], commits)
 
         seqs = column(layout.SEQ)
@@ -386,19 +402,6 @@ class BatchEncoder:
             spread = _join(_strings(column(layout.LSN)), _lit(b"/"), _strings(seqs)).to_pylist()
             partition_of = [zlib.crc32(p) % partitions for p in spread]
 
-        schema_id = codec.schema_id
-        headers: list[Headers] = [
-            [
-                (HEADER_SCHEMA_ID, schema_id),
-                (HEADER_LSN, lsn),
-                (HEADER_SEQ, seq),
-                (HEADER_COMMIT_TS_US, us),
-            ]
-            for lsn, seq, us in zip(
-                lsn_header.to_pylist(), _strings(seqs).to_pylist(), micros.to_pylist(), strict=True
-            )
-        ]
-
         slow_rows = pc.indices_nonzero(slow)
         if len(slow_rows):
             events = changelog_events(
@@ -410,13 +413,20 @@ class BatchEncoder:
             )
             encode_raw = self.encoder.encode_raw
             for i, event in zip(slow_rows.to_pylist(), events, strict=True):
-                _topic, key, value, event_headers, partition = encode_raw(
-                    event, partitions=partitions
-                )
-                keys[i], out_values[i], headers[i] = key, value, event_headers
+                # The headers are the same either way.
+                _topic, key, value, _headers, partition = encode_raw(event, partitions=partitions)
+                keys[i], out_values[i] = key, value
                 partition_of[i] = -1 if partition is None else partition
         return EncodedBatch(
-            codec.topic, keys, out_values, headers, partition_of, deleted.to_pylist()
+            codec.topic,
+            keys,
+            out_values,
+            partition_of,
+            deleted.to_pylist(),
+            codec.schema_id,
+            _strings(seqs).to_pylist(),
+            ([(HEADER_LSN, str(v).encode()) for v in commit_lsns], commits.indices.to_pylist()),
+            ([(HEADER_COMMIT_TS_US, t) for t in micros_text], stamps.indices.to_pylist()),
         )
 
 

@@ -268,9 +268,10 @@ class KafkaProducerSink(Sink):
 
         Raises BufferError when the producer's queue is full (nothing queued then)."""
         try:
-            # -1 (RD_KAFKA_PARTITION_UA): the partitioner picks by key.
+            # -1 (RD_KAFKA_PARTITION_UA): the partitioner picks by key. Positional, as in
+            # add_changes.
             self._producer.produce(
-                topic, value, key, -1 if partition is None else partition, headers=headers
+                topic, value, key, -1 if partition is None else partition, None, None, 0, headers
             )
         except KafkaException as e:
             raise _produce_error(topic, e) from e
@@ -370,13 +371,15 @@ class KafkaProducerSink(Sink):
             for key, value, headers, partition, deleted in zip(
                 encoded.keys,
                 encoded.values,
-                encoded.headers,
+                encoded.headers(),
                 encoded.partitions,
                 encoded.deletes,
                 strict=True,
             ):
                 try:
-                    produce(topic, value, key, partition, headers=headers)
+                    # Positional: confluent-kafka parses keyword arguments 0.4 µs slower.
+                    # (topic, value, key, partition, callback, on_delivery, timestamp, headers)
+                    produce(topic, value, key, partition, None, None, 0, headers)
                     sent += 1
                 except BufferError:
                     message = EncodedMessage(topic, key, value, headers, partition)
