@@ -15,7 +15,6 @@ from typing import Any
 
 import orjson
 import pytest
-from confluent_kafka import Consumer, TopicPartition
 
 from catalog.kafka_schema_registry import KafkaSchemaRegistry
 from cdc.core.pgtypes import Oid
@@ -24,18 +23,10 @@ from cdc.kafka.event_encoder import EventEncoder
 from cdc.kafka.producer import KafkaProducerSink
 from cdc.postgres.columnar import ChangeBatch, ColumnarDecoder
 from cdc.postgres.protocol import compiled
+from cdc.postgres.protocol import pgoutput as pg
 from cdc.postgres.protocol.assembler import ChangeAssembler
-from cdc.postgres.protocol.pgoutput import (
-    Begin,
-    Commit,
-    Delete,
-    Insert,
-    Relation,
-    RelationColumn,
-    Update,
-)
 from sinks.errors import SinkError
-from tests.plugins.kafka_pipeline import unique
+from tests.plugins.kafka_pipeline import consume_all, unique
 from tests.plugins.pgoutput_encode import encode
 
 pytestmark = [
@@ -44,22 +35,22 @@ pytestmark = [
 ]
 
 # A composite key of mixed types with quoted, mixed-case names, and a keyless table.
-KEYED = Relation(
+KEYED = pg.Relation(
     16384,
     "Shop",
     "Order Lines",
     "d",
     (
-        RelationColumn("Order", Oid.INT4, -1, True),
-        RelationColumn("sku", Oid.TEXT, -1, True),
-        RelationColumn("at", Oid.TIMESTAMPTZ, -1, False),
-        RelationColumn("qty", Oid.INT2, -1, False),
-        RelationColumn("price", Oid.NUMERIC, ((10 << 16) | 2) + 4, False),
-        RelationColumn("Note", Oid.TEXT, -1, False),
+        pg.RelationColumn("Order", Oid.INT4, -1, True),
+        pg.RelationColumn("sku", Oid.TEXT, -1, True),
+        pg.RelationColumn("at", Oid.TIMESTAMPTZ, -1, False),
+        pg.RelationColumn("qty", Oid.INT2, -1, False),
+        pg.RelationColumn("price", Oid.NUMERIC, ((10 << 16) | 2) + 4, False),
+        pg.RelationColumn("Note", Oid.TEXT, -1, False),
     ),
 )
-KEYLESS = Relation(
-    16390, "public", "Event Log", "n", (RelationColumn("line", Oid.TEXT, -1, False),)
+KEYLESS = pg.Relation(
+    16390, "public", "Event Log", "n", (pg.RelationColumn("line", Oid.TEXT, -1, False),)
 )
 
 
@@ -67,22 +58,22 @@ def batches() -> list[ChangeBatch]:
     """Inserts, updates and deletes of both tables in two transactions, with NULLs, a
     value without a typed form (NaN) and text JSON must escape."""
     ts = datetime(2026, 5, 1, 12, 0, 0, 250000, tzinfo=UTC)
-    messages = [encode(KEYED), encode(KEYLESS), encode(Begin(0x9000, ts, 42))]
+    messages = [encode(KEYED), encode(KEYLESS), encode(pg.Begin(0x9000, ts, 42))]
     for i in range(40):
         note = None if i % 5 == 0 else f'note "{i}"\n' if i % 7 == 0 else f"ünï {i}"
         price = "NaN" if i == 13 else f"{i}.50"
         row = (str(i), f"sku-{i}", "2026-05-01 12:00:00.5+00", str(i % 3), price, note)
-        messages.append(encode(Insert(KEYED.relation_id, row)))
-        messages.append(encode(Insert(KEYLESS.relation_id, (None if i % 4 else f"line {i}",))))
-    messages.append(encode(Commit(0, 0x9000, 0x9010, ts)))
-    messages.append(encode(Begin(0x9100, ts, 43)))
+        messages.append(encode(pg.Insert(KEYED.relation_id, row)))
+        messages.append(encode(pg.Insert(KEYLESS.relation_id, (None if i % 4 else f"line {i}",))))
+    messages.append(encode(pg.Commit(0, 0x9000, 0x9010, ts)))
+    messages.append(encode(pg.Begin(0x9100, ts, 43)))
     for i in range(0, 40, 3):
         row = (str(i), f"sku-{i}", None, "7", "1.00", "changed")
-        messages.append(encode(Update(KEYED.relation_id, row)))
+        messages.append(encode(pg.Update(KEYED.relation_id, row)))
     for i in range(1, 40, 9):
         key = (str(i), f"sku-{i}", None, None, None, None)
-        messages.append(encode(Delete(KEYED.relation_id, key, "K")))
-    messages.append(encode(Commit(0, 0x9100, 0x9110, ts)))
+        messages.append(encode(pg.Delete(KEYED.relation_id, key, "K")))
+    messages.append(encode(pg.Commit(0, 0x9100, 0x9110, ts)))
     decoder = ColumnarDecoder(ChangeAssembler())
     items: list[Any] = []
     for i, payload in enumerate(messages):
@@ -112,21 +103,6 @@ def without_ts_ms(value: bytes | None) -> Any:
     envelope = orjson.loads(value)
     envelope["ts_ms"] = 0  # the wall-clock time the message was made
     return envelope
-
-
-def read_topic(bootstrap: str, topic: str, expected: int) -> list[Any]:
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": unique("read")})
-    consumer.assign([TopicPartition(topic, p, 0) for p in range(3)])
-    out: list[Any] = []
-    deadline = time.monotonic() + 30
-    try:
-        while len(out) < expected and time.monotonic() < deadline:
-            m = consumer.poll(0.5)
-            if m is not None and not m.error():
-                out.append(m)
-    finally:
-        consumer.close()
-    return out
 
 
 def test_columnar_batches_are_sent_as_the_per_event_messages_and_pending_until_acked(
@@ -159,7 +135,7 @@ def test_columnar_batches_are_sent_as_the_per_event_messages_and_pending_until_a
         finally:
             sink.close()
     for topic, messages in expected.items():
-        got = read_topic(kafka_broker, topic, len(messages))
+        got = consume_all(kafka_broker, topic, len(messages), partitions=3, timeout=30)
         assert len(got) == len(messages)
         # Kafka keeps the order within a partition: compare partition by partition. A keyed
         # message's partition is the partitioner's (by key), a keyless one's ours.
