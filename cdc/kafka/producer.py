@@ -7,8 +7,9 @@ Delivery: PostgreSQL is told an LSN is flushed only once the broker has acknowle
 (queued, in flight, or acknowledged with the report not yet served: ``len(producer)``) plus
 the failed ones, and the pipeline confirms nothing while it is above zero. Only failures
 reach Python (``delivery.report.only.error``): a callback per acknowledged message cost
-about a tenth of capture. A capture that dies loses nothing: PostgreSQL re-sends from the confirmed LSN,
-and the sink workers drop what they already have by its ``(lsn, seq)`` position.
+about a tenth of capture. A capture that dies loses nothing: PostgreSQL re-sends from the
+confirmed LSN, and the sink workers drop what they already have by its ``(lsn, seq)``
+position.
 
 Memory is bounded by librdkafka's queue (``queue.buffering.max.messages`` and
 ``queue.buffering.max.kbytes``): when it is full, :meth:`KafkaProducerSink.add` raises
@@ -368,13 +369,15 @@ class KafkaProducerSink(Sink):
         self._sent(0, 0)  # the batch's age starts now
         sent = 0
         try:
-            for key, value, headers, partition, deleted in zip(
-                encoded.keys,
-                encoded.values,
-                encoded.headers(),
-                encoded.partitions,
-                encoded.deletes,
-                strict=True,
+            for i, (key, value, headers, partition, deleted) in enumerate(
+                zip(
+                    encoded.keys,
+                    encoded.values,
+                    encoded.headers(),
+                    encoded.partitions,
+                    encoded.deletes,
+                    strict=True,
+                )
             ):
                 try:
                     # Positional: confluent-kafka parses keyword arguments 0.4 µs slower.
@@ -386,7 +389,7 @@ class KafkaProducerSink(Sink):
                     self._produce_waiting(message)  # counts it
                 if deleted and tombstones and key is not None:
                     self._produce_waiting(EncodedMessage(topic, key, None, []))
-                if not sent % _POLL_EVERY_ROWS:
+                if i % _POLL_EVERY_ROWS == _POLL_EVERY_ROWS - 1:
                     self._producer.poll(0)
         except KafkaException as e:
             raise _produce_error(topic, e) from e
@@ -528,14 +531,16 @@ class KafkaProducerSink(Sink):
         """
         started = time.monotonic()
         deadline = started + self.delivery_timeout
-        while self.pending_rows and not self._failures:
+        while True:
+            # What was held when last seen with no failure, so that a client event queued
+            # just after a flush that emptied the producer is not taken for a message.
+            outstanding = len(self._producer)
+            with self._lock:
+                failures = list(self._failures)
             left = deadline - time.monotonic()
-            if left <= 0:
+            if not outstanding or failures or left <= 0:
                 break
             self._producer.flush(min(left, 1.0))
-        with self._lock:
-            failures = list(self._failures)
-        outstanding = len(self._producer)
         final = [text for text, retriable in failures if not retriable]
         if final:
             raise TerminalSinkError(
