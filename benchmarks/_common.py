@@ -110,12 +110,6 @@ def spawn(argv: Sequence[str], env: dict[str, str] | None = None) -> subprocess.
     )
 
 
-def cpu_seconds(pid: int) -> float:
-    """User and system CPU seconds the live process ``pid`` has used so far (all threads)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def peak_rss_mib(pid: int) -> float:
     """The peak resident set size of the live process ``pid`` (``VmHWM``), in MiB.
 
@@ -127,6 +121,13 @@ def peak_rss_mib(pid: int) -> float:
             if line.startswith("VmHWM:"):
                 return round(int(line.split()[1]) / 1024, 1)  # kB
     raise RuntimeError(f"no VmHWM in /proc/{pid}/status")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU seconds the live process ``pid`` has used so far (its threads
+    included; not its children)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def stop(proc: subprocess.Popen[bytes], *, timeout: float = 60) -> None:

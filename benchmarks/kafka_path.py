@@ -13,7 +13,8 @@ timed from its start, process start-up included, one after the other:
   until it exits; ``cdc capture --snapshot never`` (topics of 3 partitions, the default)
   until the slot's ``confirmed_flush_lsn`` reaches the load's end LSN, which capture
   confirms only once Kafka has acknowledged every message up to it. Ratio: capture rows/s
-  over ``pg_recvlogical`` rows/s; target >= 0.50.
+  over ``pg_recvlogical`` rows/s; target >= 0.50. ``cdc_capture_cpu_s`` is the CPU time
+  capture used until then (all its threads; on a shared machine steadier than wall time).
 * ``kafka_sink``: over the topic capture just wrote. It is first read whole, untimed, to
   check it holds N messages and to learn each partition's last offset (Tansu's high
   watermarks lag behind its last batch, so they are not used). The limit is a child
@@ -98,9 +99,12 @@ print(json.dumps({"first_at": first, "done_at": done, "messages": seen, "bytes":
 """
 
 
-def _cdc_capture(dsn: str, bootstrap: str, slot: str, end: int) -> float:
+def _cdc_capture(dsn: str, bootstrap: str, slot: str, end: int) -> tuple[float, float]:
+    """Wall seconds until ``end`` is confirmed, and the CPU seconds capture used until then
+    (its own threads, librdkafka's among them)."""
+    cpu: list[float] = []
     with psycopg.connect(dsn, autocommit=True) as conn:
-        return c.time_child(
+        wall = c.time_child(
             c.cdc_command(
                 "capture",
                 *("--source", dsn, "--kafka", bootstrap, "--name", PIPELINE),
@@ -109,7 +113,9 @@ def _cdc_capture(dsn: str, bootstrap: str, slot: str, end: int) -> float:
             lambda: c.confirmed_lsn(conn, slot) >= end,
             what="cdc capture",
             env={"CDC_SOURCE__PUBLICATION": PUBLICATION, "CDC_SOURCE__SLOT": slot},
+            before_stop=lambda pid: cpu.append(c.cpu_seconds(pid)),
         )
+    return wall, cpu[0]
 
 
 def _topic_contents(bootstrap: str, topic: str, rows: int) -> dict[int, tuple[int, int]]:
@@ -225,7 +231,7 @@ def run(dsn: str, workdir: Path, rows: int, bootstrap: str) -> list[dict[str, An
         conn.execute("CHECKPOINT")
 
     recv_s = c.pg_recvlogical(dsn, slot=recv_slot, publication=PUBLICATION, end=end)
-    capture_s = _cdc_capture(dsn, bootstrap, cdc_slot, end)
+    capture_s, capture_cpu_s = _cdc_capture(dsn, bootstrap, cdc_slot, end)
     with psycopg.connect(dsn, autocommit=True) as conn:
         for slot in (recv_slot, cdc_slot):
             c.drop_slot(conn, slot)
@@ -242,6 +248,7 @@ def run(dsn: str, workdir: Path, rows: int, bootstrap: str) -> list[dict[str, An
         "load_s": round(load_s, 2),
         "pg_recvlogical_s": round(recv_s, 2),
         "cdc_capture_s": round(capture_s, 2),
+        "cdc_capture_cpu_s": round(capture_cpu_s, 2),
         "pg_recvlogical_rows_per_s": round(rows / recv_s),
         "cdc_capture_rows_per_s": round(rows / capture_s),
         "ratio": c.ratio(recv_s, capture_s),

@@ -15,7 +15,13 @@ import orjson
 from cdc.core import pgtypes
 from cdc.core.codegen import compile_function
 from cdc.core.errors import ValueConversionError
-from cdc.core.events import ChangeEvent, debezium_envelope, envelope_payload, transaction_id
+from cdc.core.events import (
+    ChangeEvent,
+    commit_millis,
+    debezium_envelope,
+    envelope_payload,
+    transaction_id,
+)
 from cdc.core.kafka_format import (
     HEADER_COMMIT_TS_US,
     HEADER_LSN,
@@ -328,7 +334,7 @@ class EventEncoder:
         cached = self._ts
         if cached[0] is ts:
             return cached[1], cached[2], cached[3]
-        millis = int(ts.timestamp() * 1000)  # debezium_envelope's expression, exactly
+        millis = commit_millis(ts)
         micros = _micros(event)
         self._ts = (ts, millis, micros, str(micros).encode())
         return millis, micros, self._ts[3]

@@ -3,10 +3,13 @@ streaming, and a sink that produces to Kafka instead of writing Delta.
 
 Delivery: PostgreSQL is told an LSN is flushed only once the broker has acknowledged
 (``acks=all``, idempotent producer) every message of every change up to it.
-:class:`KafkaProducerSink` counts the messages without a delivery report in
-:attr:`~KafkaProducerSink.pending_rows`, and the pipeline confirms nothing while that count is
-above zero. A capture that dies loses nothing: PostgreSQL re-sends from the confirmed LSN,
-and the sink workers drop what they already have by its ``(lsn, seq)`` position.
+:attr:`KafkaProducerSink.pending_rows` is librdkafka's count of the messages it still holds
+(queued, in flight, or acknowledged with the report not yet served: ``len(producer)``) plus
+the failed ones, and the pipeline confirms nothing while it is above zero. Only failures
+reach Python (``delivery.report.only.error``): a callback per acknowledged message cost
+about a tenth of capture. A capture that dies loses nothing: PostgreSQL re-sends from the
+confirmed LSN, and the sink workers drop what they already have by its ``(lsn, seq)``
+position.
 
 Memory is bounded by librdkafka's queue (``queue.buffering.max.messages`` and
 ``queue.buffering.max.kbytes``): when it is full, :meth:`KafkaProducerSink.add` raises
@@ -19,24 +22,22 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, Final
 
 import pyarrow as pa
-import pyarrow.compute as pc
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from confluent_kafka.admin import AdminClient
 
 from catalog import lake_layout as layout
 from catalog.errors import CatalogError
 from catalog.kafka_schema_registry import KafkaSchemaRegistry, create_topics
-from cdc.core import pgtypes
 from cdc.core.errors import ConfigError
 from cdc.core.events import ChangeEvent
 from cdc.core.kafka_format import Format, client_config, close_client, is_retriable
 from cdc.core.settings import BatchSettings, Settings
-from cdc.core.table_schema import ColumnSchema, TableSchema
+from cdc.core.table_schema import TableSchema
+from cdc.kafka.batch_encoder import BatchEncoder
 from cdc.kafka.errors import KafkaRejectedError, KafkaUnavailableError, wrap_kafka_error
 from cdc.kafka.event_encoder import EncodedMessage, EventEncoder
 from sinks.base import Sink
@@ -44,7 +45,6 @@ from sinks.errors import SinkBackpressureError, TerminalSinkError, TransientSink
 
 __all__ = [
     "KafkaProducerSink",
-    "changelog_events",
     "producer_config",
 ]
 
@@ -64,15 +64,14 @@ DEFAULT_PRODUCER: Final[dict[str, Any]] = {
     "queue.buffering.max.kbytes": 64 * 1024,
 }
 
-#: KafkaProducerSink.add serves delivery reports once per this many events.
+#: KafkaProducerSink.add serves delivery reports once per this many events, add_changes
+#: once per this many rows. Until served, a report keeps its message counted against
+#: queue.buffering.max.messages; serving one is a C loop (only failures reach Python).
 _POLL_EVERY: Final = 64
+_POLL_EVERY_ROWS: Final = 2048
 
 #: Truncates that undo a partial snapshot sort after every row it sent (see discard_snapshot).
 _AFTER_ANY_SEQ: Final = 2**62
-
-_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
-_EPOCH_NAIVE: Final = datetime(1970, 1, 1)
-_MICROS_PER_UNIT: Final = {"s": 1_000_000, "ms": 1000, "us": 1}
 
 
 def producer_config(settings: Settings) -> dict[str, Any]:
@@ -151,18 +150,29 @@ class KafkaProducerSink(Sink):
         self.batch = batch or BatchSettings()
         self.delivery_timeout = delivery_timeout
         self.encoder = EventEncoder(prefix=prefix, database=database, format=format)
+        self.batch_encoder = BatchEncoder(self.encoder)
         try:
-            self._producer = Producer(config)
+            # Delivery reports of acknowledged messages are served in C without calling
+            # Python (confluent-kafka skips the callback): pending_rows counts with
+            # len(producer), which holds every message until its report is served.
+            self._producer = Producer(
+                {
+                    **config,
+                    "delivery.report.only.error": True,
+                    "on_delivery": self._on_failure,
+                }
+            )
             self._admin = AdminClient(admin or _admin_config(config))
         except KafkaException as e:
             raise ConfigError(f"invalid Kafka producer settings: {e}") from e
-        self._lock = threading.Lock()  # delivery callbacks vs. the counters
-        self._outstanding = 0
+        self._lock = threading.Lock()  # delivery callbacks vs. the failures
+        # When the producer last went from empty to holding messages (flush_due's age).
         self._oldest: float | None = None
         #: Delivery failures: (what, whether retrying may help).
         self._failures: list[tuple[str, bool]] = []
-        self._delivered_rows = 0
-        self._delivered_messages = 0
+        # Sent since the last flush: all delivered once a flush succeeds.
+        self._sent_rows = 0
+        self._sent_messages = 0
         self._schemas: dict[str, TableSchema] = {}  # qualified name -> shape prepared last
         self._topics: dict[str, str] = {}  # topic -> qualified name
         self._partition_counts: dict[str, int] = {}
@@ -171,7 +181,6 @@ class KafkaProducerSink(Sink):
         self._last_table: TableSchema | None = None
         self._last_partitions = 0
         self._unpolled = 0  # events added since the last poll
-        self._deliver = self._on_delivery  # bound once, not once per message
 
     # -- tables -------------------------------------------------------------------------
 
@@ -230,19 +239,12 @@ class KafkaProducerSink(Sink):
 
     # -- producing ----------------------------------------------------------------------
 
-    def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
+    def _on_failure(self, err: KafkaError | None, msg: Message) -> None:
+        """The delivery report of a failed message (acknowledged ones do not get here)."""
+        if err is None:
+            return
         with self._lock:
-            self._outstanding -= 1
-            if err is not None:
-                self._failures.append(
-                    (f"{msg.topic()}: {err.str()} ({err.name()})", is_retriable(err))
-                )
-            else:
-                self._delivered_messages += 1
-                if msg.value() is not None:
-                    self._delivered_rows += 1
-            if self._outstanding == 0:
-                self._oldest = None
+            self._failures.append((f"{msg.topic()}: {err.str()} ({err.name()})", is_retriable(err)))
 
     def _encode(self, event: ChangeEvent, *, tombstones: bool) -> list[EncodedMessage]:
         topic = self.encoder.topic(event.table)
@@ -263,31 +265,25 @@ class KafkaProducerSink(Sink):
         headers: list[tuple[str, str | bytes | None]],
         partition: int | None,
     ) -> None:
-        """Queue one message, counted as outstanding until its delivery report.
+        """Queue one message, counted in :attr:`pending_rows` until its delivery report.
 
         Raises BufferError when the producer's queue is full (nothing queued then)."""
-        with self._lock:
-            if self._outstanding == 0:
-                self._oldest = time.monotonic()
-            self._outstanding += 1
         try:
+            # -1 (RD_KAFKA_PARTITION_UA): the partitioner picks by key. Positional, as in
+            # add_changes.
             self._producer.produce(
-                topic,
-                key=key,
-                value=value,
-                headers=headers,
-                # -1 (RD_KAFKA_PARTITION_UA): the partitioner picks by key.
-                partition=-1 if partition is None else partition,
-                on_delivery=self._deliver,
+                topic, value, key, -1 if partition is None else partition, None, None, 0, headers
             )
-        except BaseException as e:
-            with self._lock:
-                self._outstanding -= 1
-            if isinstance(e, KafkaException):
-                err = e.args[0]
-                cls = TransientSinkError if is_retriable(err) else TerminalSinkError
-                raise cls(f"cannot produce to {topic}: {err.str()}") from e
-            raise
+        except KafkaException as e:
+            raise _produce_error(topic, e) from e
+        self._sent(0 if value is None else 1, 1)
+
+    def _sent(self, rows: int, messages: int) -> None:
+        """Count messages just queued (``rows``: change messages among them)."""
+        self._sent_rows += rows
+        self._sent_messages += messages
+        if self._oldest is None:
+            self._oldest = time.monotonic()
 
     def _produce_waiting(self, message: EncodedMessage) -> None:
         """Produce, waiting for room in the queue (up to ``delivery_timeout``)."""
@@ -349,20 +345,57 @@ class KafkaProducerSink(Sink):
     ) -> None:
         """Produce the rows of a columnar batch (``cdc capture``'s fast path: a
         :class:`~cdc.postgres.columnar.ChangeBatch`'s ``changes``, ``lsns`` and ``texts``,
-        see :func:`changelog_events`): for each row
-        the same messages as :meth:`add` of the :class:`~cdc.core.events.ChangeEvent` the
-        per-event path makes of the same change (``ts_ms`` aside, the wall-clock time).
+        see :func:`~cdc.kafka.batch_encoder.changelog_events`): for each row the same
+        messages as :meth:`add` of the :class:`~cdc.core.events.ChangeEvent` the per-event
+        path makes of the same change (``ts_ms`` aside, the wall-clock time), built for the
+        whole batch by :class:`~cdc.kafka.batch_encoder.BatchEncoder`.
 
         Waits for room in the producer's queue instead of raising SinkBackpressureError, as
         :meth:`add_snapshot` does: a batch is half sent when the queue fills up, and its
         first rows must not be sent twice.
         """
-        add = self.add
-        for event in changelog_events(table, changes, lsns=lsns, texts=texts):
-            try:
-                add(event)
-            except SinkBackpressureError:
-                self._waiting(add, event, SinkBackpressureError)
+        if changes.num_rows == 0:
+            return
+        if table is not self._last_table:
+            self._prepare(table)
+            self._last_table = table
+            self._last_partitions = self._partition_counts[self.encoder.topic(table)]
+        encoded = self.batch_encoder.encode(
+            table, changes, lsns=lsns, texts=texts, partitions=self._last_partitions
+        )
+        topic = encoded.topic
+        produce = self._producer.produce
+        tombstones = self.tombstones
+        self._sent(0, 0)  # the batch's age starts now
+        sent = 0
+        try:
+            for i, (key, value, headers, partition, deleted) in enumerate(
+                zip(
+                    encoded.keys,
+                    encoded.values,
+                    encoded.headers(),
+                    encoded.partitions,
+                    encoded.deletes,
+                    strict=True,
+                )
+            ):
+                try:
+                    # Positional: confluent-kafka parses keyword arguments 0.4 µs slower.
+                    # (topic, value, key, partition, callback, on_delivery, timestamp, headers)
+                    produce(topic, value, key, partition, None, None, 0, headers)
+                    sent += 1
+                except BufferError:
+                    message = EncodedMessage(topic, key, value, headers, partition)
+                    self._produce_waiting(message)  # counts it
+                if deleted and tombstones and key is not None:
+                    self._produce_waiting(EncodedMessage(topic, key, None, []))
+                if i % _POLL_EVERY_ROWS == _POLL_EVERY_ROWS - 1:
+                    self._producer.poll(0)
+        except KafkaException as e:
+            raise _produce_error(topic, e) from e
+        finally:
+            self._sent(sent, sent)
+        self._producer.poll(0)
 
     def add_snapshot(
         self,
@@ -456,21 +489,29 @@ class KafkaProducerSink(Sink):
 
     @property
     def pending_rows(self) -> int:
-        """Messages without a delivery report, plus failed ones (which stay pending: what
-        follows them must not be confirmed to PostgreSQL)."""
+        """Messages without a served delivery report, plus failed ones (which stay pending:
+        what follows them must not be confirmed to PostgreSQL).
+
+        librdkafka's own count (``len(producer)``): a message is in it from ``produce`` until
+        its delivery report is served by ``poll``/``flush``, acknowledged or not. It also
+        counts other events waiting to be served (client errors), which only delays a
+        confirmation until the next poll."""
         with self._lock:
-            return self._outstanding + len(self._failures)
+            failed = len(self._failures)
+        return len(self._producer) + failed
 
     def flush_due(self) -> bool:
         self._producer.poll(0)
         with self._lock:
             if self._failures:
                 return True
-            if not self._outstanding:
-                return False
-            if self._outstanding >= self.batch.max_rows:
-                return True
-            oldest = self._oldest
+        held = len(self._producer)
+        if not held:
+            self._oldest = None
+            return False
+        if held >= self.batch.max_rows:
+            return True
+        oldest = self._oldest
         return oldest is not None and time.monotonic() - oldest >= self.batch.max_seconds
 
     def flush(self) -> dict[str, Any]:
@@ -490,16 +531,16 @@ class KafkaProducerSink(Sink):
         """
         started = time.monotonic()
         deadline = started + self.delivery_timeout
-        while self.pending_rows and not self._failures:
+        while True:
+            # What was held when last seen with no failure, so that a client event queued
+            # just after a flush that emptied the producer is not taken for a message.
+            outstanding = len(self._producer)
+            with self._lock:
+                failures = list(self._failures)
             left = deadline - time.monotonic()
-            if left <= 0:
+            if not outstanding or failures or left <= 0:
                 break
             self._producer.flush(min(left, 1.0))
-        with self._lock:
-            failures = list(self._failures)
-            outstanding = self._outstanding
-            rows, messages = self._delivered_rows, self._delivered_messages
-            self._delivered_rows = self._delivered_messages = 0
         final = [text for text, retriable in failures if not retriable]
         if final:
             raise TerminalSinkError(
@@ -518,6 +559,10 @@ class KafkaProducerSink(Sink):
             raise TransientSinkError(
                 f"{outstanding} messages not acknowledged within {self.delivery_timeout}s"
             )
+        # Nothing held, nothing failed: every message sent since the last flush is delivered.
+        rows, messages = self._sent_rows, self._sent_messages
+        self._sent_rows = self._sent_messages = 0
+        self._oldest = None
         return {
             "rows": rows,
             "messages": messages,
@@ -533,107 +578,10 @@ class KafkaProducerSink(Sink):
         close_client(self._producer)  # nothing left to flush: returns at once
 
 
-def changelog_events(
-    table: TableSchema,
-    changes: pa.Table,
-    *,
-    lsns: pa.Array,
-    texts: tuple[pa.Array, ...] = (),
-) -> Iterator[ChangeEvent]:
-    """The :class:`~cdc.core.events.ChangeEvent` of each row of a columnar batch (changelog
-    rows, see :func:`sinks.delta_changelog.changelog_table`, each row's own message LSN,
-    and the values' texts as sent), equal to what
-    :class:`~cdc.postgres.protocol.assembler.ChangeAssembler` makes of the same messages
-    (``ts_ms`` and ``size_bytes`` aside: the batch keeps only its total size).
-
-    The builder takes only inserts (``c``: ``after``), updates without an old tuple (``u``:
-    ``after``, unchanged TOAST columns null and named) and deletes (``d``: ``before``).
-    Commit times that repeat are one object, as the assembler's are (the encoder caches by
-    identity).
-    """
-    n = changes.num_rows
-    if n == 0:
-        return
-    columns = [
-        _column_values(changes, c, texts[j] if texts else None) for j, c in enumerate(table.columns)
-    ]
-    rows = zip(*columns, strict=True) if columns else iter([()] * n)
-    ops = changes.column(layout.OP).to_pylist()
-    commit_lsns = changes.column(layout.LSN).to_pylist()
-    seqs = changes.column(layout.SEQ).to_pylist()
-    txids = changes.column(layout.TXID).to_pylist()
-    stamps = pc.cast(changes.column(layout.COMMIT_TS), pa.int64()).to_pylist()
-    own_lsns = lsns.to_pylist()
-    unchanged = changes.column(layout.UNCHANGED_TOAST)
-    unchanged_rows = unchanged.to_pylist() if unchanged.null_count < n else None
-    fallback = changes.column(layout.FALLBACK)
-    fallback_rows = fallback.to_pylist() if fallback.null_count < n else None
-    times: dict[int, datetime] = {}
-    # The batch's wall-clock time: its rows were made into events together.
-    ts_ms = time.time_ns() // 1_000_000
-    none = [None] * n
-    for op, row, commit_lsn, seq, txid, stamp, lsn, names, texts in zip(
-        ops,
-        rows,
-        commit_lsns,
-        seqs,
-        txids,
-        stamps,
-        own_lsns,
-        unchanged_rows if unchanged_rows is not None else none,
-        fallback_rows if fallback_rows is not None else none,
-        strict=True,
-    ):
-        commit_ts = times.get(stamp)
-        if commit_ts is None:
-            commit_ts = times[stamp] = _EPOCH + timedelta(microseconds=stamp)
-        deleted = op == "d"
-        yield ChangeEvent(
-            op,
-            table,
-            row if deleted else None,
-            None if deleted else row,
-            commit_lsn,
-            seq,
-            txid,
-            commit_ts,
-            lsn,
-            tuple(names) if names else (),
-            # pyarrow gives map values as lists of (key, value) pairs.
-            dict(texts) if texts else None,
-            0,
-            ts_ms,
-        )
-
-
-def _column_values(changes: pa.Table, column: ColumnSchema, text: pa.Array | None) -> list[Any]:
-    """The Python values of one column of a batch, as the per-value parser gives them.
-
-    Arrow's float32 narrows a ``float4`` value, which the parser keeps as a double (and the
-    Debezium JSON shows in full): such columns are parsed from their text where typed."""
-    typed = changes.column(column.name)
-    dtype = typed.type
-    if pa.types.is_timestamp(dtype) and dtype.unit in _MICROS_PER_UNIT:
-        # pyarrow makes a datetime several times slower than adding to the epoch does.
-        epoch = _EPOCH if dtype.tz is not None else _EPOCH_NAIVE
-        factor = _MICROS_PER_UNIT[dtype.unit]
-        return [
-            None if v is None else epoch + timedelta(microseconds=v * factor)
-            for v in pc.cast(typed, pa.int64()).to_pylist()
-        ]
-    if text is None or not _has_float32(dtype):
-        return typed.to_pylist()
-    parse = pgtypes.text_parser(column.type_oid, column.type_modifier)
-    return [
-        None if value is None else parse(raw)
-        for value, raw in zip(typed.to_pylist(), text.to_pylist(), strict=True)
-    ]
-
-
-def _has_float32(dtype: pa.DataType) -> bool:
-    if pa.types.is_float32(dtype):
-        return True
-    return bool(pa.types.is_list(dtype)) and _has_float32(dtype.value_type)
+def _produce_error(topic: str, e: KafkaException) -> TransientSinkError | TerminalSinkError:
+    err = e.args[0]
+    cls = TransientSinkError if is_retriable(err) else TerminalSinkError
+    return cls(f"cannot produce to {topic}: {err.str()}")
 
 
 def _admin_config(producer: dict[str, Any]) -> dict[str, Any]:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import time
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
 
 import orjson
 import pytest
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient
 from deltalake import DeltaTable
 
@@ -25,7 +24,14 @@ from sinks.dead_letters import dlq_uri
 from sinks.delta_changelog import DeltaChangelogSink
 from sinks.errors import TransientSinkError
 from tests.plugins import debezium_samples as dbz
-from tests.plugins.kafka_pipeline import background, settings, sink_thread, unique, wait_sunk
+from tests.plugins.kafka_pipeline import (
+    background,
+    consume_all,
+    settings,
+    sink_thread,
+    unique,
+    wait_sunk,
+)
 
 pytestmark = pytest.mark.kafka
 
@@ -58,21 +64,6 @@ def produce(
             topic, key=key, value=value, headers=headers[0] if headers else None, **kwargs
         )
     assert producer.flush(15) == 0
-
-
-def consume_all(bootstrap: str, topic: str, expected: int, timeout: float = 20) -> list:
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": unique("read")})
-    consumer.assign([TopicPartition(topic, 0, 0)])
-    out = []
-    deadline = time.monotonic() + timeout
-    try:
-        while len(out) < expected and time.monotonic() < deadline:
-            m = consumer.poll(0.5)
-            if m is not None and not m.error():
-                out.append(m)
-    finally:
-        consumer.close()
-    return out
 
 
 def test_bad_messages_become_dead_letters_and_the_worker_keeps_going(

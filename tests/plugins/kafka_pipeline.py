@@ -33,6 +33,26 @@ def unique(stem: str) -> str:
     return f"{stem}{uuid.uuid4().hex[:10]}"
 
 
+def consume_all(
+    bootstrap: str, topic: str, expected: int, *, partitions: int = 1, timeout: float = 20
+) -> list[Any]:
+    """The messages of ``topic``'s first ``partitions`` partitions from their start, read
+    until there are ``expected`` of them (or ``timeout`` seconds passed); each partition's
+    in offset order."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": unique("read")})
+    consumer.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
+    out: list[Any] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while len(out) < expected and time.monotonic() < deadline:
+            m = consumer.poll(0.5)
+            if m is not None and not m.error():
+                out.append(m)
+    finally:
+        consumer.close()
+    return out
+
+
 def settings(bootstrap: str, prefix: str, name: str, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "kafka.bootstrap": bootstrap,

@@ -1,14 +1,17 @@
 """``cdc capture``'s columnar path against its per-event path: the same pgoutput bytes give
 the same Kafka messages (topic, key, value, headers, partition, order), whichever way they
-were decoded.
+were decoded and encoded.
 
-The per-event path: the pure decoder, ChangeAssembler, one ChangeEvent per change. The
-columnar path: ColumnarDecoder's Arrow batches turned back into events by
-:func:`cdc.kafka.producer.changelog_events` (what ``KafkaProducerSink.add_changes`` feeds
-to ``add``), and the events the assembler still makes (key changes, FULL updates,
-truncates). ``ts_ms`` (wall-clock time at event creation) is set to 0 on both sides. Each
-table's (topic's) messages are compared in order; the interleaving of different tables may
-differ (the columnar path cuts a table's rows into a batch only when it must).
+The per-event path: the pure decoder, ChangeAssembler, one ChangeEvent per change, each
+encoded by EventEncoder. The columnar path: ColumnarDecoder's Arrow batches encoded whole
+by :class:`cdc.kafka.batch_encoder.BatchEncoder` (what ``KafkaProducerSink.add_changes``
+produces), and the events the assembler still makes (key changes, FULL updates,
+truncates). The batches are also turned back into events by
+:func:`cdc.kafka.batch_encoder.changelog_events` (the batch encoder's path for the rows it
+leaves to the per-event encoder), compared field by field. ``ts_ms`` (wall-clock time at
+event creation) is set to 0 on both sides. Each table's (topic's) messages are compared in
+order; the interleaving of different tables may differ (the columnar path cuts a table's
+rows into a batch only when it must).
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ from hypothesis import strategies as st
 
 from cdc.core.events import ChangeEvent
 from cdc.core.pgtypes import Oid
+from cdc.kafka.batch_encoder import BatchEncoder, changelog_events
 from cdc.kafka.event_encoder import EventEncoder
-from cdc.kafka.producer import changelog_events
 from cdc.postgres.columnar import ChangeBatch, ColumnarDecoder
 from cdc.postgres.protocol.assembler import ChangeAssembler, TransactionCommitted
 from cdc.postgres.protocol.pgoutput import (
@@ -46,8 +49,14 @@ INT4_ARRAY = 1007
 TEXT_ARRAY = 1009
 NUMERIC_10_2 = ((10 << 16) | 2) + 4
 TIMESTAMP_3 = 3
+POINT = 600  # a type without a mapping of its own: its text
 
 _text = st.text(st.characters(exclude_categories=["Cs"]), max_size=10)
+# PostgreSQL's output of timestamps (ISO, years 1-9999; the fraction without trailing zeros,
+# as PostgreSQL prints it) and of timestamptz (at some offset).
+_datetimes = st.datetimes(min_value=datetime(1, 1, 1), max_value=datetime(9999, 12, 31))
+_timestamps = _datetimes.map(lambda d: d.isoformat(sep=" ").rstrip("0").rstrip("."))
+_zoned = st.tuples(_timestamps, st.sampled_from(["+00", "-03", "+05:30"])).map("".join)
 
 # name, type oid, typmod, key, values. Quoted, mixed-case names; a composite key of mixed
 # types (int4, text, uuid); values without a typed form (NaN, infinity...) beside typed ones.
@@ -69,19 +78,33 @@ WIDE: tuple[tuple[str, int, int, bool, st.SearchStrategy[str]], ...] = (
         Oid.TIMESTAMPTZ,
         -1,
         False,
-        st.sampled_from(["2024-01-02 03:04:05.123456+00", "infinity", "1999-12-31 23:59:59+05:30"]),
+        st.sampled_from(["2024-01-02 03:04:05.123456+00", "infinity", "1999-12-31 23:59:59+05:30"])
+        | _zoned,
     ),
+    # timestamptz(0) and (3): PostgreSQL rounds to the precision; more digits (which it
+    # never sends) are kept all the same.
+    ("Seen0", Oid.TIMESTAMPTZ, 0, False, _zoned),
+    ("seen3", Oid.TIMESTAMPTZ, 3, False, _zoned),
     (
         "local",
         Oid.TIMESTAMP,
         TIMESTAMP_3,
         False,
-        st.sampled_from(["2024-01-02 03:04:05.123", "-infinity", "2000-01-01 00:00:00"]),
+        # Sub-millisecond digits in a timestamp(3): refused by the encoder, kept as text.
+        st.sampled_from(["2024-01-02 03:04:05.123", "-infinity", "2000-01-01 00:00:00"])
+        | _timestamps,
     ),
+    ("local_us", Oid.TIMESTAMP, -1, False, _timestamps),
     ("at", Oid.TIME, -1, False, st.sampled_from(["03:04:05.5", "24:00:00", "00:00:00"])),
-    ("span", Oid.INTERVAL, -1, False, st.sampled_from(["1 day 02:00:00", "-3 mons", "00:00:01"])),
+    ("at_ms", Oid.TIME, 3, False, st.sampled_from(["03:04:05.5", "12:00:00.123", "00:00:01"])),
+    ("zone_at", Oid.TIMETZ, -1, False, st.sampled_from(["03:04:05+02", "23:59:59.5-03:30"])),
+    # ISO 8601 (our sessions' IntervalStyle), and another style: kept as text.
+    ("span", Oid.INTERVAL, -1, False, st.sampled_from(["P1DT2H", "P-3M", "PT1.5S", "-3 mons"])),
     ("ok", Oid.BOOL, -1, False, st.sampled_from(["t", "f"])),
+    ("born2", Oid.DATE, -1, False, st.dates().map(lambda d: d.isoformat())),
     ("small", Oid.INT2, -1, False, st.integers(-(2**15), 2**15 - 1).map(str)),
+    ("o", Oid.OID, -1, False, st.integers(0, 2**32 - 1).map(str)),
+    ("cash", Oid.MONEY, -1, False, st.sampled_from(["$1,234.56", "-$0.01", "$0.00"])),
     ("big", Oid.INT8, -1, False, st.integers(-(2**63), 2**63 - 1).map(str)),
     ("f4", Oid.FLOAT4, -1, False, st.sampled_from(["1.5", "NaN", "-Infinity", "3.4e38"])),
     ("score", Oid.FLOAT8, -1, False, st.sampled_from(["1.5", "NaN", "1e308", "-0"])),
@@ -91,9 +114,16 @@ WIDE: tuple[tuple[str, int, int, bool, st.SearchStrategy[str]], ...] = (
     ("doc", Oid.JSONB, -1, False, st.sampled_from(['{"a": 1}', '{"ünï": "cødé ✓"}', "[]"])),
     ("js", Oid.JSON, -1, False, st.sampled_from(['{ "b" : [1, 2.50] }', "null"])),
     ("Code", Oid.VARCHAR, 14, False, _text),
+    ("fixed", Oid.BPCHAR, 9, False, _text),
+    ("kind", Oid.CHAR, -1, False, st.sampled_from(["a", '"', "\\"])),
+    ("pt", POINT, -1, False, st.sampled_from(["(1,2)", "(-1.5,2e-9)"])),
     ("Note", Oid.TEXT, -1, False, _text),
 )
 KEYS = [i for i, c in enumerate(WIDE) if c[3]]
+#: Values without a typed form (or a Debezium one): half the rows go without them, so that
+#: the batch encoder lays out many whole rows itself (it leaves such rows to the events).
+SPECIAL = {"NaN", "Infinity", "-Infinity", "infinity", "-infinity", "0044-03-15 BC"}
+SPECIAL |= {"{{1,2},{3,4}}", "24:00:00", "1e3", "-3 mons"}
 WIDE_REL = 16384
 KEYLESS_REL = 16390  # no key: partition from the change's position
 
@@ -101,7 +131,10 @@ KEYLESS_REL = 16390  # no key: partition from the change's position
 @st.composite
 def _row(draw: st.DrawFn, *, toast: bool = False) -> tuple[Any, ...]:
     out: list[Any] = []
+    plain = draw(st.booleans())
     for _name, oid, _mod, key, values in WIDE:
+        if plain:
+            values = values.filter(lambda v: v not in SPECIAL)
         choice = draw(st.integers(0, 7))
         if not key and choice == 0:
             out.append(None)
@@ -141,8 +174,11 @@ def streams(draw: st.DrawFn) -> list[bytes]:
         ts += timedelta(seconds=1, microseconds=draw(st.integers(0, 999_999)))
         lsn += 0x100
         out.append(encode(Begin(lsn + 0x80, ts, xid)))
+        # Some transactions make only one kind of change: batches of one op and one
+        # commit, which the batch encoder lays out with constants.
+        only = draw(st.sampled_from([None, None, "insert", "update", "delete"]))
         for _ in range(draw(st.integers(0, 12))):
-            kind = draw(
+            kind = only or draw(
                 st.sampled_from(
                     ["insert", "insert", "update", "key", "full", "delete", "keyless", "trunc"]
                 )
@@ -186,9 +222,8 @@ def _per_event(messages: list[bytes]) -> list[ChangeEvent]:
     return out
 
 
-def _columnar(
-    messages: list[bytes], cut_every: int, *, in_stream: bool = False
-) -> tuple[list[ChangeEvent], int]:
+def _columnar_items(messages: list[bytes], cut_every: int, *, in_stream: bool = False) -> list[Any]:
+    """What ColumnarDecoder makes of ``messages``: batches, events and commits."""
     decoder = ColumnarDecoder(ChangeAssembler())
     items: list[Any] = []
     for i, payload in enumerate(messages):
@@ -199,9 +234,16 @@ def _columnar(
         if cut_every and i % cut_every == 0:
             items += decoder.cut_all()
     items += decoder.cut_all()
+    return items
+
+
+def _columnar(
+    messages: list[bytes], cut_every: int, *, in_stream: bool = False
+) -> tuple[list[ChangeEvent], int]:
+    """The columnar path's changes as events (its batches through changelog_events)."""
     out: list[ChangeEvent] = []
     batches = 0
-    for item in items:
+    for item in _columnar_items(messages, cut_every, in_stream=in_stream):
         if isinstance(item, ChangeBatch):
             batches += 1
             out += changelog_events(item.table, item.changes, lsns=item.lsns, texts=item.texts)
@@ -258,6 +300,26 @@ def _messages(events: list[ChangeEvent], fmt: Any) -> list[tuple[Any, ...]]:
     return out
 
 
+def _batch_messages(items: list[Any], fmt: Any) -> list[tuple[Any, ...]]:
+    """What ``KafkaProducerSink`` sends for the columnar path's items: each batch encoded
+    whole by BatchEncoder, each event by EventEncoder, in order, grouped by topic."""
+    encoder = EventEncoder(prefix="shop", database="shop", format=fmt)
+    batch_encoder = BatchEncoder(encoder)
+    out = []
+    for item in items:
+        if isinstance(item, ChangeBatch):
+            encoded = batch_encoder.encode(
+                item.table, item.changes, lsns=item.lsns, texts=item.texts, partitions=3, ts_ms=0
+            )
+            sent = list(encoded.messages(tombstones=True))
+        elif isinstance(item, ChangeEvent):
+            sent = encoder.encode(dataclasses.replace(item, ts_ms=0), tombstones=True, partitions=3)
+        else:
+            continue
+        out += [(m.topic, m.key, m.value, m.headers, m.partition) for m in sent]
+    return sorted(out, key=lambda m: m[0])  # stable: each topic's order kept
+
+
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     messages=streams(),
@@ -275,8 +337,14 @@ def test_columnar_capture_sends_the_per_event_messages(
     assert len(got) == len(expected)
     for g, e in zip(got, expected, strict=True):
         assert _comparable(g) == _comparable(e), _difference(g, e)
-    # ...and the bytes sent: keys, values, headers, partitions, in order.
-    assert _messages(got, fmt) == _messages(expected, fmt)
+    # ...and the bytes sent: keys, values, headers, partitions, in order, both from the
+    # events and from the batches encoded whole.
+    sent = _messages(expected, fmt)
+    assert _messages(got, fmt) == sent
+    batch_sent = _batch_messages(_columnar_items(messages, cut_every), fmt)
+    assert len(batch_sent) == len(sent)
+    for b, e in zip(batch_sent, sent, strict=True):
+        assert b == e, (b, e)
 
 
 def _transaction(*changes: Any) -> list[bytes]:
@@ -328,6 +396,7 @@ def test_unchanged_toast_and_fallbacks_survive_the_batch(fmt: str) -> None:
     assert event.unchanged_toast == ("Note",)
     assert event.fallback == {"born": "infinity"}
     assert _messages(got, fmt) == _messages(_per_event(messages), fmt)
+    assert _batch_messages(_columnar_items(messages, 0), fmt) == _messages(got, fmt)
 
 
 def test_replayed_spill_records_keep_their_own_lsn() -> None:
