@@ -5,7 +5,7 @@ Why: a delta-rs commit (``write_deltalake``) brings the table's whole state up t
 file list included, so a commit of a few rows costs 10-15 ms of CPU on a new table and 30-60
 ms once it holds a few hundred files. A changelog only ever appends, and an append reads
 nothing of the table: :class:`LocalAppender` writes the Parquet files and the commit's log
-entry itself, for about 1-2 ms. That is what lets ``cdc run`` keep hundreds of busy tables
+entry itself, for 1-3 ms. That is what lets ``cdc run`` keep hundreds of busy tables
 fresh on two cores (``benchmarks/many_tables.py``).
 
 A commit is ``_delta_log/<version>.json``, created only if absent: a complete temporary
@@ -29,7 +29,8 @@ is one of the table's, of the same Delta type. Anything else goes to delta-rs.
 
 Hazards:
     * Local filesystems only. On an object store, "create if absent" needs a conditional
-      PUT that pyarrow does not offer; there delta-rs commits.
+      PUT that pyarrow does not offer; there delta-rs commits. So it does on a local
+      filesystem without hard links (some network mounts).
     * A log without checkpoints makes every reader replay every JSON entry. delta-rs writes
       a checkpoint as part of every ``delta.checkpointInterval``-th commit (default 100);
       so does this appender, in the committing thread, and it cleans up expired log
