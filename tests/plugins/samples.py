@@ -104,7 +104,6 @@ def event(
 
 
 # A composite key of mixed types with quoted, mixed-case names; a keyless table.
-NUMERIC_10_2 = ((10 << 16) | 2) + 4
 MIXED = TableSchema(
     "Shop",
     "Order Lines",

@@ -37,9 +37,7 @@ from cdc.postgres.protocol.pgoutput import (
 )
 from sinks.delta_changelog import DeltaChangelogSink
 from tests.plugins.pgoutput_encode import byte_edits, encode, mutate
-
-INT4_ARRAY = 1007
-NUMERIC_10_2 = ((10 << 16) | 2) + 4
+from tests.plugins.samples import INT4_ARRAY, NUMERIC_10_2
 
 # name, type oid, typmod, key; quoted, mixed-case names and a composite key of mixed types.
 COLUMNS = (

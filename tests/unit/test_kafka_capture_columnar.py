@@ -44,10 +44,9 @@ from cdc.postgres.protocol.pgoutput import (
     decode_message,
 )
 from tests.plugins.pgoutput_encode import encode
+from tests.plugins.samples import INT4_ARRAY, NUMERIC_10_2
 
-INT4_ARRAY = 1007
 TEXT_ARRAY = 1009
-NUMERIC_10_2 = ((10 << 16) | 2) + 4
 TIMESTAMP_3 = 3
 POINT = 600  # a type without a mapping of its own: its text
 
