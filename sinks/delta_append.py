@@ -95,11 +95,11 @@ def local_path(uri: str) -> str | None:
     return None if "://" in uri else uri
 
 
-def _types(schema_json: str) -> dict[str, tuple[str, bool]]:
+def _types(schema: dict[str, Any]) -> dict[str, tuple[str, bool]]:
     """``{name: (Delta type as JSON, nullable)}`` of a Delta schema's top-level fields."""
     return {
         f["name"]: (json.dumps(f["type"], sort_keys=True), bool(f.get("nullable", True)))
-        for f in json.loads(schema_json)["fields"]
+        for f in schema["fields"]
     }
 
 
@@ -134,7 +134,7 @@ def open_appender(uri: str) -> LocalAppender | None:
         )
     ):
         return None
-    fields = _types(metadata["schemaString"])
+    fields = _types(schema)
     partitions = list(metadata.get("partitionColumns") or ())
     for name in partitions:
         if json.loads(fields[name][0]) not in ("date", "byte", "short", "integer", "long"):
@@ -255,7 +255,7 @@ class LocalAppender:
         evolves the schema or says why the rows do not fit."""
         if not any(data.schema.equals(s) for s in self._accepted):
             try:
-                incoming = _types(Schema.from_arrow(data.schema).to_json())
+                incoming = _types(json.loads(Schema.from_arrow(data.schema).to_json()))
             except (ValueError, TypeError, pa.ArrowException):
                 return False  # a type Delta has no name for: let delta-rs say so
             if any(self.fields.get(n, (None,))[0] != t for n, (t, _) in incoming.items()):
