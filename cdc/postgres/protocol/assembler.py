@@ -156,11 +156,12 @@ class ChangeAssembler:
                 f"relation has {len(table.parsers)}"
             )
         if pgoutput.UNCHANGED_TOAST not in data:
-            # The common case. (Binary values never arrive: START_REPLICATION does not ask
-            # for them.)
+            # The common case. (Binary values never arrive from a sound stream:
+            # START_REPLICATION does not ask for them. A malformed one may carry one, which
+            # a text parser refuses with a TypeError: the loop below says what is wrong.)
             try:
                 return table.convert(data), (), None
-            except ValueConversionError:
+            except (ValueConversionError, TypeError):
                 pass  # a value without a typed form: the loop below keeps its text
         values: list[Any] = []
         unchanged: list[str] = []
