@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import linecache
 import traceback
+from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 
+from cdc.core import pgtypes
 from cdc.core.codegen import compile_function, generated_filename
 from cdc.core.pgtypes import Oid
 from cdc.core.table_schema import ColumnSchema, TableSchema
@@ -48,9 +51,26 @@ def test_changed_source_gets_its_own_name_and_equal_source_reuses_it() -> None:
     assert generated_filename("example", 'a"b\nc', "x") == '<generated cdc example a"b?c>'
 
 
-def test_the_assemblers_row_converter_shows_its_line_when_a_parser_breaks() -> None:
-    """A parser failing with something other than a conversion error (here: bytes where the
-    protocol promises text) surfaces with the row converter's generated line."""
+def test_the_assemblers_row_converter_shows_its_line_when_a_parser_breaks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A parser failing with something other than a conversion error (a bug, not a bad
+    value) surfaces with the row converter's generated line."""
+    real_text_parser = pgtypes.text_parser
+
+    def text_parser(oid: int, modifier: int) -> Callable[[str], Any]:
+        parse = real_text_parser(oid, modifier)
+        if oid != Oid.TIMESTAMPTZ:
+            return parse
+
+        def broken(text: str) -> Any:
+            if text.startswith("1999"):
+                raise ZeroDivisionError("a parser bug")
+            return parse(text)
+
+        return broken
+
+    monkeypatch.setattr(pgtypes, "text_parser", text_parser)
     assembler = ChangeAssembler()
     rel = Relation(
         relation_id=1,
@@ -66,8 +86,8 @@ def test_the_assemblers_row_converter_shows_its_line_when_a_parser_breaks() -> N
     assembler.feed(Begin(final_lsn=10, commit_ts=datetime(2026, 1, 1, tzinfo=UTC), xid=5))
     [event] = assembler.feed(Insert(relation_id=1, new=("7", "2026-01-01 00:00:00+00")))
     assert event.after == (7, datetime(2026, 1, 1, tzinfo=UTC))  # type: ignore[union-attr]
-    with pytest.raises(TypeError) as info:
-        assembler.feed(Insert(relation_id=1, new=("8", b"2026-01-01 00:00:00+00")))
+    with pytest.raises(ZeroDivisionError) as info:
+        assembler.feed(Insert(relation_id=1, new=("8", "1999-01-01 00:00:00+00")))
     generated = [f for f in _frames(info.value) if f.filename.startswith("<generated")]
     assert [f.filename for f in generated] == ["<generated cdc row converter Sales.Order Lines>"]
     assert "p1(v1)" in (generated[0].line or "")
