@@ -83,8 +83,12 @@ from benchmarks import _common as c
 from catalog import Lake
 from catalog import lake_layout as layout
 from catalog.errors import QueryError
+from cdc.core.settings import BatchSettings
 
 TARGET = 1.0
+#: The flush interval the target is for: the default (``BatchSettings.max_seconds``). The
+#: other intervals show the trade-off and have no target of their own.
+TARGET_FLUSH_S = BatchSettings().max_seconds
 TABLE = "public.fresh"
 VIEW = '"public"."fresh"'
 TICK = 0.01  # the writer commits one transaction every 10 ms
@@ -467,7 +471,8 @@ def measure_embedded(dsn: str, workdir: Path, flush: float, load: Load) -> dict[
         str(flush),
     )
     facts = _measure(dsn, lake, name, [("run", run_argv, {})], load)
-    return {"measure": "freshness_embedded", "flush_interval_s": flush, **facts, "target": TARGET}
+    target = TARGET if flush == TARGET_FLUSH_S else None
+    return {"measure": "freshness_embedded", "flush_interval_s": flush, **facts, "target": target}
 
 
 def measure_kafka(
@@ -572,9 +577,9 @@ def main(argv: list[str] | None = None) -> int:
             probe_every=args.probe_every,
             synchronous_commit=args.synchronous_commit,
         ),
-        # Success: some measured interval meets the target in embedded mode.
-        passed=lambda results: any(
-            r["p99_s"] <= TARGET for r in results if r["measure"] == "freshness_embedded"
+        # Success: the default interval meets the target in embedded mode.
+        passed=lambda results: all(
+            r["p99_s"] <= TARGET for r in results if r.get("target") is not None
         ),
         argv=argv,
         arguments=_arguments,
