@@ -62,6 +62,29 @@ COALESCE_BUDGET = 0.02
 COALESCE_PER_TABLE = 0.001
 COALESCE_MAX_BUDGET = 0.25
 
+
+def gathering_wait(gathered_for: float, *, tables: int) -> float:
+    """How long a columnar read waits for the next frame when it has rows of ``tables``
+    tables and has been gathering for ``gathered_for`` seconds (0: return them now).
+
+    Example:
+        >>> gathering_wait(0.0, tables=1)  # one table: short pauses, a short budget
+        0.002
+        >>> gathering_wait(0.0, tables=300)  # many: a quarter of the longest budget
+        0.0625
+        >>> gathering_wait(0.25, tables=300)
+        0.0
+    """
+    budget = min(COALESCE_MAX_BUDGET, tables * COALESCE_PER_TABLE)
+    gap = COALESCE_SECONDS
+    if budget > COALESCE_BUDGET:
+        gap = budget / 4  # bridges the pauses between source transactions
+    else:
+        budget = COALESCE_BUDGET
+    left = budget - gathered_for
+    return min(gap, left) if left > 0 else 0.0
+
+
 #: Logical messages with this prefix are the pipeline's own (heartbeats, signals).
 MESSAGE_PREFIX = "cdc-"
 
@@ -223,15 +246,9 @@ class StreamingSource:
                     now = time.monotonic()
                     if gathering_since is None:
                         gathering_since = now
-                    tables = len(builder.pending_relations())
-                    budget = min(COALESCE_MAX_BUDGET, tables * COALESCE_PER_TABLE)
-                    gap = COALESCE_SECONDS
-                    if budget > COALESCE_BUDGET:
-                        gap = budget / 4  # bridges the pauses between source transactions
-                    else:
-                        budget = COALESCE_BUDGET
-                    left = gathering_since + budget - now
-                    wait = min(gap, left) if left > 0 else 0.0
+                    wait = gathering_wait(
+                        now - gathering_since, tables=len(builder.pending_relations())
+                    )
                 else:
                     wait = 0.0
                 frame = conn.read_frame(wait)
