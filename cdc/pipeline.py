@@ -57,7 +57,9 @@ from cdc.postgres.snapshot import SnapshotReader
 from cdc.postgres.source_queries import SourceQueries
 from cdc.postgres.streaming import StreamingSource, StreamItem
 from sinks.base import PositionStore, Sink, SnapshotProgress
+from sinks.delta_append import local_path
 from sinks.delta_changelog import DeltaChangelogSink
+from sinks.disk_sync import LakeDiskSync
 from sinks.errors import SinkBackpressureError
 from sinks.position_store import LakePositionStore
 
@@ -108,6 +110,8 @@ class CapturePipeline:
         self.progress = progress
         self.lake = layout.normalize_root(settings.lake.path)
         self.storage_options = settings.lake.storage_options or None
+        # A lake on a local disk is synced before PostgreSQL may forget what it holds.
+        self._local_lake = local_path(self.lake) if sink is None else None
         if sink is None:
             require_safe_commits(self.lake, self.storage_options, writer="cdc run")
         self.sink: Sink = sink or DeltaChangelogSink(
@@ -638,6 +642,14 @@ class CapturePipeline:
             queue_snapshot=snapshots.queued.setdefault,
         )
         self.operations = ops
+        disk_sync = LakeDiskSync(self._local_lake) if self._local_lake is not None else None
+
+        def confirm(*, wait: bool = False) -> None:
+            durable = self._durable_lsn(source)
+            if disk_sync is not None:
+                durable = disk_sync.durable_now(durable) if wait else disk_sync.durable(durable)
+            source.confirm(durable)
+
         delay = 0.5
         connected = False
         try:
@@ -664,7 +676,7 @@ class CapturePipeline:
                     if snapshots.queued:
                         self._held = snapshots.run(source, self._handle)
                         self.metrics["snapshot_rows"] = snapshots.copied_rows + initial_rows
-                    source.confirm(self._durable_lsn(source))
+                    confirm()
                 except SlotLostError as e:
                     raise self._slot_lost(f"is gone ({e})") from e
                 except SourceConnectionError as e:
@@ -690,9 +702,11 @@ class CapturePipeline:
                     delay = min(delay * 2, 30.0)
             self._flush()
             if connected:
-                source.confirm(self._durable_lsn(source))
+                confirm(wait=True)
         finally:
             source.close()
+            if disk_sync is not None:
+                disk_sync.close()
 
     def wait_flushed(self, lsn: int, *, timeout: float) -> bool:
         """Wait until everything up to ``lsn`` is durable in Delta; False on timeout."""

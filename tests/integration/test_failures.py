@@ -11,6 +11,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from confluent_kafka.admin import AdminClient
+from deltalake import DeltaTable
 
 from catalog import lake_layout
 from cdc.core.errors import TerminalError
@@ -18,6 +19,7 @@ from cdc.core.lsn import parse_lsn
 from cdc.core.settings import load_settings
 from cdc.pipeline import run_capture
 from cdc.postgres.errors import SlotLostError
+from sinks import disk_sync
 from sinks.errors import TerminalSinkError
 from tests.plugins.failures import (
     Role,
@@ -209,6 +211,47 @@ def test_a_failing_delta_store_is_retried_without_confirming_then_resumes(
         wait_caught_up(pipeline, pg_dsn)
     retried = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
     assert retried and str(changes) in retried[0], retried
+    assert_lake_matches_postgres(pg_dsn, lake_dir, "public.items", COLUMNS, KEY)
+
+
+def test_changes_are_confirmed_only_after_the_lakes_disk_sync(
+    pg_dsn: str, pg_conn: psycopg.Connection, lake_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A commit in the page cache is lost by a power cut: PostgreSQL may forget a change
+    only once the sync that follows its Delta commit has finished."""
+    create_items(pg_conn)
+    real_sync = disk_sync.filesystem_sync()
+    held = threading.Event()  # set: syncs wait until `released` is set
+    released = threading.Event()
+    syncs_held = []
+
+    def sync(fd: int) -> None:
+        if held.is_set():
+            syncs_held.append(fd)
+            released.wait(60)
+        real_sync(fd)
+
+    monkeypatch.setattr(disk_sync, "filesystem_sync", lambda: sync)
+    changes = lake_layout.changes_uri(lake_dir, "public.items")
+    with running_pipeline(pg_dsn, lake_dir, **{"source.tables": ["public.items"]}) as pipeline:
+        wait_caught_up(pipeline, pg_dsn)
+        held.set()
+        insert_items(pg_conn, 4000, 25)
+        committed = parse_lsn(
+            pg_conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()[0]  # type: ignore[index]
+        )
+        deadline = time.monotonic() + 30
+        while DeltaTable(changes).to_pyarrow_dataset().count_rows() < 100 + 25:
+            assert time.monotonic() < deadline, "the insert did not reach Delta"
+            time.sleep(0.1)
+        time.sleep(1)  # flushes and confirmations go on meanwhile
+        assert syncs_held, "no sync was asked for after the commit"
+        confirmed = pg_conn.execute(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = 'test'"
+        ).fetchone()
+        assert confirmed is not None and parse_lsn(confirmed[0]) < committed
+        released.set()
+        wait_caught_up(pipeline, pg_dsn)
     assert_lake_matches_postgres(pg_dsn, lake_dir, "public.items", COLUMNS, KEY)
 
 
