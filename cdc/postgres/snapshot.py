@@ -1,12 +1,13 @@
 """Initial snapshot: copies a table's rows inside the slot's exported snapshot.
 
 Rows travel as COPY ... CSV bytes. A reader thread drains the COPY at the libpq level
-(PostgreSQL sends one message per row) and joins the rows into chunks of about
-``block_bytes``; each chunk holds whole rows, so pyarrow parses it as a CSV document of its
-own, and its columns are converted vectorized (:func:`cdc.core.pgtypes.text_to_arrow_lossless`).
-No per-row Python runs beyond taking the message (none at all with the compiled drain of
-:mod:`cdc.postgres.copy_drain`), and the COPY keeps flowing while the caller converts and
-writes the previous chunk (pyarrow and deltalake release the GIL).
+(PostgreSQL sends one message per row) in chunks of about ``block_bytes`` of whole rows.
+The compiled drain of :mod:`cdc.postgres.copy_drain` splits each row into Arrow string
+columns as it takes it, without the GIL; the Python drain joins the rows and pyarrow parses
+each chunk as a CSV document of its own, into the same columns. Either way the columns are
+converted vectorized (:func:`cdc.core.pgtypes.text_to_arrow_lossless`), no per-row Python
+runs beyond taking the message (none at all compiled), and the COPY keeps flowing while the
+caller converts and writes the previous chunk (pyarrow and deltalake release the GIL).
 Memory stays bounded by a few chunks, whatever the table size.
 
 The snapshot and the stream meet at the slot's consistent point: the exported snapshot
@@ -20,7 +21,7 @@ import contextlib
 import queue
 import select
 import threading
-from collections.abc import Generator, Iterator
+from collections.abc import Generator, Iterator, Sequence
 from typing import Any
 
 import psycopg
@@ -32,7 +33,7 @@ from catalog import lake_layout as layout
 from cdc.core import pgtypes
 from cdc.core.table_schema import TableSchema
 from cdc.postgres import copy_drain
-from cdc.postgres.errors import postgres_error
+from cdc.postgres.errors import CopyFormatError, postgres_error
 from cdc.postgres.replication import session_conninfo
 
 #: Bytes of CSV parsed per Arrow batch: the unit of memory use while copying.
@@ -48,20 +49,39 @@ class _End:
     """Put by the reader thread after the last chunk."""
 
 
+#: A chunk of the COPY: whole CSV rows joined, or already split into string columns.
+_Chunk = bytes | bytearray | list[pa.Array]
+
+
 def _drain_copy(
-    pgconn: pq.abc.PGconn, encoding: str, block_bytes: int, stop: threading.Event
-) -> Iterator[bytes | bytearray]:
-    """Yield the rows of the COPY OUT in progress on ``pgconn``, joined into chunks of whole
+    pgconn: pq.abc.PGconn,
+    encoding: str,
+    block_bytes: int,
+    stop: threading.Event,
+    *,
+    columns: int = 0,
+    what: str = "the COPY",
+) -> Iterator[_Chunk]:
+    """Yield the rows of the COPY ... CSV OUT in progress on ``pgconn`` in chunks of whole
     rows of about ``block_bytes``; then read the COPY's final result (raising its error,
     its message decoded with ``encoding``, the connection's Python codec name).
 
+    With the compiled drain (:mod:`cdc.postgres.copy_drain`) and ``columns`` (the number of
+    columns, at least one) given, each chunk is already split into that many string
+    arrays; otherwise it is the rows' CSV bytes, for :func:`_parse_chunk`.
+
     Runs in the reader thread: waits for the socket with ``select`` or ``poll`` (either
-    releases the GIL), never inside libpq. The compiled drain (:mod:`cdc.postgres.copy_drain`)
-    takes the rows without the GIL at all. Stops early, leaving the COPY in progress, when
-    ``stop`` is set; the COPY context (``Copy.finish``) then cancels it.
+    releases the GIL), never inside libpq. The compiled drain takes the rows without the
+    GIL at all. Stops early, leaving the COPY in progress, when ``stop`` is set; the COPY
+    context (``Copy.finish``) then cancels it.
     """
     drain = copy_drain.compiled_drain(pgconn)
-    if drain is not None:
+    ended: bool
+    if drain is not None and columns > 0:
+        ended = yield from _columns_compiled(
+            drain, pgconn, encoding, block_bytes, stop, columns=columns, what=what
+        )
+    elif drain is not None:
         ended = yield from _rows_compiled(drain, pgconn, encoding, block_bytes, stop)
     else:
         ended = yield from _rows(pgconn, block_bytes, stop)
@@ -124,6 +144,46 @@ def _rows_compiled(
             return False
 
 
+def _columns_compiled(
+    drain: Any,
+    pgconn: pq.abc.PGconn,
+    encoding: str,
+    block_bytes: int,
+    stop: threading.Event,
+    *,
+    columns: int,
+    what: str,
+) -> Generator[list[pa.Array], None, bool]:
+    """:func:`_rows_compiled`, each chunk split into ``columns`` string arrays by the
+    drain as it takes the rows (``CopyDrain.drain_columns``)."""
+    # pyarrow.csv checks that the text is UTF-8; PostgreSQL guarantees it when the
+    # connection's encoding is UTF8, so only another encoding needs the check here.
+    check_utf8 = encoding.replace("-", "").replace("_", "").lower() != "utf8"
+    done = 0
+    while True:
+        status, bad_row, rows, buffers = drain.drain_columns(columns, block_bytes, _POLL_MS)
+        if status in (copy_drain.MALFORMED, copy_drain.TOO_LARGE):
+            problem = (
+                f"is not a CSV row of its {columns} columns"
+                if status == copy_drain.MALFORMED
+                else "holds more text in one column than an Arrow string array takes (2 GiB)"
+            )
+            raise CopyFormatError(f"row {done + bad_row + 1} of {what} {problem}")
+        if rows:
+            arrays = copy_drain.string_columns(rows, buffers)
+            if check_utf8:
+                for array in arrays:
+                    array.validate(full=True)  # ArrowInvalid, as from pyarrow.csv
+            done += rows
+            yield arrays
+        if status == copy_drain.END:
+            return True
+        if status == copy_drain.FAILED:  # what psycopg raises for PQgetCopyData's -2
+            raise psycopg.OperationalError(pgconn.get_error_message(encoding))
+        if stop.is_set():
+            return False
+
+
 def _read_ahead(items: Iterator[object], out: queue.Queue[object], stop: threading.Event) -> None:
     """The reader thread: puts ``items``, then :class:`_End` or the exception raised."""
     end: object = _End
@@ -167,12 +227,12 @@ def _parse_chunk(chunk: bytes | bytearray, column_names: list[str]) -> pa.Table:
     )
 
 
-def _typed_batch(table: TableSchema, batch: pa.RecordBatch | pa.Table) -> pa.Table:
+def _typed_batch(
+    table: TableSchema, texts: Sequence[pa.Array | pa.ChunkedArray], rows: int
+) -> pa.Table:
     """Convert one batch of text columns; values without a typed form keep their exact text
     in a ``_cdc_fallback`` map column (added only when some value needed it)."""
-    columns, fallback = pgtypes.texts_to_arrow_lossless(
-        batch.columns, table.columns, rows=batch.num_rows
-    )
+    columns, fallback = pgtypes.texts_to_arrow_lossless(texts, table.columns, rows=rows)
     result = pa.Table.from_arrays(columns, names=list(table.column_names))
     if fallback is not None:
         result = result.append_column(layout.FALLBACK, fallback)
@@ -248,8 +308,19 @@ class SnapshotReader:
         encoding = self._conn.info.encoding  # read here, not while the thread drains
 
         def batches() -> Iterator[pa.Table]:  # runs in the reader thread
-            for chunk in _drain_copy(self._conn.pgconn, encoding, self.block_bytes, stop):
-                yield _typed_batch(table, _parse_chunk(chunk, positional))
+            for chunk in _drain_copy(
+                self._conn.pgconn,
+                encoding,
+                self.block_bytes,
+                stop,
+                columns=len(names),
+                what=f"the COPY of {table.qualified_name}",
+            ):
+                if isinstance(chunk, list):  # split by the compiled drain
+                    yield _typed_batch(table, chunk, len(chunk[0]))
+                else:
+                    parsed = _parse_chunk(chunk, positional)
+                    yield _typed_batch(table, parsed.columns, parsed.num_rows)
 
         try:
             with self._conn.cursor().copy(query):
