@@ -239,6 +239,28 @@ def _typed_batch(
     return result
 
 
+class TableCopy:
+    """The batches of one table's COPY in progress (:meth:`SnapshotReader.start_table`).
+
+    An iterator of Arrow tables; :meth:`close` stops its reader thread and cancels the
+    COPY if it is still running (use ``contextlib.closing``).
+    """
+
+    def __init__(self, batches: Generator[pa.Table | None, None, None]) -> None:
+        self._batches = batches
+
+    def __iter__(self) -> TableCopy:
+        return self
+
+    def __next__(self) -> pa.Table:
+        batch = next(self._batches)
+        assert batch is not None  # only the priming step yields None
+        return batch
+
+    def close(self) -> None:
+        self._batches.close()
+
+
 class SnapshotReader:
     """Reads tables as they were in one exported snapshot.
 
@@ -288,7 +310,31 @@ class SnapshotReader:
         return bool(row and row[0])
 
     def read_table(self, table: TableSchema) -> Generator[pa.Table, None, None]:
-        """Yields the table's rows as Arrow tables typed like :func:`pgtypes.arrow_type`."""
+        """Yields the table's rows as Arrow tables typed like :func:`pgtypes.arrow_type`.
+
+        The COPY starts when the first batch is asked for; :meth:`start_table` starts it
+        at once.
+        """
+        for batch in self._read(table, primed=False):
+            assert batch is not None
+            yield batch
+
+    def start_table(self, table: TableSchema) -> TableCopy:
+        """:meth:`read_table`, with the COPY sent and its reader thread draining it when
+        this returns, so that the server copies while the caller gets its sink ready.
+
+        Close the generator (``contextlib.closing``) even if it is never iterated: that
+        stops the reader thread and cancels the COPY. Errors of the COPY statement itself
+        (no privilege) are raised here.
+        """
+        batches = self._read(table, primed=True)
+        primed = next(batches)  # runs up to the priming point: the COPY is running
+        assert primed is None
+        return TableCopy(batches)
+
+    def _read(self, table: TableSchema, *, primed: bool) -> Generator[pa.Table | None, None, None]:
+        """The batches of :meth:`read_table`; with ``primed``, first a ``None`` once the
+        COPY is sent and the reader thread started."""
         names = table.column_names
         columns = sql.SQL(", ").join(sql.Identifier(n) for n in names)
         relation = sql.Identifier(table.schema, table.table)
@@ -324,7 +370,7 @@ class SnapshotReader:
 
         try:
             with self._conn.cursor().copy(query):
-                yield from self._in_thread(batches(), stop)
+                yield from self._in_thread(batches(), stop, primed=primed)
         except psycopg.Error as e:
             name = table.qualified_name
             raise postgres_error(
@@ -335,8 +381,11 @@ class SnapshotReader:
             ) from e
 
     @staticmethod
-    def _in_thread(items: Iterator[pa.Table], stop: threading.Event) -> Iterator[pa.Table]:
-        """``items``, produced by a thread up to :data:`_READ_AHEAD` ahead of the caller.
+    def _in_thread(
+        items: Iterator[pa.Table], stop: threading.Event, *, primed: bool
+    ) -> Iterator[pa.Table | None]:
+        """``items``, produced by a thread up to :data:`_READ_AHEAD` ahead of the caller;
+        with ``primed``, first a ``None`` as soon as the thread runs.
 
         The thread stops (and is joined) before this generator ends, however it ends; if
         the COPY is then still in progress, leaving the COPY context cancels it.
@@ -347,6 +396,8 @@ class SnapshotReader:
         )
         reader.start()
         try:
+            if primed:
+                yield None
             while True:
                 item = out.get()
                 if item is _End:

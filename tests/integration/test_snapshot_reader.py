@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import threading
@@ -18,7 +19,7 @@ from hypothesis import strategies as st
 from catalog import lake_layout as layout
 from cdc.core.table_schema import TableSchema
 from cdc.postgres import copy_drain
-from cdc.postgres.errors import CopyFormatError, SourceConnectionError
+from cdc.postgres.errors import CopyFormatError, SourceConnectionError, SourceError
 from cdc.postgres.introspect import describe_tables
 from cdc.postgres.snapshot import SnapshotReader, _drain_copy, _parse_chunk
 from tests.plugins.capture_path import CapturePath
@@ -360,3 +361,47 @@ def test_rows_of_other_columns_raise_a_clear_error(
         for chunk in chunks:  # the Python drain's rows, parsed as the reader does
             assert not isinstance(chunk, list)
             _parse_chunk(chunk, ["a", "b", "c"])
+
+
+def test_a_started_copy_runs_before_it_is_read_and_closes_unread(
+    pg_dsn: str, pg_conn: psycopg.Connection
+) -> None:
+    """start_table sends the COPY and starts its reader at once (the pipeline readies the
+    sink meanwhile); closed without a batch read, it stops the thread and cancels the COPY
+    (as a stopped pipeline does: the snapshot transaction ends with it)."""
+    pg_conn.execute("CREATE TABLE big (id int PRIMARY KEY, t text)")
+    pg_conn.execute(
+        "INSERT INTO big SELECT g, repeat(md5(g::text), 4) FROM generate_series(1, 200000) g"
+    )
+    big = _schema(pg_conn, "big")
+    with SnapshotReader(pg_dsn, None, block_bytes=64 * 1024) as reader:
+        started = reader.start_table(big)
+        assert _reader_threads()  # draining already
+        active = pg_conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'COPY %%big%%'"
+            " AND state = 'active' AND pid <> pg_backend_pid()"
+        ).fetchone()
+        assert active == (1,)
+        started.close()
+        assert not _reader_threads()
+        assert reader._conn.pgconn.transaction_status != psycopg.pq.TransactionStatus.ACTIVE
+    with (
+        SnapshotReader(pg_dsn, None, block_bytes=64 * 1024) as reader,
+        contextlib.closing(reader.start_table(big)) as again,
+    ):
+        assert sum(batch.num_rows for batch in again) == 200_000
+    assert not _reader_threads()
+
+
+def test_a_refused_copy_raises_when_started(pg_dsn: str, pg_conn: psycopg.Connection) -> None:
+    pg_conn.execute("CREATE TABLE private (id int PRIMARY KEY)")
+    role = f"r_{uuid.uuid4().hex[:8]}"
+    pg_conn.execute(f"CREATE ROLE {role} LOGIN")
+    try:
+        dsn = psycopg.conninfo.make_conninfo(pg_dsn, user=role)
+        with SnapshotReader(dsn, None) as reader:
+            with pytest.raises(SourceError, match=r"GRANT SELECT ON public\.private"):
+                reader.start_table(_schema(pg_conn, "private"))
+            assert not _reader_threads()
+    finally:
+        pg_conn.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
