@@ -82,7 +82,48 @@ cdef inline int _append(Column* col, const char* src, Py_ssize_t n) noexcept nog
     return 0
 
 
-cdef class _Columns:
+cdef class _Rows:
+    """Where :meth:`CopyDrain._fill` puts the rows it takes."""
+
+    cdef int add_row(self, const char* p, Py_ssize_t n) noexcept nogil:
+        """Take one row of ``n`` bytes; 0, or the status that stops the drain."""
+        return 0
+
+
+cdef class _Joined(_Rows):
+    """The rows of a chunk joined into one buffer, as the COPY sent them."""
+
+    cdef char* out
+    cdef Py_ssize_t size
+    cdef Py_ssize_t cap
+
+    def __cinit__(self, Py_ssize_t cap):
+        self.cap = cap
+        self.size = 0
+        self.out = <char*>malloc(cap)
+        if self.out == NULL:
+            raise MemoryError()
+
+    def __dealloc__(self):
+        free(self.out)
+
+    cdef int add_row(self, const char* p, Py_ssize_t n) noexcept nogil:
+        cdef char* grown
+        if self.size + n > self.cap:
+            grown = <char*>realloc(self.out, (self.size + n) * 2)
+            if grown == NULL:
+                return _NO_MEMORY
+            self.out = grown
+            self.cap = (self.size + n) * 2
+        memcpy(self.out + self.size, p, n)
+        self.size += n
+        return 0
+
+    def joined(self):
+        return PyBytes_FromStringAndSize(self.out, self.size)
+
+
+cdef class _Columns(_Rows):
     """The string columns a chunk of CSV rows is split into (one Arrow StringArray each)."""
 
     cdef Column* cols
@@ -280,62 +321,63 @@ cdef class CopyDrain:
         self.freemem = <freemem_t>freemem
         self.socket_fn = <socket_t>socket_fn
 
+    cdef int _take(self, char** row, int timeout_ms) noexcept nogil:
+        """The next row into ``row``: its size (> 0; the caller frees it with PQfreemem),
+        0 when none came for ``timeout_ms``, -1 when the COPY is over, -2 when libpq failed
+        (PQgetCopyData -2, or PQconsumeInput 0). Waits for the socket with ``poll`` when
+        libpq has no whole row buffered."""
+        cdef int n
+        cdef int ready
+        cdef pollfd pfd
+        while True:
+            row[0] = NULL
+            n = self.get_copy_data(self.conn, row, 1)  # 1: never block
+            if n > 0 or n == -1:
+                return n
+            if n < -1:
+                return -2
+            pfd.fd = self.socket_fn(self.conn)
+            pfd.events = POLLIN
+            pfd.revents = 0
+            ready = poll(&pfd, 1, timeout_ms)
+            if ready > 0:
+                if self.consume_input(self.conn) == 0:
+                    return -2
+            elif ready == 0:
+                return 0  # the caller looks whether it is still wanted
+            # ready < 0: interrupted by a signal; poll again
+
+    cdef int _fill(self, _Rows rows, Py_ssize_t block_bytes, int timeout_ms) noexcept nogil:
+        """Hand rows to ``rows`` until they pass ``block_bytes`` in all: the status."""
+        cdef Py_ssize_t size = 0
+        cdef char* row
+        cdef int n
+        cdef int status
+        while True:
+            n = self._take(&row, timeout_ms)
+            if n > 0:
+                status = rows.add_row(row, n)
+                self.freemem(row)
+                if status:
+                    return status
+                size += n
+                if size >= block_bytes:
+                    return _MORE
+            elif n == 0:
+                return _MORE  # the caller looks whether it is still wanted
+            else:
+                return _END if n == -1 else _FAILED
+
     def drain(self, Py_ssize_t block_bytes, int timeout_ms):
         """``(status, rows)``: whole rows joined, from the first that passes ``block_bytes``
         back; fewer when the COPY ended, libpq failed or no row came for ``timeout_ms``."""
-        cdef Py_ssize_t cap = block_bytes + 65536
-        cdef Py_ssize_t size = 0
-        cdef char* out = <char*>malloc(cap)
-        cdef char* row
-        cdef char* grown
-        cdef int n
-        cdef int ready
-        cdef int status = _MORE
-        cdef pollfd pfd
-        if out == NULL:
+        cdef _Joined joined = _Joined(block_bytes + 65536)
+        cdef int status
+        with nogil:
+            status = self._fill(joined, block_bytes, timeout_ms)
+        if status == _NO_MEMORY:
             raise MemoryError()
-        try:
-            with nogil:
-                while True:
-                    row = NULL
-                    n = self.get_copy_data(self.conn, &row, 1)  # 1: never block
-                    if n > 0:
-                        if size + n > cap:
-                            cap = (size + n) * 2
-                            grown = <char*>realloc(out, cap)
-                            if grown == NULL:
-                                self.freemem(row)
-                                status = _NO_MEMORY
-                                break
-                            out = grown
-                        memcpy(out + size, row, n)
-                        size += n
-                        self.freemem(row)
-                        if size >= block_bytes:
-                            break
-                    elif n == 0:  # no whole row buffered: wait for the socket
-                        pfd.fd = self.socket_fn(self.conn)
-                        pfd.events = POLLIN
-                        pfd.revents = 0
-                        ready = poll(&pfd, 1, timeout_ms)
-                        if ready > 0:
-                            if self.consume_input(self.conn) == 0:
-                                status = _FAILED
-                                break
-                        elif ready == 0:
-                            break  # the caller looks whether it is still wanted
-                        # ready < 0: interrupted by a signal; poll again
-                    elif n == -1:
-                        status = _END
-                        break
-                    else:
-                        status = _FAILED
-                        break
-            if status == _NO_MEMORY:
-                raise MemoryError()
-            return status, PyBytes_FromStringAndSize(out, size)
-        finally:
-            free(out)
+        return status, joined.joined()
 
     def drain_columns(self, Py_ssize_t ncols, Py_ssize_t block_bytes, int timeout_ms):
         """``(status, bad_row, rows, columns)``: :meth:`drain`, with each row of a COPY
@@ -347,41 +389,9 @@ cdef class CopyDrain:
         that stopped the split, and nothing else is returned.
         """
         cdef _Columns cols = _Columns(ncols)
-        cdef Py_ssize_t size = 0
-        cdef char* row
-        cdef int n
-        cdef int ready
-        cdef int status = _MORE
-        cdef pollfd pfd
+        cdef int status
         with nogil:
-            while True:
-                row = NULL
-                n = self.get_copy_data(self.conn, &row, 1)  # 1: never block
-                if n > 0:
-                    status = cols.add_row(row, n)
-                    self.freemem(row)
-                    if status:
-                        break
-                    size += n
-                    if size >= block_bytes:
-                        break
-                elif n == 0:  # no whole row buffered: wait for the socket
-                    pfd.fd = self.socket_fn(self.conn)
-                    pfd.events = POLLIN
-                    pfd.revents = 0
-                    ready = poll(&pfd, 1, timeout_ms)
-                    if ready > 0:
-                        if self.consume_input(self.conn) == 0:
-                            status = _FAILED
-                            break
-                    elif ready == 0:
-                        break  # the caller looks whether it is still wanted
-                elif n == -1:
-                    status = _END
-                    break
-                else:
-                    status = _FAILED
-                    break
+            status = self._fill(cols, block_bytes, timeout_ms)
         if status == _NO_MEMORY:
             raise MemoryError()
         if status == _MALFORMED or status == _TOO_LARGE:

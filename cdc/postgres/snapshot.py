@@ -136,12 +136,23 @@ def _rows_compiled(
         status, chunk = drain.drain(block_bytes, _POLL_MS)
         if chunk:
             yield chunk
-        if status == copy_drain.END:
-            return True
-        if status == copy_drain.FAILED:  # what psycopg raises for PQgetCopyData's -2
-            raise psycopg.OperationalError(pgconn.get_error_message(encoding))
-        if stop.is_set():
-            return False
+        ended = _copy_ended(status, pgconn, encoding, stop)
+        if ended is not None:
+            return ended
+
+
+def _copy_ended(
+    status: int, pgconn: pq.abc.PGconn, encoding: str, stop: threading.Event
+) -> bool | None:
+    """After a call of the compiled drain: True when the COPY is over, False when ``stop``
+    is set, None to call it again; raises what psycopg raises for PQgetCopyData's -2."""
+    if status == copy_drain.END:
+        return True
+    if status == copy_drain.FAILED:
+        raise psycopg.OperationalError(pgconn.get_error_message(encoding))
+    if stop.is_set():
+        return False
+    return None
 
 
 def _columns_compiled(
@@ -176,12 +187,9 @@ def _columns_compiled(
                     array.validate(full=True)  # ArrowInvalid, as from pyarrow.csv
             done += rows
             yield arrays
-        if status == copy_drain.END:
-            return True
-        if status == copy_drain.FAILED:  # what psycopg raises for PQgetCopyData's -2
-            raise psycopg.OperationalError(pgconn.get_error_message(encoding))
-        if stop.is_set():
-            return False
+        ended = _copy_ended(status, pgconn, encoding, stop)
+        if ended is not None:
+            return ended
 
 
 def _read_ahead(items: Iterator[object], out: queue.Queue[object], stop: threading.Event) -> None:

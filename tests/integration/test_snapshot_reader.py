@@ -44,6 +44,15 @@ def _schema(conn: psycopg.Connection, table: str) -> TableSchema:
     return describe_tables(conn, [("public", table)])[("public", table)]
 
 
+def _create_big(conn: psycopg.Connection, *, repeat: int) -> None:
+    """``big``: 200,000 rows of an int key and ``repeat`` md5 texts, several chunks."""
+    conn.execute("CREATE TABLE big (id int PRIMARY KEY, t text)")
+    conn.execute(
+        "INSERT INTO big SELECT g, repeat(md5(g::text), %s) FROM generate_series(1, 200000) g",
+        [repeat],
+    )
+
+
 def _reader_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name == "cdc-snapshot-copy"]
 
@@ -99,10 +108,7 @@ def test_fallback_text_per_chunk(pg_dsn: str, pg_conn: psycopg.Connection) -> No
 
 
 def test_stopping_mid_table_cancels_the_copy(pg_dsn: str, pg_conn: psycopg.Connection) -> None:
-    pg_conn.execute("CREATE TABLE big (id int PRIMARY KEY, t text)")
-    pg_conn.execute(
-        "INSERT INTO big SELECT g, repeat(md5(g::text), 4) FROM generate_series(1, 200000) g"
-    )
+    _create_big(pg_conn, repeat=4)
     big = _schema(pg_conn, "big")
     with SnapshotReader(pg_dsn, None, block_bytes=64 * 1024) as reader:
         batches = reader.read_table(big)
@@ -116,10 +122,7 @@ def test_stopping_mid_table_cancels_the_copy(pg_dsn: str, pg_conn: psycopg.Conne
 
 
 def test_connection_lost_mid_copy(pg_dsn: str, pg_conn: psycopg.Connection) -> None:
-    pg_conn.execute("CREATE TABLE big (id int PRIMARY KEY, t text)")
-    pg_conn.execute(
-        "INSERT INTO big SELECT g, repeat(md5(g::text), 8) FROM generate_series(1, 200000) g"
-    )
+    _create_big(pg_conn, repeat=8)
     schema = _schema(pg_conn, "big")
     reader = SnapshotReader(pg_dsn, None, block_bytes=64 * 1024)
     try:
@@ -137,10 +140,7 @@ def test_connection_lost_mid_copy(pg_dsn: str, pg_conn: psycopg.Connection) -> N
 
 def test_raising_out_of_the_loop_stops_the_reader(pg_dsn: str, pg_conn: psycopg.Connection) -> None:
     # The pipeline's stop: an exception raised between batches, then the reader closes.
-    pg_conn.execute("CREATE TABLE big (id int PRIMARY KEY, t text)")
-    pg_conn.execute(
-        "INSERT INTO big SELECT g, repeat(md5(g::text), 4) FROM generate_series(1, 200000) g"
-    )
+    _create_big(pg_conn, repeat=4)
     big = _schema(pg_conn, "big")
 
     class Stopped(Exception):
@@ -369,10 +369,7 @@ def test_a_started_copy_runs_before_it_is_read_and_closes_unread(
     """start_table sends the COPY and starts its reader at once (the pipeline readies the
     sink meanwhile); closed without a batch read, it stops the thread and cancels the COPY
     (as a stopped pipeline does: the snapshot transaction ends with it)."""
-    pg_conn.execute("CREATE TABLE big (id int PRIMARY KEY, t text)")
-    pg_conn.execute(
-        "INSERT INTO big SELECT g, repeat(md5(g::text), 4) FROM generate_series(1, 200000) g"
-    )
+    _create_big(pg_conn, repeat=4)
     big = _schema(pg_conn, "big")
     with SnapshotReader(pg_dsn, None, block_bytes=64 * 1024) as reader:
         started = reader.start_table(big)
