@@ -22,6 +22,7 @@ import queue
 import select
 import threading
 from collections.abc import Generator, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -76,17 +77,46 @@ def _drain_copy(
     context (``Copy.finish``) then cancels it.
     """
     drain = copy_drain.compiled_drain(pgconn)
+    copying = _Copying(pgconn, encoding, stop)
     ended: bool
-    if drain is not None and columns > 0:
-        ended = yield from _columns_compiled(
-            drain, pgconn, encoding, block_bytes, stop, columns=columns, what=what
-        )
-    elif drain is not None:
-        ended = yield from _rows_compiled(drain, pgconn, encoding, block_bytes, stop)
-    else:
-        ended = yield from _rows(pgconn, block_bytes, stop)
+    try:
+        if drain is not None and columns > 0:
+            ended = yield from _columns_compiled(
+                drain, copying, block_bytes, columns=columns, what=what
+            )
+        elif drain is not None:
+            ended = yield from _rows_compiled(drain, copying, block_bytes)
+        else:
+            ended = yield from _rows(copying, block_bytes)
+    except BaseException:
+        if copying.over:
+            # The COPY's last rows failed (their text, or the consumer's handling of them)
+            # after libpq saw its end: read its result now, or the connection stays busy
+            # and the COPY context and the transaction's end fail with "another command is
+            # already in progress", hiding this error.
+            _copy_result(pgconn, encoding)
+        raise
     if not ended:
         return
+    error = _copy_result(pgconn, encoding)
+    if error is not None:
+        raise error
+
+
+@dataclass
+class _Copying:
+    """The COPY a drain loop reads: its connection, the connection's Python codec name,
+    the reader's stop, and ``over``, set when libpq reports the COPY's end (its result is
+    then pending)."""
+
+    pgconn: pq.abc.PGconn
+    encoding: str
+    stop: threading.Event
+    over: bool = False
+
+
+def _copy_result(pgconn: pq.abc.PGconn, encoding: str) -> psycopg.Error | None:
+    """Read the result of a COPY whose end libpq has seen: its error, or None."""
     while pgconn.is_busy():
         select.select([pgconn.socket], [], [], _POLL_SECONDS)
         pgconn.consume_input()
@@ -95,15 +125,13 @@ def _drain_copy(
     while (result := pgconn.get_result()) is not None:
         if result.status != pq.ExecStatus.COMMAND_OK and error is None:
             error = psycopg.errors.error_from_result(result, encoding=encoding)
-    if error is not None:
-        raise error
+    return error
 
 
-def _rows(
-    pgconn: pq.abc.PGconn, block_bytes: int, stop: threading.Event
-) -> Generator[bytearray, None, bool]:
+def _rows(copying: _Copying, block_bytes: int) -> Generator[bytearray, None, bool]:
     """The rows of the COPY in chunks, taken one by one with psycopg; returns whether the
     COPY ended (False: ``stop`` was set first)."""
+    pgconn, stop = copying.pgconn, copying.stop
     get = pgconn.get_copy_data
     # Each row is appended to the chunk at once: keeping the rows' own buffers alive until
     # a join costs three times as much (an object per row, and the GC passes over them).
@@ -122,57 +150,49 @@ def _rows(
             if select.select([pgconn.socket], [], [], _POLL_SECONDS)[0]:
                 pgconn.consume_input()
         else:  # -1: the COPY is over (-2 raises OperationalError in psycopg)
+            copying.over = True
             break
     if chunk:
         yield chunk
     return True
 
 
-def _rows_compiled(
-    drain: Any, pgconn: pq.abc.PGconn, encoding: str, block_bytes: int, stop: threading.Event
-) -> Generator[bytes, None, bool]:
+def _rows_compiled(drain: Any, copying: _Copying, block_bytes: int) -> Generator[bytes, None, bool]:
     """:func:`_rows`, each chunk taken by the compiled drain in one call without the GIL."""
     while True:
         status, chunk = drain.drain(block_bytes, _POLL_MS)
+        copying.over = status == copy_drain.END
         if chunk:
             yield chunk
-        ended = _copy_ended(status, pgconn, encoding, stop)
+        ended = _copy_ended(status, copying)
         if ended is not None:
             return ended
 
 
-def _copy_ended(
-    status: int, pgconn: pq.abc.PGconn, encoding: str, stop: threading.Event
-) -> bool | None:
+def _copy_ended(status: int, copying: _Copying) -> bool | None:
     """After a call of the compiled drain: True when the COPY is over, False when ``stop``
     is set, None to call it again; raises what psycopg raises for PQgetCopyData's -2."""
     if status == copy_drain.END:
         return True
     if status == copy_drain.FAILED:
-        raise psycopg.OperationalError(pgconn.get_error_message(encoding))
-    if stop.is_set():
+        raise psycopg.OperationalError(copying.pgconn.get_error_message(copying.encoding))
+    if copying.stop.is_set():
         return False
     return None
 
 
 def _columns_compiled(
-    drain: Any,
-    pgconn: pq.abc.PGconn,
-    encoding: str,
-    block_bytes: int,
-    stop: threading.Event,
-    *,
-    columns: int,
-    what: str,
+    drain: Any, copying: _Copying, block_bytes: int, *, columns: int, what: str
 ) -> Generator[list[pa.Array], None, bool]:
     """:func:`_rows_compiled`, each chunk split into ``columns`` string arrays by the
     drain as it takes the rows (``CopyDrain.drain_columns``)."""
     # pyarrow.csv checks that the text is UTF-8; PostgreSQL guarantees it when the
     # connection's encoding is UTF8, so only another encoding needs the check here.
-    check_utf8 = encoding.replace("-", "").replace("_", "").lower() != "utf8"
+    check_utf8 = copying.encoding.replace("-", "").replace("_", "").lower() != "utf8"
     done = 0
     while True:
         status, bad_row, rows, buffers = drain.drain_columns(columns, block_bytes, _POLL_MS)
+        copying.over = status == copy_drain.END
         if status in (copy_drain.MALFORMED, copy_drain.TOO_LARGE):
             problem = (
                 f"is not a CSV row of its {columns} columns"
@@ -187,7 +207,7 @@ def _columns_compiled(
                     array.validate(full=True)  # ArrowInvalid, as from pyarrow.csv
             done += rows
             yield arrays
-        ended = _copy_ended(status, pgconn, encoding, stop)
+        ended = _copy_ended(status, copying)
         if ended is not None:
             return ended
 

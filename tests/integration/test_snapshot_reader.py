@@ -23,6 +23,7 @@ from cdc.postgres.errors import CopyFormatError, SourceConnectionError, SourceEr
 from cdc.postgres.introspect import describe_tables
 from cdc.postgres.snapshot import SnapshotReader, _drain_copy, _parse_chunk
 from tests.plugins.capture_path import CapturePath
+from tests.plugins.postgres import PostgresServer
 
 # Every test runs with the compiled COPY drain and with psycopg's (CDC_PURE_PYTHON=1).
 pytestmark = [pytest.mark.postgres, pytest.mark.usefixtures("capture_path")]
@@ -402,3 +403,31 @@ def test_a_refused_copy_raises_when_started(pg_dsn: str, pg_conn: psycopg.Connec
             assert not _reader_threads()
     finally:
         pg_conn.execute(f"DROP OWNED BY {role}; DROP ROLE {role}")
+
+
+def test_text_of_another_encoding_is_checked_as_utf8(
+    pg_server: PostgresServer, capture_path: CapturePath
+) -> None:
+    """A LATIN1 database sends its own bytes: ASCII text reads the same on both paths, and
+    a byte no UTF-8 text holds fails the read with pyarrow's ArrowInvalid on both (the
+    compiled split checks UTF-8 itself whenever the connection's encoding is not UTF8)."""
+    name = f"latin1_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(pg_server.dsn, autocommit=True) as admin:
+        admin.execute(
+            f"CREATE DATABASE {name} ENCODING 'LATIN1' TEMPLATE template0 "
+            "LC_COLLATE 'C' LC_CTYPE 'C'"
+        )
+    try:
+        dsn = pg_server.dsn_for(name)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+            conn.execute("INSERT INTO t VALUES (1, 'plain'), (2, NULL), (3, '')")
+            schema = _schema(conn, "t")
+            rows = pa.concat_tables(_read_all(dsn, schema, 1 << 20)).to_pylist()
+            assert sorted((r["id"], r["v"]) for r in rows) == [(1, "plain"), (2, None), (3, "")]
+            conn.execute("INSERT INTO t VALUES (4, convert_from('\\xe9'::bytea, 'LATIN1'))")
+            with pytest.raises(pa.ArrowInvalid, match=r"(?i)utf-?8"):
+                _read_all(dsn, schema, 1 << 20)
+    finally:
+        with psycopg.connect(pg_server.dsn, autocommit=True) as admin:
+            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
