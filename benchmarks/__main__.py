@@ -158,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
 
+    c.compile_sources()
     machine = c.machine()
     results: list[dict[str, Any]] = []
     started = time.monotonic()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import compileall
 import contextlib
 import os
 import platform
@@ -24,6 +25,21 @@ from cdc.postgres.slots import ensure_publication
 from sinks.position_store import LakePositionStore
 
 RESULTS_DIR = Path(__file__).parent / "results"
+#: Our packages, whose start-up every measure times.
+PACKAGES = ("cdc", "sinks", "catalog", "jobs", "transforms")
+
+
+def compile_sources() -> None:
+    """Write the bytecode of our packages, as ``pip install`` does for an installed package.
+
+    An editable install has none until Python writes it on a first import, and it never
+    does with ``PYTHONDONTWRITEBYTECODE`` set (as in some shells and CI images): every
+    ``cdc`` child would then compile our sources again as it starts, 0.05-0.15 s of CPU
+    that no installed copy pays. ``compileall`` writes it whatever that variable says.
+    """
+    root = Path(__file__).resolve().parent.parent
+    for package in PACKAGES:
+        compileall.compile_dir(root / package, quiet=1)
 
 
 def machine() -> dict[str, Any]:
@@ -272,6 +288,7 @@ def standalone_main(
     if arguments is not None:
         arguments(parser)
     args = parser.parse_args(argv)
+    compile_sources()
     with contextlib.ExitStack() as stack:
         pg = stack.enter_context(LocalPostgres(settings=server_settings))
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="cdc-bench-"))

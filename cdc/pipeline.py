@@ -349,18 +349,20 @@ class CapturePipeline:
                 if schema is None:
                     continue  # dropped since the publication was read
                 name = schema.qualified_name
-                self.sink.ensure_table(schema)
-                if resnapshot:
-                    self._record_gap(schema, lsn, read_at)
-                if self.progress:
-                    self.progress.table_started(name, reader.estimate_rows(schema))
-                with (
-                    contextlib.closing(reader.read_table(schema)) as batches,
-                    contextlib.closing(self._copied(name, batches, copied)) as rows,
-                ):
-                    written = self.sink.add_initial_snapshot(
-                        schema, rows, lsn=lsn, read_at=read_at, flush=self._flush
-                    )
+                estimate = reader.estimate_rows(schema) if self.progress else None
+                # The COPY starts first: the server copies while the sink gets its table
+                # ready (for the Delta sink, 0.03-0.05 s of creating it and starting the
+                # write), and the reader thread drains it without the GIL meanwhile.
+                with contextlib.closing(reader.start_table(schema)) as batches:
+                    self.sink.ensure_table(schema)
+                    if resnapshot:
+                        self._record_gap(schema, lsn, read_at)
+                    if self.progress:
+                        self.progress.table_started(name, estimate)
+                    with contextlib.closing(self._copied(name, batches, copied)) as rows:
+                        written = self.sink.add_initial_snapshot(
+                            schema, rows, lsn=lsn, read_at=read_at, flush=self._flush
+                        )
                 if written["commits"]:  # the sink wrote the rows as they came: as for a flush
                     self.metrics["rows_written"] += written["rows"]
                     self.metrics["commits"] += written["commits"]

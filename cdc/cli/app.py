@@ -4,10 +4,13 @@ function and print its result. Errors become a message and an exit code here, an
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -96,6 +99,27 @@ class RichSnapshotProgress:
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
+
+
+@contextlib.contextmanager
+def _startup_imports() -> Iterator[None]:
+    """Imports a long-running command's modules with the cyclic garbage collector off, then
+    freezes what they created.
+
+    Importing pyarrow, psycopg, pydantic and ours allocates hundreds of thousands of objects,
+    which set off a collection every few hundred: measured, 0.06-0.09 s of a 0.5 s start-up
+    on one core, time the initial snapshot's COPY waits for. Frozen (``gc.freeze``), the
+    modules' objects are also left out of every later full collection. They live for the
+    whole process anyway.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        if enabled:
+            gc.enable()
 
 
 def _stop_on_signals() -> threading.Event:
@@ -204,8 +228,9 @@ def run(
     The slot keeps WAL on the server until the pipeline confirms it: drop the slot of a
     pipeline you retire, or the server's disk fills up.
     """
-    from cdc.core.settings import load_settings
-    from cdc.pipeline import run_embedded
+    with _startup_imports():
+        from cdc.core.settings import load_settings
+        from cdc.pipeline import run_embedded
 
     settings = load_settings(
         config,
@@ -280,8 +305,9 @@ def capture(
     The slot keeps WAL on the server until capture confirms it: drop the slot of a
     pipeline you retire, or the server's disk fills up.
     """
-    from cdc.core.settings import load_settings
-    from cdc.pipeline import run_capture
+    with _startup_imports():
+        from cdc.core.settings import load_settings
+        from cdc.pipeline import run_capture
 
     settings = load_settings(
         config,
@@ -346,8 +372,9 @@ def sink(
     table. Reads topics written by Debezium too. Ctrl-C or SIGTERM flushes and leaves the
     group.
     """
-    from cdc.core.settings import load_settings
-    from sinks.kafka_worker import run_sink
+    with _startup_imports():
+        from cdc.core.settings import load_settings
+        from sinks.kafka_worker import run_sink
 
     settings = load_settings(
         config,

@@ -991,7 +991,8 @@ def text_to_arrow_lossless(
     ([Decimal('1'), None], [None, 'NaN'])
     """
     if isinstance(values, pa.ChunkedArray):
-        values = values.combine_chunks()
+        # combine_chunks copies even a single chunk (8 MB of text per snapshot chunk).
+        values = values.chunk(0) if values.num_chunks == 1 else values.combine_chunks()
     try:
         return text_to_arrow(values, type_oid, type_modifier), None
     except ValueConversionError:

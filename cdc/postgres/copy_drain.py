@@ -8,6 +8,10 @@ is taken on Linux when exactly one libpq is loaded and it reports psycopg's libp
 version; anywhere else, or with ``CDC_PURE_PYTHON=1``, the snapshot drains the COPY with
 psycopg's ``PGconn.get_copy_data``, which works the same, only slower.
 
+The compiled drain also splits the CSV rows into Arrow string columns as it takes them
+(``CopyDrain.drain_columns``, :func:`string_columns`), where the Python path parses the
+joined rows with ``pyarrow.csv``: the same columns either way, the split without the GIL.
+
 Example:
     >>> from cdc.postgres import copy_drain
     >>> copy_drain.AVAILABLE in (True, False)
@@ -22,24 +26,58 @@ import os
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 from psycopg import pq
 
 from cdc.postgres.protocol import compiled
 
-__all__ = ["AVAILABLE", "END", "FAILED", "MORE", "compiled_drain"]
+__all__ = [
+    "AVAILABLE",
+    "END",
+    "FAILED",
+    "MALFORMED",
+    "MORE",
+    "TOO_LARGE",
+    "compiled_drain",
+    "split_rows",
+    "string_columns",
+]
 
 #: What ``CopyDrain.drain`` returns beside the rows (see _copy_drain.pyx).
 MORE = 0
 END = 1
 FAILED = 2
+MALFORMED = 4
+TOO_LARGE = 5
 
 #: The libpq functions the drain calls.
 _FUNCTIONS = ("PQgetCopyData", "PQconsumeInput", "PQfreemem", "PQsocket")
 
 _CopyDrain: Any = compiled.load_extension("cdc.postgres._copy_drain", "CopyDrain")
 
+#: The extension's row splitter without a connection (tests), or None.
+split_rows: Any = compiled.load_extension("cdc.postgres._copy_drain", "split_rows")
+
 #: The extension was built and imports.
 AVAILABLE: bool = _CopyDrain is not None
+
+
+def string_columns(
+    rows: int, buffers: list[tuple[bytes, bytes, bytes | None, int]]
+) -> list[pa.Array]:
+    """The Arrow string arrays of ``drain_columns``' or ``split_rows``' buffers: one
+    ``(offsets, data, validity or None, null count)`` per column, over ``rows`` rows.
+    Zero-copy: each array keeps its bytes alive."""
+    return [
+        pa.StringArray.from_buffers(
+            rows,
+            pa.py_buffer(offsets),
+            pa.py_buffer(data),
+            None if validity is None else pa.py_buffer(validity),
+            nulls,
+        )
+        for offsets, data, validity, nulls in buffers
+    ]
 
 
 def _mapped_libpqs(maps: Path = Path("/proc/self/maps")) -> set[str]:

@@ -52,6 +52,12 @@ class SlotInUseError(SourceError):
     """A slot is active (a consumer streams from it) and was not to be dropped."""
 
 
+class CopyFormatError(SourceError):
+    """A row of the initial snapshot's ``COPY ... CSV`` is not what PostgreSQL writes for
+    the table's columns (a field too many or missing, an unclosed quote), or one column's
+    text in one chunk passed what an Arrow string array holds (2 GiB)."""
+
+
 class StreamSpillError(PostgresError, TransientError):
     """A streamed transaction could not be spilled to or read back from local disk."""
 
