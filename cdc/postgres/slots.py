@@ -377,11 +377,14 @@ class SlotStatus:
         }
 
 
-# On a standby pg_current_wal_lsn() fails; the newest received WAL is its "current" position.
+# The insert position, not pg_current_wal_lsn() (the write position): with
+# synchronous_commit=off a commit returns before its WAL is written, and the lag would read
+# short until the WAL writer catches up. On a standby both fail; the newest received WAL is
+# its "current" position.
 _SLOT_STATUS_SQL = """
 WITH now AS (
   SELECT CASE WHEN pg_is_in_recovery() THEN pg_last_wal_receive_lsn()
-              ELSE pg_current_wal_lsn() END AS lsn
+              ELSE pg_current_wal_insert_lsn() END AS lsn
 )
 SELECT slot_name::text, plugin::text, slot_type, database::text, temporary, active, active_pid,
        restart_lsn::text, confirmed_flush_lsn::text, wal_status, safe_wal_size,
