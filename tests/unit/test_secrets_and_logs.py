@@ -32,9 +32,9 @@ passwords = st.text(
 @given(passwords)
 def test_uri_password_is_masked_and_recovered(password: str) -> None:
     dsn = f"postgresql://app:{quote(password, safe='')}@db.example:5432/shop?sslmode=require"
-    masked = mask_dsn(dsn)
-    assert quote(password, safe="") not in masked
-    assert masked == "postgresql://app:***@db.example:5432/shop?sslmode=require"
+    # (Equality, not "the password is not in it": a password such as "pos" is part of
+    # "postgresql".)
+    assert mask_dsn(dsn) == "postgresql://app:***@db.example:5432/shop?sslmode=require"
     assert dsn_password(dsn) == password
 
 
